@@ -1,0 +1,315 @@
+"""FCOS points, target assignment, losses and post-processing (Tian et al., 2019).
+
+Written once and shared by the proxy task (NAS-FCOS §3.3), full training and
+evaluation. A decoder produces, for each pyramid level P3..P7, raw class
+logits, raw box regression and a raw centerness logit; everything that turns
+those into losses or detections lives here.
+
+Two loss variants:
+
+``paper``
+    The FCOS reference code NAS-FCOS builds on: size ranges 0-64-128-256-512-inf,
+    no centre sampling, box distances ``exp(scale_l * x)`` in pixels with a
+    learnable scale per level, focal loss summed and divided by the number of
+    positives, IoU loss ``-log((I+1)/(U+1))`` averaged with the centerness target
+    as weight, centerness BCE averaged over positives.
+``torchvision``
+    ``torchvision.models.detection.FCOS``: centre sampling radius 1.5, strict
+    range bounds, distances ``relu(x) * stride``, GIoU loss; every term summed
+    and divided by the number of positives.
+
+Letter legend: N images, P points over all levels, L levels, M ground truths,
+K classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
+
+INF = float("inf")
+VARIANTS = ("paper", "torchvision")
+# exp() of the scaled regression is clamped here so a diverging decoder yields a
+# large but finite loss (the proxy then reports it) instead of inf/NaN boxes.
+_MAX_LOG_DISTANCE = math.log(1e5)
+
+LevelOutputs = list[tuple[Tensor, Tensor, Tensor]]  # per level: (N,K,H,W), (N,4,H,W), (N,1,H,W)
+
+
+@dataclass(frozen=True)
+class Points:
+    """Locations of all pyramid cells, levels concatenated (y-major within a level).
+
+    xy: (P, 2) image coordinates; stride: (P,); level_sizes: points per level.
+    """
+
+    xy: Tensor
+    stride: Tensor
+    level_sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """Per-point training targets: labels (N, P) with -1 for background and
+    ltrb (N, P, 4) distances in pixels to the matched box (0 for background)."""
+
+    labels: Tensor
+    ltrb: Tensor
+
+
+def flatten_outputs(outputs: LevelOutputs) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-level maps -> (N, P, K) logits, (N, P, 4) regression, (N, P) centerness."""
+    cls, reg, ctr = [], [], []
+    for c, r, t in outputs:
+        N, K, H, W = c.shape
+        cls.append(c.permute(0, 2, 3, 1).reshape(N, H * W, K))  # (N, HW, K)
+        reg.append(r.permute(0, 2, 3, 1).reshape(N, H * W, 4))  # (N, HW, 4)
+        ctr.append(t.reshape(N, H * W))  # (N, HW)
+    return torch.cat(cls, 1), torch.cat(reg, 1), torch.cat(ctr, 1)
+
+
+def centerness_target(ltrb: Tensor) -> Tensor:
+    """sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) for (..., 4) distances."""
+    lr, tb = ltrb[..., 0::2], ltrb[..., 1::2]
+    ratio = (lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values)
+    return ratio.clamp(min=0).sqrt()
+
+
+def iou_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """FCOS's IoU loss -log((I+1)/(U+1)) on (M, 4) ltrb distances from the same point."""
+    pred_area = (pred[:, 0] + pred[:, 2]) * (pred[:, 1] + pred[:, 3])
+    target_area = (target[:, 0] + target[:, 2]) * (target[:, 1] + target[:, 3])
+    w = torch.min(pred[:, 0], target[:, 0]) + torch.min(pred[:, 2], target[:, 2])
+    h = torch.min(pred[:, 1], target[:, 1]) + torch.min(pred[:, 3], target[:, 3])
+    inter = w * h
+    union = pred_area + target_area - inter
+    return -torch.log((inter + 1.0) / (union + 1.0))
+
+
+def ltrb_to_boxes(xy: Tensor, ltrb: Tensor) -> Tensor:
+    """(..., 2) points and (..., 4) distances -> (..., 4) x1y1x2y2 boxes."""
+    return torch.cat([xy - ltrb[..., :2], xy + ltrb[..., 2:]], dim=-1)
+
+
+class FCOS(nn.Module):
+    """FCOS training targets, losses and inference for any decoder.
+
+    Holds the only learnable FCOS-specific state: the per-level regression
+    scales of the ``paper`` variant. The decoder (FPN + heads) is separate so
+    that the searched decoders of NAS-FCOS plug in unchanged.
+
+    Args:
+        num_classes: K, foreground classes (no background class).
+        variant: ``"paper"`` (default) or ``"torchvision"``; see module docstring.
+        strides: strides of P3..P7.
+        size_ranges: (lo, hi) regression range per level; default 0-64-...-inf.
+        center_sampling_radius: 0 disables; default 0 (paper) / 1.5 (torchvision).
+        score_thresh: minimum class probability of a detection candidate.
+        pre_nms_top_n: candidates kept per level before NMS.
+        nms_thresh: IoU threshold of the class-wise NMS.
+        max_detections: detections kept per image.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        variant: str = "paper",
+        strides: tuple[int, ...] = (8, 16, 32, 64, 128),
+        size_ranges: tuple[tuple[float, float], ...] | None = None,
+        center_sampling_radius: float | None = None,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        score_thresh: float = 0.05,
+        pre_nms_top_n: int = 1000,
+        nms_thresh: float = 0.6,
+        max_detections: int = 100,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"loss variant {variant!r} is not one of {VARIANTS}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if size_ranges is None:
+            edges = [0.0] + [s * 8.0 for s in strides[:-1]] + [INF]  # 0, 64, 128, 256, 512, inf
+            size_ranges = tuple(zip(edges[:-1], edges[1:]))
+        if len(size_ranges) != len(strides):
+            raise ValueError(f"{len(size_ranges)} size ranges for {len(strides)} strides")
+        self.num_classes = num_classes
+        self.variant = variant
+        self.strides = tuple(strides)
+        self.size_ranges = tuple((float(a), float(b)) for a, b in size_ranges)
+        if center_sampling_radius is None:
+            center_sampling_radius = 1.5 if variant == "torchvision" else 0.0
+        self.center_sampling_radius = float(center_sampling_radius)
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.score_thresh = score_thresh
+        self.pre_nms_top_n = pre_nms_top_n
+        self.nms_thresh = nms_thresh
+        self.max_detections = max_detections
+        if variant == "paper":
+            self.scales = nn.Parameter(torch.ones(len(strides)))
+        else:
+            self.register_parameter("scales", None)
+
+    # ------------------------------------------------------------------ points
+    def points(self, shapes: list[tuple[int, int]], device: torch.device | str = "cpu") -> Points:
+        """Cell centres ``(x*s + s//2, y*s + s//2)`` of each level's (H, W) map."""
+        if len(shapes) != len(self.strides):
+            raise ValueError(f"got {len(shapes)} feature levels, expected {len(self.strides)}")
+        xy, stride = [], []
+        for (H, W), s in zip(shapes, self.strides):
+            ys = torch.arange(H, device=device, dtype=torch.float32) * s + s // 2
+            xs = torch.arange(W, device=device, dtype=torch.float32) * s + s // 2
+            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+            xy.append(torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1))  # (HW, 2)
+            stride.append(torch.full((H * W,), float(s), device=device))
+        return Points(torch.cat(xy), torch.cat(stride), tuple(H * W for H, W in shapes))
+
+    def _per_point_ranges(self, points: Points) -> Tensor:
+        ranges = [torch.tensor(r, device=points.xy.device).expand(n, 2) for r, n in zip(self.size_ranges, points.level_sizes)]
+        return torch.cat(ranges)  # (P, 2)
+
+    # ----------------------------------------------------------------- targets
+    def assign(self, points: Points, targets: list[dict[str, Tensor]]) -> Assigned:
+        """Match every point to at most one ground-truth box per image.
+
+        A point is positive for a box when it lies inside it (and inside the
+        centre region when centre sampling is on) and the box's largest ltrb
+        distance falls in the level's size range; among several such boxes the
+        smallest wins. Boxes flagged ``ignore`` (VOC difficult, COCO crowd) are
+        not used for training, as in the FCOS reference code.
+        """
+        ranges = self._per_point_ranges(points)
+        labels, ltrbs = [], []
+        for t in targets:
+            boxes, cls = t["boxes"].to(points.xy), t["labels"].to(points.xy.device)
+            if "ignore" in t:
+                keep = ~t["ignore"].to(points.xy.device)
+                boxes, cls = boxes[keep], cls[keep]
+            lab, ltrb = self._assign_image(points, ranges, boxes, cls)
+            labels.append(lab)
+            ltrbs.append(ltrb)
+        return Assigned(torch.stack(labels), torch.stack(ltrbs))
+
+    def _assign_image(self, points: Points, ranges: Tensor, boxes: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
+        P, M = points.xy.shape[0], boxes.shape[0]
+        if M == 0:
+            return cls.new_full((P,), -1), points.xy.new_zeros((P, 4))
+        x, y = points.xy[:, 0:1], points.xy[:, 1:2]  # (P, 1)
+        ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], dim=2)  # (P, M, 4)
+        match = ltrb.min(dim=2).values > 0  # inside the box
+        if self.center_sampling_radius > 0:
+            centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # (M, 2)
+            dist = (points.xy[:, None, :] - centres[None]).abs().max(dim=2).values  # (P, M)
+            match &= dist < self.center_sampling_radius * points.stride[:, None]
+        max_dist = ltrb.max(dim=2).values  # (P, M)
+        lo, hi = ranges[:, 0:1], ranges[:, 1:2]
+        if self.variant == "paper":
+            match &= (max_dist >= lo) & (max_dist <= hi)
+        else:  # torchvision: strict bounds
+            match &= (max_dist > lo) & (max_dist < hi)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (M,)
+        cost = torch.where(match, area[None, :].expand(P, M), torch.full_like(max_dist, INF))
+        min_area, idx = cost.min(dim=1)  # (P,)
+        labels = cls[idx].clone()
+        labels[min_area == INF] = -1
+        matched = ltrb[torch.arange(P, device=idx.device), idx]  # (P, 4)
+        matched[labels < 0] = 0
+        return labels, matched
+
+    # ------------------------------------------------------------------ losses
+    def decode(self, reg: Tensor, points: Points) -> Tensor:
+        """(N, P, 4) raw regression -> (N, P, 4) ltrb distances in pixels."""
+        reg = reg.float()
+        if self.variant == "paper":
+            level_scale = torch.repeat_interleave(self.scales, torch.tensor(points.level_sizes, device=reg.device))
+            return torch.exp((reg * level_scale[None, :, None]).clamp(max=_MAX_LOG_DISTANCE))
+        return F.relu(reg) * points.stride[None, :, None]
+
+    def loss(self, outputs: LevelOutputs, targets: list[dict[str, Tensor]] | Assigned) -> dict[str, Tensor]:
+        """Loss terms ``cls``, ``reg``, ``ctr`` for a decoder's level outputs.
+
+        ``targets`` is either the per-image dicts (``boxes`` (M, 4) x1y1x2y2,
+        ``labels`` (M,), optional ``ignore`` (M,)) or an ``Assigned`` computed
+        earlier by :meth:`assign` for the same feature sizes (the proxy task
+        caches it, since its inputs never change).
+        """
+        points = self.points([o[0].shape[-2:] for o in outputs], outputs[0][0].device)
+        if not isinstance(targets, Assigned):
+            targets = self.assign(points, targets)
+        cls, reg, ctr = flatten_outputs(outputs)
+        return self.loss_flat(cls, reg, ctr, points, targets)
+
+    def loss_flat(self, cls: Tensor, reg: Tensor, ctr: Tensor, points: Points, assigned: Assigned) -> dict[str, Tensor]:
+        """Losses on flattened outputs: cls (N, P, K), reg (N, P, 4), ctr (N, P)."""
+        cls, ctr = cls.float(), ctr.float()
+        labels = assigned.labels
+        pos = labels >= 0  # (N, P)
+        num_pos = pos.sum()
+        one_hot = torch.zeros_like(cls)
+        one_hot[pos, labels[pos]] = 1.0
+        focal = sigmoid_focal_loss(cls, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
+        denom = num_pos.clamp(min=1).float()
+
+        pred_ltrb = self.decode(reg, points)[pos]  # (Npos, 4)
+        target_ltrb = assigned.ltrb[pos].float()  # (Npos, 4)
+        ctr_target = centerness_target(target_ltrb)  # (Npos,)
+        ctr_loss = F.binary_cross_entropy_with_logits(ctr[pos], ctr_target, reduction="sum")
+        if self.variant == "paper":
+            # IoU loss weighted by the centerness target, normalised by its sum;
+            # zero (with a graph) when the batch has no positive.
+            weight_sum = ctr_target.sum()
+            reg_loss = (iou_loss(pred_ltrb, target_ltrb) * ctr_target).sum() / weight_sum.clamp(min=1e-6)
+        else:
+            xy = points.xy[None].expand_as(reg[..., :2])[pos]
+            reg_loss = generalized_box_iou_loss(
+                ltrb_to_boxes(xy, pred_ltrb), ltrb_to_boxes(xy, target_ltrb), reduction="sum"
+            ) / denom
+        return {"cls": focal / denom, "reg": reg_loss, "ctr": ctr_loss / denom}
+
+    # --------------------------------------------------------------- inference
+    @torch.no_grad()
+    def postprocess(self, outputs: LevelOutputs, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Detections per image: ``boxes`` (D, 4) x1y1x2y2 in input pixels, ``scores`` (D,), ``labels`` (D,).
+
+        Per level, candidates with class probability > ``score_thresh``, the top
+        ``pre_nms_top_n`` of them by cls*ctr; score sqrt(sigmoid(cls) *
+        sigmoid(ctr)); boxes clipped to ``image_sizes`` (H, W) (the unpadded
+        size); class-wise NMS; ``max_detections`` kept.
+        """
+        points = self.points([o[0].shape[-2:] for o in outputs], outputs[0][0].device)
+        cls, reg, ctr = flatten_outputs(outputs)
+        prob = torch.sigmoid(cls.float())  # (N, P, K)
+        ctr_prob = torch.sigmoid(ctr.float())  # (N, P)
+        ltrb = self.decode(reg, points)  # (N, P, 4)
+        level_starts = [0]
+        for n in points.level_sizes:
+            level_starts.append(level_starts[-1] + n)
+        K = cls.shape[-1]
+        results = []
+        for i, (H, W) in enumerate(image_sizes):
+            boxes_i, scores_i, labels_i = [], [], []
+            for a, b in zip(level_starts[:-1], level_starts[1:]):
+                p = prob[i, a:b]  # (Pl, K)
+                combined = (p * ctr_prob[i, a:b, None]).flatten()  # (Pl*K,)
+                cand = torch.nonzero(p.flatten() > self.score_thresh).squeeze(1)
+                if cand.numel() > self.pre_nms_top_n:
+                    cand = cand[combined[cand].topk(self.pre_nms_top_n).indices]
+                point_idx, label = cand // K + a, cand % K
+                boxes = ltrb_to_boxes(points.xy[point_idx], ltrb[i, point_idx])
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+                boxes_i.append(boxes)
+                scores_i.append(combined[cand].sqrt())
+                labels_i.append(label)
+            boxes, scores, labels = torch.cat(boxes_i), torch.cat(scores_i), torch.cat(labels_i)
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.max_detections]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results

@@ -1,0 +1,1 @@
+"""Durable artifacts of a nasfcos run (feature store, results table, run directory)."""
