@@ -1,0 +1,240 @@
+"""The ``nasfcos`` command line: make the synthetic dataset, train, evaluate.
+
+Errors in user input (files, fields, options) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from nasfcos.data import COCODetection, VOCDetection, make_synthetic
+from nasfcos.data.transforms import build_transforms
+from nasfcos.fcos import VARIANTS
+
+BACKBONES = ("resnet50", "resnet101", "resnext101_32x4d", "mobilenet_v2", "tiny")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset (COCO json or VOC tree; exactly one)")
+    g.add_argument("--coco-json", type=Path, help="COCO-format annotation json (any dataset in that format)")
+    g.add_argument("--image-root", type=Path, help="directory that the json's file_name entries are relative to")
+    g.add_argument("--voc-root", type=Path, help="VOC year directory, e.g. VOCdevkit/VOC2012 (JPEGImages, Annotations, ImageSets/Main)")
+    g.add_argument("--split", default="train", help="VOC split name in ImageSets/Main (default: %(default)s)")
+    g.add_argument("--split-file", type=Path, help="VOC: any file with one image name per line (overrides --split)")
+    g.add_argument("--classes", help="VOC: comma-separated class names in label order (default: the 20 VOC classes)")
+
+
+def _open_dataset(args: argparse.Namespace, transforms):
+    if (args.coco_json is None) == (args.voc_root is None):
+        raise ValueError("give exactly one of --coco-json (with --image-root) or --voc-root")
+    if args.coco_json is not None:
+        if args.image_root is None:
+            raise ValueError("--coco-json needs --image-root")
+        return COCODetection(args.coco_json, args.image_root, transforms=transforms)
+    kw = {"classes": tuple(c.strip() for c in args.classes.split(","))} if args.classes else {}
+    return VOCDetection(args.voc_root, image_set=args.split, split_file=args.split_file, transforms=transforms, **kw)
+
+
+def _device(name: str | None) -> str:
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    paths = make_synthetic(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nasfcos.detector import DetectorSpec
+    from nasfcos.train import SCHEDULES, TrainConfig, train
+
+    base = SCHEDULES[args.schedule]
+    overrides = {
+        k: v
+        for k, v in {
+            "iterations": args.iters,
+            "batch_size": args.batch_size,
+            "base_lr": args.lr,
+            "steps": tuple(args.steps) if args.steps is not None else None,
+            "warmup_iters": args.warmup,
+            "clip_grad_norm": args.clip_grad,
+            "min_size": tuple(args.min_size) if args.min_size else None,
+            "max_size": args.max_size,
+            "crop": args.crop,
+            "checkpoint_every": args.checkpoint_every,
+            "log_every": args.log_every,
+            "seed": args.seed,
+            "num_workers": args.num_workers,
+            "amp": False if args.no_amp else None,
+        }.items()
+        if v is not None
+    }
+    cfg = TrainConfig.from_dict({**base.__dict__, **overrides})
+    tf = build_transforms(train=True, min_size=cfg.min_size, max_size=cfg.max_size, crop=cfg.crop or None, flip=cfg.flip)
+    dataset = _open_dataset(args, tf)
+    spec = DetectorSpec(
+        num_classes=len(dataset.classes),
+        backbone=args.backbone,
+        decoder=args.decoder,
+        width=args.width,
+        variant=args.loss,
+        freeze_at=args.freeze_at,
+    )
+    meta = {
+        "classes": list(dataset.classes),
+        "category_ids": list(dataset.category_ids),
+        "eval_min_size": max(cfg.min_size),
+        "eval_max_size": cfg.max_size,
+    }
+    logging.info("training %s on %d images, %d iterations, batch %d", spec, len(dataset), cfg.iterations, cfg.batch_size)
+    result = train(
+        spec,
+        dataset,
+        cfg,
+        args.out,
+        device=_device(args.device),
+        backbone_weights=args.weights,
+        init_checkpoint=args.init,
+        meta=meta,
+    )
+    print(f"checkpoint: {result.checkpoint} (iteration {result.iteration}, {result.seconds:.0f} s)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nasfcos.evaluate import coco_evaluate, predict_dataset, save_results
+    from nasfcos.train import detector_from_checkpoint
+
+    device = _device(args.device)
+    model, ckpt = detector_from_checkpoint(args.checkpoint)
+    meta = ckpt.get("meta", {})
+    min_size = args.min_size or meta.get("eval_min_size", 800)
+    max_size = args.max_size or meta.get("eval_max_size", 1333)
+    dataset = _open_dataset(args, build_transforms(train=False, min_size=min_size, max_size=max_size))
+    if "classes" in meta and list(meta["classes"]) != list(dataset.classes):
+        raise ValueError(f"{args.checkpoint}: trained for classes {meta['classes']}, dataset has {list(dataset.classes)}")
+    model.to(device)
+    results = predict_dataset(
+        model, dataset, category_ids=list(dataset.category_ids), device=device,
+        batch_size=args.batch_size, num_workers=args.num_workers,
+    )  # fmt: skip
+    out = Path(args.results) if args.results else Path(args.checkpoint).parent / "detections.json"
+    save_results(results, out)
+    gt = dataset.coco_gt()
+    summary = {"detections": str(out), "num_images": len(dataset), "num_detections": len(results)}
+    if gt.get("annotations"):
+        metrics = coco_evaluate(gt, results)
+        summary["metrics"] = metrics
+        print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    else:  # e.g. COCO test-dev: no annotations, the json is the submission
+        print("no annotations in the dataset: wrote detections only")
+    metrics_path = out.with_name(out.stem + "_metrics.json")
+    metrics_path.write_text(json.dumps(summary, indent=2))
+    print(f"detections: {out}\nmetrics: {metrics_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nasfcos",
+        description="NAS-FCOS (Wang et al., CVPR 2020) detectors: synthetic data, training, COCO evaluation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synthetic", help="write the built-in synthetic detection dataset (VOC tree + COCO json)")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--num-train", type=int, default=300, help="training images (default: %(default)s)")
+    p.add_argument("--num-val", type=int, default=60, help="validation images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed; same seed, same files (default: %(default)s)")
+    p.set_defaults(func=cmd_synthetic)
+
+    p = sub.add_parser(
+        "train",
+        help="train a detector (backbone + decoder) with SGD",
+        description="Train backbone + decoder with SGD, warm-up and step decay. Defaults come from --schedule "
+        "(coco-1x: the paper's COCO schedule; voc-finetune: its VOC backbone finetuning); every option "
+        "below overrides one field. Re-running with the same --out resumes from out/checkpoint.pt.",
+    )
+    _add_data_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output directory (checkpoint.pt; resumed if present)")
+    p.add_argument("--schedule", choices=("coco-1x", "voc-finetune"), default="coco-1x", help="default schedule (default: %(default)s)")
+    p.add_argument("--backbone", choices=BACKBONES, default="resnet50", help="backbone (default: %(default)s)")
+    p.add_argument("--weights", type=Path, help="local backbone weights (torchvision state dict or nasfcos checkpoint); none = random init")
+    p.add_argument("--init", type=Path, help="initialise from a nasfcos checkpoint (e.g. the VOC-finetuned model); mismatched heads are skipped")
+    p.add_argument("--freeze-at", type=int, default=2, help="freeze stem (1) or stem+stage1 (2, FCOS) of the backbone; 0 = none (default: %(default)s)")
+    p.add_argument("--decoder", default="fpn-fcos", help="decoder name (default: %(default)s)")
+    p.add_argument("--width", type=int, default=256, help="decoder channel width (default: %(default)s)")
+    p.add_argument("--loss", choices=VARIANTS, default="paper", help="FCOS loss variant (default: %(default)s)")
+    p.add_argument("--iters", type=int, help="total iterations")
+    p.add_argument("--batch-size", type=int, help="images per iteration")
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--steps", type=int, nargs="*", help="iterations where lr is divided by 10")
+    p.add_argument("--warmup", type=int, help="linear warm-up iterations (from lr/3)")
+    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (0 = off)")
+    p.add_argument("--min-size", type=int, nargs="+", help="short side(s) of the resized input (several = multi-scale)")
+    p.add_argument("--max-size", type=int, help="maximum long side of the resized input")
+    p.add_argument("--crop", type=int, help="square random crop after resizing (0 = none)")
+    p.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints")
+    p.add_argument("--log-every", type=int, help="iterations between log lines")
+    p.add_argument("--seed", type=int, help="seed of init, data order and augmentation")
+    p.add_argument("--num-workers", type=int, help="data loader processes")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-amp", action="store_true", help="train in fp32 on GPU (AMP is on by default on CUDA)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="COCO AP of a checkpoint on a dataset; writes detections in the COCO results format",
+        description="Predict on every image, write the detections as a COCO results json (original image "
+        "coordinates and category ids: the test-dev submission format) and, when the dataset has "
+        "annotations, print AP/AP50/AP75/APs/APm/APl from pycocotools.",
+    )
+    _add_data_args(p)
+    p.add_argument("--checkpoint", type=Path, required=True, help="nasfcos checkpoint.pt")
+    p.add_argument("--results", type=Path, help="detections json path (default: next to the checkpoint)")
+    p.add_argument("--min-size", type=int, help="short side at test time (default: from the checkpoint)")
+    p.add_argument("--max-size", type=int, help="max long side at test time (default: from the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    if "Original Traceback" in msg:  # an error raised in a DataLoader worker: keep its last line
+        msg = msg.splitlines()[-1]
+        msg = msg.split(": ", 1)[1] if ": " in msg else msg
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"nasfcos {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "Original Traceback" in str(e) or "DataLoader worker" in str(e):
+            print(f"nasfcos {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

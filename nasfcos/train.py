@@ -1,0 +1,358 @@
+"""Full detector training: backbone finetuning on VOC (NAS-FCOS §4.1) and full
+training of the selected decoders on COCO (§4.2).
+
+SGD with linear warm-up and step decay, AMP on GPU, optional gradient
+clipping, and checkpoints (model, optimizer, scheduler, AMP scaler, RNG states,
+iteration) written atomically every N iterations. A killed run resumes exactly:
+the order of samples and each sample's augmentation are functions of
+(seed, sample position), not of loader state, so iteration i sees the same
+batch whether or not the run was interrupted before it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from nasfcos.data.transforms import collate
+from nasfcos.detector import Detector, DetectorSpec, build_detector
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. Defaults are the paper's COCO schedule (§4.2,
+    FCOS 1x): batch 16, 90K iterations, lr 0.01 divided by 10 at 60K and 80K,
+    with the FCOS reference code's warm-up (500 its from lr/3), momentum 0.9,
+    weight decay 1e-4, doubled bias lr and no bias decay."""
+
+    iterations: int = 90_000
+    batch_size: int = 16
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    bias_lr_factor: float = 2.0
+    bias_weight_decay: float = 0.0
+    warmup_iters: int = 500
+    warmup_factor: float = 1.0 / 3
+    steps: tuple[int, ...] = (60_000, 80_000)
+    gamma: float = 0.1
+    clip_grad_norm: float = 0.0  # 0 = off (the FCOS reference code does not clip)
+    amp: bool = True  # fp16 autocast + GradScaler; only on CUDA
+    min_size: tuple[int, ...] = (800,)  # short side; several values = multi-scale training
+    max_size: int = 1333
+    crop: int = 0  # square random crop after resize; 0 = none
+    flip: bool = True
+    checkpoint_every: int = 2500
+    log_every: int = 20
+    seed: int = 0
+    num_workers: int = 4
+
+    def __post_init__(self) -> None:
+        for f in ("iterations", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"train config: {f} must be >= 1, got {getattr(self, f)}")
+        if self.base_lr <= 0:
+            raise ValueError(f"train config: base_lr must be > 0, got {self.base_lr}")
+        if list(self.steps) != sorted(self.steps):
+            raise ValueError(f"train config: steps must be increasing, got {self.steps}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"train config: unknown field(s) {sorted(unknown)}")
+        d = dict(d)
+        for k in ("steps", "min_size"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+# The paper's two schedules; anything else is a TrainConfig built by the caller.
+SCHEDULES = {
+    # §4.2: COCO, batch 16, 90K its, lr 0.01, /10 at 60K and 80K, short side 800 / max 1333.
+    "coco-1x": TrainConfig(),
+    # §4.1: backbone finetuning on VOC: 1330x800 input, crop 800x800, batch 24, 30K its,
+    # lr 0.01, /10 at 18K and 24K.
+    "voc-finetune": TrainConfig(iterations=30_000, batch_size=24, steps=(18_000, 24_000), crop=800),
+}
+
+
+def lr_factor(it: int, cfg: TrainConfig) -> float:
+    """Multiplier of base_lr at iteration ``it``: linear warm-up times step decay."""
+    warm = 1.0
+    if it < cfg.warmup_iters:
+        alpha = it / cfg.warmup_iters
+        warm = cfg.warmup_factor * (1 - alpha) + alpha
+    return warm * cfg.gamma ** bisect.bisect_right(cfg.steps, it)
+
+
+class PositionSampler(Sampler):
+    """Batches of (dataset index, augmentation seed) for iterations [start, end).
+
+    Sample position g = it * batch + j walks an endless sequence of seeded
+    permutations (one per epoch), so any iteration's batch can be produced
+    without replaying the ones before it.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, start: int, end: int, seed: int) -> None:
+        if n == 0:
+            raise ValueError("training dataset is empty")
+        self.n, self.batch_size, self.start, self.end, self.seed = n, batch_size, start, end, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _index(self, g: int) -> int:
+        epoch, pos = divmod(g, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))}
+        return int(self._perms[epoch][pos])
+
+    def __iter__(self):
+        for it in range(self.start, self.end):
+            g0 = it * self.batch_size
+            yield [(self._index(g), self.seed * 1_000_003 + g) for g in range(g0, g0 + self.batch_size)]
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+class SeededSamples(Dataset):
+    """Loads sample ``idx`` with the torch RNG seeded for its position, so random
+    transforms are reproducible whatever the worker count or resume point."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        idx, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[idx]
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Trainable parameters; biases get bias_lr_factor x lr and bias_weight_decay."""
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (biases if name.endswith(".bias") else weights).append(p)
+    return [
+        {"params": weights, "lr": cfg.base_lr, "weight_decay": cfg.weight_decay},
+        {"params": biases, "lr": cfg.base_lr * cfg.bias_lr_factor, "weight_decay": cfg.bias_weight_decay},
+    ]
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """torch.save to a temp file in the same directory, then rename: a crash
+    leaves the previous checkpoint intact, never a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _rng_state() -> dict:
+    # numpy's state as tensor + plain values so the file loads with weights_only=True
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a nasfcos checkpoint; a missing or foreign file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
+        raise ValueError(f"{path}: not a nasfcos checkpoint (needs 'model' and 'spec')")
+    return ckpt
+
+
+def detector_from_checkpoint(path: str | Path) -> tuple[Detector, dict]:
+    """Rebuild the detector stored in a checkpoint and load its weights."""
+    ckpt = load_checkpoint(path)
+    model = build_detector(DetectorSpec(**ckpt["spec"]))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    iteration: int
+    seconds: float
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+
+def train(
+    spec: DetectorSpec,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    backbone_weights: str | Path | None = None,
+    init_checkpoint: str | Path | None = None,
+    meta: dict | None = None,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Train ``spec`` on ``dataset`` (which applies train transforms) into ``out_dir``.
+
+    Resumes from ``out_dir/checkpoint.pt`` when it exists. ``init_checkpoint``
+    initialises the weights of a fresh run from another nasfcos checkpoint
+    (e.g. the VOC-finetuned backbone); keys that do not match in shape (the
+    class logits of a different dataset) are skipped and logged. ``meta`` is
+    stored in the checkpoint (classes, category ids, input sizes). ``stop_at``
+    ends the run early after that iteration, as if killed there (tests).
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    device = torch.device(device)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    torch.manual_seed(cfg.seed)
+    model = build_detector(spec, backbone_weights=backbone_weights).to(device)
+    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.base_lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start = 0
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["spec"] != spec.to_dict():
+            raise ValueError(f"{ckpt_path}: checkpoint is for {ckpt['spec']}, not {spec.to_dict()}; use another out dir")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        start = int(ckpt["iteration"])
+        log.info("resuming %s at iteration %d/%d", ckpt_path, start, cfg.iterations)
+    elif init_checkpoint is not None:
+        _init_from(model, load_checkpoint(init_checkpoint)["model"], init_checkpoint)
+
+    def save(it: int, losses: dict[str, float]) -> None:
+        atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+                "iteration": it,
+                "spec": spec.to_dict(),
+                "train_config": asdict(cfg),
+                "meta": meta or {},
+                "losses": losses,
+            },
+            ckpt_path,
+        )
+
+    end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
+    sampler = PositionSampler(len(dataset), batch_size=cfg.batch_size, start=start, end=end, seed=cfg.seed)
+    loader = DataLoader(
+        SeededSamples(dataset),
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    model.train()
+    t0 = tick = time.perf_counter()
+    losses: dict[str, float] = {}
+    it = start
+    for it, (images, targets) in enumerate(loader, start=start + 1):
+        images = images.to(device, non_blocking=True)
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            outputs = model(images)
+        parts = model.fcos.loss([tuple(o.float() for o in lvl) for lvl in outputs], targets)
+        loss = sum(parts.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss at iteration {it}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        if it % cfg.log_every == 0 or it == end:
+            losses = {k: v.item() for k, v in parts.items()}
+            now = time.perf_counter()
+            per_it = (now - tick) / min(cfg.log_every, it - start)
+            tick = now
+            eta = per_it * (cfg.iterations - it)
+            log.info(
+                "iter %d/%d  loss %.4f (%s)  lr %.5f  %.3f s/it  eta %s",
+                it, cfg.iterations, sum(losses.values()),
+                " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
+                optimizer.param_groups[0]["lr"], per_it, _fmt_eta(eta),
+            )  # fmt: skip
+        if it % cfg.checkpoint_every == 0 or it == end:
+            save(it, {k: v.item() for k, v in parts.items()})
+    if it == start and not ckpt_path.exists():  # nothing to train (iterations already done)
+        save(it, losses)
+    return TrainResult(checkpoint=ckpt_path, iteration=it, seconds=time.perf_counter() - t0, last_losses=losses)
+
+
+def _init_from(model: nn.Module, state: dict, source: str | Path) -> None:
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(state) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    log.info("initialised %d tensors from %s (skipped %d: %s)", len(usable), source, len(skipped), ", ".join(skipped[:5]))
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
