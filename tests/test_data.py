@@ -30,7 +30,6 @@ from nasfcos.data import (
 )
 
 # torchvision 0.29 deprecates its decoders in favour of torchcodec; the API still works.
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 # ---------------------------------------------------------------------------------------------
 # helpers writing files in the real formats

@@ -13,10 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, read_file
+
+# torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they still work and
+# are what torch 2.11 / torchvision 0.26 (the GPU machines) have, so silence the notice.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 
 Target = dict[str, Any]
 Transforms = Callable[[Tensor, Target], tuple[Tensor, Target]]
