@@ -30,7 +30,7 @@ demo: install
 	$(BIN)/nasfcos train --coco-json $(DEMO)/data/annotations/instances_train.json \
 	    --image-root $(DEMO)/data/VOCdevkit/VOC2012/JPEGImages --out $(DEMO)/train \
 	    --backbone tiny --width 64 --min-size 144 --max-size 192 --device cpu \
-	    --iters 900 --batch-size 16 --lr 0.02 --steps 700 850 --warmup 50 --clip-grad 10 \
+	    --iters 700 --batch-size 16 --lr 0.02 --steps 550 650 --warmup 50 --clip-grad 10 \
 	    --num-workers 1 --log-every 50 --checkpoint-every 300
 	$(BIN)/nasfcos eval --coco-json $(DEMO)/data/annotations/instances_val.json \
 	    --image-root $(DEMO)/data/VOCdevkit/VOC2012/JPEGImages \
