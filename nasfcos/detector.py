@@ -21,8 +21,9 @@ class DetectorSpec:
 
     num_classes: int
     backbone: str = "resnet50"
-    decoder: str = "fpn-fcos"
-    width: int = 256
+    decoder: str = "fpn-fcos"  # preset name or canonical Arch string (nasfcos.space)
+    width: int = 256  # FPN width
+    head_width: int | None = None  # None: same as width (@128-256: width 128, head_width 256)
     variant: str = "paper"
     freeze_at: int = 2
 
@@ -56,6 +57,10 @@ def build_detector(spec: DetectorSpec, *, backbone_weights: str | Path | None = 
     """The one place a DetectorSpec becomes modules."""
     backbone = build_backbone(spec.backbone, weights=backbone_weights, freeze_at=spec.freeze_at)
     decoder = build_decoder(
-        spec.decoder, in_channels=tuple(backbone.out_channels), num_classes=spec.num_classes, width=spec.width
+        spec.decoder,
+        in_channels=tuple(backbone.out_channels),
+        num_classes=spec.num_classes,
+        width=spec.width,
+        head_width=spec.head_width,
     )
     return Detector(backbone=backbone, decoder=decoder, fcos=FCOS(num_classes=spec.num_classes, variant=spec.variant))

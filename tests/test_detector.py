@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.models.detection import fcos_resnet50_fpn
 
-from nasfcos.decoder import FPNFCOSDecoder, build_decoder
+from nasfcos.decoder import build_decoder
 from nasfcos.detector import DetectorSpec, build_detector
 
 
@@ -22,7 +22,7 @@ def test_fpn_fcos_r50_matches_torchvision_parameter_count():
 
 
 def test_decoder_outputs_five_levels_with_expected_shapes():
-    dec = FPNFCOSDecoder(in_channels=(16, 32, 64, 128), num_classes=3, width=32)
+    dec = build_decoder("fpn-fcos", in_channels=(16, 32, 64, 128), num_classes=3, width=32)
     feats = [torch.randn(2, c, 128 // s, 160 // s) for c, s in zip((16, 32, 64, 128), (4, 8, 16, 32))]
     outs = dec(feats)
     assert len(outs) == 5
@@ -54,7 +54,7 @@ def test_detector_loss_backward_and_predict():
 
 
 def test_bad_decoder_and_width_are_errors():
-    with pytest.raises(ValueError, match="unknown decoder"):
+    with pytest.raises(ValueError, match="not a preset"):
         build_decoder("nope", in_channels=(1, 2, 3, 4), num_classes=3, width=32)
     with pytest.raises(ValueError, match="divisible by 32"):
         build_decoder("fpn-fcos", in_channels=(1, 2, 3, 4), num_classes=3, width=48)

@@ -1,0 +1,115 @@
+"""Ops and decoders built from an Arch: shapes, gradients, sharing, the deformable conv."""
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import deform_conv2d
+
+from nasfcos.decoder import Decoder, Tower, _layer_modules
+from nasfcos.ops import OPS, ConcatReduce, ModulatedDeformConv, ParamSum
+from nasfcos.space import PRESETS, Arch, Head
+
+IN_CHANNELS = (8, 16, 24, 32)
+
+
+def _feats(n=2, size=64):
+    """C2..C5 of a size x size image (strides 4..32)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(n, c, size // s, size // s, generator=g) for c, s in zip(IN_CHANNELS, (4, 8, 16, 32))]
+
+
+def _count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_every_op_keeps_shape(name, norm):
+    x = torch.randn(2, 32, 9, 11)
+    assert OPS[name](32, norm)(x).shape == x.shape
+
+
+def test_deformable_conv_starts_as_half_a_plain_conv():
+    """Zero-initialised offset/mask conv: offsets 0 and masks sigmoid(0) = 0.5, so the
+    output is 0.5 * conv(x) + bias."""
+    torch.manual_seed(0)
+    m = ModulatedDeformConv(8)
+    with torch.no_grad():
+        m.bias.normal_()
+    x = torch.randn(1, 8, 7, 7)
+    expected = 0.5 * torch.nn.functional.conv2d(x, m.weight, padding=1) + m.bias.view(1, -1, 1, 1)
+    assert torch.allclose(m(x), expected, atol=1e-5)
+    # 2 deformable groups x 3 (dx, dy, mask) x 9 taps = 54 offset/mask channels
+    assert m.offset_mask.out_channels == 54
+    # learned offsets change the result, i.e. the offsets really reach deform_conv2d
+    with torch.no_grad():
+        m.offset_mask.bias.fill_(0.7)
+    assert not torch.allclose(m(x), expected, atol=1e-3)
+    assert deform_conv2d is not None
+
+
+def test_aggregations_upsample_the_smaller_input():
+    x, y = torch.randn(1, 32, 4, 4), torch.randn(1, 32, 8, 8)
+    out = ParamSum(32, "bn")(x, y)
+    assert out.shape == (1, 32, 8, 8)
+    up = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, up + y)  # a = b = 1 at init
+    cat = ConcatReduce(32, "bn")
+    assert cat(y, x).shape == (1, 32, 8, 8)
+    assert sum(p.numel() for p in cat.reduce[2].parameters()) == 2 * 32  # grouped 1x1: 2 inputs per output channel
+
+
+def _assert_outputs(outs, n, num_classes, size):
+    assert len(outs) == 5
+    for (cls, reg, ctr), s in zip(outs, (8, 16, 32, 64, 128)):
+        hw = max(1, -(-size // s))
+        assert cls.shape == (n, num_classes, hw, hw) and reg.shape == (n, 4, hw, hw) and ctr.shape == (n, 1, hw, hw)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_archs_build_forward_backward_at_64(seed):
+    arch = Arch.random(np.random.default_rng(seed))
+    dec = Decoder(arch, in_channels=IN_CHANNELS, num_classes=3, width=64)
+    feats = _feats()
+    outs = dec(feats)
+    _assert_outputs(outs, 2, 3, 64)
+    sum(o.float().mean() for lvl in outs for o in lvl).backward()
+    grads = [p.grad for p in dec.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(torch.isfinite(o).all() for lvl in outs for o in lvl)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_build(preset):
+    dec = Decoder(preset, in_channels=IN_CHANNELS, num_classes=3, width=64, head_width=128)
+    _assert_outputs(dec(_feats(1)), 1, 3, 64)
+
+
+def test_sharing_index_changes_parameter_count_as_expected():
+    arch = Arch.random(np.random.default_rng(5))
+    layer_params = [_count(m) for m in _layer_modules(arch.head, 64)]
+    shared_all = Arch(fpn=arch.fpn, head=arch.head, share=0)
+    base = _count(Decoder(shared_all, in_channels=IN_CHANNELS, num_classes=3, width=64))
+    for k in range(arch.head.num_layers + 1):
+        a = Arch(fpn=arch.fpn, head=arch.head, share=k)
+        n = _count(Decoder(a, in_channels=IN_CHANNELS, num_classes=3, width=64))
+        # layers before k get 5 copies instead of 1, in both the cls and the reg tower
+        assert n == base + 2 * 4 * sum(layer_params[:k]), k
+
+
+def test_per_level_layers_are_used_per_level():
+    head = Head("seq", (1, 1))
+    tower = Tower(head, share=1, width=32)
+    x = torch.randn(1, 32, 5, 5)
+    with torch.no_grad():
+        tower.layers[0][2][0].weight.zero_()  # level 2's own first conv
+    assert not torch.allclose(tower(x, 0), tower(x, 2))
+    assert torch.allclose(tower(x, 2), tower.layers[1](torch.relu(tower.layers[0][2][1](torch.zeros(1, 32, 5, 5)))))
+
+
+def test_nas_fcos_reads_no_c2():
+    dec = Decoder("nas-fcos", in_channels=IN_CHANNELS, num_classes=3, width=64)
+    feats = _feats(1)
+    feats[0] = torch.full_like(feats[0], float("nan"))  # C2 is not read by the found FPN
+    outs = dec(feats)
+    assert all(torch.isfinite(o).all() for lvl in outs for o in lvl)

@@ -1,0 +1,130 @@
+"""The search space: Arch encoding, validation, tokens, presets, wiring."""
+
+import numpy as np
+import pytest
+
+from nasfcos.ops import AGG_OPS, OPS
+from nasfcos.space import (
+    AGGS,
+    FPN_OPS,
+    HEAD_OPS,
+    PRESETS,
+    TOKEN_SPACE,
+    Arch,
+    ArchError,
+    Block,
+    Head,
+    resolve,
+)
+
+
+def test_op_table_covers_the_space():
+    assert set(FPN_OPS) <= set(OPS) and set(HEAD_OPS) <= set(OPS) and set(AGGS) == set(AGG_OPS)
+    # Table 1 order (the released genotype indexes it)
+    assert FPN_OPS == ("sep_conv_3x3", "sep_conv_3x3_dil3", "sep_conv_5x5_dil6", "skip_connect", "def_conv_3x3")
+
+
+def test_canonical_string_round_trips_for_1000_random_archs():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(1000):
+        a = Arch.random(rng)
+        s = str(a)
+        b = Arch.parse(s)
+        assert b == a and str(b) == s and b.arch_id == a.arch_id
+        assert Arch.from_tokens(a.tokens()) == a
+        seen.add(a.arch_id)
+    assert len(seen) == 1000  # the space is large; collisions would hint at a sampling bug
+
+
+def test_arch_id_is_stable_and_short():
+    # sha1 of the canonical string, 12 hex digits: must never change across versions
+    # (results.parquet and the run directories key on it), so the values are pinned here.
+    assert PRESETS["nas-fcos"].arch_id == "35926031c06a"
+    assert PRESETS["nas-fcos-fpn"].arch_id == "14123efbf9c6"
+    assert PRESETS["fpn-fcos"].arch_id == "b8394b41e803"
+
+
+def test_presets_canonical_strings():
+    assert str(PRESETS["fpn-fcos"]) == "fpn=fcos;head=fcos;share=0"
+    assert str(PRESETS["nas-fcos"]) == (
+        "fpn=[3,3,4,4,1][3,3,4,4,1][4,3,4,3,1][1,3,4,3,1][5,3,4,4,1][4,7,4,4,1][7,2,4,4,1];head=seq[5,1,5,0,4,4];share=0"
+    )
+    assert PRESETS["nas-fcos-fpn"].fpn == PRESETS["nas-fcos"].fpn and PRESETS["nas-fcos-fpn"].head == Head("fcos")
+    assert resolve("nas-fcos") is PRESETS["nas-fcos"]
+    assert Arch.parse(" nas-fcos-fpn ") == PRESETS["nas-fcos-fpn"]
+
+
+def test_nas_fcos_wiring_hand_derived():
+    # Pool: 0-3 = C2..C5, block b writes index 4+b. Reads of each block (id1, id2):
+    #   b0 -> 4: (3,3)   b1 -> 5: (3,3)   b2 -> 6: (4,3)   b3 -> 7: (1,3)
+    #   b4 -> 8: (5,3)   b5 -> 9: (4,7)   b6 -> 10: (7,2)
+    # Block outputs read later: 4 (by b2, b5), 5 (b4), 7 (b5, b6). Unread in order: 6, 8, 9, 10.
+    # Last three -> P5 = 8, P4 = 9, P3 = 10; the remaining unread output 6 is the global feature (eq. 1).
+    w = PRESETS["nas-fcos"].fpn_wiring()
+    assert (w.p3, w.p4, w.p5, w.extra) == (10, 9, 8, (6,))
+    # C2 (index 0) is never read: the paper's Fig. 4 omits it for that reason.
+    assert all(0 not in (b.id1, b.id2) for b in PRESETS["nas-fcos"].fpn)
+    # Ops: everything deformable except the skip connections of blocks 2 and 3; all aggregations cat.
+    assert [(FPN_OPS[b.op1], FPN_OPS[b.op2]) for b in PRESETS["nas-fcos"].fpn][2] == ("def_conv_3x3", "skip_connect")
+    assert {AGGS[b.agg] for b in PRESETS["nas-fcos"].fpn} == {"cat"}
+    assert [HEAD_OPS[o] for o in PRESETS["nas-fcos"].head.ops] == [
+        "def_conv_3x3", "conv3x3", "def_conv_3x3", "conv1x1", "skip_connect", "skip_connect",
+    ]  # fmt: skip
+
+
+GOOD = PRESETS["nas-fcos"]
+
+
+@pytest.mark.parametrize(
+    "text, token",
+    [
+        (str(GOOD).replace("[4,3,4,3,1]", "[4,3,9,3,1]"), "fpn block 2 op1"),
+        (str(GOOD).replace("[4,3,4,3,1]", "[4,3,4,3,2]"), "fpn block 2 agg"),
+        (str(GOOD).replace("[3,3,4,4,1][3,3", "[3,3,4,4,1][5,3", 1), "fpn block 1 id1"),  # pool has 0..4 at block 1
+        (str(GOOD).replace("[7,2,4,4,1]", "[7,2,4,4]"), "fpn block 6"),
+        (str(GOOD).replace("[7,2,4,4,1]", "[7,x,4,4,1]"), "fpn block 6"),
+        (str(GOOD).replace("seq[5,1,5,0,4,4]", "seq[5,1,6,0,4,4]"), "head op 2"),
+        (str(GOOD).replace("share=0", "share=7"), "share"),
+        (str(GOOD).replace("share=0", "share=a"), "share"),
+        (str(GOOD).replace("head=seq", "head=foo"), "head"),
+        ("fpn=fcos;head=fcos", "missing field"),
+        ("fpn=fcos;head=fcos;share=0;x=1", "unknown field"),
+        ("fpn=fcos;head=dag[0][0,1,0,0,0];share=0", "head: 'dag' needs"),
+        ("fpn=fcos;head=dag[0][0,1,0,0,0][0,5,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0];share=0", "head block 1 id2"),
+        ("nas-fcos-typo", "not a preset"),
+    ],
+)
+def test_invalid_strings_name_the_token(text, token):
+    with pytest.raises(ArchError, match=token):
+        Arch.parse(text)
+
+
+def test_fpn_needs_three_unread_outputs():
+    # every block reads the previous block's output: only block 6 stays unread
+    chain = tuple(Block(3 + b, 3 + b, 0, 0, 0) if b else Block(3, 3, 0, 0, 0) for b in range(7))
+    with pytest.raises(ArchError, match="unread"):
+        Arch(fpn=chain, head=Head("fcos"))
+
+
+def test_token_space_masks_make_every_sample_valid():
+    assert len(TOKEN_SPACE.tokens) == 7 * 5 + 1 + 5 * 5 + 1
+    assert TOKEN_SPACE.tokens[0].name == "fpn0.id1" and TOKEN_SPACE.tokens[0].choices == 4
+    assert TOKEN_SPACE.tokens[30].name == "fpn6.id1" and TOKEN_SPACE.tokens[30].choices == 10
+    assert TOKEN_SPACE.tokens[-1].name == "share" and TOKEN_SPACE.tokens[-1].choices == 7
+    # a prefix whose FPN already reads 4 distinct block outputs (4,5,6,7): only C2..C5 or those remain
+    prefix = [3, 3, 0, 0, 0, 4, 3, 0, 0, 0, 5, 3, 0, 0, 0, 6, 7, 0, 0, 0]  # blocks 0..3 read 4, 5, 6, 7
+    mask = TOKEN_SPACE.mask(prefix)  # block 4 id1: pool 0..7
+    assert mask[:8].tolist() == [True] * 8  # 4..7 are already read, so still allowed
+    prefix += [7, 3, 0, 0, 0]  # block 4 -> index 8
+    mask = TOKEN_SPACE.mask(prefix)  # block 5 id1: 8 would be a 5th distinct read
+    assert mask[:9].tolist() == [True] * 8 + [False]
+
+
+def test_head_dag_and_share_validation():
+    a = Arch.random(np.random.default_rng(1))
+    assert a.head.kind == "dag" and a.head.num_layers == 6
+    with pytest.raises(ArchError, match="share"):
+        Arch(fpn=a.fpn, head=a.head, share=7)
+    with pytest.raises(ArchError, match="token sequence"):
+        PRESETS["fpn-fcos"].tokens()
