@@ -249,30 +249,44 @@ class FCOS(nn.Module):
 
     def loss_flat(self, cls: Tensor, reg: Tensor, ctr: Tensor, points: Points, assigned: Assigned) -> dict[str, Tensor]:
         """Losses on flattened outputs: cls (N, P, K), reg (N, P, 4), ctr (N, P)."""
+        return self.combine(self.loss_sums(cls, reg, ctr, points, assigned))
+
+    def loss_sums(self, cls: Tensor, reg: Tensor, ctr: Tensor, points: Points, assigned: Assigned) -> dict[str, Tensor]:
+        """Un-normalised loss sums and their normalisers, so that losses over a
+        whole dataset can be accumulated batch by batch and normalised once
+        (the proxy reward, §3.3). :meth:`combine` turns them into losses."""
         cls, ctr = cls.float(), ctr.float()
         labels = assigned.labels
         pos = labels >= 0  # (N, P)
-        num_pos = pos.sum()
         one_hot = torch.zeros_like(cls)
         one_hot[pos, labels[pos]] = 1.0
         focal = sigmoid_focal_loss(cls, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
-        denom = num_pos.clamp(min=1).float()
 
         pred_ltrb = self.decode(reg, points)[pos]  # (Npos, 4)
         target_ltrb = assigned.ltrb[pos].float()  # (Npos, 4)
         ctr_target = centerness_target(target_ltrb)  # (Npos,)
-        ctr_loss = F.binary_cross_entropy_with_logits(ctr[pos], ctr_target, reduction="sum")
+        ctr_sum = F.binary_cross_entropy_with_logits(ctr[pos], ctr_target, reduction="sum")
+        num_pos = pos.sum().float()
         if self.variant == "paper":
-            # IoU loss weighted by the centerness target, normalised by its sum;
-            # zero (with a graph) when the batch has no positive.
-            weight_sum = ctr_target.sum()
-            reg_loss = (iou_loss(pred_ltrb, target_ltrb) * ctr_target).sum() / weight_sum.clamp(min=1e-6)
+            # IoU loss weighted by the centerness target, normalised by the weights' sum
+            reg_sum = (iou_loss(pred_ltrb, target_ltrb) * ctr_target).sum()
+            reg_norm = ctr_target.sum()
         else:
             xy = points.xy[None].expand_as(reg[..., :2])[pos]
-            reg_loss = generalized_box_iou_loss(
-                ltrb_to_boxes(xy, pred_ltrb), ltrb_to_boxes(xy, target_ltrb), reduction="sum"
-            ) / denom
-        return {"cls": focal / denom, "reg": reg_loss, "ctr": ctr_loss / denom}
+            reg_sum = generalized_box_iou_loss(ltrb_to_boxes(xy, pred_ltrb), ltrb_to_boxes(xy, target_ltrb), reduction="sum")
+            reg_norm = num_pos
+        return {"cls": focal, "reg": reg_sum, "ctr": ctr_sum, "num_pos": num_pos, "reg_norm": reg_norm}
+
+    @staticmethod
+    def combine(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """cls and ctr divided by the number of positives (at least 1); reg by its
+        normaliser (centerness-weight sum in the paper variant), 0 without positives."""
+        denom = sums["num_pos"].clamp(min=1.0)
+        return {
+            "cls": sums["cls"] / denom,
+            "reg": sums["reg"] / sums["reg_norm"].clamp(min=1e-6),
+            "ctr": sums["ctr"] / denom,
+        }
 
     # --------------------------------------------------------------- inference
     @torch.no_grad()

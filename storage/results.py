@@ -1,0 +1,624 @@
+"""``results.parquet``: one row per architecture sampled by the search (paper §3.1, §4.1).
+
+Every architecture the controller samples is scored on the proxy task and
+recorded here, failures included; this table is the search's memory ("an arch
+already in results.parquet is never trained again") and what users query with
+pandas::
+
+    from storage.results import ResultsTable
+    df = ResultsTable("runs/demo").read()            # always complete
+    df.groupby("n_deform_fpn").reward.describe()
+    df = pandas.read_parquet("runs/demo/results.parquet")   # complete after compact()
+
+On-disk layout of a run directory::
+
+    results.parquet          the compacted table, one row per arch_id, sorted
+    results.parts/*.parquet  one file per append() not yet compacted
+    results.lock             flock(2) lock taken by append() and compact()
+
+**Reading.** :meth:`ResultsTable.read` returns the compacted file plus all
+parts, deduplicated. ``pandas.read_parquet(run_dir / "results.parquet")``
+alone sees every row only after :meth:`ResultsTable.compact` (the search loop
+compacts at the end of each step).
+
+**Dedup rule** (one row per ``arch_id``). The rows of an arch are ordered by
+content - ``(step, sample, finished_at, started_at, seed, device, reward_used,
+error)`` - never by file order, so the answer does not depend on which
+process appended first or on when compaction ran:
+
+- if any row is ``ok``, the *first* ``ok`` row is kept (a result, once
+  obtained, is never overwritten, and a failed row is replaced by any ok row);
+- otherwise the *last* ``failed`` row is kept (the latest attempt's error).
+
+``append`` also skips a row whose arch already has an ``ok`` row (in the table
+or earlier in the same batch), checked under the writers' lock, so in practice
+the first *appended* ok row wins and duplicates never reach the disk; the
+content order above decides only between rows that both did (e.g. files
+copied in by hand, or left by a crash - where they are identical anyway).
+
+**Crash safety.** Each file is written to a temporary name, fsynced and
+``os.replace``-d into place (atomic on POSIX), so readers never see a partial
+file. ``append`` and ``compact`` run under an exclusive lock; ``compact``
+writes the merge of the table and all parts, renames it over
+``results.parquet`` and only then deletes the merged parts. A crash before the
+rename leaves the old table and the parts (nothing lost; the orphan temp file
+is removed by the next compact); a crash after it leaves rows both in the table
+and in parts, which the dedup rule above collapses to the same row (nothing
+duplicated) and the next compact deletes. Readers take no lock: they read the
+parts first and the table last, and a part deleted in between was renamed
+into the table before it was deleted, so it is in the table they read.
+
+Only the local filesystem is supported (``flock`` and ``os.replace``
+semantics); this module must not import ``nasfcos`` (dependency direction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import math
+import os
+import re
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+# --------------------------------------------------------------------------
+# Op-name tables: copies of nasfcos.space's (tests/test_results.py checks they
+# are equal) because storage must not import nasfcos.
+FPN_OPS: tuple[str, ...] = ("sep_conv_3x3", "sep_conv_3x3_dil3", "sep_conv_5x5_dil6", "skip_connect", "def_conv_3x3")
+HEAD_OPS: tuple[str, ...] = ("conv1x1", "conv3x3", "sep_conv_3x3", "sep_conv_3x3_dil3", "skip_connect", "def_conv_3x3")
+AGGS: tuple[str, ...] = ("psum", "cat")
+NUM_BACKBONE_INPUTS = 4  # C2..C5 are FPN pool ids 0-3
+NUM_FPN_BLOCKS = 7
+NUM_HEAD_BLOCKS = 5
+FCOS_HEAD_LAYERS = 4
+
+DEFORM_OP = "def_conv_3x3"
+SKIP_OP = "skip_connect"
+CAT_AGG = "cat"
+
+# --------------------------------------------------------------------------
+# Schema. RECORD_FIELDS are given by the caller; DECODED_FIELDS are derived
+# from the canonical arch string by decode_arch_fields (given ones must agree).
+
+_STR, _INT, _FLOAT, _TS = pa.string(), pa.int64(), pa.float64(), pa.timestamp("us", tz="UTC")
+_STR_LIST, _INT_LIST = pa.list_(pa.string()), pa.list_(pa.int64())
+
+_DECODED: list[tuple[str, pa.DataType, str]] = [
+    ("fpn_kind", _STR, "'fcos' (hand-designed FPN of FCOS) or 'searched' (7 blocks)"),
+    ("fpn_ops", _STR_LIST, "14 op names, op1 and op2 of each block in order; [] for 'fcos'"),
+    ("fpn_aggs", _STR_LIST, "7 aggregation names (psum/cat); [] for 'fcos'"),
+    ("fpn_inputs", _INT_LIST, "14 pool ids, id1 and id2 of each block (0-3 = C2-C5, 4+ = block outputs)"),
+    ("head_kind", _STR, "'fcos', 'seq' or 'dag'"),
+    ("head_ops", _STR_LIST, "seq: its ops; dag: op0 then op1, op2 of each block; [] for 'fcos'"),
+    ("head_aggs", _STR_LIST, "dag: 5 aggregation names; [] otherwise"),
+    ("head_inputs", _INT_LIST, "dag: 10 pool ids, id1 and id2 of each block; [] otherwise"),
+    ("head_layers", _INT, "number of head layers (the range of share)"),
+    ("share", _INT, "first head layer whose weights are shared across P3-P7 (§3.2.3)"),
+    ("n_deform_fpn", _INT, "deformable 3x3 convs in the FPN"),
+    ("n_skip_fpn", _INT, "skip connections in the FPN"),
+    ("n_cat_fpn", _INT, "concat aggregations in the FPN"),
+    ("n_deform_head", _INT, "deformable 3x3 convs in the head"),
+    ("n_skip_head", _INT, "skip connections in the head"),
+    ("n_cat_head", _INT, "concat aggregations in the head"),
+]
+_RECORD_AFTER: list[tuple[str, pa.DataType, str]] = [
+    ("step", _INT, "search step (controller update index)"),
+    ("sample", _INT, "index of the arch within its step"),
+    ("status", _STR, "'ok' or 'failed'"),
+    ("reward", _FLOAT, "proxy-task reward (negative validation loss); NaN when failed"),
+    ("reward_used", _FLOAT, "reward fed to the controller (the penalty for failed archs); finite"),
+    ("loss_cls", _FLOAT, "proxy validation focal loss (NaN if unknown)"),
+    ("loss_reg", _FLOAT, "proxy validation box-regression loss (NaN if unknown)"),
+    ("loss_ctr", _FLOAT, "proxy validation centerness loss (NaN if unknown)"),
+    ("params", _INT, "decoder parameters at the proxy width (-1 if unknown)"),
+    ("macs", _INT, "decoder multiply-accumulates at the proxy input size (-1 if unknown)"),
+    ("train_seconds", _FLOAT, "wall time of proxy training"),
+    ("eval_seconds", _FLOAT, "wall time of proxy evaluation"),
+    ("peak_mem_mb", _FLOAT, "peak accelerator (or host) memory in MiB (NaN if unknown)"),
+    ("device", _STR, "device the arch was scored on, e.g. 'cuda:0'"),
+    ("seed", _INT, "seed of the proxy run"),
+    ("error", _STR, "'' when ok, else the error message"),
+    ("started_at", _TS, "UTC start time"),
+    ("finished_at", _TS, "UTC finish time"),
+]
+_FIELDS = [("arch_id", _STR, "12-hex sha1 of arch"), ("arch", _STR, "canonical arch string")] + _DECODED + _RECORD_AFTER
+
+SCHEMA_VERSION = "1"
+SCHEMA: pa.Schema = pa.schema(
+    [pa.field(n, t, nullable=False, metadata={"doc": d}) for n, t, d in _FIELDS],
+    metadata={"nasfcos.results.schema_version": SCHEMA_VERSION},
+)
+DECODED_FIELDS: tuple[str, ...] = tuple(n for n, _, _ in _DECODED)
+RECORD_FIELDS: tuple[str, ...] = ("arch_id", "arch") + tuple(n for n, _, _ in _RECORD_AFTER)
+FIELD_DOCS: dict[str, str] = {n: d for n, _, d in _FIELDS}
+STATUSES = ("ok", "failed")
+
+# Content order of an arch's rows for the dedup rule (see module docstring).
+_ORDER_KEYS = ["step", "sample", "finished_at", "started_at", "seed", "device", "reward_used", "error"]
+
+# --------------------------------------------------------------------------
+# Canonical arch string -> analysis columns.
+
+_BLOCK = r"\[\d+,\d+,\d+,\d+,\d+\]"
+_ARCH_RE = re.compile(
+    rf"fpn=(?P<fpn>fcos|(?:{_BLOCK}){{{NUM_FPN_BLOCKS}}});"
+    rf"head=(?P<head>fcos|seq\[\d+(?:,\d+)*\]|dag\[\d+\](?:{_BLOCK}){{{NUM_HEAD_BLOCKS}}});"
+    r"share=(?P<share>\d+)"
+)
+_INTS = re.compile(r"\d+")
+
+
+def decode_arch_fields(canonical: str) -> dict[str, Any]:
+    """Canonical arch string (``fpn=...;head=...;share=N``) -> the :data:`DECODED_FIELDS`.
+
+    Parses the string itself (see ``nasfcos.space`` for the format), so that
+    storage does not depend on the model library. Raises ``ValueError``
+    naming ``arch`` and the bad token on anything that is not canonical.
+
+    >>> d = decode_arch_fields("fpn=fcos;head=seq[5,1,5,0,4,4];share=0")
+    >>> d["head_ops"][:2], d["n_deform_head"], d["fpn_kind"]
+    (['def_conv_3x3', 'conv3x3'], 2, 'fcos')
+    """
+    if not isinstance(canonical, str):
+        raise ValueError(f"arch: expected a canonical arch string, got {type(canonical).__name__}")
+    m = _ARCH_RE.fullmatch(canonical)
+    if m is None:
+        raise ValueError(f"arch: {canonical!r} is not a canonical arch string fpn=...;head=...;share=N")
+
+    def name(table: tuple[str, ...], i: int, where: str) -> str:
+        if i >= len(table):
+            raise ValueError(f"arch: {where} index {i} not in 0..{len(table) - 1} ({', '.join(table)}) in {canonical!r}")
+        return table[i]
+
+    def blocks(text: str, first_pool: int, pool_step: int, ops: tuple[str, ...], where: str):
+        ins: list[int] = []
+        opn: list[str] = []
+        aggs: list[str] = []
+        for b, blk in enumerate(re.findall(_BLOCK, text)):
+            id1, id2, op1, op2, agg = map(int, _INTS.findall(blk))
+            pool = first_pool + pool_step * b
+            for k, i in (("id1", id1), ("id2", id2)):
+                if i >= pool:
+                    raise ValueError(f"arch: {where} block {b} {k} {i} not in 0..{pool - 1} in {canonical!r}")
+            ins += [id1, id2]
+            opn += [name(ops, op1, f"{where} block {b} op1"), name(ops, op2, f"{where} block {b} op2")]
+            aggs.append(name(AGGS, agg, f"{where} block {b} agg"))
+        return ins, opn, aggs
+
+    if m["fpn"] == "fcos":
+        fpn_kind, fpn_inputs, fpn_ops, fpn_aggs = "fcos", [], [], []
+    else:
+        fpn_kind = "searched"
+        fpn_inputs, fpn_ops, fpn_aggs = blocks(m["fpn"], NUM_BACKBONE_INPUTS, 1, FPN_OPS, "fpn")
+
+    head = m["head"]
+    head_inputs: list[int] = []
+    head_aggs: list[str] = []
+    if head == "fcos":
+        head_kind, head_ops, head_layers = "fcos", [], FCOS_HEAD_LAYERS
+    elif head.startswith("seq"):
+        head_kind = "seq"
+        head_ops = [name(HEAD_OPS, int(v), f"head op {i}") for i, v in enumerate(_INTS.findall(head))]
+        head_layers = len(head_ops)
+    else:
+        head_kind = "dag"
+        op0_text, rest = head[len("dag[") :].split("]", 1)
+        # pool 0 = p, 1 = op0's output; block t adds its two op outputs and the aggregation.
+        head_inputs, block_ops, head_aggs = blocks(rest, 2, 3, HEAD_OPS, "head")
+        head_ops = [name(HEAD_OPS, int(op0_text), "head op 0")] + block_ops
+        head_layers = 1 + NUM_HEAD_BLOCKS
+
+    share = int(m["share"])
+    if share > head_layers:
+        raise ValueError(f"arch: share {share} not in 0..{head_layers} for a {head_kind} head in {canonical!r}")
+    return {
+        "fpn_kind": fpn_kind,
+        "fpn_ops": fpn_ops,
+        "fpn_aggs": fpn_aggs,
+        "fpn_inputs": fpn_inputs,
+        "head_kind": head_kind,
+        "head_ops": head_ops,
+        "head_aggs": head_aggs,
+        "head_inputs": head_inputs,
+        "head_layers": head_layers,
+        "share": share,
+        "n_deform_fpn": fpn_ops.count(DEFORM_OP),
+        "n_skip_fpn": fpn_ops.count(SKIP_OP),
+        "n_cat_fpn": fpn_aggs.count(CAT_AGG),
+        "n_deform_head": head_ops.count(DEFORM_OP),
+        "n_skip_head": head_ops.count(SKIP_OP),
+        "n_cat_head": head_aggs.count(CAT_AGG),
+    }
+
+
+def arch_id_of(canonical: str) -> str:
+    """The 12-hex-digit id of a canonical arch string (same hash as ``nasfcos.space.Arch.arch_id``)."""
+    return hashlib.sha1(canonical.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------
+# Row validation.
+
+
+def validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a row dict and return it normalised, with the decoded fields filled in.
+
+    ``row`` must hold exactly :data:`RECORD_FIELDS`, optionally plus any of
+    :data:`DECODED_FIELDS` (which must then equal the decoding of ``arch``).
+    Ints accept Python/NumPy integers, floats also accept integers, timestamps
+    must be timezone-aware ``datetime``s (stored in UTC). Raises ``ValueError``
+    naming the first bad field.
+    """
+    if not isinstance(row, Mapping):
+        raise ValueError(f"row: expected a dict, got {type(row).__name__}")
+    unknown = sorted(set(row) - set(RECORD_FIELDS) - set(DECODED_FIELDS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown field (known: {', '.join(RECORD_FIELDS)})")
+    missing = [f for f in RECORD_FIELDS if f not in row]
+    if missing:
+        raise ValueError(f"{missing[0]}: missing field")
+
+    out: dict[str, Any] = {}
+    for f in RECORD_FIELDS:
+        out[f] = _coerce(f, SCHEMA.field(f).type, row[f])
+
+    decoded = decode_arch_fields(out["arch"])
+    for f, v in decoded.items():
+        if f in row:
+            given = row[f]
+            same = list(given) == v if isinstance(v, list) and not isinstance(given, str) else given == v
+            if not same:
+                raise ValueError(f"{f}: {given!r} disagrees with the arch string ({v!r})")
+    expected_id = arch_id_of(out["arch"])
+    if out["arch_id"] != expected_id:
+        raise ValueError(f"arch_id: {out['arch_id']!r} is not the id of arch {out['arch']!r} ({expected_id})")
+
+    if out["status"] not in STATUSES:
+        raise ValueError(f"status: {out['status']!r} not one of {STATUSES}")
+    if not math.isfinite(out["reward_used"]):
+        raise ValueError(f"reward_used: {out['reward_used']!r} must be finite (it is fed to the controller)")
+    if out["status"] == "ok":
+        if not math.isfinite(out["reward"]):
+            raise ValueError(f"reward: {out['reward']!r} must be finite when status is 'ok'")
+        if out["error"]:
+            raise ValueError(f"error: must be '' when status is 'ok', got {out['error']!r}")
+    elif not out["error"]:
+        raise ValueError("error: a failed row needs an error message")
+    for f in ("step", "sample"):
+        if out[f] < 0:
+            raise ValueError(f"{f}: {out[f]} must be >= 0")
+    out.update(decoded)
+    return {f: out[f] for f in SCHEMA.names}
+
+
+def _coerce(f: str, t: pa.DataType, v: Any) -> Any:
+    if t == _STR:
+        if not isinstance(v, str):
+            raise ValueError(f"{f}: expected str, got {type(v).__name__} {v!r}")
+        return v
+    if t == _INT:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{f}: expected int, got {type(v).__name__} {v!r}")
+        return int(v)
+    if t == _FLOAT:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{f}: expected float, got {type(v).__name__} {v!r}")
+        return float(v)
+    if t == _TS:
+        if not isinstance(v, datetime) or v is pd.NaT:
+            raise ValueError(f"{f}: expected a timezone-aware datetime, got {type(v).__name__} {v!r}")
+        if v.tzinfo is None or v.utcoffset() is None:
+            raise ValueError(f"{f}: {v!r} is naive; give a timezone-aware (UTC) datetime")
+        return v.astimezone(timezone.utc)
+    raise AssertionError(f"{f}: no coercion for {t}")  # pragma: no cover - schema and code disagree
+
+
+def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Validate rows and build an Arrow table with :data:`SCHEMA`."""
+    valid = [validate_row(r) for r in rows]
+    return pa.Table.from_pylist(valid, schema=SCHEMA)
+
+
+# --------------------------------------------------------------------------
+# Atomic writes.
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, rename."""
+    path = Path(path)
+    _commit(_write_temp(path, data), path)
+
+
+def atomic_write_parquet(data: pa.Table | pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a table (or DataFrame, without its index) to ``path`` as parquet, atomically."""
+    if isinstance(data, pd.DataFrame):
+        data = pa.Table.from_pandas(data, preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(data, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+_TMP_PREFIX = ".tmp-"
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a fresh hidden temp file beside ``path`` and fsync it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Atomically move ``tmp`` onto ``path`` and make the rename durable."""
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------
+# The table.
+
+
+class ResultsTable:
+    """The results of one search run: ``run_dir/results.parquet`` (+ uncompacted parts).
+
+    Args:
+        run_dir: the run directory; created on the first :meth:`append`.
+
+    Safe for several processes at once: writers (:meth:`append`,
+    :meth:`compact`) serialise on an ``flock`` of ``run_dir/results.lock``,
+    readers take no lock. See the module docstring for the dedup rule and the
+    crash-safety argument.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "results.parquet"
+        self.parts_dir = self.run_dir / "results.parts"
+        self.lock_path = self.run_dir / "results.lock"
+
+    def __repr__(self) -> str:
+        return f"ResultsTable({str(self.run_dir)!r})"
+
+    # ------------------------------------------------------------- writing
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Validate ``rows`` and add them as one atomic part file; return how many were written.
+
+        A row is skipped when its arch already has an ``ok`` row (in the table
+        or earlier in ``rows``); a failed arch may be appended again. All rows
+        are validated before anything is written, so a bad row writes none.
+        """
+        if isinstance(rows, Mapping):
+            raise ValueError("rows: expected a list of row dicts, got a single dict")
+        table = rows_to_table(rows)
+        if table.num_rows == 0:
+            return 0
+        with self._lock():
+            done = self._ok_ids()
+            keep = []
+            for i, (aid, st) in enumerate(zip(table.column("arch_id").to_pylist(), table.column("status").to_pylist())):
+                if aid in done:
+                    continue
+                keep.append(i)
+                if st == "ok":
+                    done.add(aid)
+            if not keep:
+                return 0
+            table = table.take(keep)
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            part = self.parts_dir / f"{stamp}-{os.getpid()}-{uuid.uuid4().hex}.parquet"
+            atomic_write_bytes(part, _table_bytes(table))
+        return len(keep)
+
+    def compact(self) -> int:
+        """Merge all parts into ``results.parquet`` (deduplicated, sorted); return the row count.
+
+        Afterwards ``pandas.read_parquet(run_dir / "results.parquet")`` holds
+        every row. Also creates an empty ``results.parquet`` for an empty run
+        and removes temp files left by writers that crashed.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            # Under the lock no writer is running, so any temp file is an orphan.
+            for d in (self.run_dir, self.parts_dir):
+                if d.is_dir():
+                    for tmp in d.glob(_TMP_PREFIX + "*"):
+                        _unlink(tmp)
+            parts = self._part_paths()
+            if not parts and self.path.exists():
+                return pq.read_metadata(self.path).num_rows
+            tables = [self._read_file(p) for p in parts]
+            if self.path.exists():
+                tables.append(self._read_file(self.path))
+            merged = _dedup(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
+            _commit(_write_temp(self.path, _table_bytes(merged)), self.path)
+            # Only after the rename: the merged parts' rows are now in the table.
+            _delete_parts(parts)
+            return merged.num_rows
+
+    # ------------------------------------------------------------- reading
+    def table(self) -> pa.Table:
+        """All rows as an Arrow table (one per arch_id, sorted by step, sample, arch_id)."""
+        # Parts first, the compacted file last: a part that vanishes between
+        # listing and reading was merged into the file before it was deleted.
+        tables = []
+        for p in self._part_paths():
+            try:
+                tables.append(self._read_file(p))
+            except FileNotFoundError:
+                continue
+        try:
+            tables.append(self._read_file(self.path))
+        except FileNotFoundError:
+            pass
+        return _dedup(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
+
+    def read(self) -> pd.DataFrame:
+        """All rows as a DataFrame, one per arch_id, sorted by (step, sample); list columns hold arrays."""
+        return self.table().to_pandas()
+
+    def __len__(self) -> int:
+        return self.table().num_rows
+
+    def contains(self, arch_id: str, *, ok_only: bool = False) -> bool:
+        """Whether ``arch_id`` has a row (with ``ok_only``: an ``ok`` row, i.e. needs no retry)."""
+        row = self.get(arch_id)
+        return row is not None and (not ok_only or row["status"] == "ok")
+
+    def get(self, arch_id: str) -> dict[str, Any] | None:
+        """The row of ``arch_id`` as a dict of Python values (lists, UTC datetimes), or None."""
+        t = self.table()
+        hit = t.filter(pc.equal(t.column("arch_id"), arch_id))
+        return hit.to_pylist()[0] if hit.num_rows else None
+
+    def history(self) -> pd.DataFrame:
+        """Per search step: samples, ok samples, mean/max reward and the best reward so far.
+
+        Columns: ``step, n, n_ok, mean_reward, max_reward, best_reward,
+        mean_reward_used``. Rewards are over ``ok`` rows (NaN for a step with
+        none; ``best_reward`` carries the previous best); ``mean_reward_used``
+        includes the penalties of failed ones.
+        """
+        df = self.read()
+        cols = ["step", "n", "n_ok", "mean_reward", "max_reward", "best_reward", "mean_reward_used"]
+        if df.empty:
+            return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("step", "n", "n_ok") else "float64") for c in cols})
+        ok = df["status"] == "ok"
+        reward = df["reward"].where(ok)
+        g = df.assign(_ok=ok.astype("int64"), _r=reward).groupby("step", sort=True)
+        out = pd.DataFrame(
+            {
+                "n": g.size(),
+                "n_ok": g["_ok"].sum(),
+                "mean_reward": g["_r"].mean(),
+                "max_reward": g["_r"].max(),
+                "mean_reward_used": g["reward_used"].mean(),
+            }
+        )
+        out["best_reward"] = out["max_reward"].cummax().ffill()
+        return out.reset_index()[cols]
+
+    def top_k(self, k: int = 20) -> pd.DataFrame:
+        """The ``k`` best ``ok`` archs by reward (descending; ties by arch_id ascending), with ``rank`` 1..k."""
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"k: expected an int >= 0, got {k!r}")
+        df = self.read()
+        df = df[df["status"] == "ok"].sort_values(["reward", "arch_id"], ascending=[False, True], kind="stable")
+        df = df.head(int(k)).reset_index(drop=True)
+        df.insert(0, "rank", np.arange(1, len(df) + 1, dtype="int64"))
+        return df
+
+    def write_top_k(self, path: str | os.PathLike, k: int = 20) -> pd.DataFrame:
+        """Write :meth:`top_k` to ``path`` (``top_k.parquet``) atomically and return it."""
+        df = self.top_k(k)
+        schema = pa.schema([pa.field("rank", _INT, nullable=False)] + list(SCHEMA), metadata=SCHEMA.metadata)
+        atomic_write_parquet(pa.Table.from_pandas(df, schema=schema, preserve_index=False), path)
+        return df
+
+    # ------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _part_paths(self) -> list[Path]:
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(p for p in self.parts_dir.glob("*.parquet") if not p.name.startswith("."))
+
+    def _ok_ids(self) -> set[str]:
+        """Arch ids with an ok row; call under the lock (files do not change meanwhile)."""
+        ids: set[str] = set()
+        for p in self._part_paths() + ([self.path] if self.path.exists() else []):
+            with open(p, "rb") as f:
+                t = pq.read_table(f, columns=["arch_id", "status"])
+            ids.update(t.column("arch_id").filter(pc.equal(t.column("status"), "ok")).to_pylist())
+        return ids
+
+    @staticmethod
+    def _read_file(path: Path) -> pa.Table:
+        # One open file: a concurrent os.replace cannot mix two versions.
+        with open(path, "rb") as f:
+            t = pq.read_table(f)
+        if not t.schema.equals(SCHEMA, check_metadata=False):
+            for field in SCHEMA:
+                if field.name not in t.schema.names:
+                    raise ValueError(f"{path}: missing field {field.name!r} (schema version {SCHEMA_VERSION})")
+            extra = [n for n in t.schema.names if n not in SCHEMA.names]
+            if extra:
+                raise ValueError(f"{path}: unknown field {extra[0]!r} (schema version {SCHEMA_VERSION})")
+            cols = []
+            for field in SCHEMA:  # e.g. large_string written by pandas -> string
+                col = t.column(field.name)
+                try:
+                    cols.append(col.cast(field.type) if col.type != field.type else col)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    raise ValueError(f"{path}: field {field.name!r} is {col.type}, expected {field.type}") from None
+            t = pa.Table.from_arrays(cols, schema=SCHEMA)
+        return t.replace_schema_metadata(SCHEMA.metadata)
+
+
+def _delete_parts(parts: list[Path]) -> None:
+    for p in parts:
+        _unlink(p)
+
+
+def _dedup(table: pa.Table) -> pa.Table:
+    """One row per arch_id by the dedup rule (first ok, else last failed), sorted by step, sample, arch_id."""
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in ["arch_id"] + _ORDER_KEYS]).to_pylist()
+    ids = table.column("arch_id").to_pylist()
+    ok = [s == "ok" for s in table.column("status").to_pylist()]
+    keep: dict[str, int] = {}
+    for i in order:  # rows of one arch are consecutive, in content order
+        j = keep.get(ids[i])
+        if j is None or not ok[j]:  # an ok row is final; a failed one yields to any later row
+            keep[ids[i]] = i
+    kept = table.take(pa.array(sorted(keep.values()), type=pa.int64()))
+    return kept.take(pc.sort_indices(kept, sort_keys=[("step", "ascending"), ("sample", "ascending"), ("arch_id", "ascending")]))
