@@ -1,0 +1,257 @@
+"""The proxy task: score a decoder on cached backbone features (NAS-FCOS §3.3, §4.1).
+
+"Fast decoder adaptation": the backbone features C2..C5 of the meta-train and
+meta-val images are computed once; each sampled decoder (all ops at width 64,
+inputs adapted by 1x1 convs) is trained on them with Adam (lr 8e-4, batch 200,
+15 epochs) and Polyak (EMA) weight averaging (decay 0.9), then evaluated with
+the averaged weights. The reward is the negative validation loss
+
+    R = -(L_cls + L_reg + L_ctr),
+
+each term the FCOS loss over the *whole* meta-val set: focal and centerness
+sums divided by the total number of positive points, the IoU sum divided by
+the total centerness weight (``FCOS.loss_sums`` accumulated over batches, then
+``FCOS.combine``), so the reward does not depend on the evaluation batch size.
+
+Speed: features and per-point targets live on the device, batches are index
+gathers of a device-side permutation, bf16 autocast and channels_last on GPU,
+and nothing reads a value back to the host until training has finished.
+
+Letter legend: N samples, C channels, H/W map size, P points, K classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from nasfcos.decoder import build_decoder
+from nasfcos.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs
+from nasfcos.space import Arch, resolve
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("C2", "C3", "C4", "C5")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Proxy-task settings; defaults are the paper's (§4.1)."""
+
+    width: int = 64
+    lr: float = 8e-4
+    batch_size: int = 200
+    epochs: int = 15
+    ema_decay: float = 0.9
+    eval_batch_size: int = 200
+    loss_variant: str = "paper"
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+
+    def __post_init__(self) -> None:
+        for f in ("width", "batch_size", "eval_batch_size"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"proxy config: {f} must be >= 1, got {getattr(self, f)}")
+        if self.epochs < 0:
+            raise ValueError(f"proxy config: epochs must be >= 0, got {self.epochs}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"proxy config: ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class ProxySplit:
+    """One split resident on a device: features (N, C, H, W) for C2..C5 and the
+    per-point FCOS targets of every sample (assigned once: crops are fixed)."""
+
+    feats: list[Tensor]
+    assigned: Assigned
+    points: Points
+
+    def __len__(self) -> int:
+        return self.feats[0].shape[0]
+
+
+def prepare_split(
+    feats: dict[str, Tensor],
+    boxes: list[Tensor],
+    labels: list[Tensor],
+    *,
+    num_classes: int,
+    device: str | torch.device = "cpu",
+    loss_variant: str = "paper",
+) -> ProxySplit:
+    """Move a split to ``device`` and assign FCOS targets to its points once.
+
+    ``feats`` maps C2..C5 to (N, C, H, W) arrays (fp16 from the feature store);
+    ``boxes[i]`` (M, 4) x1y1x2y2 and ``labels[i]`` (M,) are sample i's targets
+    in the cropped frame.
+    """
+    missing = [k for k in LEVELS if k not in feats]
+    if missing:
+        raise ValueError(f"proxy: features lack levels {missing} (decoders read C2..C5)")
+    device = torch.device(device)
+    maps = [torch.as_tensor(feats[k]).to(device) for k in LEVELS]
+    n = maps[0].shape[0]
+    if any(m.shape[0] != n for m in maps) or len(boxes) != n or len(labels) != n:
+        raise ValueError(f"proxy: {n} samples in C2 but levels/boxes/labels disagree")
+    fcos = FCOS(num_classes=num_classes, variant=loss_variant)
+    points = fcos.points(_pyramid_shapes(maps), device)
+    targets = [{"boxes": torch.as_tensor(b, dtype=torch.float32), "labels": torch.as_tensor(l, dtype=torch.long)} for b, l in zip(boxes, labels)]
+    chunks = [fcos.assign(points, [{k: v.to(device) for k, v in t.items()} for t in targets[i : i + 256]]) for i in range(0, n, 256)]
+    assigned = Assigned(
+        labels=torch.cat([c.labels for c in chunks]).to(torch.int16) if chunks else torch.zeros(0, len(points.xy), dtype=torch.int16, device=device),
+        ltrb=torch.cat([c.ltrb for c in chunks]) if chunks else torch.zeros(0, len(points.xy), 4, device=device),
+    )
+    return ProxySplit(feats=maps, assigned=assigned, points=points)
+
+
+def _pyramid_shapes(maps: list[Tensor]) -> list[tuple[int, int]]:
+    """P3..P7 sizes: P3-P5 at the C3-C5 resolutions, P6/P7 by stride-2 3x3 convs."""
+    shapes = [tuple(m.shape[-2:]) for m in maps[1:]]
+    for _ in range(2):
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+class ProxyModel(nn.Module):
+    """Decoder + FCOS (whose per-level scales are trained too)."""
+
+    def __init__(self, arch: Arch, *, in_channels: tuple[int, ...], num_classes: int, cfg: ProxyConfig) -> None:
+        super().__init__()
+        self.decoder = build_decoder(arch, in_channels=tuple(in_channels), num_classes=num_classes, width=cfg.width)
+        self.fcos = FCOS(num_classes=num_classes, variant=cfg.loss_variant)
+
+    def forward(self, feats: list[Tensor]) -> LevelOutputs:
+        return self.decoder(feats)
+
+
+def _batch_sums(model: ProxyModel, split: ProxySplit, idx: Tensor, autocast: bool) -> dict[str, Tensor]:
+    feats = [f[idx] for f in split.feats]
+    with torch.autocast(device_type=feats[0].device.type, dtype=torch.bfloat16, enabled=autocast):
+        outs = model([f.float() if not autocast else f for f in feats])
+    cls, reg, ctr = flatten_outputs(outs)
+    assigned = Assigned(split.assigned.labels[idx].long(), split.assigned.ltrb[idx])
+    return model.fcos.loss_sums(cls, reg, ctr, split.points, assigned)
+
+
+@torch.no_grad()
+def validation_losses(model: ProxyModel, split: ProxySplit, *, batch_size: int, autocast: bool) -> dict[str, Tensor]:
+    """L_cls, L_reg, L_ctr over the whole split (sums accumulated, normalised once)."""
+    model.eval()
+    total: dict[str, Tensor] = {}
+    for i in range(0, len(split), batch_size):
+        idx = torch.arange(i, min(i + batch_size, len(split)), device=split.feats[0].device)
+        for k, v in _batch_sums(model, split, idx, autocast).items():
+            total[k] = total.get(k, 0) + v.detach().float()
+    return FCOS.combine(total)
+
+
+def train_proxy(model: ProxyModel, split: ProxySplit, cfg: ProxyConfig) -> AveragedModel:
+    """Adam + EMA over ``cfg.epochs`` epochs; returns the averaged model."""
+    device = split.feats[0].device
+    autocast = cfg.amp and device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    model.train()
+    n = len(split)
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen, device=device)
+        for i in range(0, n, cfg.batch_size):
+            sums = _batch_sums(model, split, perm[i : i + cfg.batch_size], autocast)
+            loss = sum(FCOS.combine(sums).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update_parameters(model)
+    return ema
+
+
+def evaluate_arch(
+    arch: Arch | str,
+    train: ProxySplit,
+    val: ProxySplit,
+    *,
+    num_classes: int,
+    cfg: ProxyConfig = ProxyConfig(),
+) -> dict:
+    """Train ``arch`` on ``train`` and return its record (reward, losses, cost, status).
+
+    Never raises for a bad architecture: NaN/inf losses, out-of-memory and any
+    other error give ``status='failed'`` with the error text, so one broken
+    decoder cannot kill a search.
+    """
+    device = train.feats[0].device
+    arch = resolve(arch)
+    record = {
+        "arch_id": arch.arch_id,
+        "arch": str(arch),
+        "reward": float("nan"),
+        "loss_cls": float("nan"),
+        "loss_reg": float("nan"),
+        "loss_ctr": float("nan"),
+        "params": 0,
+        "train_seconds": 0.0,
+        "eval_seconds": 0.0,
+        "peak_mem_mb": 0.0,
+        "device": _device_name(device),
+        "seed": cfg.seed,
+        "status": "failed",
+        "error": "",
+    }
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        torch.manual_seed(cfg.seed)
+        in_channels = tuple(f.shape[1] for f in train.feats)
+        model = ProxyModel(arch, in_channels=in_channels, num_classes=num_classes, cfg=cfg).to(device)
+        if cfg.channels_last and device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        record["params"] = sum(p.numel() for p in model.decoder.parameters())
+        t0 = _now(device)
+        ema = train_proxy(model, train, cfg)
+        t1 = _now(device)
+        losses = validation_losses(ema.module, val, batch_size=cfg.eval_batch_size, autocast=cfg.amp and device.type == "cuda")
+        values = {k: float(v) for k, v in losses.items()}  # the one host sync
+        t2 = _now(device)
+        record.update(train_seconds=t1 - t0, eval_seconds=t2 - t1)
+        record.update({f"loss_{k}": v for k, v in values.items()})
+        total = sum(values.values())
+        if not torch.isfinite(torch.tensor(total)):
+            raise FloatingPointError("non-finite validation loss: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        record.update(reward=-total, status="ok")
+    except Exception as e:  # noqa: BLE001 - recorded, see docstring
+        record["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
+        log.warning("proxy evaluation of %s failed: %s", arch.arch_id, record["error"], exc_info=True)
+        if isinstance(e, torch.OutOfMemoryError) and device.type == "cuda":
+            torch.cuda.empty_cache()
+    record["peak_mem_mb"] = _peak_mem_mb(device)
+    return record
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device}:{torch.cuda.get_device_name(device)}"
+    return str(device)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    """Peak device memory on CUDA; on CPU the process's peak resident set (whole process)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
