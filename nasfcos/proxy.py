@@ -25,12 +25,14 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from nasfcos.complexity import count_call_macs
 from nasfcos.decoder import build_decoder
 from nasfcos.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs
 from nasfcos.space import Arch, resolve
@@ -198,7 +200,8 @@ def evaluate_arch(
         "loss_cls": float("nan"),
         "loss_reg": float("nan"),
         "loss_ctr": float("nan"),
-        "params": 0,
+        "params": -1,
+        "macs": -1,
         "train_seconds": 0.0,
         "eval_seconds": 0.0,
         "peak_mem_mb": 0.0,
@@ -206,6 +209,7 @@ def evaluate_arch(
         "seed": cfg.seed,
         "status": "failed",
         "error": "",
+        "started_at": datetime.now(timezone.utc),
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -216,6 +220,8 @@ def evaluate_arch(
         if cfg.channels_last and device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         record["params"] = sum(p.numel() for p in model.decoder.parameters())
+        with torch.no_grad():  # MACs of the decoder on one sample at the proxy geometry
+            record["macs"] = count_call_macs(model.decoder.eval(), [f[:1].float() for f in train.feats])
         t0 = _now(device)
         ema = train_proxy(model, train, cfg)
         t1 = _now(device)
@@ -234,6 +240,7 @@ def evaluate_arch(
         if isinstance(e, torch.OutOfMemoryError) and device.type == "cuda":
             torch.cuda.empty_cache()
     record["peak_mem_mb"] = _peak_mem_mb(device)
+    record["finished_at"] = datetime.now(timezone.utc)
     return record
 
 
