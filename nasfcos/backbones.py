@@ -42,12 +42,14 @@ __all__ = [
 ]
 
 # name -> (blocks per stage, groups, width_per_group) for torchvision ResNet(Bottleneck, ...).
-# torchvision ships only resnext101_32x8d as a builder; 32x4d (the FCOS/NAS-FCOS
-# X-101 setting) is the same class with width_per_group=4.
+# torchvision ships only resnext101_32x8d as a builder; 32x4d (the X-101 of the
+# paper's Table 2 caption) is the same class with width_per_group=4. Table 2's X-101
+# numbers are those of 32x8d (the official FCOS / NAS-FCOS X-101 models), so both exist.
 _RESNET_LAYOUTS: dict[str, tuple[tuple[int, int, int, int], int, int]] = {
     "resnet50": ((3, 4, 6, 3), 1, 64),
     "resnet101": ((3, 4, 23, 3), 1, 64),
     "resnext101_32x4d": ((3, 4, 23, 3), 32, 4),
+    "resnext101_32x8d": ((3, 4, 23, 3), 32, 8),
 }
 BACKBONE_NAMES: tuple[str, ...] = (*_RESNET_LAYOUTS, "mobilenet_v2", "tiny")
 NORMS: tuple[str, ...] = ("frozen_bn", "bn")

@@ -17,7 +17,7 @@ from nasfcos.data import COCODetection, VOCDetection, make_synthetic
 from nasfcos.data.transforms import build_transforms
 from nasfcos.fcos import VARIANTS
 
-BACKBONES = ("resnet50", "resnet101", "resnext101_32x4d", "mobilenet_v2", "tiny")
+from nasfcos.backbones import BACKBONE_NAMES as BACKBONES
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -143,6 +143,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_complexity(args: argparse.Namespace) -> int:
+    from nasfcos.complexity import complexity
+
+    c = complexity(
+        args.arch,
+        backbone=args.backbone,
+        width=args.width,
+        head_width=args.head_width,
+        num_classes=args.num_classes,
+        input_size=tuple(args.size),
+        device=args.device,
+    )
+    h, w = args.size
+    widths = f"@{args.width}" + (f"-{args.head_width}" if args.head_width else "")
+    print(f"{args.arch} / {args.backbone} {widths}, {args.num_classes} classes, input {w}x{h} (WxH)")
+    params, trainable = c["params"] / 1e6, c["trainable_params"] / 1e6
+    print(f"detector: {params:.2f} M params ({trainable:.2f} M trainable), {c['macs'] / 1e9:.2f} GMACs")
+    print(f"decoder:  {c['decoder_params'] / 1e6:.2f} M params, {c['decoder_macs'] / 1e9:.2f} GMACs")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nasfcos",
@@ -208,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="data loader processes (default: %(default)s)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "complexity",
+        help="parameters and multiply-accumulates of a detector (paper Table 2)",
+        description="Count the parameters and the multiply-accumulates (the paper's 'FLOPs') of one forward "
+        "pass on a single image, for the whole detector and for the decoder alone. Convolutions, linear "
+        "layers and deformable convolutions are counted; norms, activations, interpolation and additions "
+        "are not (see nasfcos/complexity.py).",
+    )
+    p.add_argument("arch", help="decoder: preset name (fpn-fcos, nas-fcos-fpn, nas-fcos) or canonical arch string")
+    p.add_argument("--backbone", choices=BACKBONES, default="resnet50", help="backbone (default: %(default)s)")
+    p.add_argument("--width", type=int, default=256, help="FPN channel width (default: %(default)s)")
+    p.add_argument("--head-width", type=int, help="head channel width (default: same as --width; 256 with --width 128 is @128-256)")
+    p.add_argument("--num-classes", type=int, default=80, help="object classes (default: %(default)s, COCO)")
+    p.add_argument("--size", type=int, nargs=2, default=[800, 1088], metavar=("H", "W"), help="input height and width (default: 800 1088, the paper's 1088x800)")
+    p.add_argument("--device", default="meta", help="meta (shape-only, fast, same counts) or cpu/cuda to run the real forward pass (default: %(default)s)")
+    p.set_defaults(func=cmd_complexity)
     return parser
 
 
