@@ -1,5 +1,5 @@
 # nasfcos: the two commands of README.md.
-#   make demo   venv + install + train and evaluate FPN-FCOS on the synthetic dataset (CPU)
+#   make demo   venv + install + local Prefect server + the nas-search pipeline on synthetic data (CPU)
 #   make test   venv + install + the whole test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +11,7 @@ DEMO   ?= runs/demo-fcos
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-fcos stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,20 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -q
 
-# Train FPN-FCOS with the tiny backbone on the built-in synthetic dataset on CPU,
-# then evaluate on its val split with pycocotools. About 4 minutes on 2 cores.
+# The whole nas-search pipeline on the synthetic dataset, on a local Prefect server
+# (state in .prefect/), through the nas-search/demo deployment. Leaves server and worker running.
 demo: install
+	deployments/demo.sh
+
+# End what `make demo` started (by pid).
+stop:
+	@for p in worker server; do \
+	  if [ -f .prefect/$$p.pid ] && kill -0 $$(cat .prefect/$$p.pid) 2>/dev/null; then \
+	    kill $$(cat .prefect/$$p.pid) && echo "stopped $$p ($$(cat .prefect/$$p.pid))"; fi; \
+	  rm -f .prefect/$$p.pid; done
+
+# The FPN-FCOS detector alone: train + evaluate on the synthetic dataset (about 3.5 min).
+demo-fcos: install
 	$(BIN)/nasfcos synthetic $(DEMO)/data --num-train 300 --num-val 60 --seed 0
 	$(BIN)/nasfcos train --coco-json $(DEMO)/data/annotations/instances_train.json \
 	    --image-root $(DEMO)/data/VOCdevkit/VOC2012/JPEGImages --out $(DEMO)/train \
@@ -35,7 +46,6 @@ demo: install
 	$(BIN)/nasfcos eval --coco-json $(DEMO)/data/annotations/instances_val.json \
 	    --image-root $(DEMO)/data/VOCdevkit/VOC2012/JPEGImages \
 	    --checkpoint $(DEMO)/train/checkpoint.pt --device cpu
-	@echo "demo results in $(DEMO)/ (checkpoint: $(DEMO)/train/checkpoint.pt, detections: $(DEMO)/train/detections.json)"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# `make demo`: a local Prefect server (state in .prefect/), a process work pool, the
+# deployments of deployments/prefect.yaml, a worker, then `nas-search/demo` run and watched.
+# The server and worker keep running for you to look at the UI; `make stop` ends them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+export NASFCOS_ROOT="$PWD"
+export PREFECT_HOME="$PWD/.prefect"
+export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT:-4200}/api"
+export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=nasfcos,storage
+mkdir -p .prefect
+
+healthy() { "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" "$PREFECT_API_URL" 2>/dev/null; }
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+if ! healthy; then
+  echo "starting the Prefect server on ${PREFECT_API_URL%/api} (log: .prefect/server.log)"
+  nohup "$BIN/prefect" server start --host 127.0.0.1 --port "${PREFECT_PORT:-4200}" > .prefect/server.log 2>&1 &
+  echo $! > .prefect/server.pid
+  for _ in $(seq 1 180); do healthy && break; sleep 1; done
+  healthy || { echo "the Prefect server did not start; see .prefect/server.log" >&2; exit 1; }
+fi
+"$BIN/prefect" work-pool inspect local > /dev/null 2>&1 || "$BIN/prefect" work-pool create local --type process
+"$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml > .prefect/deploy.log 2>&1 \
+  || { cat .prefect/deploy.log >&2; exit 1; }
+if ! running .prefect/worker.pid; then
+  echo "starting a worker on pool 'local' (log: .prefect/worker.log)"
+  nohup "$BIN/prefect" worker start --pool local > .prefect/worker.log 2>&1 &
+  echo $! > .prefect/worker.pid
+fi
+"$BIN/prefect" deployment run nas-search/demo --watch --watch-timeout 1800
+RUN="$PWD/runs/demo"
+echo
+echo "run directory: $RUN"
+echo "Prefect UI:    ${PREFECT_API_URL%/api}"
+"$BIN/python" - "$RUN" <<'PY'
+import sys
+import pandas as pd
+run = sys.argv[1]
+pd.set_option("display.width", 160)
+df = pd.read_parquet(f"{run}/results.parquet")
+print(f"\nresults.parquet: {len(df)} architectures; top 5 by proxy reward:")
+print(df.sort_values("reward", ascending=False)[["arch_id", "reward", "loss_cls", "loss_reg", "loss_ctr", "params", "status"]].head().to_string(index=False))
+print("\nleaderboard.parquet (full training, COCO-style AP on the synthetic val split):")
+print(pd.read_parquet(f"{run}/leaderboard.parquet")[["arch_id", "AP", "AP50", "proxy_reward", "params"]].to_string(index=False))
+PY
+echo
+echo "The server and worker keep running; 'make stop' ends them."

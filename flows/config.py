@@ -1,0 +1,186 @@
+"""The pipeline's one config: a typed model read from YAML, validated with errors naming the field.
+
+Two presets ship in ``flows/configs/``: ``demo`` (the synthetic dataset, tiny
+backbone, CPU, minutes) and ``paper`` (VOC + COCO, R-50, every number from the
+paper). ``load_config("demo", {"search.total_archs": 64})`` applies dotted
+overrides, which is what ``prefect deployment run ... --param overrides=...`` uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where images come from. ``synthetic`` generates the built-in shapes dataset
+    into the run directory and uses it for every stage."""
+
+    kind: Literal["synthetic", "voc"] = "synthetic"
+    voc_root: str | None = None  # VOCdevkit/VOC2012: backbone finetuning and the proxy task
+    voc_split: str = "train"
+    synthetic_num_train: int = Field(300, ge=8)
+    synthetic_num_val: int = Field(60, ge=4)
+    synthetic_seed: int = 0
+    coco_train_json: str | None = None  # full training (§4.2)
+    coco_train_images: str | None = None
+    coco_val_json: str | None = None  # COCO val AP
+    coco_val_images: str | None = None
+    coco_testdev_json: str | None = None  # image_info_test-dev2017.json: results json only
+    coco_testdev_images: str | None = None
+
+
+class FinetuneConfig(_Section):
+    """§4.1: R-50 + FPN-FCOS finetuned on VOC (30K its, batch 24, lr 0.01, /10 at 18K, 24K, crop 800)."""
+
+    backbone: str = "resnet50"
+    weights: str | None = None  # local torchvision/nasfcos weights; None = random init
+    width: int = 256
+    iterations: int = Field(30_000, ge=1)
+    batch_size: int = Field(24, ge=1)
+    lr: float = Field(0.01, gt=0)
+    steps: tuple[int, ...] = (18_000, 24_000)
+    warmup: int = Field(500, ge=0)
+    min_size: tuple[int, ...] = (800,)
+    max_size: int = 1333
+    crop: int = 800
+    clip_grad: float = 0.0
+    checkpoint_every: int = Field(2500, ge=1)
+    num_workers: int = 4
+
+
+class FeaturesConfig(_Section):
+    """§4.1: meta-train 4,000 / meta-val the rest, short side 384 + random 384 crop."""
+
+    train_size: int = Field(4000, ge=1)
+    val_size: int | None = None
+    seed: int = 0
+    crop: int = Field(384, ge=32)
+    shard_size: int = Field(200, ge=1)
+    codec: str = "blosc-lz4"
+    batch_size: int = Field(32, ge=1)
+
+
+class ProxySettings(_Section):
+    """§4.1: width 64, Adam 8e-4, batch 200, 15 epochs, Polyak 0.9."""
+
+    width: int = 64
+    lr: float = Field(8e-4, gt=0)
+    batch_size: int = Field(200, ge=1)
+    epochs: int = Field(15, ge=0)
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+    seed: int = 0
+
+
+class SearchSettings(_Section):
+    """§3.3/§4.2: ~2,800 archs; controller hyper-parameters inherited from ref. [14]."""
+
+    total_archs: int = Field(2800, ge=1)
+    archs_per_step: int = Field(8, ge=1)
+    policy: Literal["ppo", "random"] = "ppo"
+    seed: int = 0
+    failure_penalty: float = -10.0
+    controller_lr: float = Field(1e-4, gt=0)
+    ppo_epochs: int = Field(4, ge=1)
+
+
+class SelectConfig(_Section):
+    top_k: int = Field(20, ge=1)
+
+
+class TrainFullConfig(_Section):
+    """§4.2: COCO, batch 16, 90K its, lr 0.01, /10 at 60K and 80K, 800/1333."""
+
+    num_archs: int = Field(20, ge=1)  # how many of top_k.parquet to train
+    # initialise from the finetuned detector (backbone + matching decoder weights) instead of
+    # finetune.weights; the paper starts from ImageNet weights (False), the demo has none (True)
+    init_from_finetuned: bool = False
+    width: int = 256
+    head_width: int | None = None
+    iterations: int = Field(90_000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.01, gt=0)
+    steps: tuple[int, ...] = (60_000, 80_000)
+    warmup: int = Field(500, ge=0)
+    min_size: tuple[int, ...] = (800,)
+    max_size: int = 1333
+    clip_grad: float = 0.0
+    checkpoint_every: int = Field(2500, ge=1)
+    num_workers: int = 4
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+
+
+class ExecutionConfig(_Section):
+    """Device slots (one evaluation per slot at a time) and the task runner."""
+
+    devices: tuple[str, ...] = ("cpu",)
+    task_runner: Literal["thread", "dask"] = "thread"
+    dask_address: str | None = None  # a dask.distributed scheduler; None with "dask" = local cluster
+    dask_workers: int = Field(2, ge=1)
+    retries: int = Field(1, ge=0)
+    threads_per_slot: int | None = None  # torch threads per evaluation on CPU slots
+
+
+class PipelineConfig(_Section):
+    run_id: str = Field(..., min_length=1)
+    runs_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    proxy: ProxySettings = ProxySettings()
+    search: SearchSettings = SearchSettings()
+    select: SelectConfig = SelectConfig()
+    train_full: TrainFullConfig = TrainFullConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+
+
+class ConfigError(ValueError):
+    """A bad config; one line naming the file and the field."""
+
+
+def _set_dotted(d: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: override {key!r}: {p!r} is not a section")
+    d[parts[-1]] = value
+
+
+def load_config(source: str | Path | dict, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """A preset name (``demo``, ``paper``), a YAML path or a dict, plus dotted overrides."""
+    if isinstance(source, dict):
+        where, raw = "config", dict(source)
+    else:
+        path = PRESET_DIR / f"{source}.yaml" if (PRESET_DIR / f"{source}.yaml").exists() else Path(source)
+        where = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            presets = ", ".join(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            raise ConfigError(f"{path}: no such config file (presets: {presets})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value, where)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"{where}: {field}: {err['msg']} (got {err.get('input')!r})") from None

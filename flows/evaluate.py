@@ -1,0 +1,65 @@
+"""Stage 6, ``evaluate``: COCO val AP (pycocotools) of every fully trained arch, test-dev
+detections in the COCO results format, and ``leaderboard.parquet``."""
+
+from __future__ import annotations
+
+import pandas as pd
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_table_artifact
+
+from flows.runtime import artifact_key, coco_split, device_slot, open_stage, run_name
+from storage.runs import atomic_write_json
+
+STAGE = "evaluate"
+
+
+@task(task_run_name="evaluate {arch_id} on COCO", retries=1)
+def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
+    from nasfcos.data import COCODetection, build_transforms
+    from nasfcos.evaluate import coco_evaluate, predict_dataset, save_results
+    from nasfcos.train import detector_from_checkpoint
+
+    cfg, run, _, _ = open_stage(config, STAGE)
+    model, ckpt = detector_from_checkpoint(checkpoint)
+    meta = ckpt.get("meta", {})
+    tf = build_transforms(train=False, min_size=meta.get("eval_min_size", 800), max_size=meta.get("eval_max_size", 1333))
+    out_dir = run.full(arch_id)
+    row = {"arch_id": arch_id}
+    with device_slot(cfg.execution.devices) as device:
+        model.to(device)
+        ann, images = coco_split(cfg, run, "val")
+        val = COCODetection(ann, images, transforms=tf)
+        dets = predict_dataset(model, val, category_ids=val.category_ids, device=device, batch_size=cfg.evaluate.batch_size)
+        save_results(dets, out_dir / "detections_val.json")
+        metrics = coco_evaluate(val.coco_gt(), dets)
+        atomic_write_json(out_dir / "val_metrics.json", metrics)
+        row.update(metrics)
+        testdev = coco_split(cfg, run, "testdev")
+        if testdev is not None:
+            td = COCODetection(testdev[0], testdev[1], transforms=tf)
+            path = save_results(predict_dataset(model, td, category_ids=td.category_ids, device=device, batch_size=cfg.evaluate.batch_size), out_dir / "detections_test-dev.json")
+            row["testdev_results"] = str(path)
+    return row
+
+
+@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+def evaluate(config: dict | str = "demo") -> dict:
+    from storage.results import atomic_write_parquet
+
+    cfg, run, h, done = open_stage(config, STAGE)
+    if done:
+        return run.manifest(STAGE)["outputs"]
+    trained = run.manifest("train-full")["outputs"]["trained"]
+    futures = evaluate_arch_full.map(config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained])
+    rows = [f.result() for f in futures]
+    top = pd.read_parquet(run.top_k)[["arch_id", "arch", "reward", "params", "macs"]]
+    board = top.merge(pd.DataFrame(rows), on="arch_id").rename(columns={"reward": "proxy_reward"}).sort_values("AP", ascending=False)
+    atomic_write_parquet(board, run.leaderboard)
+    create_table_artifact(
+        key=artifact_key(cfg, "leaderboard"),
+        table=board[["arch_id", "AP", "AP50", "AP75", "proxy_reward", "params"]].round(4).to_dict("records"),
+        description="COCO val AP of the fully trained architectures",
+    )
+    out = {"leaderboard": str(run.leaderboard), "best_AP": float(board.AP.max())}
+    run.finish(STAGE, h, out)
+    return out

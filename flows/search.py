@@ -1,0 +1,106 @@
+"""Stage 3, ``search`` (paper §3.3): the controller samples decoders, each is scored on the
+proxy task by a parallel Prefect task (one per device slot), PPO updates the controller.
+
+The loop itself is ``nasfcos.search.run_search``; this flow only maps its
+evaluations onto tasks and reports progress. Every record lands in
+``results.parquet`` as it finishes; the controller checkpoint makes the stage
+resumable after a crash without evaluating any arch twice.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from flows.runtime import artifact_key, device_slot, open_stage, run_name
+
+STAGE = "search"
+_CACHE: dict[tuple[str, str], tuple] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _splits(features: str, device: str):
+    """Both proxy splits resident on ``device``, loaded once per process and device."""
+    import torch
+
+    from nasfcos.proxy import LEVELS, prepare_split
+    from storage.features import FeatureStore
+
+    with _CACHE_LOCK:
+        if (features, device) not in _CACHE:
+            store = FeatureStore.open(features)
+            k = int(store.attrs["num_classes"])
+            out = []
+            for split in ("meta_train", "meta_val"):
+                d = store.read_split(split, levels=list(LEVELS))
+                feats = {lv: torch.from_numpy(d["features"][lv]) for lv in LEVELS}
+                out.append(prepare_split(feats, d["boxes"], d["labels"], num_classes=k, device=device))
+            _CACHE[(features, device)] = (*out, k)
+        return _CACHE[(features, device)]
+
+
+@task(task_run_name="evaluate {arch_id}", retries=1, retry_delay_seconds=5)
+def evaluate_decoder(config: dict, arch: str, arch_id: str) -> dict:
+    """Train one decoder on the cached features and return its record."""
+    from nasfcos.proxy import ProxyConfig, evaluate_arch
+
+    cfg, run, _, _ = open_stage(config, STAGE)
+    p = cfg.proxy
+    pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=p.epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
+    with device_slot(cfg.execution.devices) as device:
+        train, val, k = _splits(str(run.features), device)
+        record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc)
+    with open(run.root / "evaluations.log", "a") as f:  # audit trail: one line per finished evaluation
+        f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}\n")
+    get_run_logger().info("%s: %s reward %.4f (%.1f s)", arch_id, record["status"], record["reward"], record["train_seconds"])
+    return record
+
+
+@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+def search(config: dict | str = "demo") -> dict:
+    """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
+    from nasfcos.controller import ControllerConfig, build_policy
+    from nasfcos.search import SearchConfig, run_search
+    from storage.results import ResultsTable
+
+    cfg, run, h, done = open_stage(config, STAGE)
+    if done:
+        return run.manifest(STAGE)["outputs"]
+    s = cfg.search
+    results = ResultsTable(run.root)
+    policy = build_policy(s.policy, seed=s.seed, config=ControllerConfig(lr=s.controller_lr, ppo_epochs=s.ppo_epochs))
+    progress = create_progress_artifact(
+        progress=100.0 * min(len(results), s.total_archs) / s.total_archs,
+        key=artifact_key(cfg, "search-progress"),
+        description=f"archs evaluated out of {s.total_archs}",
+    )
+
+    def evaluate(archs):
+        futures = evaluate_decoder.map(config=unmapped(config), arch=[str(a) for a in archs], arch_id=[a.arch_id for a in archs])
+        for future in as_completed(futures):
+            yield future.result()
+
+    def on_step(info: dict) -> None:
+        update_progress_artifact(progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
+
+    summary = run_search(
+        policy=policy, evaluate=evaluate, results=results, state_path=run.controller,
+        cfg=SearchConfig(total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty),
+        on_step=on_step,
+    )  # fmt: skip
+    df = results.read()
+    create_markdown_artifact(
+        key=artifact_key(cfg, "search"),
+        markdown=f"# {STAGE}\n\n{summary.unique_archs} unique archs ({int((df.status == 'failed').sum())} failed) in "
+        f"{summary.steps} controller steps ({s.policy}); best reward {summary.best_reward:.4f}:\n\n`{summary.best_arch}`\n\n"
+        f"Results: `{run.root / 'results.parquet'}`",
+        description="search summary",
+    )
+    out = {"results": str(run.root / "results.parquet"), "unique_archs": summary.unique_archs, "best_reward": summary.best_reward, "best_arch": summary.best_arch}
+    run.finish(STAGE, h, out)
+    return out

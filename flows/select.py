@@ -1,0 +1,32 @@
+"""Stage 4, ``select-top-k`` (paper §4.2): the top-20 unique archs by proxy reward -> ``top_k.parquet``."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from flows.runtime import artifact_key, open_stage, run_name
+
+STAGE = "select-top-k"
+
+
+@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+def select_top_k(config: dict | str = "demo") -> dict:
+    from storage.results import ResultsTable
+
+    cfg, run, h, done = open_stage(config, STAGE)
+    if done:
+        return run.manifest(STAGE)["outputs"]
+    top = ResultsTable(run.root).write_top_k(run.top_k, k=cfg.select.top_k)
+    create_table_artifact(
+        key=artifact_key(cfg, "top-k"),
+        table=[
+            {"rank": int(r["rank"]), "arch_id": r["arch_id"], "reward": round(float(r["reward"]), 5),
+             "params": int(r["params"]), "macs": int(r["macs"]), "arch": r["arch"]}
+            for r in top.to_dict("records")
+        ],  # fmt: skip
+        description=f"top {cfg.select.top_k} architectures by proxy reward",
+    )
+    out = {"top_k": str(run.top_k), "arch_ids": top.arch_id.tolist()}
+    run.finish(STAGE, h, out)
+    return out

@@ -1,0 +1,55 @@
+"""Stage 5, ``train-full`` (paper §4.2): train the selected decoders with the backbone on COCO,
+one parallel task per device slot, each resumable from ``full/<arch-id>/checkpoint.pt``."""
+
+from __future__ import annotations
+
+import pandas as pd
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+
+from flows.runtime import artifact_key, coco_split, device_slot, open_stage, run_name
+
+STAGE = "train-full"
+
+
+@task(task_run_name="train {arch_id}", retries=1)
+def train_arch(config: dict, arch: str, arch_id: str) -> dict:
+    from nasfcos.data import COCODetection, build_transforms
+    from nasfcos.detector import DetectorSpec
+    from nasfcos.train import TrainConfig, train
+
+    cfg, run, _, _ = open_stage(config, STAGE)
+    t = cfg.train_full
+    tc = TrainConfig(
+        iterations=t.iterations, batch_size=t.batch_size, base_lr=t.lr, steps=t.steps, warmup_iters=t.warmup,
+        min_size=t.min_size, max_size=t.max_size, clip_grad_norm=t.clip_grad, checkpoint_every=t.checkpoint_every,
+        num_workers=t.num_workers,
+    )  # fmt: skip
+    ann, images = coco_split(cfg, run, "train")
+    dataset = COCODetection(ann, images, transforms=build_transforms(train=True, min_size=tc.min_size, max_size=tc.max_size), remove_empty=True)
+    spec = DetectorSpec(num_classes=len(dataset.classes), backbone=cfg.finetune.backbone, decoder=arch, width=t.width, head_width=t.head_width)
+    meta = {"classes": list(dataset.classes), "category_ids": list(dataset.category_ids), "eval_min_size": max(tc.min_size), "eval_max_size": tc.max_size}
+    init = run.backbone / "checkpoint.pt" if t.init_from_finetuned else None
+    weights = None if t.init_from_finetuned else cfg.finetune.weights
+    with device_slot(cfg.execution.devices) as device:
+        result = train(spec, dataset, tc, run.full(arch_id), device=device, backbone_weights=weights, init_checkpoint=init, meta=meta)
+    get_run_logger().info("%s: trained %d iterations, losses %s", arch_id, result.iteration, result.last_losses)
+    return {"arch_id": arch_id, "arch": arch, "checkpoint": str(result.checkpoint), "iteration": result.iteration}
+
+
+@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+def train_full(config: dict | str = "demo") -> dict:
+    cfg, run, h, done = open_stage(config, STAGE)
+    if done:
+        return run.manifest(STAGE)["outputs"]
+    top = pd.read_parquet(run.top_k).head(cfg.train_full.num_archs)
+    futures = train_arch.map(config=unmapped(config), arch=top.arch.tolist(), arch_id=top.arch_id.tolist())
+    trained = [f.result() for f in futures]
+    create_markdown_artifact(
+        key=artifact_key(cfg, "train-full"),
+        markdown=f"# {STAGE}\n\n" + "\n".join(f"- `{t['arch_id']}`: {t['iteration']} iterations, `{t['checkpoint']}`" for t in trained),
+        description="full training",
+    )
+    out = {"trained": trained}
+    run.finish(STAGE, h, out)
+    return out

@@ -1,0 +1,131 @@
+"""Run directories: layout, atomic writes, config hashing and stage manifests.
+
+One directory per run (``runs/<run-id>/``); every stage reads its inputs from it
+and writes its outputs into it. A stage that finishes writes
+``manifests/<stage>.json`` (config hash, versions, finished-at, outputs); a stage
+whose manifest matches its config is skipped, and one that died part-way
+resumes from its own durable files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+STAGES = ("finetune-backbone", "materialise-features", "search", "select-top-k", "train-full", "evaluate")
+_VERSIONED = ("nasfcos", "torch", "torchvision", "prefect", "zarr", "numcodecs", "pycocotools", "pandas")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def config_hash(config: Any) -> str:
+    """Stable 16-hex-digit hash of a JSON-able config (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run. Everything a stage writes lives under ``root``."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, runs_dir: str | Path, run_id: str) -> "RunDir":
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise ValueError(f"run_id {run_id!r}: must be a plain directory name")
+        root = Path(runs_dir).resolve() / run_id
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def backbone(self) -> Path:
+        return self.root / "backbone"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features.zarr"
+
+    @property
+    def controller(self) -> Path:
+        return self.root / "controller.pt"
+
+    @property
+    def top_k(self) -> Path:
+        return self.root / "top_k.parquet"
+
+    @property
+    def leaderboard(self) -> Path:
+        return self.root / "leaderboard.parquet"
+
+    def full(self, arch_id: str) -> Path:
+        return self.root / "full" / arch_id
+
+    def manifest_path(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return self.root / "manifests" / f"{stage}.json"
+
+    def manifest(self, stage: str) -> dict | None:
+        """The stage's manifest, or None when it has not finished (or is unreadable)."""
+        path = self.manifest_path(stage)
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def is_done(self, stage: str, cfg_hash: str) -> bool:
+        m = self.manifest(stage)
+        return m is not None and m.get("config_hash") == cfg_hash
+
+    def finish(self, stage: str, cfg_hash: str, outputs: dict | None = None) -> dict:
+        """Write the stage's manifest (last, atomically: a crash before it means not done)."""
+        manifest = {
+            "stage": stage,
+            "config_hash": cfg_hash,
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "versions": versions(),
+            "outputs": outputs or {},
+        }
+        atomic_write_json(self.manifest_path(stage), manifest)
+        return manifest

@@ -1,0 +1,147 @@
+"""The Prefect pipeline on a test server: all six stages, skipping, SIGKILL + resume, Dask."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("prefect")
+
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(run_id: str, runs_dir: Path, **extra) -> dict:
+    """Overrides that shrink the demo preset to seconds per stage."""
+    o = {
+        "run_id": run_id, "runs_dir": str(runs_dir),
+        "data.synthetic_num_train": 24, "data.synthetic_num_val": 8,
+        "finetune.iterations": 4, "finetune.batch_size": 4, "finetune.steps": [3], "finetune.warmup": 1,
+        "finetune.min_size": [64], "finetune.max_size": 96, "finetune.checkpoint_every": 2,
+        "features.train_size": 16, "features.val_size": 8, "features.crop": 64, "features.shard_size": 8,
+        "proxy.epochs": 1, "proxy.batch_size": 8,
+        "search.total_archs": 4, "search.archs_per_step": 2,
+        "select.top_k": 2, "train_full.num_archs": 1, "train_full.iterations": 2, "train_full.batch_size": 2,
+        "train_full.steps": [1], "train_full.warmup": 1, "train_full.min_size": [64], "train_full.max_size": 96,
+        "train_full.checkpoint_every": 1,
+    }  # fmt: skip
+    o.update(extra)
+    return o
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "storage")
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_server, tmp_path_factory):
+    from flows.nas_search import nas_search
+
+    runs = tmp_path_factory.mktemp("runs")
+    state = nas_search(config="demo", overrides=tiny("t1", runs), return_state=True)
+    return state, runs / "t1", tiny("t1", runs)
+
+
+def test_pipeline_runs_all_six_stages(finished_run):
+    state, run, _ = finished_run
+    assert state.is_completed(), state
+    for name in ("results.parquet", "top_k.parquet", "leaderboard.parquet", "controller.pt", "features.zarr", "backbone/checkpoint.pt"):
+        assert (run / name).exists(), name
+    results = pd.read_parquet(run / "results.parquet")
+    assert len(results) == results.arch_id.nunique() == 4
+    board = pd.read_parquet(run / "leaderboard.parquet")
+    assert len(board) == 1 and {"AP", "AP50", "proxy_reward"} <= set(board.columns)
+    assert (run / "full" / board.arch_id.iloc[0] / "val_metrics.json").exists()
+    for stage in ("finetune-backbone", "materialise-features", "search", "select-top-k", "train-full", "evaluate"):
+        assert (run / "manifests" / f"{stage}.json").exists(), stage
+
+
+def test_rerun_skips_every_stage(finished_run):
+    from flows.nas_search import nas_search
+
+    _, run, overrides = finished_run
+    before = {p.name: p.read_text() for p in (run / "manifests").iterdir()}
+    log_before = (run / "evaluations.log").read_text()
+    t = time.perf_counter()
+    state = nas_search(config="demo", overrides=overrides, return_state=True)
+    assert state.is_completed()
+    assert {p.name: p.read_text() for p in (run / "manifests").iterdir()} == before  # nothing re-finished
+    assert (run / "evaluations.log").read_text() == log_before  # no decoder trained again
+    assert time.perf_counter() - t < 60
+
+
+def test_changed_search_settings_rerun_only_from_search(finished_run, tmp_path):
+    """A bigger search budget keeps finetuning and features, resumes the search from its files."""
+    from flows.nas_search import nas_search
+
+    _, run, overrides = finished_run
+    finetune_manifest = (run / "manifests" / "finetune-backbone.json").read_text()
+    state = nas_search(config="demo", overrides={**overrides, "search.total_archs": 6}, return_state=True)
+    assert state.is_completed()
+    assert (run / "manifests" / "finetune-backbone.json").read_text() == finetune_manifest
+    ids = [line.split()[1] for line in (run / "evaluations.log").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 6  # 4 earlier + 2 new, none twice
+    assert len(pd.read_parquet(run / "results.parquet")) == 6
+
+
+def test_sigkilled_search_resumes_without_evaluating_twice(prefect_server, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    overrides = tiny("killed", tmp_path, **{"search.total_archs": 8, "search.archs_per_step": 2})
+    args = [sys.executable, "-m", "flows.nas_search", "--config", "demo"]
+    for k, v in overrides.items():
+        args += ["--set", f"{k}={v}"]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "evaluations.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the search finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(log.read_text().splitlines())
+    assert 3 <= done_before < 8
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = [line.split()[1] for line in log.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 8  # every arch trained exactly once across the kill
+    df = pd.read_parquet(tmp_path / "killed" / "results.parquet")
+    assert sorted(df.arch_id) == sorted(ids)
+
+
+def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
+    pytest.importorskip("prefect_dask")
+    from flows.config import load_config
+    from flows.runtime import task_runner
+    from flows.search import search
+
+    _, run, overrides = finished_run
+    copy = tmp_path / "dask"
+    copy.mkdir()
+    for name in ("backbone", "features.zarr", "data"):
+        shutil.copytree(run / name, copy / name)
+    (copy / "manifests").mkdir()
+    for stage in ("finetune-backbone", "materialise-features"):
+        shutil.copy(run / "manifests" / f"{stage}.json", copy / "manifests")
+    cfg = load_config("demo", {**overrides, "run_id": "dask", "runs_dir": str(tmp_path), "search.total_archs": 2,
+                               "execution.task_runner": "dask", "execution.dask_workers": 2})  # fmt: skip
+    out = search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
+    assert out["unique_archs"] == 2
+    lines = (copy / "evaluations.log").read_text().splitlines()
+    pids = {line.split("pid=")[1] for line in lines}
+    assert len(lines) == 2 and str(os.getpid()) not in pids  # evaluated in Dask worker processes
