@@ -1,1 +1,11 @@
-"""Prefect flows: thin orchestration over ``nasfcos`` and ``storage``."""
+"""Prefect flows: thin orchestration over ``nasfcos`` and ``storage``.
+
+Defaults set before Prefect is imported: offline (no telemetry, no analytics)
+and the library's loggers forwarded to the Prefect UI.
+"""
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nasfcos,storage")

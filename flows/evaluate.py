@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 from prefect import flow, task, unmapped
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.runtime import artifact_key, coco_split, device_slot, open_stage, run_name
 from storage.runs import atomic_write_json
@@ -59,6 +59,13 @@ def evaluate(config: dict | str = "demo") -> dict:
         key=artifact_key(cfg, "leaderboard"),
         table=board[["arch_id", "AP", "AP50", "AP75", "proxy_reward", "params"]].round(4).to_dict("records"),
         description="COCO val AP of the fully trained architectures",
+    )
+    best = board.iloc[0]
+    create_markdown_artifact(
+        key=artifact_key(cfg, "evaluate"),
+        markdown=f"# {STAGE}\n\n{len(board)} fully trained architectures evaluated with pycocotools; best "
+        f"`{best.arch_id}`: AP {best.AP:.3f}, AP50 {best.AP50:.3f}. Leaderboard: `{run.leaderboard}`.",
+        description="evaluation summary",
     )
     out = {"leaderboard": str(run.leaderboard), "best_AP": float(board.AP.max())}
     run.finish(STAGE, h, out)

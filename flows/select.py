@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.runtime import artifact_key, open_stage, run_name
 
@@ -26,6 +26,12 @@ def select_top_k(config: dict | str = "demo") -> dict:
             for r in top.to_dict("records")
         ],  # fmt: skip
         description=f"top {cfg.select.top_k} architectures by proxy reward",
+    )
+    create_markdown_artifact(
+        key=artifact_key(cfg, "select"),
+        markdown=f"# {STAGE}\n\n{len(top)} unique architectures with the highest proxy reward "
+        f"(best {top.reward.max():.4f}) written to `{run.top_k}`.",
+        description="selection summary",
     )
     out = {"top_k": str(run.top_k), "arch_ids": top.arch_id.tolist()}
     run.finish(STAGE, h, out)
