@@ -1,0 +1,51 @@
+"""Pipeline config (presets, overrides, errors naming the field) and run-dir manifests."""
+
+import pytest
+
+from flows.config import ConfigError, load_config
+from storage.runs import RunDir, config_hash
+
+
+def test_presets_carry_the_papers_numbers():
+    paper = load_config("paper")
+    assert (paper.features.train_size, paper.features.crop) == (4000, 384)
+    assert (paper.proxy.width, paper.proxy.lr, paper.proxy.batch_size, paper.proxy.epochs, paper.proxy.ema_decay) == (64, 8e-4, 200, 15, 0.9)
+    assert (paper.search.total_archs, paper.select.top_k) == (2800, 20)
+    assert (paper.finetune.iterations, paper.finetune.batch_size, paper.finetune.steps) == (30000, 24, (18000, 24000))
+    assert (paper.train_full.iterations, paper.train_full.batch_size, paper.train_full.steps) == (90000, 16, (60000, 80000))
+    demo = load_config("demo")
+    assert demo.data.kind == "synthetic" and demo.execution.devices == ("cpu",)
+    assert demo.search.total_archs >= 32 and demo.train_full.num_archs >= 2
+
+
+def test_overrides_and_errors_name_the_field(tmp_path):
+    cfg = load_config("demo", {"search.total_archs": 64, "execution.devices": ["cuda:0", "cuda:1"]})
+    assert cfg.search.total_archs == 64 and cfg.execution.devices == ("cuda:0", "cuda:1")
+    with pytest.raises(ConfigError, match=r"demo.yaml: search.total_archs: .*greater than or equal to 1"):
+        load_config("demo", {"search.total_archs": 0})
+    with pytest.raises(ConfigError, match=r"proxy.widht: Extra inputs"):
+        load_config("demo", {"proxy.widht": 32})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_id: x\nsearch: {policy: genetic}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: search.policy"):
+        load_config(str(bad))
+    bad.write_text("run_id: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_manifests_decide_what_is_done(tmp_path):
+    run = RunDir.at(tmp_path, "r1")
+    h = config_hash({"b": 1, "a": [1, 2]})
+    assert h == config_hash({"a": [1, 2], "b": 1})  # key order does not matter
+    assert not run.is_done("search", h)
+    run.finish("search", h, {"unique_archs": 4})
+    assert run.is_done("search", h) and not run.is_done("search", config_hash({"a": 2}))
+    assert run.manifest("search")["outputs"] == {"unique_archs": 4}
+    assert "torch" in run.manifest("search")["versions"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        run.manifest_path("train")
+    with pytest.raises(ValueError, match="run_id"):
+        RunDir.at(tmp_path, "../escape")
