@@ -30,10 +30,7 @@ demo: install
 
 # End what `make demo` started (by pid).
 stop:
-	@for p in worker server; do \
-	  if [ -f .prefect/$$p.pid ] && kill -0 $$(cat .prefect/$$p.pid) 2>/dev/null; then \
-	    kill $$(cat .prefect/$$p.pid) && echo "stopped $$p ($$(cat .prefect/$$p.pid))"; fi; \
-	  rm -f .prefect/$$p.pid; done
+	deployments/stop.sh
 
 # The FPN-FCOS detector alone: train + evaluate on the synthetic dataset (about 3.5 min).
 demo-fcos: install

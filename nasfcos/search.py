@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from nasfcos.controller import Sample
+from nasfcos.train import atomic_save
 from nasfcos.space import Arch
 
 log = logging.getLogger(__name__)
@@ -100,15 +99,7 @@ def load_state(path: Path, policy: Policy) -> SearchState:
 
 def save_state(path: Path, policy: Policy, state: SearchState, cfg: SearchConfig) -> None:
     """Atomic write (temp file + rename) of policy, optimiser, RNG, baseline and loop state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"policy": policy.state_dict(), "config": asdict(cfg), **asdict(state)}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_save({"policy": policy.state_dict(), "config": asdict(cfg), **asdict(state)}, path)
 
 
 def _known(results: Results) -> dict[str, dict]:

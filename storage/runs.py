@@ -11,34 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from storage.results import atomic_write_bytes
+
 STAGES = ("finetune-backbone", "materialise-features", "search", "select-top-k", "train-full", "evaluate")
 _VERSIONED = ("nasfcos", "torch", "torchvision", "prefect", "zarr", "numcodecs", "pycocotools", "pandas")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Write ``text`` atomically (temp file beside ``path``, fsync, rename)."""
+    atomic_write_bytes(path, text.encode())
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
