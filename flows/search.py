@@ -45,9 +45,15 @@ def _splits(features: str, device: str):
 
 
 @task(task_run_name="evaluate {arch_id}", retries=1, retry_delay_seconds=5)
-def evaluate_decoder(config: dict, arch: str, arch_id: str) -> dict:
-    """Train one decoder on the cached features and return its record."""
+def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: int) -> dict:
+    """Train one decoder on the cached features, append its row to results.parquet, return it.
+
+    The task appends the row itself so that a finished evaluation is durable the
+    moment it ends, whatever happens to the flow process afterwards.
+    """
     from nasfcos.proxy import ProxyConfig, evaluate_arch
+    from nasfcos.search import make_row
+    from storage.results import ResultsTable
 
     cfg, run, _, _ = open_stage(config, STAGE)
     p = cfg.proxy
@@ -55,10 +61,12 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str) -> dict:
     with device_slot(cfg.execution.devices) as device:
         train, val, k = _splits(str(run.features), device)
         record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc)
+    row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty)
+    ResultsTable(run.root).append([row])
     with open(run.root / "evaluations.log", "a") as f:  # audit trail: one line per finished evaluation
         f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}\n")
     get_run_logger().info("%s: %s reward %.4f (%.1f s)", arch_id, record["status"], record["reward"], record["train_seconds"])
-    return record
+    return row
 
 
 @flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
@@ -80,8 +88,14 @@ def search(config: dict | str = "demo") -> dict:
         description=f"archs evaluated out of {s.total_archs}",
     )
 
-    def evaluate(archs):
-        futures = evaluate_decoder.map(config=unmapped(config), arch=[str(a) for a in archs], arch_id=[a.arch_id for a in archs])
+    def evaluate(jobs):
+        futures = evaluate_decoder.map(
+            config=unmapped(config),
+            arch=[str(j.arch) for j in jobs],
+            arch_id=[j.arch.arch_id for j in jobs],
+            step=[j.step for j in jobs],
+            sample=[j.sample for j in jobs],
+        )
         for future in as_completed(futures):
             yield future.result()
 

@@ -28,7 +28,16 @@ from nasfcos.space import Arch
 
 log = logging.getLogger(__name__)
 
-Evaluate = Callable[[list[Arch]], Iterable[dict]]
+@dataclass(frozen=True)
+class Job:
+    """One evaluation: the arch and where it was sampled (step, index in the step)."""
+
+    arch: Arch
+    step: int
+    sample: int
+
+
+Evaluate = Callable[[list[Job]], Iterable[dict]]
 
 
 class Results(Protocol):
@@ -107,7 +116,9 @@ def _known(results: Results) -> dict[str, dict]:
     return {} if df is None or len(df) == 0 else {r["arch_id"]: r for r in df.to_dict("records")}
 
 
-def _row(record: dict, *, step: int, sample: int, penalty: float) -> dict:
+def make_row(record: dict, *, step: int, sample: int, penalty: float) -> dict:
+    """A results.parquet row from an evaluation record (``nasfcos.proxy.evaluate_arch``):
+    adds the step, the sample index and ``reward_used`` (the penalty when failed)."""
     row = dict(record)
     row.update(step=step, sample=sample)
     row["reward_used"] = row["reward"] if row["status"] == "ok" else penalty
@@ -125,9 +136,13 @@ def run_search(
 ) -> SearchSummary:
     """Run (or resume) the search until ``cfg.total_archs`` unique archs are in ``results``.
 
-    ``evaluate(archs)`` yields one record per arch (fields of
+    ``evaluate(jobs)`` yields one record per job (fields of
     ``nasfcos.proxy.evaluate_arch``), in any order, as they finish; each is
-    appended immediately, so a crash loses no finished evaluation.
+    appended immediately, so a crash loses no finished evaluation. An
+    evaluator running elsewhere (a Prefect task) should also append its row
+    itself (:func:`make_row`) before returning, which closes the window
+    between finishing and the loop's append; appending twice is harmless
+    (the table keeps one row per arch).
     ``on_step`` receives a small dict after every step (progress reporting).
     """
     state_path = Path(state_path)
@@ -155,9 +170,9 @@ def run_search(
             if s.arch.arch_id not in known and s.arch.arch_id not in todo:
                 todo[s.arch.arch_id] = (i, s.arch)
         if todo:
-            for record in evaluate([a for _, a in todo.values()]):
+            for record in evaluate([Job(a, state.step, i) for i, a in todo.values()]):
                 idx, _ = todo[record["arch_id"]]
-                row = _row(record, step=state.step, sample=idx, penalty=cfg.failure_penalty)
+                row = make_row(record, step=state.step, sample=idx, penalty=cfg.failure_penalty)
                 results.append([row])
                 known[row["arch_id"]] = row
                 evaluated_now += 1

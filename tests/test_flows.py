@@ -113,16 +113,18 @@ def test_sigkilled_search_resumes_without_evaluating_twice(prefect_server, tmp_p
         args += ["--set", f"{k}={v}"]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from storage.results import ResultsTable
+
     log = tmp_path / "killed" / "evaluations.log"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
+    while time.time() < deadline and proc.poll() is None:  # kill once 3 results are durable
+        if (tmp_path / "killed" / "results.parts").exists() and len(ResultsTable(tmp_path / "killed").read()) >= 3:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the search finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(log.read_text().splitlines())
+    done_before = len(ResultsTable(tmp_path / "killed").read())
     assert 3 <= done_before < 8
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

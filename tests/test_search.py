@@ -33,8 +33,8 @@ class Evaluator:
         self.fail = set(fail)
         self.target = np.arange(62) % 3
 
-    def __call__(self, archs):
-        for a in archs:
+    def __call__(self, jobs):
+        for a in (j.arch for j in jobs):
             if self.crash_after is not None and sum(self.calls.values()) >= self.crash_after:
                 raise KeyboardInterrupt("killed")  # not an Exception: nothing may swallow it
             self.calls[a.arch_id] += 1
@@ -130,9 +130,9 @@ def test_a_real_tiny_search_on_the_synthetic_feature_store(tmp_path, synthetic_s
     train, val = load("meta_train"), load("meta_val")
     cfg = ProxyConfig(epochs=1, batch_size=8)
 
-    def evaluate(archs):
-        for a in archs:
-            yield evaluate_arch(a, train, val, num_classes=3, cfg=cfg)
+    def evaluate(jobs):
+        for job in jobs:
+            yield evaluate_arch(job.arch, train, val, num_classes=3, cfg=cfg)
 
     results = ResultsTable(tmp_path / "run")
     summary = run_search(
