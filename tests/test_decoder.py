@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from torchvision.ops import deform_conv2d
 
 from nasfcos.decoder import Decoder, Tower, _layer_modules
 from nasfcos.ops import OPS, ConcatReduce, ModulatedDeformConv, ParamSum
@@ -45,7 +44,6 @@ def test_deformable_conv_starts_as_half_a_plain_conv():
     with torch.no_grad():
         m.offset_mask.bias.fill_(0.7)
     assert not torch.allclose(m(x), expected, atol=1e-3)
-    assert deform_conv2d is not None
 
 
 def test_aggregations_upsample_the_smaller_input():

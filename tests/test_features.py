@@ -48,7 +48,6 @@ def _sample_data(split: str, start: int, stop: int) -> dict[str, Any]:
                 x[:] = -0.0
             values.append(x)
         features[level] = np.stack(values)  # (B, C, H, W)
-    n = stop - start
     boxes, labels = [], []
     for i in range(start, stop):
         m = 0 if i in NO_BOX_SAMPLES else 1 + (offset + i) % 3
