@@ -10,6 +10,7 @@ export PREFECT_HOME="$PWD/.prefect"
 export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT:-4200}/api"
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=nasfcos,storage
 mkdir -p .prefect
+set -m  # background jobs get their own process group and keep SIGINT, so `make stop` can end them cleanly
 
 healthy() { "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" "$PREFECT_API_URL" 2>/dev/null; }
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -125,12 +125,19 @@ class EvaluateConfig(_Section):
 class ExecutionConfig(_Section):
     """Device slots (one evaluation per slot at a time) and the task runner."""
 
-    devices: tuple[str, ...] = ("cpu",)
+    devices: tuple[str, ...] = Field(("cpu",), min_length=1)
     task_runner: Literal["thread", "dask"] = "thread"
     dask_address: str | None = None  # a dask.distributed scheduler; None with "dask" = local cluster
     dask_workers: int = Field(2, ge=1)
-    retries: int = Field(1, ge=0)
-    threads_per_slot: int | None = None  # torch threads per evaluation on CPU slots
+    retries: int = Field(1, ge=0)  # task retries for transient errors
+
+    @model_validator(mode="after")
+    def _one_device_per_dask_worker(self) -> "ExecutionConfig":
+        # Dask workers are processes that cannot share a slot pool: each uses one device
+        # (start one worker per GPU with CUDA_VISIBLE_DEVICES), named here once, e.g. [cuda].
+        if self.task_runner == "dask" and len(self.devices) != 1:
+            raise ValueError("with task_runner 'dask' give one device (each Dask worker owns one), e.g. [cuda]")
+        return self
 
 
 class PipelineConfig(_Section):

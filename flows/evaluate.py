@@ -7,7 +7,7 @@ import pandas as pd
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runtime import artifact_key, coco_split, device_slot, open_stage, run_name
+from flows.runtime import artifact_key, coco_split, device_slot, open_stage, portable, run_name, stage_hash
 from storage.runs import atomic_write_json
 
 STAGE = "evaluate"
@@ -49,24 +49,31 @@ def evaluate(config: dict | str = "demo") -> dict:
     cfg, run, h, done = open_stage(config, STAGE)
     if done:
         return run.manifest(STAGE)["outputs"]
-    trained = run.manifest("train-full")["outputs"]["trained"]
-    futures = evaluate_arch_full.map(config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained])
+    config = portable(cfg)
+    upstream = run.manifest("train-full")
+    if upstream is None or upstream["config_hash"] != stage_hash(cfg, "train-full"):
+        raise ValueError(f"{run.root}: train-full has not finished for this config; run it (or nas-search) first")
+    trained = upstream["outputs"]["trained"]
+    futures = evaluate_arch_full.with_options(retries=cfg.execution.retries).map(config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained])
     rows = [f.result() for f in futures]
     top = pd.read_parquet(run.top_k)[["arch_id", "arch", "reward", "params", "macs"]]
-    board = top.merge(pd.DataFrame(rows), on="arch_id").rename(columns={"reward": "proxy_reward"}).sort_values("AP", ascending=False)
+    metrics = pd.DataFrame(rows, columns=["arch_id", "AP", "AP50", "AP75", "APs", "APm", "APl"]) if not rows else pd.DataFrame(rows)
+    board = top.merge(metrics, on="arch_id").rename(columns={"reward": "proxy_reward"}).sort_values("AP", ascending=False)
     atomic_write_parquet(board, run.leaderboard)
     create_table_artifact(
         key=artifact_key(cfg, "leaderboard"),
         table=board[["arch_id", "AP", "AP50", "AP75", "proxy_reward", "params"]].round(4).to_dict("records"),
         description="COCO val AP of the fully trained architectures",
     )
-    best = board.iloc[0]
+    summary = (
+        f"best `{board.iloc[0].arch_id}`: AP {board.iloc[0].AP:.3f}, AP50 {board.iloc[0].AP50:.3f}" if len(board) else "nothing was trained"
+    )
     create_markdown_artifact(
         key=artifact_key(cfg, "evaluate"),
-        markdown=f"# {STAGE}\n\n{len(board)} fully trained architectures evaluated with pycocotools; best "
-        f"`{best.arch_id}`: AP {best.AP:.3f}, AP50 {best.AP50:.3f}. Leaderboard: `{run.leaderboard}`.",
+        markdown=f"# {STAGE}\n\n{len(board)} fully trained architectures evaluated with pycocotools; {summary}. "
+        f"Leaderboard: `{run.leaderboard}`.",
         description="evaluation summary",
     )
-    out = {"leaderboard": str(run.leaderboard), "best_AP": float(board.AP.max())}
+    out = {"leaderboard": str(run.leaderboard), "best_AP": float(board.AP.max()) if len(board) else float("nan")}
     run.finish(STAGE, h, out)
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import artifact_key, ensure_data, open_stage, run_name, voc_dataset
+from flows.runtime import artifact_key, ensure_data, open_stage, portable, run_name, voc_dataset
 
 STAGE = "finetune-backbone"
 
@@ -47,8 +47,9 @@ def finetune_backbone(config: dict | str = "demo") -> dict:
     cfg, run, h, done = open_stage(config, STAGE)
     if done:
         return run.manifest(STAGE)["outputs"]
+    config = portable(cfg)
     prepare_data(config)
-    out = train_backbone(config)
+    out = train_backbone.with_options(retries=cfg.execution.retries)(config)
     get_run_logger().info("backbone checkpoint %s (iteration %d)", out["checkpoint"], out["iteration"])
     create_markdown_artifact(
         key=artifact_key(cfg, "finetune"),

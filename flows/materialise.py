@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import artifact_key, device_slot, open_stage, run_name, voc_dataset
+from flows.runtime import artifact_key, device_slot, open_stage, portable, run_name, voc_dataset
 
 STAGE = "materialise-features"
 SPLITS = ("meta_train", "meta_val")
@@ -66,11 +66,12 @@ def materialise_features(config: dict | str = "demo") -> dict:
     cfg, run, h, done = open_stage(config, STAGE)
     if done:
         return run.manifest(STAGE)["outputs"]
+    config = portable(cfg)
     pending = create_store(config)
     futures = []
     for split in SPLITS:
         if pending[split]:
-            futures += materialise_shard.map(config=unmapped(config), split=unmapped(split), shard=pending[split])
+            futures += materialise_shard.with_options(retries=cfg.execution.retries).map(config=unmapped(config), split=unmapped(split), shard=pending[split])
     written = [f.result() for f in futures]
     out = {"store": str(run.features), "shards_written": len(written)}
     create_markdown_artifact(

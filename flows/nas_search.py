@@ -20,7 +20,7 @@ from flows.config import load_config
 from flows.evaluate import evaluate
 from flows.finetune import finetune_backbone
 from flows.materialise import materialise_features
-from flows.runtime import task_runner
+from flows.runtime import portable, task_runner
 from flows.search import search
 from flows.select import select_top_k
 from flows.train_full import train_full
@@ -43,7 +43,7 @@ def nas_search(config: str = "demo", overrides: dict[str, Any] | None = None) ->
         overrides: dotted keys, e.g. ``{"search.total_archs": 64, "execution.devices": ["cuda:0"]}``.
     """
     cfg = load_config(config, overrides)
-    c = cfg.model_dump(mode="json")
+    c = portable(cfg)
     run = RunDir.at(cfg.runs_dir, cfg.run_id)
     log = get_run_logger()
     log.info("run %s in %s", cfg.run_id, run.root)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -33,9 +34,33 @@ _UPSTREAM = {
 }
 
 
+# Fields a finished stage may be re-run with while keeping its durable files: a larger
+# search budget extends the same search.
+_EXTENDABLE = {"search": {"total_archs"}}
+
+
+def _sections(cfg: PipelineConfig, stage: str, *, extendable: bool) -> dict[str, Any]:
+    parts: dict[str, Any] = {}
+    for s in _STAGE_SECTIONS[stage]:
+        d = getattr(cfg, s).model_dump(mode="json")
+        if not extendable:
+            d = {k: v for k, v in d.items() if k not in _EXTENDABLE.get(s, set())}
+        parts[s] = d
+    return parts
+
+
+def conflict_key(cfg: PipelineConfig, stage: str) -> str:
+    """What the durable files of ``stage`` depend on: its sections (minus extendable
+    fields) and its upstream stages'. A run dir must not mix two of these."""
+    parts = _sections(cfg, stage, extendable=False)
+    if stage in _UPSTREAM:
+        parts["upstream"] = conflict_key(cfg, _UPSTREAM[stage])
+    return config_hash(parts)
+
+
 def stage_hash(cfg: PipelineConfig, stage: str) -> str:
     """Hash of the config sections that determine ``stage``'s outputs (and those of its upstream stages)."""
-    parts: dict[str, Any] = {s: getattr(cfg, s).model_dump(mode="json") for s in _STAGE_SECTIONS[stage]}
+    parts = _sections(cfg, stage, extendable=True)
     if stage in _UPSTREAM:
         parts["upstream"] = stage_hash(cfg, _UPSTREAM[stage])
     return config_hash(parts)
@@ -66,7 +91,17 @@ def open_stage(config: dict | str, stage: str) -> tuple[PipelineConfig, RunDir, 
     done = run.is_done(stage, h)
     if done:
         get_run_logger().info("%s: manifest %s matches config hash %s, skipping", stage, run.manifest_path(stage), h)
+    else:
+        run.claim(stage, conflict_key(cfg, stage))
     return cfg, run, h, done
+
+
+def portable(cfg: PipelineConfig) -> dict:
+    """The config as task parameters: JSON, with ``runs_dir`` absolute, so tasks in other
+    processes or machines (Dask) find the same run directory."""
+    c = cfg.model_dump(mode="json")
+    c["runs_dir"] = str(Path(cfg.runs_dir).resolve())
+    return c
 
 
 def task_runner(cfg: PipelineConfig):

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from flows.runtime import artifact_key, device_slot, open_stage, run_name
+from flows.runtime import artifact_key, device_slot, open_stage, portable, run_name
 
 STAGE = "search"
 _CACHE: dict[tuple[str, str], tuple] = {}
@@ -42,6 +42,15 @@ def _splits(features: str, device: str):
                 out.append(prepare_split(feats, d["boxes"], d["labels"], num_classes=k, device=device))
             _CACHE[(features, device)] = (*out, k)
         return _CACHE[(features, device)]
+
+
+def _free_cache() -> None:
+    import torch
+
+    with _CACHE_LOCK:
+        _CACHE.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @task(task_run_name="evaluate {arch_id}", retries=1, retry_delay_seconds=5)
@@ -79,6 +88,7 @@ def search(config: dict | str = "demo") -> dict:
     cfg, run, h, done = open_stage(config, STAGE)
     if done:
         return run.manifest(STAGE)["outputs"]
+    config = portable(cfg)
     s = cfg.search
     results = ResultsTable(run.root)
     policy = build_policy(s.policy, seed=s.seed, config=ControllerConfig(lr=s.controller_lr, ppo_epochs=s.ppo_epochs))
@@ -89,7 +99,7 @@ def search(config: dict | str = "demo") -> dict:
     )
 
     def evaluate(jobs):
-        futures = evaluate_decoder.map(
+        futures = evaluate_decoder.with_options(retries=cfg.execution.retries).map(
             config=unmapped(config),
             arch=[str(j.arch) for j in jobs],
             arch_id=[j.arch.arch_id for j in jobs],
@@ -102,11 +112,14 @@ def search(config: dict | str = "demo") -> dict:
     def on_step(info: dict) -> None:
         update_progress_artifact(progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
 
-    summary = run_search(
-        policy=policy, evaluate=evaluate, results=results, state_path=run.controller,
-        cfg=SearchConfig(total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty),
-        on_step=on_step,
-    )  # fmt: skip
+    try:
+        summary = run_search(
+            policy=policy, evaluate=evaluate, results=results, state_path=run.controller,
+            cfg=SearchConfig(total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty),
+            on_step=on_step,
+        )  # fmt: skip
+    finally:  # the cached features must not hold device memory during full training
+        _free_cache()
     df = results.read()
     create_markdown_artifact(
         key=artifact_key(cfg, "search"),

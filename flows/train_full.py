@@ -7,7 +7,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import artifact_key, coco_split, device_slot, open_stage, run_name
+from flows.runtime import artifact_key, coco_split, device_slot, open_stage, portable, run_name
 
 STAGE = "train-full"
 
@@ -42,8 +42,9 @@ def train_full(config: dict | str = "demo") -> dict:
     cfg, run, h, done = open_stage(config, STAGE)
     if done:
         return run.manifest(STAGE)["outputs"]
+    config = portable(cfg)
     top = pd.read_parquet(run.top_k).head(cfg.train_full.num_archs)
-    futures = train_arch.map(config=unmapped(config), arch=top.arch.tolist(), arch_id=top.arch_id.tolist())
+    futures = train_arch.with_options(retries=cfg.execution.retries).map(config=unmapped(config), arch=top.arch.tolist(), arch_id=top.arch_id.tolist())
     trained = [f.result() for f in futures]
     create_markdown_artifact(
         key=artifact_key(cfg, "train-full"),

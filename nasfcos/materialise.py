@@ -3,7 +3,8 @@
 "We pre-compute the backbone features with input images resized to short size
 384 then randomly cropped to 384 x 384. Target object sizes of interest are
 scaled correspondingly." The VOC training set is split at random into a
-meta-train set of 4,000 images and a meta-val set of the remaining 1,715.
+meta-train set of 4,000 images and a meta-val set of 1,715 (VOC2012's train split
+has 5,717 images; the paper's count is 5,715).
 
 This module produces plain numpy arrays per shard of samples; writing them
 durably (and resuming) is ``storage.features``'s job.
@@ -28,7 +29,7 @@ LEVELS = ("C2", "C3", "C4", "C5")
 
 def meta_split(n: int, *, train_size: int = 4000, val_size: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Seeded random split of ``n`` dataset indices into meta-train (``train_size``)
-    and meta-val (``val_size``, default: all the rest; 5,715 VOC images -> 4,000 / 1,715)."""
+    and meta-val (``val_size``, default: all the rest)."""
     if train_size < 1 or train_size >= n:
         raise ValueError(f"meta-train size {train_size} must be in 1..{n - 1} for a dataset of {n} images")
     rest = n - train_size

@@ -36,6 +36,7 @@ from nasfcos.complexity import count_call_macs
 from nasfcos.decoder import build_decoder
 from nasfcos.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs
 from nasfcos.space import Arch, resolve
+from nasfcos.train import SEED_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +215,11 @@ def evaluate_arch(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        torch.manual_seed(cfg.seed)
         in_channels = tuple(f.shape[1] for f in train.feats)
-        model = ProxyModel(arch, in_channels=in_channels, num_classes=num_classes, cfg=cfg).to(device)
+        with SEED_LOCK:  # the same arch and seed give the same weights, whatever runs beside it
+            torch.manual_seed(cfg.seed)
+            model = ProxyModel(arch, in_channels=in_channels, num_classes=num_classes, cfg=cfg)
+        model = model.to(device)
         if cfg.channels_last and device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         record["params"] = sum(p.numel() for p in model.decoder.parameters())

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +33,12 @@ from nasfcos.detector import Detector, DetectorSpec, build_detector
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+# torch's global RNG is per process: code that seeds it and then draws from it (model
+# init, seeded augmentation) holds this lock so concurrent threads (several device
+# slots in one process) cannot interleave their draws.
+SEED_LOCK = threading.RLock()
+# Fields that may change when a run is resumed (they do not change what was computed).
+_RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "log_every", "num_workers")
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         idx, seed = key
-        with torch.random.fork_rng(devices=[]):
+        with SEED_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.dataset[idx]
 
@@ -251,8 +258,9 @@ def train(
     device = torch.device(device)
     use_amp = cfg.amp and device.type == "cuda"
 
-    torch.manual_seed(cfg.seed)
-    model = build_detector(spec, backbone_weights=backbone_weights).to(device)
+    with SEED_LOCK:
+        torch.manual_seed(cfg.seed)
+        model = build_detector(spec, backbone_weights=backbone_weights).to(device)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.base_lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -262,6 +270,11 @@ def train(
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["spec"] != spec.to_dict():
             raise ValueError(f"{ckpt_path}: checkpoint is for {ckpt['spec']}, not {spec.to_dict()}; use another out dir")
+        old = {k: v for k, v in ckpt["train_config"].items() if k not in _RESUMABLE_FIELDS}
+        new = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        if changed:
+            raise ValueError(f"{ckpt_path}: checkpoint was trained with other settings ({', '.join(changed)}); use another out dir")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

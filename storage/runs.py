@@ -107,6 +107,22 @@ class RunDir:
         m = self.manifest(stage)
         return m is not None and m.get("config_hash") == cfg_hash
 
+    def claim(self, stage: str, key: str) -> None:
+        """Mark the run dir's files of ``stage`` as made under ``key`` (the config parts they
+        depend on). A later attempt with another key would resume from files made under a
+        different config, so it is refused with a one-line error."""
+        path = self.root / "manifests" / f"{stage}.claim.json"
+        try:
+            held = json.loads(path.read_text())["key"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            atomic_write_json(path, {"stage": stage, "key": key})
+            return
+        if held != key:
+            raise ValueError(
+                f"{self.root}: stage {stage} has files from another config (key {held}, now {key}); "
+                "use a new run_id, or delete the run directory"
+            )
+
     def finish(self, stage: str, cfg_hash: str, outputs: dict | None = None) -> dict:
         """Write the stage's manifest (last, atomically: a crash before it means not done)."""
         manifest = {

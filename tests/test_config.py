@@ -49,3 +49,21 @@ def test_manifests_decide_what_is_done(tmp_path):
         run.manifest_path("train")
     with pytest.raises(ValueError, match="run_id"):
         RunDir.at(tmp_path, "../escape")
+
+
+def test_a_run_dir_refuses_files_from_another_config(tmp_path):
+    from flows.runtime import conflict_key, stage_hash
+
+    a = load_config("demo", {"runs_dir": str(tmp_path)})
+    more = load_config("demo", {"runs_dir": str(tmp_path), "search.total_archs": 64})
+    other = load_config("demo", {"runs_dir": str(tmp_path), "proxy.epochs": 5})
+    # a bigger budget re-runs the search (new stage hash) but may extend its files (same key)
+    assert stage_hash(a, "search") != stage_hash(more, "search")
+    assert conflict_key(a, "search") == conflict_key(more, "search")
+    assert conflict_key(a, "search") != conflict_key(other, "search")
+    assert conflict_key(a, "finetune-backbone") == conflict_key(other, "finetune-backbone")
+    run = RunDir.at(tmp_path, "demo")
+    run.claim("search", conflict_key(a, "search"))
+    run.claim("search", conflict_key(more, "search"))
+    with pytest.raises(ValueError, match="stage search has files from another config"):
+        run.claim("search", conflict_key(other, "search"))
