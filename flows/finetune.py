@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import artifact_key, ensure_data, open_stage, portable, run_name, voc_dataset
+from flows.runtime import artifact_key, ensure_data, open_stage, portable, run_name, train_config, voc_dataset
 
 STAGE = "finetune-backbone"
 
@@ -24,15 +24,11 @@ def prepare_data(config: dict) -> None:
 def train_backbone(config: dict) -> dict:
     from nasfcos.data import build_transforms
     from nasfcos.detector import DetectorSpec
-    from nasfcos.train import TrainConfig, train
+    from nasfcos.train import train
 
     cfg, run, _, _ = open_stage(config, STAGE)
     f = cfg.finetune
-    tc = TrainConfig(
-        iterations=f.iterations, batch_size=f.batch_size, base_lr=f.lr, steps=f.steps, warmup_iters=f.warmup,
-        min_size=f.min_size, max_size=f.max_size, crop=f.crop, clip_grad_norm=f.clip_grad,
-        checkpoint_every=f.checkpoint_every, num_workers=f.num_workers,
-    )  # fmt: skip
+    tc = train_config(cfg.finetune)
     tf = build_transforms(train=True, min_size=tc.min_size, max_size=tc.max_size, crop=tc.crop or None)
     dataset = voc_dataset(cfg, run, tf)
     spec = DetectorSpec(num_classes=len(dataset.classes), backbone=f.backbone, width=f.width)

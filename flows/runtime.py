@@ -141,6 +141,18 @@ def device_slot(devices: tuple[str, ...]) -> Iterator[str]:
         q.put(device)
 
 
+def train_config(section: Any):
+    """A ``nasfcos.train.TrainConfig`` from the ``finetune`` or ``train_full`` config section."""
+    from nasfcos.train import TrainConfig
+
+    return TrainConfig(
+        iterations=section.iterations, batch_size=section.batch_size, base_lr=section.lr, steps=section.steps,
+        warmup_iters=section.warmup, min_size=section.min_size, max_size=section.max_size,
+        crop=getattr(section, "crop", 0), clip_grad_norm=section.clip_grad,
+        checkpoint_every=section.checkpoint_every, num_workers=section.num_workers,
+    )  # fmt: skip
+
+
 def ensure_data(cfg: PipelineConfig, run: RunDir) -> None:
     """Generate the synthetic dataset into the run dir once (deterministic; a half-written
     tree is simply regenerated, the files being the same)."""

@@ -7,7 +7,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import artifact_key, coco_split, device_slot, open_stage, portable, run_name
+from flows.runtime import artifact_key, coco_split, device_slot, open_stage, portable, run_name, train_config
 
 STAGE = "train-full"
 
@@ -16,15 +16,11 @@ STAGE = "train-full"
 def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     from nasfcos.data import COCODetection, build_transforms
     from nasfcos.detector import DetectorSpec
-    from nasfcos.train import TrainConfig, train
+    from nasfcos.train import train
 
     cfg, run, _, _ = open_stage(config, STAGE)
     t = cfg.train_full
-    tc = TrainConfig(
-        iterations=t.iterations, batch_size=t.batch_size, base_lr=t.lr, steps=t.steps, warmup_iters=t.warmup,
-        min_size=t.min_size, max_size=t.max_size, clip_grad_norm=t.clip_grad, checkpoint_every=t.checkpoint_every,
-        num_workers=t.num_workers,
-    )  # fmt: skip
+    tc = train_config(cfg.train_full)
     ann, images = coco_split(cfg, run, "train")
     dataset = COCODetection(ann, images, transforms=build_transforms(train=True, min_size=tc.min_size, max_size=tc.max_size), remove_empty=True)
     spec = DetectorSpec(num_classes=len(dataset.classes), backbone=cfg.finetune.backbone, decoder=arch, width=t.width, head_width=t.head_width)
