@@ -36,11 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nasfcos.backbones import build_backbone  # noqa: E402
+from nasfcos.backbones import LEVELS, build_backbone  # noqa: E402
 from nasfcos.data import SHAPES, VOCDetection, build_transforms, make_synthetic  # noqa: E402
 from storage.features import CODECS, FeatureStore, materialise  # noqa: E402
 
-LEVELS = ("C2", "C3", "C4", "C5")
 CROP = 384
 
 

@@ -47,10 +47,9 @@ def nas_search(config: str = "demo", overrides: dict[str, Any] | None = None) ->
     run = RunDir.at(cfg.runs_dir, cfg.run_id)
     log = get_run_logger()
     log.info("run %s in %s", cfg.run_id, run.root)
-    runner = task_runner(cfg)
-    outputs = {
+    outputs = {  # each subflow with fan-out gets its own runner (a Dask cluster per stage)
         "finetune-backbone": finetune_backbone(c),
-        "materialise-features": materialise_features.with_options(task_runner=runner)(c),
+        "materialise-features": materialise_features.with_options(task_runner=task_runner(cfg))(c),
         "search": search.with_options(task_runner=task_runner(cfg))(c),
         "select-top-k": select_top_k(c),
         "train-full": train_full.with_options(task_runner=task_runner(cfg))(c),

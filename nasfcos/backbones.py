@@ -51,6 +51,8 @@ _RESNET_LAYOUTS: dict[str, tuple[tuple[int, int, int, int], int, int]] = {
     "resnext101_32x4d": ((3, 4, 23, 3), 32, 4),
     "resnext101_32x8d": ((3, 4, 23, 3), 32, 8),
 }
+# Names of the feature maps every backbone returns, in order (strides 4, 8, 16, 32).
+LEVELS: tuple[str, ...] = ("C2", "C3", "C4", "C5")
 BACKBONE_NAMES: tuple[str, ...] = (*_RESNET_LAYOUTS, "mobilenet_v2", "tiny")
 NORMS: tuple[str, ...] = ("frozen_bn", "bn")
 

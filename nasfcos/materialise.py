@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from nasfcos.backbones import LEVELS
 from nasfcos.data.transforms import build_transforms, collate
 from nasfcos.train import SeededSamples
 
 PROXY_SIZE = 384
-LEVELS = ("C2", "C3", "C4", "C5")
 
 
 def meta_split(n: int, *, train_size: int = 4000, val_size: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

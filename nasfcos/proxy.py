@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from nasfcos.backbones import LEVELS
 from nasfcos.complexity import count_call_macs
 from nasfcos.decoder import build_decoder
 from nasfcos.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs
@@ -40,7 +41,6 @@ from nasfcos.train import SEED_LOCK
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("C2", "C3", "C4", "C5")
 
 
 @dataclass(frozen=True)
