@@ -43,7 +43,9 @@ class FinetuneConfig(_Section):
     """§4.1: R-50 + FPN-FCOS finetuned on VOC (30K its, batch 24, lr 0.01, /10 at 18K, 24K, crop 800)."""
 
     backbone: str = "resnet50"
-    weights: str | None = None  # local torchvision/nasfcos weights; None = random init
+    # backbone init: a local torchvision/nasfcos weights file or a torchvision weight name
+    # (e.g. FCOS_ResNet50_FPN_Weights.COCO_V1, from the torch cache); None = random init
+    weights: str | None = None
     width: int = 256
     iterations: int = Field(30_000, ge=1)
     batch_size: int = Field(24, ge=1)
@@ -79,6 +81,9 @@ class ProxySettings(_Section):
     epochs: int = Field(15, ge=0)
     ema_decay: float = Field(0.9, ge=0, lt=1)
     seed: int = 0
+    # FCOS size ranges x this; None = features.crop / 800 (§4.1: "target object sizes of
+    # interest are scaled correspondingly"); 1.0 = FCOS's unscaled 0-64-128-256-512-inf
+    size_range_scale: float | None = Field(None, gt=0)
 
 
 class SearchSettings(_Section):
@@ -87,9 +92,15 @@ class SearchSettings(_Section):
     total_archs: int = Field(2800, ge=1)
     archs_per_step: int = Field(8, ge=1)
     policy: Literal["ppo", "random"] = "ppo"
+    # head search space: seq (the released code's, where the published nas-fcos head was
+    # found; default) or dag (the paper text's §3.2.2); README "Deviations" says why
+    head: Literal["seq", "dag"] = "seq"
     seed: int = 0
     failure_penalty: float = -10.0
     controller_lr: float = Field(1e-4, gt=0)
+    # batch: ppo_epochs steps per archs_per_step results; buffer: [14]'s 100-entry rollout
+    # buffer, ~100 minibatch-1 steps per result (benchmarks/controller_schedule.py)
+    controller_update: Literal["batch", "buffer"] = "batch"
     ppo_epochs: int = Field(4, ge=1)
 
 
@@ -102,8 +113,11 @@ class TrainFullConfig(_Section):
 
     num_archs: int = Field(20, ge=1)  # how many of top_k.parquet to train
     # initialise from the finetuned detector (backbone + matching decoder weights) instead of
-    # finetune.weights; the paper starts from ImageNet weights (False), the demo has none (True)
+    # train_full.weights; the paper starts from ImageNet weights (False), the demo has none (True)
     init_from_finetuned: bool = False
+    # backbone init of full training, as finetune.weights; its own field so that finetuning's
+    # COCO-trained weights never leak into COCO training. None = random init
+    weights: str | None = None
     width: int = 256
     head_width: int | None = None
     iterations: int = Field(90_000, ge=1)

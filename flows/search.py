@@ -20,11 +20,11 @@ from prefect.futures import as_completed
 from flows.runtime import artifact_key, device_slot, open_stage, portable, run_name
 
 STAGE = "search"
-_CACHE: dict[tuple[str, str], tuple] = {}
+_CACHE: dict[tuple[str, str, float | None], tuple] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _splits(features: str, device: str):
+def _splits(features: str, device: str, size_range_scale: float | None):
     """Both proxy splits resident on ``device``, loaded once per process and device."""
     import torch
 
@@ -32,16 +32,17 @@ def _splits(features: str, device: str):
     from storage.features import FeatureStore
 
     with _CACHE_LOCK:
-        if (features, device) not in _CACHE:
+        key = (features, device, size_range_scale)
+        if key not in _CACHE:
             store = FeatureStore.open(features)
             k = int(store.attrs["num_classes"])
             out = []
             for split in ("meta_train", "meta_val"):
                 d = store.read_split(split, levels=list(LEVELS))
                 feats = {lv: torch.from_numpy(d["features"][lv]) for lv in LEVELS}
-                out.append(prepare_split(feats, d["boxes"], d["labels"], num_classes=k, device=device))
-            _CACHE[(features, device)] = (*out, k)
-        return _CACHE[(features, device)]
+                out.append(prepare_split(feats, d["boxes"], d["labels"], num_classes=k, device=device, size_range_scale=size_range_scale))
+            _CACHE[key] = (*out, k)
+        return _CACHE[key]
 
 
 def _free_cache() -> None:
@@ -68,7 +69,7 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
     p = cfg.proxy
     pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=p.epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
     with device_slot(cfg.execution.devices) as device:
-        train, val, k = _splits(str(run.features), device)
+        train, val, k = _splits(str(run.features), device, p.size_range_scale)
         record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty)
     ResultsTable(run.root).append([row])
@@ -91,7 +92,8 @@ def search(config: dict | str = "demo") -> dict:
     config = portable(cfg)
     s = cfg.search
     results = ResultsTable(run.root)
-    policy = build_policy(s.policy, seed=s.seed, config=ControllerConfig(lr=s.controller_lr, ppo_epochs=s.ppo_epochs))
+    controller = ControllerConfig(lr=s.controller_lr, ppo_epochs=s.ppo_epochs, update=s.controller_update)
+    policy = build_policy(s.policy, seed=s.seed, config=controller, head=s.head)
     progress = create_progress_artifact(
         progress=100.0 * min(len(results), s.total_archs) / s.total_archs,
         key=artifact_key(cfg, "search-progress"),

@@ -3,13 +3,27 @@ one parallel task per device slot, each resumable from ``full/<arch-id>/checkpoi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
+from flows.config import PipelineConfig
 from flows.runtime import artifact_key, coco_split, device_slot, open_stage, portable, run_name, train_config
+from storage.runs import RunDir
 
 STAGE = "train-full"
+
+
+def initial_weights(cfg: PipelineConfig, run: RunDir) -> tuple[str | None, Path | None]:
+    """(backbone weights, init checkpoint) of full training. Only ``train_full.weights``
+    names backbone weights: ``finetune.weights`` (the paper's COCO-trained FCOS) must not
+    leak into COCO training."""
+    t = cfg.train_full
+    if t.init_from_finetuned:
+        return None, run.backbone / "checkpoint.pt"
+    return t.weights, None
 
 
 @task(task_run_name="train {arch_id}", retries=1)
@@ -25,8 +39,7 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     dataset = COCODetection(ann, images, transforms=build_transforms(train=True, min_size=tc.min_size, max_size=tc.max_size), remove_empty=True)
     spec = DetectorSpec(num_classes=len(dataset.classes), backbone=cfg.finetune.backbone, decoder=arch, width=t.width, head_width=t.head_width)
     meta = {"classes": list(dataset.classes), "category_ids": list(dataset.category_ids), "eval_min_size": max(tc.min_size), "eval_max_size": tc.max_size}
-    init = run.backbone / "checkpoint.pt" if t.init_from_finetuned else None
-    weights = None if t.init_from_finetuned else cfg.finetune.weights
+    weights, init = initial_weights(cfg, run)
     with device_slot(cfg.execution.devices) as device:
         result = train(spec, dataset, tc, run.full(arch_id), device=device, backbone_weights=weights, init_checkpoint=init, meta=meta)
     get_run_logger().info("%s: trained %d iterations, losses %s", arch_id, result.iteration, result.last_losses)

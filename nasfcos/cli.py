@@ -30,13 +30,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classes", help="VOC: comma-separated class names in label order (default: the 20 VOC classes)")
 
 
-def _open_dataset(args: argparse.Namespace, transforms):
+def _open_dataset(args: argparse.Namespace, transforms, *, remove_empty: bool = False):
+    """``remove_empty`` (training only): drop COCO images without a non-crowd box, as
+    flows/train_full and the reference's training filter do; evaluation keeps every image."""
     if (args.coco_json is None) == (args.voc_root is None):
         raise ValueError("give exactly one of --coco-json (with --image-root) or --voc-root")
     if args.coco_json is not None:
         if args.image_root is None:
             raise ValueError("--coco-json needs --image-root")
-        return COCODetection(args.coco_json, args.image_root, transforms=transforms)
+        return COCODetection(args.coco_json, args.image_root, transforms=transforms, remove_empty=remove_empty)
     kw = {"classes": tuple(c.strip() for c in args.classes.split(","))} if args.classes else {}
     return VOCDetection(args.voc_root, image_set=args.split, split_file=args.split_file, transforms=transforms, **kw)
 
@@ -80,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     cfg = TrainConfig.from_dict({**base.__dict__, **overrides})
     tf = build_transforms(train=True, min_size=cfg.min_size, max_size=cfg.max_size, crop=cfg.crop or None, flip=cfg.flip)
-    dataset = _open_dataset(args, tf)
+    dataset = _open_dataset(args, tf, remove_empty=True)
     spec = DetectorSpec(
         num_classes=len(dataset.classes),
         backbone=args.backbone,
@@ -110,10 +112,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _voc_use_07(args: argparse.Namespace) -> bool | None:
+    """VOC AP rule of ``nasfcos eval``: True = VOC2007 11-point, False = all-point, None = not VOC."""
+    if args.voc_root is None:
+        if args.voc_metric != "auto":
+            raise ValueError(f"--voc-metric {args.voc_metric} needs a --voc-root dataset")
+        return None
+    if args.voc_metric == "auto":  # the VOC2007 test set is reported with the 11-point AP
+        return Path(args.voc_root).absolute().name == "VOC2007"
+    return args.voc_metric == "07"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from nasfcos.evaluate import coco_evaluate, predict_dataset, save_results
     from nasfcos.train import detector_from_checkpoint
+    from nasfcos.voc_eval import voc_evaluate
 
+    use_07 = _voc_use_07(args)
     device = _device(args.device)
     model, ckpt = detector_from_checkpoint(args.checkpoint)
     meta = ckpt.get("meta", {})
@@ -135,6 +150,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics = coco_evaluate(gt, results)
         summary["metrics"] = metrics
         print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if use_07 is not None:  # VOC: COCOeval forgives detections inside difficult boxes; the devkit rules do not
+            voc = voc_evaluate(gt, results, use_07_metric=use_07)
+            metrics["VOC_mAP50"] = voc["VOC_mAP50"]
+            summary["voc_metric"] = "07" if use_07 else "10"
+            summary["VOC_AP50_per_class"] = voc["VOC_AP50_per_class"]
+            rule = "VOC2007 11-point" if use_07 else "VOC2010+ all-point"
+            print(f"VOC mAP50 {voc['VOC_mAP50']:.3f} ({rule})")
+            print("  ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in voc["VOC_AP50_per_class"].items()))
     else:  # e.g. COCO test-dev: no annotations, the json is the submission
         print("no annotations in the dataset: wrote detections only")
     metrics_path = out.with_name(out.stem + "_metrics.json")
@@ -190,7 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (checkpoint.pt; resumed if present)")
     p.add_argument("--schedule", choices=("coco-1x", "voc-finetune"), default="coco-1x", help="default schedule (default: %(default)s)")
     p.add_argument("--backbone", choices=BACKBONES, default="resnet50", help="backbone (default: %(default)s)")
-    p.add_argument("--weights", type=Path, help="local backbone weights (torchvision state dict or nasfcos checkpoint); none = random init")
+    p.add_argument(
+        "--weights",
+        help="backbone weights: a local file (torchvision state dict or nasfcos checkpoint) or a torchvision weight name, "
+        "e.g. ResNet50_Weights.IMAGENET1K_V1 or FCOS_ResNet50_FPN_Weights.COCO_V1 (read from the torch cache, TORCH_HOME; "
+        "downloaded there if absent); none = random init",
+    )
     p.add_argument("--init", type=Path, help="initialise from a nasfcos checkpoint (e.g. the VOC-finetuned model); mismatched heads are skipped")
     p.add_argument("--freeze-at", type=int, default=2, help="freeze stem (1) or stem+stage1 (2, FCOS) of the backbone; 0 = none (default: %(default)s)")
     p.add_argument("--decoder", default="fpn-fcos", help="decoder name (default: %(default)s)")
@@ -218,11 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="COCO AP of a checkpoint on a dataset; writes detections in the COCO results format",
         description="Predict on every image, write the detections as a COCO results json (original image "
         "coordinates and category ids: the test-dev submission format) and, when the dataset has "
-        "annotations, print AP/AP50/AP75/APs/APm/APl from pycocotools.",
+        "annotations, print AP/AP50/AP75/APs/APm/APl from pycocotools; on a VOC tree also the VOC mAP50.",
     )
     _add_data_args(p)
     p.add_argument("--checkpoint", type=Path, required=True, help="nasfcos checkpoint.pt")
     p.add_argument("--results", type=Path, help="detections json path (default: next to the checkpoint)")
+    p.add_argument(
+        "--voc-metric", choices=("auto", "07", "10"), default="auto",
+        help="with --voc-root, also print VOC mAP50 (devkit rules for difficult boxes): 07 = VOC2007 11-point, "
+        "10 = VOC2010+ all-point area; auto = 07 when the year directory is VOC2007 (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("--min-size", type=int, help="short side at test time (default: from the checkpoint)")
     p.add_argument("--max-size", type=int, help="max long side at test time (default: from the checkpoint)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")

@@ -86,12 +86,19 @@ def predict_dataset(
     num_workers: int = 0,
 ) -> list[dict]:
     """Run ``model.predict`` over a dataset built with eval transforms (resize +
-    normalise; targets carry ``scale`` and ``orig_size``) and return COCO results."""
+    normalise; targets carry ``scale`` and ``orig_size``) and return COCO results.
+
+    A dataset whose transforms crop (targets carry ``crop``, e.g. ``build_transforms(
+    crop=...)``) is refused: detections map back by ``scale`` only, so they would be
+    shifted and the image outside the window never seen. Cropping stays legal where
+    boxes come from the target (training, the proxy features)."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     results: list[dict] = []
     start, done = time.perf_counter(), 0
     for images, targets in loader:
+        if any("crop" in t for t in targets):
+            raise ValueError("predict_dataset: the dataset's transforms crop the images; evaluate with build_transforms(..., crop=None)")
         sizes = [tuple(int(v) for v in t["size"]) for t in targets]
         dets = model.predict(images.to(device), sizes)
         for det, t in zip(dets, targets):

@@ -11,8 +11,10 @@ Two loss variants:
     The FCOS reference code NAS-FCOS builds on: size ranges 0-64-128-256-512-inf,
     no centre sampling, box distances ``exp(scale_l * x)`` in pixels with a
     learnable scale per level, focal loss summed and divided by the number of
-    positives, IoU loss ``-log((I+1)/(U+1))`` averaged with the centerness target
-    as weight, centerness BCE averaged over positives.
+    positives plus the number of images (the 2019 reference ``FCOSLossComputation``:
+    ``/ (num_pos + N)``, which also keeps it finite without positives), IoU loss
+    ``-log((I+1)/(U+1))`` averaged with the centerness target as weight,
+    centerness BCE averaged over positives.
 ``torchvision``
     ``torchvision.models.detection.FCOS``: centre sampling radius 1.5, strict
     range bounds, distances ``relu(x) * stride``, GIoU loss; every term summed
@@ -39,6 +41,16 @@ VARIANTS = ("paper", "torchvision")
 _MAX_LOG_DISTANCE = math.log(1e5)
 
 LevelOutputs = list[tuple[Tensor, Tensor, Tensor]]  # per level: (N,K,H,W), (N,4,H,W), (N,1,H,W)
+
+
+def scaled_size_ranges(strides: tuple[int, ...] = (8, 16, 32, 64, 128), scale: float = 1.0) -> tuple[tuple[float, float], ...]:
+    """FCOS's regression range per level, 0-64-128-256-512-inf (8x each stride) times
+    ``scale``: the proxy task scales them with its smaller input (NAS-FCOS §4.1,
+    "target object sizes of interest are scaled correspondingly")."""
+    if not scale > 0:
+        raise ValueError(f"size range scale must be > 0, got {scale}")
+    edges = [0.0] + [s * 8.0 * scale for s in strides[:-1]] + [INF]
+    return tuple(zip(edges[:-1], edges[1:]))
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,7 @@ class FCOS(nn.Module):
         num_classes: K, foreground classes (no background class).
         variant: ``"paper"`` (default) or ``"torchvision"``; see module docstring.
         strides: strides of P3..P7.
-        size_ranges: (lo, hi) regression range per level; default 0-64-...-inf.
+        size_ranges: (lo, hi) regression range per level; default 0-64-...-inf (:func:`scaled_size_ranges`).
         center_sampling_radius: 0 disables; default 0 (paper) / 1.5 (torchvision).
         score_thresh: minimum class probability of a detection candidate.
         pre_nms_top_n: candidates kept per level before NMS.
@@ -136,8 +148,7 @@ class FCOS(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if size_ranges is None:
-            edges = [0.0] + [s * 8.0 for s in strides[:-1]] + [INF]  # 0, 64, 128, 256, 512, inf
-            size_ranges = tuple(zip(edges[:-1], edges[1:]))
+            size_ranges = scaled_size_ranges(tuple(strides))  # 0, 64, 128, 256, 512, inf
         if len(size_ranges) != len(strides):
             raise ValueError(f"{len(size_ranges)} size ranges for {len(strides)} strides")
         self.num_classes = num_classes
@@ -267,6 +278,8 @@ class FCOS(nn.Module):
         ctr_target = centerness_target(target_ltrb)  # (Npos,)
         ctr_sum = F.binary_cross_entropy_with_logits(ctr[pos], ctr_target, reduction="sum")
         num_pos = pos.sum().float()
+        # paper: the reference divides the focal sum by num_pos + N; torchvision: by max(num_pos, 1)
+        cls_norm = num_pos + labels.shape[0] if self.variant == "paper" else num_pos
         if self.variant == "paper":
             # IoU loss weighted by the centerness target, normalised by the weights' sum
             reg_sum = (iou_loss(pred_ltrb, target_ltrb) * ctr_target).sum()
@@ -275,17 +288,18 @@ class FCOS(nn.Module):
             xy = points.xy[None].expand_as(reg[..., :2])[pos]
             reg_sum = generalized_box_iou_loss(ltrb_to_boxes(xy, pred_ltrb), ltrb_to_boxes(xy, target_ltrb), reduction="sum")
             reg_norm = num_pos
-        return {"cls": focal, "reg": reg_sum, "ctr": ctr_sum, "num_pos": num_pos, "reg_norm": reg_norm}
+        return {"cls": focal, "reg": reg_sum, "ctr": ctr_sum, "num_pos": num_pos, "cls_norm": cls_norm, "reg_norm": reg_norm}
 
     @staticmethod
     def combine(sums: dict[str, Tensor]) -> dict[str, Tensor]:
-        """cls and ctr divided by the number of positives (at least 1); reg by its
-        normaliser (centerness-weight sum in the paper variant), 0 without positives."""
-        denom = sums["num_pos"].clamp(min=1.0)
+        """cls divided by its normaliser (num_pos + N in the paper variant, num_pos in
+        torchvision's; at least 1), ctr by the number of positives (at least 1), reg by
+        its normaliser (centerness-weight sum in the paper variant), 0 without positives.
+        Summed over batches first, the normalisers are those of the whole dataset."""
         return {
-            "cls": sums["cls"] / denom,
+            "cls": sums["cls"] / sums["cls_norm"].clamp(min=1.0),
             "reg": sums["reg"] / sums["reg_norm"].clamp(min=1e-6),
-            "ctr": sums["ctr"] / denom,
+            "ctr": sums["ctr"] / sums["num_pos"].clamp(min=1.0),
         }
 
     # --------------------------------------------------------------- inference
@@ -295,7 +309,8 @@ class FCOS(nn.Module):
 
         Per level, candidates with class probability > ``score_thresh``, the top
         ``pre_nms_top_n`` of them by cls*ctr; score sqrt(sigmoid(cls) *
-        sigmoid(ctr)); boxes clipped to ``image_sizes`` (H, W) (the unpadded
+        sigmoid(ctr)) (the reference reports cls*ctr itself: the same ranking, so the
+        same NMS and AP, only the score values differ); boxes clipped to ``image_sizes`` (H, W) (the unpadded
         size); class-wise NMS; ``max_detections`` kept.
         """
         points = self.points([o[0].shape[-2:] for o in outputs], outputs[0][0].device)

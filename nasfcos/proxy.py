@@ -13,6 +13,12 @@ sums divided by the total number of positive points, the IoU sum divided by
 the total centerness weight (``FCOS.loss_sums`` accumulated over batches, then
 ``FCOS.combine``), so the reward does not depend on the evaluation batch size.
 
+Targets: FCOS's size ranges 0-64-128-256-512-inf are for an 800-pixel short side;
+at the proxy's 384x384 crops every object is < 384 px, so P7 would never get a
+positive. As §4.1 says ("target object sizes of interest are scaled
+correspondingly"), the ranges are scaled by crop/800 (0-31-61-123-246-inf at 384)
+unless a ``size_range_scale`` is given (1.0 = unscaled).
+
 Speed: features and per-point targets live on the device, batches are index
 gathers of a device-side permutation, bf16 autocast and channels_last on GPU,
 and nothing reads a value back to the host until training has finished.
@@ -35,12 +41,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from nasfcos.backbones import LEVELS
 from nasfcos.complexity import count_call_macs
 from nasfcos.decoder import build_decoder
-from nasfcos.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs
+from nasfcos.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs, scaled_size_ranges
 from nasfcos.space import Arch, resolve
 from nasfcos.train import SEED_LOCK
 
 log = logging.getLogger(__name__)
 
+# The short side FCOS's size ranges were made for (training at 800x1333).
+REFERENCE_SHORT_SIDE = 800
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class ProxySplit:
     feats: list[Tensor]
     assigned: Assigned
     points: Points
+    size_ranges: tuple[tuple[float, float], ...] = ()
 
     def __len__(self) -> int:
         return self.feats[0].shape[0]
@@ -89,12 +98,14 @@ def prepare_split(
     num_classes: int,
     device: str | torch.device = "cpu",
     loss_variant: str = "paper",
+    size_range_scale: float | None = None,
 ) -> ProxySplit:
     """Move a split to ``device`` and assign FCOS targets to its points once.
 
     ``feats`` maps C2..C5 to (N, C, H, W) arrays (fp16 from the feature store);
     ``boxes[i]`` (M, 4) x1y1x2y2 and ``labels[i]`` (M,) are sample i's targets
-    in the cropped frame.
+    in the cropped frame. ``size_range_scale`` multiplies FCOS's size ranges;
+    None scales them by input short side / 800 (the input side is 4x C2's).
     """
     missing = [k for k in LEVELS if k not in feats]
     if missing:
@@ -104,7 +115,9 @@ def prepare_split(
     n = maps[0].shape[0]
     if any(m.shape[0] != n for m in maps) or len(boxes) != n or len(labels) != n:
         raise ValueError(f"proxy: {n} samples in C2 but levels/boxes/labels disagree")
-    fcos = FCOS(num_classes=num_classes, variant=loss_variant)
+    if size_range_scale is None:
+        size_range_scale = 4 * min(maps[0].shape[-2:]) / REFERENCE_SHORT_SIDE
+    fcos = FCOS(num_classes=num_classes, variant=loss_variant, size_ranges=scaled_size_ranges(scale=size_range_scale))
     points = fcos.points(_pyramid_shapes(maps), device)
     targets = [{"boxes": torch.as_tensor(b, dtype=torch.float32), "labels": torch.as_tensor(l, dtype=torch.long)} for b, l in zip(boxes, labels)]
     chunks = [fcos.assign(points, [{k: v.to(device) for k, v in t.items()} for t in targets[i : i + 256]]) for i in range(0, n, 256)]
@@ -112,7 +125,7 @@ def prepare_split(
         labels=torch.cat([c.labels for c in chunks]).to(torch.int16) if chunks else torch.zeros(0, len(points.xy), dtype=torch.int16, device=device),
         ltrb=torch.cat([c.ltrb for c in chunks]) if chunks else torch.zeros(0, len(points.xy), 4, device=device),
     )
-    return ProxySplit(feats=maps, assigned=assigned, points=points)
+    return ProxySplit(feats=maps, assigned=assigned, points=points, size_ranges=fcos.size_ranges)
 
 
 def _pyramid_shapes(maps: list[Tensor]) -> list[tuple[int, int]]:

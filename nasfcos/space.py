@@ -21,6 +21,10 @@ Canonical string (also the constructor input of :meth:`Arch.parse`)::
   layers before it get one copy per level. Layers are the 6 ops of a ``seq``
   head, op0 + 5 blocks of a ``dag`` head, the 4 convs of the ``fcos`` head.
 
+Token sequences (:class:`TokenSpace`): the 7 FPN blocks (35 tokens), then the head,
+either ``seq`` (6 op tokens, the released code's head search and the default) or
+``dag`` (op0 + 5 blocks, the paper text's §3.2.2), then the sharing index.
+
 FPN validity: the block outputs that no later block reads are collected; the
 last three become P5, P4, P3 and the others are added to all three (eq. 1), so
 an FPN needs at least 3 unread block outputs, i.e. later blocks may read at
@@ -47,6 +51,12 @@ NUM_BACKBONE_INPUTS = 4  # C2, C3, C4, C5
 NUM_FPN_BLOCKS = 7
 NUM_HEAD_BLOCKS = 5
 FCOS_HEAD_LAYERS = 4
+NUM_SEQ_HEAD_LAYERS = 6  # the released head search (R_50_NAS_head.yaml)
+# Head search spaces: the paper text's DAG head (§3.2.2) or the released sequential head.
+# Default: seq, the space that produced the published nas-fcos head and every number the
+# paper reports for it (Tables 2 and 3); README "Deviations" says why.
+HEAD_SEARCH_SPACES: tuple[str, ...] = ("seq", "dag")
+DEFAULT_HEAD_SEARCH = "seq"
 MAX_READ_BLOCK_OUTPUTS = NUM_FPN_BLOCKS - 3  # >= 3 unread outputs for P3, P4, P5
 
 
@@ -207,35 +217,24 @@ class Arch:
 
     # ------------------------------------------------------------ tokens
     def tokens(self) -> list[int]:
-        """The controller's token sequence for a searched (``fpn`` blocks + ``dag`` head) arch."""
-        if self.fpn is None or self.head.kind != "dag":
-            raise ArchError(f"{self}: only searched archs (fpn blocks + dag head) have a token sequence")
-        seq = [v for blk in self.fpn for v in blk.as_list()]
-        seq.append(self.head.ops[0])
-        seq += [v for blk in self.head.blocks for v in blk.as_list()]
-        seq.append(self.share)
-        return seq
+        """The controller's token sequence: FPN blocks, then the head (``dag`` or 6-op
+        ``seq``), then the sharing index (see :class:`TokenSpace`)."""
+        if self.fpn is None or self.head.kind not in TOKEN_SPACES:
+            raise ArchError(f"{self}: only searched archs (fpn blocks + a dag or seq head) have a token sequence")
+        return TOKEN_SPACES[self.head.kind].encode(self)
 
     @classmethod
-    def from_tokens(cls, tokens: Sequence[int]) -> "Arch":
-        space = TOKEN_SPACE
-        if len(tokens) != len(space.tokens):
-            raise ArchError(f"tokens: expected {len(space.tokens)}, got {len(tokens)}")
-        t = [int(v) for v in tokens]
-        n = 5 * NUM_FPN_BLOCKS
-        fpn = tuple(Block(*t[i : i + 5]) for i in range(0, n, 5))
-        op0 = t[n]
-        blocks = tuple(Block(*t[i : i + 5]) for i in range(n + 1, n + 1 + 5 * NUM_HEAD_BLOCKS, 5))
-        return cls(fpn=fpn, head=Head("dag", (op0,), blocks), share=t[-1])
+    def from_tokens(cls, tokens: Sequence[int], head: str = DEFAULT_HEAD_SEARCH) -> "Arch":
+        return token_space(head).decode(tokens)
 
     @classmethod
-    def random(cls, rng: np.random.Generator) -> "Arch":
+    def random(cls, rng: np.random.Generator, head: str = DEFAULT_HEAD_SEARCH) -> "Arch":
         """Uniform choice at each token among the valid ones (the random-search baseline)."""
+        space = token_space(head)
         tokens: list[int] = []
-        for i in range(len(TOKEN_SPACE.tokens)):
-            mask = TOKEN_SPACE.mask(tokens)
-            tokens.append(int(rng.choice(np.flatnonzero(mask))))
-        return cls.from_tokens(tokens)
+        for _ in space.tokens:
+            tokens.append(int(rng.choice(np.flatnonzero(space.mask(tokens)))))
+        return space.decode(tokens)
 
 
 @dataclass(frozen=True)
@@ -247,20 +246,34 @@ class Token:
 
 
 class TokenSpace:
-    """The sequence of decisions of a searched arch and their validity masks."""
+    """The sequence of decisions of a searched arch and their validity masks.
 
-    def __init__(self) -> None:
+    ``head`` picks the head search space: ``dag`` (the paper's text, §3.2.2: op0 and
+    5 blocks, 26 tokens) or ``seq`` (the released code's head search,
+    ``R_50_NAS_head.yaml``: 6 sequential ops, the space the published ``nas-fcos``
+    head ``seq[5,1,5,0,4,4]`` was found in). Both end with the sharing index.
+    """
+
+    def __init__(self, head: str = DEFAULT_HEAD_SEARCH) -> None:
+        if head not in HEAD_SEARCH_SPACES:
+            raise ValueError(f"head search space {head!r} is not one of {HEAD_SEARCH_SPACES}")
+        self.head = head
         toks: list[Token] = []
         for b in range(NUM_FPN_BLOCKS):
             pool = NUM_BACKBONE_INPUTS + b
             toks += [Token(f"fpn{b}.id1", pool), Token(f"fpn{b}.id2", pool)]
             toks += [Token(f"fpn{b}.op1", len(FPN_OPS)), Token(f"fpn{b}.op2", len(FPN_OPS)), Token(f"fpn{b}.agg", len(AGGS))]
-        toks.append(Token("head.op0", len(HEAD_OPS)))
-        for t in range(NUM_HEAD_BLOCKS):
-            pool = 2 + 3 * t
-            toks += [Token(f"head{t}.id1", pool), Token(f"head{t}.id2", pool)]
-            toks += [Token(f"head{t}.op1", len(HEAD_OPS)), Token(f"head{t}.op2", len(HEAD_OPS)), Token(f"head{t}.agg", len(AGGS))]
-        toks.append(Token("share", 1 + 1 + NUM_HEAD_BLOCKS))
+        if head == "dag":
+            toks.append(Token("head.op0", len(HEAD_OPS)))
+            for t in range(NUM_HEAD_BLOCKS):
+                pool = 2 + 3 * t
+                toks += [Token(f"head{t}.id1", pool), Token(f"head{t}.id2", pool)]
+                toks += [Token(f"head{t}.op1", len(HEAD_OPS)), Token(f"head{t}.op2", len(HEAD_OPS)), Token(f"head{t}.agg", len(AGGS))]
+            layers = 1 + NUM_HEAD_BLOCKS
+        else:
+            toks += [Token(f"head.op{i}", len(HEAD_OPS)) for i in range(NUM_SEQ_HEAD_LAYERS)]
+            layers = NUM_SEQ_HEAD_LAYERS
+        toks.append(Token("share", 1 + layers))
         self.tokens: tuple[Token, ...] = tuple(toks)
         self.max_choices = max(t.choices for t in toks)
 
@@ -282,8 +295,47 @@ class TokenSpace:
                     mask[j] = j in read
         return mask
 
+    def encode(self, arch: "Arch") -> list[int]:
+        """Arch -> tokens; the arch's head must be of this space's kind and size."""
+        h = arch.head
+        if arch.fpn is None or h.kind != self.head or (h.kind == "seq" and len(h.ops) != NUM_SEQ_HEAD_LAYERS):
+            raise ArchError(f"{arch}: not in the {self.head!r} head search space (fpn blocks + {self._head_text()})")
+        seq = [v for blk in arch.fpn for v in blk.as_list()]
+        if h.kind == "dag":
+            seq.append(h.ops[0])
+            seq += [v for blk in h.blocks for v in blk.as_list()]
+        else:
+            seq += list(h.ops)
+        seq.append(arch.share)
+        return seq
 
-TOKEN_SPACE = TokenSpace()
+    def decode(self, tokens: Sequence[int]) -> "Arch":
+        """Tokens -> Arch (validated)."""
+        if len(tokens) != len(self.tokens):
+            raise ArchError(f"tokens: expected {len(self.tokens)} for the {self.head!r} head space, got {len(tokens)}")
+        t = [int(v) for v in tokens]
+        n = 5 * NUM_FPN_BLOCKS
+        fpn = tuple(Block(*t[i : i + 5]) for i in range(0, n, 5))
+        if self.head == "dag":
+            blocks = tuple(Block(*t[i : i + 5]) for i in range(n + 1, n + 1 + 5 * NUM_HEAD_BLOCKS, 5))
+            head = Head("dag", (t[n],), blocks)
+        else:
+            head = Head("seq", tuple(t[n : n + NUM_SEQ_HEAD_LAYERS]))
+        return Arch(fpn=fpn, head=head, share=t[-1])
+
+    def _head_text(self) -> str:
+        return f"dag[op0] + {NUM_HEAD_BLOCKS} blocks" if self.head == "dag" else f"seq of {NUM_SEQ_HEAD_LAYERS} ops"
+
+
+TOKEN_SPACES: dict[str, TokenSpace] = {h: TokenSpace(h) for h in HEAD_SEARCH_SPACES}
+TOKEN_SPACE = TOKEN_SPACES[DEFAULT_HEAD_SEARCH]
+
+
+def token_space(head: str) -> TokenSpace:
+    """The token space of head search space ``head`` (``dag`` or ``seq``)."""
+    if head not in TOKEN_SPACES:
+        raise ValueError(f"head search space {head!r} is not one of {HEAD_SEARCH_SPACES}")
+    return TOKEN_SPACES[head]
 
 
 def _check_index(v: object, n: int, where: str, names: Sequence[str] | None = None) -> None:

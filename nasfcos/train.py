@@ -45,8 +45,9 @@ _RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "log_every", "num_workers
 class TrainConfig:
     """Optimisation settings. Defaults are the paper's COCO schedule (§4.2,
     FCOS 1x): batch 16, 90K iterations, lr 0.01 divided by 10 at 60K and 80K,
-    with the FCOS reference code's warm-up (500 its from lr/3), momentum 0.9,
-    weight decay 1e-4, doubled bias lr and no bias decay."""
+    with the NAS-FCOS reference code's warm-up (maskrcnn-benchmark's default:
+    500 its rising *linearly* from lr/3; FCOS's own configs hold a constant lr/3
+    instead), momentum 0.9, weight decay 1e-4, doubled bias lr and no bias decay."""
 
     iterations: int = 90_000
     batch_size: int = 16
@@ -94,16 +95,24 @@ class TrainConfig:
 
 # The paper's two schedules; anything else is a TrainConfig built by the caller.
 SCHEDULES = {
-    # §4.2: COCO, batch 16, 90K its, lr 0.01, /10 at 60K and 80K, short side 800 / max 1333.
+    # §4.2: COCO, batch 16, 90K its, lr 0.01, /10 at 60K and 80K, short side 800 / max 1333;
+    # linear warm-up over 500 its from lr/3 (the NAS-FCOS code's, see TrainConfig).
     "coco-1x": TrainConfig(),
     # §4.1: backbone finetuning on VOC: 1330x800 input, crop 800x800, batch 24, 30K its,
-    # lr 0.01, /10 at 18K and 24K.
+    # lr 0.01, /10 at 18K and 24K; the same linear warm-up (the paper does not say another).
     "voc-finetune": TrainConfig(iterations=30_000, batch_size=24, steps=(18_000, 24_000), crop=800),
 }
 
 
 def lr_factor(it: int, cfg: TrainConfig) -> float:
-    """Multiplier of base_lr at iteration ``it``: linear warm-up times step decay."""
+    """Multiplier of base_lr for update ``it`` (0-based): linear warm-up times step decay.
+
+    This is maskrcnn-benchmark's WarmupMultiStepLR (method "linear") at
+    ``last_epoch == it``, which is what the reference's update ``it`` uses (its
+    loop steps the scheduler before the update, from last_epoch -1 under the
+    PyTorch 1.0 it was written for); so the first update at lr/10 is the one
+    with 0-based index ``steps[0]``.
+    """
     warm = 1.0
     if it < cfg.warmup_iters:
         alpha = it / cfg.warmup_iters
@@ -252,6 +261,9 @@ def train(
     class logits of a different dataset) are skipped and logged. ``meta`` is
     stored in the checkpoint (classes, category ids, input sizes). ``stop_at``
     ends the run early after that iteration, as if killed there (tests).
+    ``backbone_weights`` is a local file or a torchvision weight name (see
+    ``nasfcos.backbones.load_backbone_weights``), read by a fresh run only: a
+    resumed run takes every weight from its checkpoint.
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
@@ -260,7 +272,9 @@ def train(
 
     with SEED_LOCK:
         torch.manual_seed(cfg.seed)
-        model = build_detector(spec, backbone_weights=backbone_weights).to(device)
+        # a resumed run needs neither the weights file nor the network to fetch a named one
+        fresh_weights = None if ckpt_path.exists() else backbone_weights
+        model = build_detector(spec, backbone_weights=fresh_weights).to(device)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.base_lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -278,7 +292,7 @@ def train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        _load_scaler_state(scaler, ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         start = int(ckpt["iteration"])
         log.info("resuming %s at iteration %d/%d", ckpt_path, start, cfg.iterations)
@@ -334,6 +348,7 @@ def train(
             nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]  # this update's lr, logged (the step below sets the next one's)
         scheduler.step()
 
         if it % cfg.log_every == 0 or it == end:
@@ -346,13 +361,25 @@ def train(
                 "iter %d/%d  loss %.4f (%s)  lr %.5f  %.3f s/it  eta %s",
                 it, cfg.iterations, sum(losses.values()),
                 " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
-                optimizer.param_groups[0]["lr"], per_it, _fmt_eta(eta),
+                lr, per_it, _fmt_eta(eta),
             )  # fmt: skip
         if it % cfg.checkpoint_every == 0 or it == end:
             save(it, {k: v.item() for k, v in parts.items()})
     if it == start and not ckpt_path.exists():  # nothing to train (iterations already done)
         save(it, losses)
     return TrainResult(checkpoint=ckpt_path, iteration=it, seconds=time.perf_counter() - t0, last_losses=losses)
+
+
+def _load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Restore the AMP loss scale only where both runs used AMP. A run started
+    without it (CPU) saved ``{}``, which an enabled scaler refuses: it keeps its
+    fresh initial scale instead. A disabled scaler ignores any saved state."""
+    if not scaler.is_enabled():
+        return
+    if not state:
+        log.info("checkpoint has no AMP scaler state (started without AMP): fresh loss scale")
+        return
+    scaler.load_state_dict(state)
 
 
 def _init_from(model: nn.Module, state: dict, source: str | Path) -> None:

@@ -1,6 +1,8 @@
-"""Tests for nasfcos.backbones: pyramid shapes, FCOS freezing, and local weight loading.
+"""Tests for nasfcos.backbones: pyramid shapes, FCOS freezing, and weight loading.
 
-All models are randomly initialised (weights=None); nothing is downloaded.
+All models are randomly initialised (weights=None); nothing is downloaded: tests of
+torchvision weight names use a tmp TORCH_HOME holding fabricated state dicts, and a
+download function that raises as if offline.
 Shape legend: N images, C channels, H/W input size, Ck feature map at stride 2**k.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from nasfcos.backbones import BACKBONE_NAMES, Backbone, build_backbone
+from nasfcos.backbones import BACKBONE_NAMES, Backbone, build_backbone, torch_cache_path, weight_name
 
 RESNETS = ("resnet50", "resnet101", "resnext101_32x4d")
 EXPECTED_CHANNELS = {
@@ -332,3 +335,176 @@ def test_unreadable_file_names_path(kind: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         build_backbone("tiny", weights=path)
     _assert_one_line_naming(str(info.value), path)
+
+
+# --------------------------------------------------------------------------- torchvision weight names
+
+FCOS_COCO = "FCOS_ResNet50_FPN_Weights.COCO_V1"
+R50_IMAGENET = "ResNet50_Weights.IMAGENET1K_V1"
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> list[str]:
+    """Point TORCH_HOME at ``torch_home`` and make downloads fail as without network.
+
+    Returns the list of URLs a download was attempted for.
+    """
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    attempts: list[str] = []
+
+    def no_network(url: str, **kwargs: object) -> dict:
+        attempts.append(url)
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    return attempts
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """An empty torch cache and no network; the URLs of attempted downloads."""
+    return _no_network(monkeypatch, tmp_path / "torch_home")
+
+
+@pytest.fixture(scope="module")
+def cached_home(
+    tmp_path_factory: pytest.TempPathFactory, tv_resnet50_file: tuple[nn.Module, Path]
+) -> tuple[Path, dict[str, dict[str, Tensor]]]:
+    """A TORCH_HOME whose cache holds random stand-ins for FCOS COCO_V1 and R-50 IMAGENET1K_V1.
+
+    The FCOS state is laid out like COCO_V1's file: backbone.body.* (the trunk),
+    backbone.fpn.*, head.*; COCO_V1 uses FrozenBatchNorm2d, so its file has no
+    num_batches_tracked: those of this plain-BN build are dropped. The R-50 one has
+    fc.* and num_batches_tracked, as torchvision's. Returns (TORCH_HOME, name -> state).
+    """
+    torch.manual_seed(3)
+    fcos = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None)
+    _randomise_bn(fcos, seed=3)
+    states = {
+        FCOS_COCO: {k: v for k, v in fcos.state_dict().items() if not k.endswith("num_batches_tracked")},
+        R50_IMAGENET: tv_resnet50_file[0].state_dict(),
+    }
+    home = tmp_path_factory.mktemp("torch_home")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("TORCH_HOME", str(home))
+        for name, state in states.items():
+            path = torch_cache_path(torchvision.models.get_weight(name).url)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path)
+    return home, states
+
+
+def _assert_loaded(backbone: Backbone, state: dict[str, Tensor], prefix: str = "") -> None:
+    """Every tensor of ``backbone`` (bar BN counters) equals ``state[prefix + key]``."""
+    for key, value in backbone.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, state[prefix + key]), key
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_fcos_coco_name_loads_backbone_body_from_cache(
+    cached_home: tuple[Path, dict[str, dict[str, Tensor]]], monkeypatch: pytest.MonkeyPatch, norm: str
+) -> None:
+    home, states = cached_home
+    attempts = _no_network(monkeypatch, home)
+    state = states[FCOS_COCO]
+    assert any(k.startswith("backbone.fpn.") for k in state) and any(k.startswith("head.") for k in state)
+    backbone = build_backbone("resnet50", weights=FCOS_COCO, norm=norm)
+    _assert_loaded(backbone, state, prefix="backbone.body.")
+    assert attempts == []  # cached: no download tried
+
+
+def test_imagenet_name_loads_from_cache(
+    cached_home: tuple[Path, dict[str, dict[str, Tensor]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, states = cached_home
+    attempts = _no_network(monkeypatch, home)
+    _assert_loaded(build_backbone("resnet50", weights=R50_IMAGENET), states[R50_IMAGENET])
+    assert attempts == []
+
+
+def test_uncached_name_offline_is_one_line_naming_file_and_cache_path(offline: list[str]) -> None:
+    url = torchvision.models.get_weight(FCOS_COCO).url
+    path = torch_cache_path(url)
+    assert path.parent.parent.parent.name == "torch_home"  # TORCH_HOME moves the cache
+    with pytest.raises(FileNotFoundError) as info:
+        build_backbone("resnet50", weights=FCOS_COCO)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{FCOS_COCO}: not in the torch cache and cannot be downloaded (URLError")
+    assert f"place {path.name} (from {url}) at {path}" in message
+    assert offline == [url]  # a download was tried, because the weights were named
+
+
+def test_uncached_name_online_downloads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tv_mobilenet_file: tuple[nn.Module, Path]
+) -> None:
+    reference, _ = tv_mobilenet_file
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls: list[tuple[str, dict]] = []
+
+    def fake_download(url: str, **kwargs: object) -> dict[str, Tensor]:
+        calls.append((url, kwargs))
+        return reference.state_dict()
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    name = "MobileNet_V2_Weights.IMAGENET1K_V1"
+    backbone = build_backbone("mobilenet_v2", weights=name)
+    torch.testing.assert_close(backbone.features[3].conv[0][0].weight, reference.features[3].conv[0][0].weight)
+    url = torchvision.models.get_weight(name).url
+    assert [c[0] for c in calls] == [url]
+    assert calls[0][1]["check_hash"] is True
+    assert calls[0][1]["model_dir"] == str(torch_cache_path(url).parent)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "name", "fits"),
+    [
+        ("resnet50", "ResNet101_Weights.IMAGENET1K_V2", "ResNet50_Weights.*, FCOS_ResNet50_FPN_Weights.*"),
+        ("mobilenet_v2", FCOS_COCO, "MobileNet_V2_Weights.*"),
+        ("tiny", R50_IMAGENET, "none in torchvision"),
+    ],
+)
+def test_name_for_another_backbone_names_both_before_any_download(
+    offline: list[str], backbone: str, name: str, fits: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        build_backbone(backbone, weights=name)
+    message = str(info.value)
+    assert message == f"{name}: does not fit backbone {backbone!r} (weights that do: {fits})"
+    assert offline == []
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("ResNet50_Weights.IMAGENET", "ResNet50_Weights has ResNet50_Weights.IMAGENET1K_V1, "),
+        ("Resnet50_Weights.IMAGENET1K_V1", "not a torchvision weight name; write a torchvision weight name as Xxx_Weights.MEMBER"),
+    ],
+)
+def test_bad_weight_name_says_how_to_write_it(offline: list[str], name: str, expected: str) -> None:
+    with pytest.raises(ValueError) as info:
+        build_backbone("tiny", weights=name)
+    message = str(info.value)
+    assert message.startswith(f"{name}: ") and expected in message
+    assert "\n" not in message
+    assert offline == []
+
+
+def test_weight_name_tells_names_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert weight_name(FCOS_COCO) == FCOS_COCO
+    assert weight_name(Path(R50_IMAGENET)) == R50_IMAGENET
+    assert weight_name("weights/resnet50.pth") is None
+    assert weight_name("ResNet50_Weights") is None  # no member: a file name
+    monkeypatch.chdir(tmp_path)
+    Path(R50_IMAGENET).write_bytes(b"")  # a file of that name wins over the name
+    assert weight_name(R50_IMAGENET) is None
+
+
+def test_weight_table_names_torchvision_enums() -> None:
+    from nasfcos.backbones import _TORCHVISION_WEIGHTS
+
+    for backbone, classes in _TORCHVISION_WEIGHTS.items():
+        assert backbone in BACKBONE_NAMES
+        assert torchvision.models.get_model_weights(backbone).__name__ == classes[0]
+        for cls in classes:
+            torchvision.models.get_weight(f"{cls}.DEFAULT")

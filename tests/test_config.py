@@ -67,3 +67,45 @@ def test_a_run_dir_refuses_files_from_another_config(tmp_path):
     run.claim("search", conflict_key(more, "search"))
     with pytest.raises(ValueError, match="stage search has files from another config"):
         run.claim("search", conflict_key(other, "search"))
+
+
+def test_paper_finetunes_from_fcos_coco_and_trains_coco_from_imagenet():
+    from torchvision.models import get_weight
+
+    paper = load_config("paper")
+    # §4.1: the backbone starts from the FCOS implementation's COCO-trained weights
+    assert paper.finetune.weights == "FCOS_ResNet50_FPN_Weights.COCO_V1"
+    # §4.2: COCO training starts from ImageNet, never from COCO-trained weights
+    assert paper.train_full.weights == "ResNet50_Weights.IMAGENET1K_V1"
+    assert not paper.train_full.init_from_finetuned
+    for name in (paper.finetune.weights, paper.train_full.weights):
+        get_weight(name)  # a real torchvision weight name
+
+
+def test_full_training_reads_its_own_weights_never_finetunes(tmp_path):
+    from flows.runtime import stage_hash
+    from flows.train_full import initial_weights
+
+    run = RunDir.at(tmp_path, "demo")
+    leak = {"runs_dir": str(tmp_path), "finetune.weights": "FCOS_ResNet50_FPN_Weights.COCO_V1", "train_full.init_from_finetuned": False}
+    assert initial_weights(load_config("demo", leak), run) == (None, None)
+    own = load_config("demo", {**leak, "train_full.weights": "ResNet50_Weights.IMAGENET1K_V1"})
+    assert initial_weights(own, run) == ("ResNet50_Weights.IMAGENET1K_V1", None)
+    finetuned = load_config("demo", {**leak, "train_full.weights": "ResNet50_Weights.IMAGENET1K_V1", "train_full.init_from_finetuned": True})
+    assert initial_weights(finetuned, run) == (None, run.backbone / "checkpoint.pt")
+    # other full-training weights are another full training
+    assert stage_hash(own, "train-full") != stage_hash(load_config("demo", leak), "train-full")
+
+
+def test_search_head_space_update_schedule_and_proxy_range_scale():
+    """Fidelity fields: the released seq head space by default, [14]'s buffer schedule on
+    request, proxy size ranges scaled by crop/800 unless a scale is given."""
+    paper = load_config("paper")
+    assert paper.search.head == "seq" and paper.proxy.size_range_scale is None
+    assert paper.search.controller_update in ("batch", "buffer")
+    cfg = load_config("demo", {"search.head": "dag", "search.controller_update": "buffer", "proxy.size_range_scale": 1.0})
+    assert (cfg.search.head, cfg.search.controller_update, cfg.proxy.size_range_scale) == ("dag", "buffer", 1.0)
+    with pytest.raises(ConfigError, match=r"search.head"):
+        load_config("demo", {"search.head": "tree"})
+    with pytest.raises(ConfigError, match=r"proxy.size_range_scale"):
+        load_config("demo", {"proxy.size_range_scale": 0})

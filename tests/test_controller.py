@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nasfcos.controller import ControllerConfig, PPOController, RandomPolicy, Sample, build_policy
-from nasfcos.space import Arch, TOKEN_SPACE
+from nasfcos.space import PRESETS, TOKEN_SPACES, Arch
 
 
 def test_inherited_defaults():
@@ -13,19 +13,23 @@ def test_inherited_defaults():
     assert (cfg.num_layers, cfg.hidden_size, cfg.clip, cfg.lr, cfg.baseline_decay) == (2, 100, 0.1, 1e-4, 0.95)
 
 
+@pytest.mark.parametrize("head", ["seq", "dag"])
 @pytest.mark.parametrize("kind", ["ppo", "random"])
-def test_every_sample_is_valid_and_round_trips(kind):
-    policy = build_policy(kind, seed=0)
+def test_every_sample_is_valid_and_round_trips(kind, head):
+    policy = build_policy(kind, seed=0, head=head)
+    space = TOKEN_SPACES[head]
     for s in policy.sample(64):
+        assert s.arch.head.kind == head
         assert Arch.parse(str(s.arch)) == s.arch
         assert list(s.arch.tokens()) == s.tokens.tolist()
-        assert s.masks.shape == (len(TOKEN_SPACE.tokens), TOKEN_SPACE.max_choices)
+        assert s.masks.shape == (len(space.tokens), space.max_choices)
         assert all(s.masks[t, v] for t, v in enumerate(s.tokens))  # every choice was allowed
         assert Sample.from_dict(s.to_dict()).arch == s.arch
 
 
-def test_score_matches_sampling_log_probabilities():
-    c = PPOController(seed=1)
+@pytest.mark.parametrize("head", ["seq", "dag"])
+def test_score_matches_sampling_log_probabilities(head):
+    c = PPOController(seed=1, head=head)
     samples = c.sample(8)
     logp, ent = c.policy.score(torch.as_tensor(np.stack([s.tokens for s in samples])), torch.as_tensor(np.stack([s.masks for s in samples])))
     assert torch.allclose(logp, torch.tensor([s.logp for s in samples]), atol=1e-4)
@@ -70,6 +74,57 @@ def test_state_round_trip_continues_identically(kind, tmp_path):
     assert [str(x.arch) for x in a.sample(5)] == [str(x.arch) for x in b.sample(5)]
     with pytest.raises(ValueError, match="policy"):
         build_policy("random" if kind == "ppo" else "ppo").load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="head space"):
+        build_policy(kind, head="dag").load_state_dict(a.state_dict())
+
+
+def test_seq_controller_can_sample_the_published_head():
+    """The published nas-fcos arch has a positive log-probability under a fresh seq controller."""
+    c = PPOController(seed=0, head="seq")
+    a = PRESETS["nas-fcos"]
+    space = TOKEN_SPACES["seq"]
+    tokens = torch.as_tensor([a.tokens()])
+    masks = torch.as_tensor(np.stack([space.mask(a.tokens()[:i]) for i in range(len(space.tokens))]))[None]
+    logp, _ = c.policy.score(tokens, masks)
+    assert torch.isfinite(logp).all()
+
+
+def test_buffer_schedule_is_14s():
+    """[14]: every result enters a 100-entry buffer, then one shuffled pass of minibatch-1
+    Adam steps: after 3 results 1 + 2 + 3 = 6 steps; with a 4-entry buffer, 10 results give
+    1+2+3+4+4+4+4+4+4+4 = 34 steps and the buffer holds the last 4 rewards."""
+    c = PPOController(ControllerConfig(update="buffer", buffer_size=4), seed=0)
+    steps = []
+    c.optimizer.step = (lambda f: lambda *a, **k: (steps.append(1), f(*a, **k))[1])(c.optimizer.step)
+    samples = c.sample(10)
+    c.update(samples[:3], [-2.3, -2.2, -2.4])
+    assert len(steps) == 6
+    c.update(samples[3:], [-2.0 - 0.01 * i for i in range(7)])
+    assert len(steps) == 34
+    assert c.buffer["reward"].tolist() == pytest.approx([-2.03, -2.04, -2.05, -2.06])
+    assert c.buffer["logp"].tolist() == pytest.approx([s.logp for s in samples[6:]])
+    # the baseline follows every reward in order (decay 0.95), from the first reward
+    b = -2.3
+    for v in [-2.2, -2.4] + [-2.0 - 0.01 * i for i in range(7)]:
+        b = 0.95 * b + 0.05 * v
+    assert c.baseline == pytest.approx(b)
+
+
+def test_buffer_state_round_trip_continues_identically(tmp_path):
+    cfg = ControllerConfig(update="buffer", buffer_size=8)
+    a = PPOController(cfg, seed=2)
+    s = a.sample(5)
+    a.update(s, [-2.3, -2.25, -2.4, -2.2, -2.35])
+    torch.save(a.state_dict(), tmp_path / "c.pt")
+    b = PPOController(cfg, seed=7)
+    b.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    s2 = a.sample(3)
+    assert [str(x.arch) for x in s2] == [str(x.arch) for x in b.sample(3)]
+    a.update(s2, [-2.1, -2.2, -2.3])
+    b.update(s2, [-2.1, -2.2, -2.3])
+    assert all(torch.equal(p, q) for p, q in zip(a.policy.parameters(), b.policy.parameters()))
+    with pytest.raises(ValueError, match="update"):
+        ControllerConfig(update="sometimes")
 
 
 def test_update_validates_input():

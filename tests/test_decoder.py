@@ -111,3 +111,29 @@ def test_nas_fcos_reads_no_c2():
     feats[0] = torch.full_like(feats[0], float("nan"))  # C2 is not read by the found FPN
     outs = dec(feats)
     assert all(torch.isfinite(o).all() for lvl in outs for o in lvl)
+
+
+def test_nas_fcos_parameter_count_at_256_for_resnet50():
+    """The ``nas-fcos`` decoder (searched FPN + searched head) at width 256, 80 classes, on
+    ResNet-50's C2..C5 (256, 512, 1024, 2048): 15,125,685 parameters, all trainable.
+
+    C = 256; a deformable 3x3 op = DCN weight 9C^2 + bias C + offset/mask conv (9C*54 + 54)
+    + norm 2C = 715,062; a 1x1 adapter = Cin*C + BN 2C; a cat = BN 4C + grouped 1x1 2C.
+    fpn   10,756,744 = adapters 3840*256 + 4*512 (985,088)
+                     + 12 deformable ops + 7 cats (12*715,062 + 7*1,536 = 8,591,496)
+                     + P6/P7 2*(9C^2 + C) (1,180,160)
+    head   4,368,941 = 2 towers * (2 deformable + conv3x3 9C^2 + 2C + conv1x1 C^2 + 2C)
+                       (2*2,086,508) + cls 9*C*80 + 80 + box 9*C*4 + 4 + ctr 9*C + 1
+    ``benchmarks/table2.py``'s "decoder params" (nasfcos.complexity: detector minus
+    backbone) adds the 5 FCOS regression scales: 15,125,690, printed as 15.13 M.
+    """
+    from nasfcos.complexity import complexity, count_params
+    from nasfcos.decoder import build_decoder
+
+    with torch.device("meta"):  # shapes only: no memory, no init
+        dec = build_decoder("nas-fcos", in_channels=(256, 512, 1024, 2048), num_classes=80, width=256)
+    assert count_params(dec.fpn) == 10_756_744
+    assert count_params(dec.head) == 4_368_941
+    assert count_params(dec) == count_params(dec, trainable_only=True) == 15_125_685
+    c = complexity("nas-fcos", backbone="resnet50", width=256, num_classes=80, input_size=(64, 64))
+    assert c["decoder_params"] == 15_125_685 + 5

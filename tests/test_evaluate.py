@@ -89,3 +89,48 @@ def test_predict_dataset_maps_back_to_original_pixels(synthetic_small):
     assert len(results) == sum(len(t["boxes"]) for t in targets)
     m = coco_evaluate(ds.coco_gt(), results)
     assert m["AP50"] == pytest.approx(1.0) and m["AP"] > 0.95
+
+
+class _FixedModel(torch.nn.Module):
+    """Returns the same three detections (labels 0, 1, 2, in resized pixels) for every image."""
+
+    def predict(self, images, sizes):
+        boxes = torch.tensor([[8.0, 10.0, 200.0, 60.0], [-4.0, 10.0, 40.0, 120.0], [4.0, -6.0, 12.0, 20.0]])
+        scores, labels = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 1, 2])
+        return [{"boxes": boxes.clone(), "scores": scores, "labels": labels} for _ in sizes]
+
+
+class _ResizedImages(torch.utils.data.Dataset):
+    """Two blank 'resized' images whose targets say: scale [sy, sx] = [2, 4] from a 50x30 (HxW) original."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        target = {"image_id": 10 + i, "orig_size": torch.tensor([50, 30]), "scale": torch.tensor([2.0, 4.0])}
+        return torch.zeros(3, 100, 120), target
+
+
+def test_predict_dataset_maps_labels_to_non_contiguous_category_ids_and_boxes_to_original_pixels():
+    results = predict_dataset(_FixedModel(), _ResizedImages(), category_ids=[3, 7, 42], batch_size=2)
+    # Divide x by sx = 4 and y by sy = 2, then clip x to [0, W=30] and y to [0, H=50]:
+    # [8, 10, 200, 60] -> [2, 5, 50, 30] -> [2, 5, 30, 30]    -> xywh [2, 5, 28, 25]
+    # [-4, 10, 40, 120] -> [-1, 5, 10, 60] -> [0, 5, 10, 50]  -> xywh [0, 5, 10, 45]
+    # [4, -6, 12, 20] -> [1, -3, 3, 10] -> [1, 0, 3, 10]      -> xywh [1, 0, 2, 10]
+    # Label l becomes category_ids[l]: 0 -> 3, 1 -> 7, 2 -> 42 (not l + 1).
+    expected = [
+        {"category_id": 3, "bbox": [2.0, 5.0, 28.0, 25.0], "score": 0.9},
+        {"category_id": 7, "bbox": [0.0, 5.0, 10.0, 45.0], "score": 0.8},
+        {"category_id": 42, "bbox": [1.0, 0.0, 2.0, 10.0], "score": 0.7},
+    ]
+    assert results == [{"image_id": image_id, **e} for image_id in (10, 11) for e in expected]
+
+
+def test_predict_dataset_refuses_cropping_transforms(synthetic_small):
+    # A crop moves the image origin: boxes divided by the scale alone would land in the wrong place.
+    paths = synthetic_small
+    tf = build_transforms(train=False, min_size=64, max_size=1000, crop=32)
+    ds = COCODetection(paths["val_json"], paths["image_root"], transforms=tf)
+    oracle = _OracleModel([(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))] * len(ds))
+    with pytest.raises(ValueError, match=r"crop=None"):
+        predict_dataset(oracle, ds, category_ids=ds.category_ids, batch_size=3)

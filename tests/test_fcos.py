@@ -160,7 +160,8 @@ def test_paper_loss_zero_regression_when_prediction_is_exact():
 
 
 def test_paper_loss_normalisation():
-    """cls: focal sum / #pos; ctr: BCE mean over positives; reg: centerness-weighted mean."""
+    """cls: focal sum / (#pos + #images), as the 2019 reference; ctr: BCE mean over
+    positives; reg: centerness-weighted mean."""
     shapes, targets, cls, reg, ctr = _random_problem(4)
     fcos = FCOS(num_classes=5, variant="paper")
     pts = fcos.points(shapes)
@@ -172,13 +173,37 @@ def test_paper_loss_normalisation():
     p = torch.sigmoid(cls)
     pt = p * onehot + (1 - p) * (1 - onehot)
     at = 0.25 * onehot + 0.75 * (1 - onehot)
-    focal = (-at * (1 - pt) ** 2 * torch.log(pt)).sum() / pos.sum()
+    focal = (-at * (1 - pt) ** 2 * torch.log(pt)).sum() / (pos.sum() + 2)  # 2 images
     assert out["cls"].item() == pytest.approx(focal.item(), rel=1e-4)
     w = centerness_target(a.ltrb[pos])
     ctr_ref = torch.nn.functional.binary_cross_entropy_with_logits(ctr[pos], w)
     assert out["ctr"].item() == pytest.approx(ctr_ref.item(), rel=1e-5)
     reg_ref = (iou_loss(torch.exp(reg[pos]), a.ltrb[pos]) * w).sum() / w.sum()
     assert out["reg"].item() == pytest.approx(reg_ref.item(), rel=1e-5)
+
+
+def test_paper_cls_normaliser_counts_images_torchvision_does_not():
+    """A hand-sized case: 2 images, one 16x16 box at the origin in the first: 4 positive P3
+    points (4,4), (12,4), (4,12), (12,12) (max distance 12, within 0-64 and the centre radius)
+    -> paper divides the focal sum by 4 + 2 = 6, torchvision by 4; whole-dataset sums
+    normalise the same way."""
+    shapes = SHAPES_128
+    target = [{"boxes": torch.tensor([[0.0, 0.0, 16.0, 16.0]]), "labels": torch.tensor([0])}, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    for variant, denom in (("paper", 6.0), ("torchvision", 4.0)):
+        fcos = FCOS(num_classes=2, variant=variant)
+        pts = fcos.points(shapes)
+        a = fcos.assign(pts, target)
+        num_pos = int((a.labels >= 0).sum())
+        P = pts.xy.shape[0]
+        cls, reg, ctr = torch.zeros(2, P, 2), torch.zeros(2, P, 4), torch.zeros(2, P)
+        sums = fcos.loss_sums(cls, reg, ctr, pts, a)
+        expected = sums["cls"] / (num_pos + 2 if variant == "paper" else num_pos)
+        assert fcos.combine(sums)["cls"].item() == pytest.approx(expected.item(), rel=1e-6)
+        assert num_pos == 4 and sums["cls_norm"].item() == denom
+        # accumulating two halves gives the whole-batch result
+        halves = [fcos.loss_sums(cls[i : i + 1], reg[i : i + 1], ctr[i : i + 1], pts, Assigned(a.labels[i : i + 1], a.ltrb[i : i + 1])) for i in range(2)]
+        total = {k: halves[0][k] + halves[1][k] for k in halves[0]}
+        assert fcos.combine(total)["cls"].item() == pytest.approx(fcos.combine(sums)["cls"].item(), rel=1e-6)
 
 
 def test_loss_without_positives_is_finite_and_differentiable():
@@ -271,3 +296,117 @@ def test_assigned_can_be_reused():
     assert isinstance(fcos.assign(fcos.points(shapes), targets), Assigned)
     for k in direct:
         assert direct[k].item() == pytest.approx(cached[k].item())
+
+
+# ---------------------------------------------------------------- post-processing constants
+# A 320x320 input: P3..P7 maps of 40, 20, 10, 5, 3 cells (P3 alone has 1600 points).
+SHAPES_320 = [(40, 40), (20, 20), (10, 10), (5, 5), (3, 3)]
+# float32 logit(0.05): torch.sigmoid maps it to exactly float32(0.05), the threshold itself.
+LOGIT_AT_THRESH = torch.tensor(math.log(0.05 / 0.95), dtype=torch.float32)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _blank_outputs(shapes, K=1):
+    """Level outputs where nothing fires (prob sigmoid(-10) = 4.5e-5) and every point
+    predicts ltrb = exp(0) = 1 px, i.e. a 2x2 box around itself (cells are 8+ px apart,
+    so no two of these boxes overlap)."""
+    return [(torch.full((1, K, h, w), -10.0), torch.zeros(1, 4, h, w), torch.zeros(1, 1, h, w)) for h, w in shapes]
+
+
+def _box_centres(dets):
+    b = dets["boxes"]
+    return torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
+
+
+def test_postprocess_default_constants():
+    # FCOS's inference settings (maskrcnn-benchmark INFERENCE_TH 0.05, PRE_NMS_TOP_N 1000,
+    # NMS_TH 0.6, DETECTIONS_PER_IMG 100); the detector builds FCOS with these defaults.
+    fcos = FCOS(num_classes=80)
+    assert (fcos.score_thresh, fcos.pre_nms_top_n, fcos.nms_thresh, fcos.max_detections) == (0.05, 1000, 0.6, 100)
+
+
+def _crowded_p3_outputs():
+    """1500 P3 candidates (K = 1) whose cls order is the reverse of their cls*ctr order,
+    plus two P4 probes at the score threshold.
+
+    P3 point i (row-major, i < 1500): p_i = 0.1 + 0.8 i / 1499 rises with i while
+    s_i = p_i * ctr_i = 0.09 (1 - i / 1500) falls, so the top 1000 by cls*ctr are
+    i = 0..999 and the top 1000 by cls alone are i = 500..1499. P3 points 1500..1599
+    stay below the threshold.
+    P4 (16, 8) [row 0, col 0]: prob = float32(0.05) exactly -> dropped (needs prob > 0.05).
+    P4 (40, 8) [row 0, col 2]: the next float32 logit up, prob just above 0.05 -> kept,
+    ctr 0.5, so s = 0.025 < s_999 = 0.030: a global (not per-level) top 1000 would drop it.
+    """
+    outs = _blank_outputs(SHAPES_320)
+    cls3, _, ctr3 = outs[0]
+    for i in range(1500):
+        p = 0.1 + 0.8 * i / 1499
+        s = 0.09 * (1 - i / 1500)
+        row, col = divmod(i, 40)
+        cls3[0, 0, row, col] = _logit(p)
+        ctr3[0, 0, row, col] = _logit(s / p)
+    cls4 = outs[1][0]
+    cls4[0, 0, 0, 0] = LOGIT_AT_THRESH
+    cls4[0, 0, 0, 2] = torch.nextafter(LOGIT_AT_THRESH, torch.tensor(0.0))
+    return outs
+
+
+def test_postprocess_keeps_the_top_1000_per_level_by_cls_times_ctr():
+    outs = _crowded_p3_outputs()
+    cls, _, _ = flatten_outputs(outs)
+    prob = torch.sigmoid(cls.float())  # as postprocess computes it
+    assert prob[0, 1600, 0].item() == torch.tensor(0.05).item()  # P4 probe: exactly at the threshold
+    assert prob[0, 1602, 0].item() > torch.tensor(0.05).item()
+    assert (prob[0, :1500, 0] > 0.05).all() and (prob[0, 1500:1600, 0] < 0.05).all()
+
+    # max_detections raised (and no box overlaps another) so every candidate that
+    # passed the per-level top-1000 shows up: 1000 from P3 + the P4 probe above 0.05.
+    dets = FCOS(num_classes=1, max_detections=10_000).postprocess(outs, [(320, 320)])[0]
+    centres = _box_centres(dets)
+    on_p3 = (centres % 8 == 4).all(1)  # P3 centres are 8c + 4, P4 ones 16c + 8
+    p3_index = ((centres[on_p3, 1] - 4) / 8 * 40 + (centres[on_p3, 0] - 4) / 8).round().long()
+    assert sorted(p3_index.tolist()) == list(range(1000))  # by cls*ctr; by cls alone it would be 500..1499
+    assert centres[~on_p3].tolist() == [[40.0, 8.0]]  # the P4 probe at exactly 0.05 (16, 8) is gone
+
+    # With the defaults: the 100 best scores, sqrt(s_i) for i = 0..99, highest first.
+    dets = FCOS(num_classes=1).postprocess(outs, [(320, 320)])[0]
+    assert dets["scores"].shape == (100,)
+    centres = _box_centres(dets)
+    assert ((centres[:, 1] - 4) / 8 * 40 + (centres[:, 0] - 4) / 8).round().long().tolist() == list(range(100))
+    expected = torch.tensor([math.sqrt(0.09 * (1 - i / 1500)) for i in range(100)])
+    assert torch.allclose(dets["scores"], expected, rtol=1e-4)
+
+
+def _box_at(outs, level, row, col, label, box, cls_logit):
+    """Make P(3+level) cell (row, col) predict ``box`` (x1y1x2y2) for class ``label``."""
+    stride = 8 * 2**level
+    x, y = col * stride + stride // 2, row * stride + stride // 2
+    cls, reg, _ = outs[level]
+    cls[0, label, row, col] = cls_logit
+    ltrb = torch.tensor([x - box[0], y - box[1], box[2] - x, box[3] - y], dtype=torch.float32)
+    assert (ltrb > 0).all(), "the point must lie inside its box"
+    reg[0, :, row, col] = ltrb.log()  # paper variant: distance = exp(scale 1 * reg)
+
+
+def test_postprocess_classwise_nms_at_0_6():
+    outs = _blank_outputs(SHAPES_320, K=2)
+    # Equal heights, horizontal shift d, width w: IoU = (w - d) / (w + d).
+    # w 159, d 41: 118 / 200 = 0.59 -> both kept.
+    _box_at(outs, 0, 4, 12, 0, (20, 20, 179, 60), 3.0)  # point (100, 36)
+    _box_at(outs, 0, 4, 17, 0, (61, 20, 220, 60), 2.0)  # point (140, 36)
+    # w 161, d 39: 122 / 200 = 0.61 -> the weaker one suppressed.
+    _box_at(outs, 0, 27, 12, 0, (20, 200, 181, 240), 3.0)  # point (100, 220)
+    _box_at(outs, 0, 27, 17, 0, (59, 200, 220, 240), 2.0)  # point (140, 220)
+    # The first box of that pair again (IoU 1) but class 1, weaker: kept, NMS is per class.
+    _box_at(outs, 0, 27, 13, 1, (20, 200, 181, 240), 1.0)  # point (108, 220)
+    dets = FCOS(num_classes=2).postprocess(outs, [(320, 320)])[0]
+    got = sorted((int(lab), tuple(round(v, 3) for v in b.tolist())) for lab, b in zip(dets["labels"], dets["boxes"]))
+    assert got == [
+        (0, (20.0, 20.0, 179.0, 60.0)),
+        (0, (20.0, 200.0, 181.0, 240.0)),
+        (0, (61.0, 20.0, 220.0, 60.0)),
+        (1, (20.0, 200.0, 181.0, 240.0)),
+    ]

@@ -74,3 +74,22 @@ def test_nan_loss_is_a_failed_record_not_an_exception(proxy_splits):
 def test_prepare_split_rejects_missing_levels():
     with pytest.raises(ValueError, match="C2"):
         prepare_split({"C3": torch.zeros(1, 4, 8, 8)}, [np.zeros((0, 4))], [np.zeros(0)], num_classes=3)
+
+
+def test_size_ranges_scaled_to_the_proxy_crop():
+    """§4.1: at a 384 crop the ranges are 0-64-...-512-inf x 384/800 = 0-30.72-61.44-122.88-245.76-inf,
+    so a 370 px object gives P7 positives (points near its corners have max(l,t,r,b) > 245.76)
+    while FCOS's unscaled ranges (P7 from 512) give P7 nothing."""
+    feats = {f"C{i + 2}": torch.zeros(1, 1, 384 // s, 384 // s) for i, s in enumerate((4, 8, 16, 32))}
+    boxes, labels = [np.array([[7.0, 7.0, 377.0, 377.0]])], [np.array([0])]
+    scaled = prepare_split(feats, boxes, labels, num_classes=2)
+    edges = [lo for lo, _ in scaled.size_ranges] + [scaled.size_ranges[-1][1]]
+    assert edges == pytest.approx([0, 30.72, 61.44, 122.88, 245.76, float("inf")])
+    unscaled = prepare_split(feats, boxes, labels, num_classes=2, size_range_scale=1.0)
+    assert unscaled.size_ranges[-1] == (512.0, float("inf"))
+
+    def p7_positives(split):
+        start = sum(split.points.level_sizes[:4])
+        return int((split.assigned.labels[0, start:] >= 0).sum())
+
+    assert p7_positives(scaled) > 0 and p7_positives(unscaled) == 0

@@ -10,6 +10,7 @@ from nasfcos.space import (
     HEAD_OPS,
     PRESETS,
     TOKEN_SPACE,
+    TOKEN_SPACES,
     Arch,
     ArchError,
     Block,
@@ -24,15 +25,17 @@ def test_op_table_covers_the_space():
     assert FPN_OPS == ("sep_conv_3x3", "sep_conv_3x3_dil3", "sep_conv_5x5_dil6", "skip_connect", "def_conv_3x3")
 
 
-def test_canonical_string_round_trips_for_1000_random_archs():
+@pytest.mark.parametrize("head", ["seq", "dag"])
+def test_canonical_string_round_trips_for_1000_random_archs(head):
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(1000):
-        a = Arch.random(rng)
+        a = Arch.random(rng, head=head)
+        assert a.head.kind == head
         s = str(a)
         b = Arch.parse(s)
         assert b == a and str(b) == s and b.arch_id == a.arch_id
-        assert Arch.from_tokens(a.tokens()) == a
+        assert Arch.from_tokens(a.tokens(), head=head) == a
         seen.add(a.arch_id)
     assert len(seen) == 1000  # the space is large; collisions would hint at a sampling bug
 
@@ -108,10 +111,15 @@ def test_fpn_needs_three_unread_outputs():
 
 
 def test_token_space_masks_make_every_sample_valid():
-    assert len(TOKEN_SPACE.tokens) == 7 * 5 + 1 + 5 * 5 + 1
-    assert TOKEN_SPACE.tokens[0].name == "fpn0.id1" and TOKEN_SPACE.tokens[0].choices == 4
-    assert TOKEN_SPACE.tokens[30].name == "fpn6.id1" and TOKEN_SPACE.tokens[30].choices == 10
-    assert TOKEN_SPACE.tokens[-1].name == "share" and TOKEN_SPACE.tokens[-1].choices == 7
+    dag, seq = TOKEN_SPACES["dag"], TOKEN_SPACES["seq"]
+    assert len(dag.tokens) == 7 * 5 + 1 + 5 * 5 + 1
+    assert len(seq.tokens) == 7 * 5 + 6 + 1  # released head search: 6 op tokens + the share index
+    assert [t.name for t in seq.tokens[35:]] == [f"head.op{i}" for i in range(6)] + ["share"]
+    assert all(t.choices == 6 for t in seq.tokens[35:41]) and seq.tokens[-1].choices == 7  # share 0..6
+    assert TOKEN_SPACE is seq  # the default, see README "Deviations"
+    assert dag.tokens[0].name == "fpn0.id1" and dag.tokens[0].choices == 4
+    assert dag.tokens[30].name == "fpn6.id1" and dag.tokens[30].choices == 10
+    assert dag.tokens[-1].name == "share" and dag.tokens[-1].choices == 7
     # a prefix whose FPN already reads 4 distinct block outputs (4,5,6,7): only C2..C5 or those remain
     prefix = [3, 3, 0, 0, 0, 4, 3, 0, 0, 0, 5, 3, 0, 0, 0, 6, 7, 0, 0, 0]  # blocks 0..3 read 4, 5, 6, 7
     mask = TOKEN_SPACE.mask(prefix)  # block 4 id1: pool 0..7
@@ -121,8 +129,25 @@ def test_token_space_masks_make_every_sample_valid():
     assert mask[:9].tolist() == [True] * 8 + [False]
 
 
+def test_published_nas_fcos_is_in_the_seq_space_and_reachable():
+    """The released head search found seq[5,1,5,0,4,4]; the controller must be able to
+    sample it: every token allowed by the masks after the tokens before it."""
+    a = PRESETS["nas-fcos"]
+    tokens = a.tokens()
+    assert tokens[35:] == [5, 1, 5, 0, 4, 4, 0]
+    space = TOKEN_SPACES["seq"]
+    assert all(space.mask(tokens[:i])[v] for i, v in enumerate(tokens))
+    assert Arch.from_tokens(tokens, head="seq") == a
+    with pytest.raises(ArchError, match="'dag' head search space"):
+        TOKEN_SPACES["dag"].encode(a)
+    with pytest.raises(ArchError, match="token sequence"):
+        Arch(fpn=a.fpn, head=Head("fcos")).tokens()
+    with pytest.raises(ArchError, match="seq of 6 ops"):  # a 3-layer seq head is not in the searched space
+        TOKEN_SPACES["seq"].encode(Arch(fpn=a.fpn, head=Head("seq", (1, 1, 1))))
+
+
 def test_head_dag_and_share_validation():
-    a = Arch.random(np.random.default_rng(1))
+    a = Arch.random(np.random.default_rng(1), head="dag")
     assert a.head.kind == "dag" and a.head.num_layers == 6
     with pytest.raises(ArchError, match="share"):
         Arch(fpn=a.fpn, head=a.head, share=7)

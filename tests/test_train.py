@@ -94,3 +94,105 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="other.pt: not a nasfcos checkpoint"):
         load_checkpoint(other)
+
+
+def test_each_update_uses_and_logs_the_reference_lr(synthetic_small, tmp_path, monkeypatch, caplog):
+    # maskrcnn-benchmark (the NAS-FCOS code, PyTorch 1.0): WarmupMultiStepLR starts at last_epoch -1
+    # and do_train calls scheduler.step() first in each iteration, so update k (0-based) runs at
+    # last_epoch k:  lr(k) = base * warm(k) * 0.1 ** bisect_right(steps, k),
+    # warm(k) = 1/3 * (1 - k/warmup) + k/warmup for k < warmup ("linear"), else 1.
+    # iters 10, warmup 4, steps (6, 8), base 0.01:
+    #   k=0: 1/3                       -> 0.01/3
+    #   k=1: 1/3 * 3/4 + 1/4 = 1/2     -> 0.005
+    #   k=2: 1/3 * 1/2 + 1/2 = 2/3     -> 0.02/3
+    #   k=3: 1/3 * 1/4 + 3/4 = 5/6     -> 0.025/3
+    #   k=4,5: 1                       -> 0.01
+    #   k=6,7: 0.1 (first decay: update index 6, i.e. the 7th update) -> 0.001
+    #   k=8,9: 0.01                    -> 0.0001
+    expected = [0.01 / 3, 0.005, 0.02 / 3, 0.025 / 3, 0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001]
+    used: list[list[float]] = []
+    real_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    caplog.set_level("INFO", logger="nasfcos.train")
+    cfg = TrainConfig(iterations=10, batch_size=2, warmup_iters=4, steps=(6, 8), checkpoint_every=10, log_every=1, num_workers=0)
+    ds = _dataset(synthetic_small)
+    train(SPEC, ds, cfg, tmp_path / "a")
+    assert [w for w, _ in used] == pytest.approx(expected, rel=1e-9)
+    assert [b for _, b in used] == pytest.approx([2 * e for e in expected], rel=1e-9)  # bias lr x2
+    # the log line of update i (1-based) reports the lr that update used
+    logged = [float(r.getMessage().split(" lr ")[1].split()[0]) for r in caplog.records if r.getMessage().startswith("iter ")]
+    assert logged == pytest.approx(expected, abs=5e-6)
+    # a killed and resumed run uses the same lr at every update
+    used.clear()
+    train(SPEC, ds, cfg, tmp_path / "b", stop_at=5)
+    train(SPEC, ds, cfg, tmp_path / "b")
+    assert [w for w, _ in used] == pytest.approx(expected, rel=1e-9)
+
+
+def test_resume_with_amp_from_a_run_without_it_and_back(synthetic_small, tmp_path, monkeypatch):
+    """A CPU-started run (GradScaler disabled: state {}) resumed on CUDA (scaler enabled), and the
+    reverse. CPU-only: an enabled CPU GradScaler stands in for the CUDA one."""
+    cfg = TrainConfig(iterations=4, batch_size=2, warmup_iters=1, steps=(), checkpoint_every=2, num_workers=0)
+    ds = _dataset(synthetic_small)
+    real = torch.amp.GradScaler
+    train(SPEC, ds, cfg, tmp_path / "cpu-first", stop_at=2)
+    assert load_checkpoint(tmp_path / "cpu-first" / "checkpoint.pt")["scaler"] == {}
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: real("cpu", enabled=True))
+    resumed = train(SPEC, ds, cfg, tmp_path / "cpu-first")  # keeps its fresh loss scale
+    assert resumed.iteration == 4 and load_checkpoint(resumed.checkpoint)["scaler"]["scale"] > 0
+    train(SPEC, ds, cfg, tmp_path / "amp-first", stop_at=2)
+    assert load_checkpoint(tmp_path / "amp-first" / "checkpoint.pt")["scaler"]
+    monkeypatch.setattr(torch.amp, "GradScaler", real)
+    resumed = train(SPEC, ds, cfg, tmp_path / "amp-first")  # the saved scale is not needed
+    assert resumed.iteration == 4 and load_checkpoint(resumed.checkpoint)["scaler"] == {}
+
+
+def _named_groups(model, cfg):
+    """param_groups(model, cfg) with parameter names in place of the tensors."""
+    from nasfcos.train import param_groups
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{**g, "params": [names[id(p)] for p in g["params"]]} for g in param_groups(model, cfg)]
+
+
+def test_param_groups_double_bias_lr_no_bias_decay_frozen_left_out():
+    from nasfcos.detector import build_detector
+
+    # MobileNetV2 with freeze_at=2: the stem and res2 (features 0-3) are frozen, as in FCOS.
+    model = build_detector(DetectorSpec(num_classes=3, backbone="mobilenet_v2", width=32))
+    model.decoder.head.cls_logits.bias.requires_grad_(False)  # a frozen bias is left out too
+    weights, biases = _named_groups(model, TrainConfig())
+    # FCOS reference (maskrcnn-benchmark make_optimizer): lr 0.01, weight decay 1e-4;
+    # biases lr x BIAS_LR_FACTOR 2 = 0.02 and WEIGHT_DECAY_BIAS 0.
+    assert (weights["lr"], weights["weight_decay"]) == (0.01, 1e-4)
+    assert (biases["lr"], biases["weight_decay"]) == (0.02, 0.0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("backbone.") for n in frozen) and "decoder.head.cls_logits.bias" in frozen
+    # every trainable `.bias` (conv and norm alike) is in the bias group, everything else
+    # trainable (conv and norm weights, the FCOS scales) in the decayed group, each once
+    assert biases["params"] == [n for n in trainable if n.endswith(".bias")]
+    assert weights["params"] == [n for n in trainable if not n.endswith(".bias")]
+    assert "fcos.scales" in weights["params"] and "decoder.head.cls_tower.layers.0.1.weight" in weights["params"]
+    assert "decoder.head.cls_tower.layers.0.1.bias" in biases["params"]  # a GroupNorm bias
+
+
+def test_train_builds_sgd_with_momentum_and_the_param_groups(synthetic_small, tmp_path):
+    from nasfcos.detector import build_detector
+    from nasfcos.train import param_groups
+
+    spec = DetectorSpec(num_classes=3, backbone="mobilenet_v2", width=32)
+    cfg = TrainConfig(iterations=1, batch_size=2, checkpoint_every=1, num_workers=0)  # optimiser fields at their defaults
+    result = train(spec, _dataset(synthetic_small), cfg, tmp_path)
+    groups = load_checkpoint(result.checkpoint)["optimizer"]["param_groups"]
+    model = build_detector(spec)
+    expected = param_groups(model, cfg)
+    assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in expected]
+    assert sum(len(g["params"]) for g in groups) < len(list(model.parameters()))  # frozen ones are not optimised
+    assert [(g["initial_lr"], g["weight_decay"], g["momentum"]) for g in groups] == [(0.01, 1e-4, 0.9), (0.02, 0.0, 0.9)]
+    assert all(g["dampening"] == 0 and not g["nesterov"] for g in groups)  # plain SGD momentum

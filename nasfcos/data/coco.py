@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from nasfcos.data.common import DataError, DetectionDataset, ImageRecord, Transforms, empty_boxes, one_line
+
+log = logging.getLogger(__name__)
 
 
 def _field(entry: Any, key: str, json_path: Path, where: str) -> Any:
@@ -168,6 +171,8 @@ class COCODetection(DetectionDataset):
                 )
             )
 
+        if remove_empty:
+            log.info("%s: dropped %d of %d images without a non-crowd box (remove_empty)", json_path, len(images) - len(records), len(images))
         kept = {r.image_id for r in records}
         # The evaluation ground truth: the loaded json restricted to this dataset's images.
         self._gt = {

@@ -228,7 +228,8 @@ def build_transforms(
     """resize → flip (train only, if ``flip``) → crop (if given) → normalize.
 
     The paper's proxy (search) task is ``build_transforms(train=True, min_size=384,
-    max_size=10**9, crop=384)``.
+    max_size=10**9, crop=384)``. ``crop`` is for training data (the proxy features too):
+    ``predict_dataset`` refuses a cropping dataset (it maps detections back by ``scale``).
     """
     steps: list[Any] = [Resize(min_size, max_size)]
     if train and flip:
