@@ -7,7 +7,9 @@ import pandas as pd
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runtime import artifact_key, coco_split, device_slot, open_stage, portable, run_name, stage_hash
+from flows.inputs import coco_split
+from flows.placement import device_slot
+from flows.stages import artifact_key, open_stage, portable, run_name, stage_hash
 from storage.runs import atomic_write_json
 
 STAGE = "evaluate"

@@ -9,7 +9,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import artifact_key, ensure_data, open_stage, portable, run_name, train_config, voc_dataset
+from flows.inputs import ensure_data, train_config, voc_dataset
+from flows.stages import artifact_key, open_stage, portable, run_name
 
 STAGE = "finetune-backbone"
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import artifact_key, device_slot, open_stage, portable, run_name, voc_dataset
+from flows.inputs import voc_dataset
+from flows.placement import device_slot
+from flows.stages import artifact_key, open_stage, portable, run_name
 
 STAGE = "materialise-features"
 SPLITS = ("meta_train", "meta_val")

@@ -20,7 +20,8 @@ from flows.config import load_config
 from flows.evaluate import evaluate
 from flows.finetune import finetune_backbone
 from flows.materialise import materialise_features
-from flows.runtime import portable, task_runner
+from flows.placement import task_runner
+from flows.stages import portable
 from flows.search import search
 from flows.select import select_top_k
 from flows.train_full import train_full

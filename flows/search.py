@@ -17,7 +17,8 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from flows.runtime import artifact_key, device_slot, open_stage, portable, run_name
+from flows.placement import device_slot
+from flows.stages import artifact_key, open_stage, portable, run_name
 
 STAGE = "search"
 _CACHE: dict[tuple[str, str, float | None], tuple] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runtime import artifact_key, open_stage, run_name
+from flows.stages import artifact_key, open_stage, run_name
 
 STAGE = "select-top-k"
 

@@ -10,7 +10,9 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import PipelineConfig
-from flows.runtime import artifact_key, coco_split, device_slot, open_stage, portable, run_name, train_config
+from flows.inputs import coco_split, train_config
+from flows.placement import device_slot
+from flows.stages import artifact_key, open_stage, portable, run_name
 from storage.runs import RunDir
 
 STAGE = "train-full"

@@ -52,7 +52,7 @@ def test_manifests_decide_what_is_done(tmp_path):
 
 
 def test_a_run_dir_refuses_files_from_another_config(tmp_path):
-    from flows.runtime import conflict_key, stage_hash
+    from flows.stages import conflict_key, stage_hash
 
     a = load_config("demo", {"runs_dir": str(tmp_path)})
     more = load_config("demo", {"runs_dir": str(tmp_path), "search.total_archs": 64})
@@ -83,7 +83,7 @@ def test_paper_finetunes_from_fcos_coco_and_trains_coco_from_imagenet():
 
 
 def test_full_training_reads_its_own_weights_never_finetunes(tmp_path):
-    from flows.runtime import stage_hash
+    from flows.stages import stage_hash
     from flows.train_full import initial_weights
 
     run = RunDir.at(tmp_path, "demo")

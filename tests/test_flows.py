@@ -137,7 +137,7 @@ def test_sigkilled_search_resumes_without_evaluating_twice(prefect_server, tmp_p
 def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
     pytest.importorskip("prefect_dask")
     from flows.config import load_config
-    from flows.runtime import task_runner
+    from flows.placement import task_runner
     from flows.search import search
 
     _, run, overrides = finished_run
