@@ -15,15 +15,20 @@ gap closed by the noise-free reward of the last 100 sampled archs (and by the be
 arch found), over a 2,800-arch budget, mean and std over seeds.
 
     python benchmarks/controller_schedule.py                  # 5 seeds, 2,800 archs, both schedules
-    python benchmarks/controller_schedule.py --archs 400 --seeds 2 --jobs 2
+    python benchmarks/controller_schedule.py --archs 700 --jobs 2
+
+Each finished run is appended to ``--rows`` (JSON lines) and skipped when the command is
+run again, so the long buffer runs (~280,000 minibatch-1 Adam steps for 2,800 archs,
+about 10 ms each on one CPU core) can be spread over several sessions or machines.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import torch
@@ -86,22 +91,31 @@ def main() -> None:
     p.add_argument("--per-step", type=int, default=8, help="archs per controller update call (search.archs_per_step)")
     p.add_argument("--head", default=DEFAULT_HEAD_SEARCH, choices=("seq", "dag"))
     p.add_argument("--lr", type=float, default=ControllerConfig().lr)
-    p.add_argument("--updates", nargs="+", default=["batch", "buffer"])
+    p.add_argument("--updates", nargs="+", default=["buffer", "batch"])
     p.add_argument("--jobs", type=int, default=2, help="processes (one thread each)")
-    p.add_argument("--json", help="also write the per-run rows here")
+    p.add_argument("--rows", default=os.path.join(os.path.dirname(__file__), "controller_schedule.jsonl"), help="finished runs, one JSON line each; runs already there are not repeated")
     a = p.parse_args()
-    jobs = [(u, s) for u in a.updates for s in range(a.seeds)]
-    with ProcessPoolExecutor(a.jobs) as pool:
-        rows = list(pool.map(run, *zip(*jobs), *[[v] * len(jobs) for v in (a.archs, a.per_step, a.head, a.lr)]))
+    setting = {"archs": a.archs, "per_step": a.per_step, "head": a.head, "lr": a.lr}
+    done = [json.loads(line) for line in open(a.rows)] if os.path.exists(a.rows) else []
+    have = {(r["update"], r["seed"]) for r in done if all(r.get(k) == v for k, v in setting.items())}
+    jobs = [(u, s) for u in a.updates for s in range(a.seeds) if (u, s) not in have]
+    with ProcessPoolExecutor(a.jobs) as pool:  # a buffer run takes ~100x a batch run: those go first
+        futures = [pool.submit(run, u, s, a.archs, a.per_step, a.head, a.lr) for u, s in jobs]
+        for f in as_completed(futures):
+            row = {**f.result(), **setting}
+            with open(a.rows, "a") as out:  # durable as each run ends: a killed benchmark keeps its runs
+                out.write(json.dumps(row) + "\n")
+            print(f"{row['update']} seed {row['seed']}: last-100 {row['last100_gap_closed']:.3f}, best {row['best_gap_closed']:.3f} ({row['seconds']:.0f} s)", flush=True)
+            done.append(row)
+    rows = [r for r in done if all(r.get(k) == v for k, v in setting.items())]
     print(f"toy reward: random mean {BASE}, spread {SPREAD}, noise sd {NOISE}; {a.archs} archs, {a.per_step} per update, head {a.head}, lr {a.lr}")
-    print(f"{'update':8} {'last-100 gap closed':>22} {'best gap closed':>18} {'1st-half gap closed':>22} {'s/run':>7}")
+    print(f"{'update':8} {'seeds':>5} {'last-100 gap closed':>22} {'best gap closed':>18} {'1st-half gap closed':>22} {'s/run':>7}")
     for u in a.updates:
         r = [x for x in rows if x["update"] == u]
+        if not r:
+            continue
         cell = lambda k: f"{np.mean([x[k] for x in r]):.3f} ± {np.std([x[k] for x in r]):.3f}"  # noqa: E731
-        print(f"{u:8} {cell('last100_gap_closed'):>22} {cell('best_gap_closed'):>18} {cell('first_half_gap_closed'):>22} {np.mean([x['seconds'] for x in r]):7.0f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        print(f"{u:8} {len(r):5d} {cell('last100_gap_closed'):>22} {cell('best_gap_closed'):>18} {cell('first_half_gap_closed'):>22} {np.mean([x['seconds'] for x in r]):7.0f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ overrides, which is what ``prefect deployment run ... --param overrides=...`` us
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,20 +138,29 @@ class EvaluateConfig(_Section):
 
 
 class ExecutionConfig(_Section):
-    """Device slots (one evaluation per slot at a time) and the task runner."""
+    """Devices, how many proxy evaluations share one (``slots_per_device``), the task
+    runner; ``flows/placement.py`` says where each task runs."""
 
     devices: tuple[str, ...] = Field(("cpu",), min_length=1)
+    slots_per_device: int = Field(1, ge=1)  # proxy evaluations at once on one device
     task_runner: Literal["thread", "dask"] = "thread"
     dask_address: str | None = None  # a dask.distributed scheduler; None with "dask" = local cluster
-    dask_workers: int = Field(2, ge=1)
     retries: int = Field(1, ge=0)  # task retries for transient errors
 
     @model_validator(mode="after")
-    def _one_device_per_dask_worker(self) -> "ExecutionConfig":
-        # Dask workers are processes that cannot share a slot pool: each uses one device
-        # (start one worker per GPU with CUDA_VISIBLE_DEVICES), named here once, e.g. [cuda].
-        if self.task_runner == "dask" and len(self.devices) != 1:
-            raise ValueError("with task_runner 'dask' give one device (each Dask worker owns one), e.g. [cuda]")
+    def _devices_for_dask(self) -> "ExecutionConfig":
+        if self.task_runner != "dask":
+            return self
+        if self.dask_address:
+            # hand-started workers each own one device, pinned by CUDA_VISIBLE_DEVICES,
+            # and all call it by one name
+            if len(self.devices) != 1:
+                raise ValueError("devices: with dask_address give the one name each worker uses for its own device, e.g. [cuda]")
+            return self
+        # a local cluster starts one worker per entry: pinned to GPU N for cuda:N, or a cpu one
+        gpus = [d for d in self.devices if re.fullmatch(r"cuda:\d+", d)]
+        if len(gpus) != len(self.devices) and set(self.devices) != {"cpu"}:
+            raise ValueError("devices: with task_runner 'dask' and no dask_address list cuda:N (one worker per GPU) or cpu, not both")
         return self
 
 

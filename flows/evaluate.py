@@ -8,7 +8,7 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.inputs import coco_split
-from flows.placement import device_slot
+from flows.placement import device_resources, device_slot
 from flows.stages import artifact_key, open_stage, portable, run_name, stage_hash
 from storage.runs import atomic_write_json
 
@@ -27,7 +27,7 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
     tf = build_transforms(train=False, min_size=meta.get("eval_min_size", 800), max_size=meta.get("eval_max_size", 1333))
     out_dir = run.full(arch_id)
     row = {"arch_id": arch_id}
-    with device_slot(cfg.execution.devices) as device:
+    with device_slot(cfg.execution) as device:
         model.to(device)
         ann, images = coco_split(cfg, run, "val")
         val = COCODetection(ann, images, transforms=tf)
@@ -56,7 +56,8 @@ def evaluate(config: dict | str = "demo") -> dict:
     if upstream is None or upstream["config_hash"] != stage_hash(cfg, "train-full"):
         raise ValueError(f"{run.root}: train-full has not finished for this config; run it (or nas-search) first")
     trained = upstream["outputs"]["trained"]
-    futures = evaluate_arch_full.with_options(retries=cfg.execution.retries).map(config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained])
+    with device_resources(cfg.execution):  # on Dask: a whole GPU each
+        futures = evaluate_arch_full.with_options(retries=cfg.execution.retries).map(config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained])
     rows = [f.result() for f in futures]
     top = pd.read_parquet(run.top_k)[["arch_id", "arch", "reward", "params", "macs"]]
     metrics = pd.DataFrame(rows, columns=["arch_id", "AP", "AP50", "AP75", "APs", "APm", "APl"]) if not rows else pd.DataFrame(rows)

@@ -7,7 +7,7 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from flows.inputs import voc_dataset
-from flows.placement import device_slot
+from flows.placement import device_resources, device_slot
 from flows.stages import artifact_key, open_stage, portable, run_name
 
 STAGE = "materialise-features"
@@ -55,7 +55,7 @@ def materialise_shard(config: dict, split: str, shard: int) -> int:
     cfg, run, _, _ = open_stage(config, STAGE)
     dataset = voc_dataset(cfg, run, proxy_transforms(cfg.features.crop))
     idx = _split_indices(cfg, len(dataset))[split]
-    with device_slot(cfg.execution.devices) as device:
+    with device_slot(cfg.execution) as device:
         backbone = build_backbone(cfg.finetune.backbone, weights=run.backbone / "checkpoint.pt", freeze_at=0)
         compute = FeatureComputer(backbone, dataset, idx, seed=cfg.features.seed, device=device, batch_size=cfg.features.batch_size)
         materialise(FeatureStore.open(run.features), split, compute, shards=[shard])
@@ -73,7 +73,8 @@ def materialise_features(config: dict | str = "demo") -> dict:
     futures = []
     for split in SPLITS:
         if pending[split]:
-            futures += materialise_shard.with_options(retries=cfg.execution.retries).map(config=unmapped(config), split=unmapped(split), shard=pending[split])
+            with device_resources(cfg.execution):  # on Dask: a whole GPU each
+                futures += materialise_shard.with_options(retries=cfg.execution.retries).map(config=unmapped(config), split=unmapped(split), shard=pending[split])
     written = [f.result() for f in futures]
     out = {"store": str(run.features), "shards_written": len(written)}
     create_markdown_artifact(

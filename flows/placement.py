@@ -1,15 +1,41 @@
-"""Where tasks run: the task runner of a flow and this process's device slots."""
+"""Where tasks run: the task runner of a flow, the Dask cluster it starts, and the
+device slots of one process.
+
+A *slot* is one place for one task on one device. A proxy evaluation (small @64
+decoders rarely fill a GPU) takes one of ``execution.slots_per_device`` slots of a
+device, so several evaluations share it; full training, evaluation and feature
+materialisation take a whole device. Tasks in one process that use the same device
+share whatever that process keeps resident on it (``flows/search.py``'s features).
+
+- ``task_runner: thread``: one process, ``len(devices) * slots_per_device`` threads,
+  and a pool of device names per process that each task borrows from.
+- ``task_runner: dask``, no address: one worker *process* per entry of ``devices``,
+  pinned to its GPU with ``CUDA_VISIBLE_DEVICES`` (so it sees it as ``cuda:0``), with
+  ``slots_per_device`` threads. Only a GPU listed twice gets two workers.
+- ``task_runner: dask`` with ``dask_address``: workers started by hand, one per GPU
+  (``CUDA_VISIBLE_DEVICES=i dask worker ADDR --nthreads S --resources GPU=S``);
+  ``devices`` is the one name every worker uses for its own device.
+
+On Dask, GPU tasks ask for the worker resource :data:`RESOURCE` (see
+:func:`device_resources`), so the scheduler never puts more on a GPU than its slots.
+"""
 
 from __future__ import annotations
 
 import queue
 import threading
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator, Sequence
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.config import PipelineConfig
+from flows.config import ExecutionConfig, PipelineConfig
+
+# A Dask worker resource counted in *slots* of one GPU: a worker declares
+# GPU=slots_per_device, an evaluation asks for 1, a whole-device task for all of them.
+# Whole units, not fractions: Dask's worker subtracts and re-adds each request, and
+# 1/3 + 1/3 + 1/3 drifts past 1.0 in floating point, leaving a slot unusable.
+RESOURCE = "GPU"
 
 
 def task_runner(cfg: PipelineConfig):
@@ -20,8 +46,58 @@ def task_runner(cfg: PipelineConfig):
 
         if ex.dask_address:
             return DaskTaskRunner(address=ex.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": ex.dask_workers, "threads_per_worker": 1, "processes": True})
-    return ThreadPoolTaskRunner(max_workers=len(ex.devices))
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"devices": list(ex.devices), "slots_per_device": ex.slots_per_device})
+    return ThreadPoolTaskRunner(max_workers=len(ex.devices) * ex.slots_per_device)
+
+
+def local_cluster(devices: Sequence[str], slots_per_device: int = 1, dashboard_address: str = ":8787"):
+    """A Dask cluster on this machine: one worker process per device, pinned to it.
+
+    Plain ``CUDA_VISIBLE_DEVICES`` per worker rather than dask-cuda's
+    ``LocalCUDACluster``, which pins dask through ``rapids-dask-dependency`` and pulls
+    ``cuda-core`` for the same effect (DESIGN.md). The variable is set in the worker
+    process before anything imports CUDA, so ``cuda:N`` is that worker's ``cuda:0``.
+    ``cpu`` workers get no GPU resource and no ``CUDA_VISIBLE_DEVICES``. Everything
+    listens on 127.0.0.1; the scheduler's dashboard on ``dashboard_address`` (``:0``: any
+    free port).
+    """
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {}
+    for i, device in enumerate(devices):
+        options: dict = {"nthreads": slots_per_device, "host": "127.0.0.1"}
+        if device.startswith("cuda"):
+            options["env"] = {"CUDA_VISIBLE_DEVICES": device.split(":")[1]}
+            options["resources"] = {RESOURCE: slots_per_device}
+        workers[f"{i}-{device}"] = {"cls": Nanny, "options": options}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": dashboard_address}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="nasfcos")
+
+
+def process_devices(ex: ExecutionConfig) -> tuple[str, ...]:
+    """The devices tasks in this process use, as this process names them.
+
+    The thread runner's process uses all of ``devices``. A Dask worker owns one device:
+    a local cluster's worker sees its pinned GPU as ``cuda:0``; a hand-started worker
+    uses ``devices``' one name (checked in the config).
+    """
+    if ex.task_runner == "thread" or ex.dask_address:
+        return ex.devices
+    return ("cuda:0",) if ex.devices[0].startswith("cuda") else ("cpu",)
+
+
+def device_resources(ex: ExecutionConfig, *, shared: bool = False) -> ContextManager:
+    """Around a ``.map``/``.submit``: on Dask with GPUs, the tasks submitted inside ask
+    for one slot of a GPU (``shared``) or all of its slots; elsewhere nothing.
+
+    An annotation because prefect-dask's runner takes no per-task resources; Dask's
+    ``Client.submit`` reads ``dask.annotate`` in the submitting thread.
+    """
+    if ex.task_runner != "dask" or not process_devices(ex)[0].startswith("cuda"):
+        return nullcontext()
+    import dask
+
+    return dask.annotate(resources={RESOURCE: 1 if shared else ex.slots_per_device})
 
 
 _SLOTS: dict[tuple[str, ...], queue.Queue] = {}
@@ -29,19 +105,23 @@ _SLOTS_LOCK = threading.Lock()
 
 
 @contextmanager
-def device_slot(devices: tuple[str, ...]) -> Iterator[str]:
-    """Borrow a free device from this process's pool of ``devices`` (one evaluation per slot).
+def device_slot(ex: ExecutionConfig, *, shared: bool = False) -> Iterator[str]:
+    """Borrow a free slot of one of this process's devices; yields the device name.
 
-    With the thread runner (as many workers as slots) a slot is always free when a
-    task starts; Dask workers are separate processes, each with its own pool.
+    ``shared``: one of ``slots_per_device`` slots (proxy evaluations); otherwise the
+    whole device. The pool is filled round-robin (every device once, then again), so
+    the first tasks spread over all devices. The thread runner has a thread per shared
+    slot, so whole-device tasks may wait here for a device; Dask workers are separate
+    processes, each with its own pool.
     """
+    pool = process_devices(ex) * (ex.slots_per_device if shared else 1)
     with _SLOTS_LOCK:
-        if devices not in _SLOTS:
+        if pool not in _SLOTS:
             q: queue.Queue = queue.Queue()
-            for d in devices:
+            for d in pool:
                 q.put(d)
-            _SLOTS[devices] = q
-    q = _SLOTS[devices]
+            _SLOTS[pool] = q
+    q = _SLOTS[pool]
     device = q.get()
     try:
         yield device

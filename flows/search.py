@@ -17,32 +17,43 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from flows.placement import device_slot
+from flows.placement import device_resources, device_slot
 from flows.stages import artifact_key, open_stage, portable, run_name
 
 STAGE = "search"
-_CACHE: dict[tuple[str, str, float | None], tuple] = {}
+_Key = tuple[str, str, float | None]  # (feature store, device, size_range_scale)
+_CACHE: dict[_Key, tuple] = {}
+_LOADING: dict[_Key, threading.Lock] = {}  # one lock per key: a load never waits for another device's
 _CACHE_LOCK = threading.Lock()
 
 
-def _splits(features: str, device: str, size_range_scale: float | None):
-    """Both proxy splits resident on ``device``, loaded once per process and device."""
+def _load_splits(features: str, device: str, size_range_scale: float | None) -> tuple:
+    """(meta_train, meta_val, num_classes): both proxy splits read from the store onto ``device``."""
     import torch
 
     from nasfcos.proxy import LEVELS, prepare_split
     from storage.features import FeatureStore
 
+    store = FeatureStore.open(features)
+    k = int(store.attrs["num_classes"])
+    out = []
+    for split in ("meta_train", "meta_val"):
+        d = store.read_split(split, levels=list(LEVELS))
+        feats = {lv: torch.from_numpy(d["features"][lv]) for lv in LEVELS}
+        out.append(prepare_split(feats, d["boxes"], d["labels"], num_classes=k, device=device, size_range_scale=size_range_scale))
+    return (*out, k)
+
+
+def _splits(features: str, device: str, size_range_scale: float | None) -> tuple:
+    """Both proxy splits resident on ``device``, loaded once per process and device: the
+    slots of one device share this copy, and a slot that starts while another is
+    loading it waits for that load instead of loading a second copy."""
+    key = (features, device, size_range_scale)
     with _CACHE_LOCK:
-        key = (features, device, size_range_scale)
+        lock = _LOADING.setdefault(key, threading.Lock())
+    with lock:
         if key not in _CACHE:
-            store = FeatureStore.open(features)
-            k = int(store.attrs["num_classes"])
-            out = []
-            for split in ("meta_train", "meta_val"):
-                d = store.read_split(split, levels=list(LEVELS))
-                feats = {lv: torch.from_numpy(d["features"][lv]) for lv in LEVELS}
-                out.append(prepare_split(feats, d["boxes"], d["labels"], num_classes=k, device=device, size_range_scale=size_range_scale))
-            _CACHE[key] = (*out, k)
+            _CACHE[key] = _load_splits(features, device, size_range_scale)
         return _CACHE[key]
 
 
@@ -51,6 +62,7 @@ def _free_cache() -> None:
 
     with _CACHE_LOCK:
         _CACHE.clear()
+        _LOADING.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -69,7 +81,7 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
     cfg, run, _, _ = open_stage(config, STAGE)
     p = cfg.proxy
     pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=p.epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
-    with device_slot(cfg.execution.devices) as device:
+    with device_slot(cfg.execution, shared=True) as device:
         train, val, k = _splits(str(run.features), device, p.size_range_scale)
         record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty)
@@ -102,13 +114,14 @@ def search(config: dict | str = "demo") -> dict:
     )
 
     def evaluate(jobs):
-        futures = evaluate_decoder.with_options(retries=cfg.execution.retries).map(
-            config=unmapped(config),
-            arch=[str(j.arch) for j in jobs],
-            arch_id=[j.arch.arch_id for j in jobs],
-            step=[j.step for j in jobs],
-            sample=[j.sample for j in jobs],
-        )
+        with device_resources(cfg.execution, shared=True):  # on Dask: one slot of a GPU each
+            futures = evaluate_decoder.with_options(retries=cfg.execution.retries).map(
+                config=unmapped(config),
+                arch=[str(j.arch) for j in jobs],
+                arch_id=[j.arch.arch_id for j in jobs],
+                step=[j.step for j in jobs],
+                sample=[j.sample for j in jobs],
+            )
         for future in as_completed(futures):
             yield future.result()
 

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.config import PipelineConfig
 from flows.inputs import coco_split, train_config
-from flows.placement import device_slot
+from flows.placement import device_resources, device_slot
 from flows.stages import artifact_key, open_stage, portable, run_name
 from storage.runs import RunDir
 
@@ -42,7 +42,7 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     spec = DetectorSpec(num_classes=len(dataset.classes), backbone=cfg.finetune.backbone, decoder=arch, width=t.width, head_width=t.head_width)
     meta = {"classes": list(dataset.classes), "category_ids": list(dataset.category_ids), "eval_min_size": max(tc.min_size), "eval_max_size": tc.max_size}
     weights, init = initial_weights(cfg, run)
-    with device_slot(cfg.execution.devices) as device:
+    with device_slot(cfg.execution) as device:
         result = train(spec, dataset, tc, run.full(arch_id), device=device, backbone_weights=weights, init_checkpoint=init, meta=meta)
     get_run_logger().info("%s: trained %d iterations, losses %s", arch_id, result.iteration, result.last_losses)
     return {"arch_id": arch_id, "arch": arch, "checkpoint": str(result.checkpoint), "iteration": result.iteration}
@@ -55,7 +55,8 @@ def train_full(config: dict | str = "demo") -> dict:
         return run.manifest(STAGE)["outputs"]
     config = portable(cfg)
     top = pd.read_parquet(run.top_k).head(cfg.train_full.num_archs)
-    futures = train_arch.with_options(retries=cfg.execution.retries).map(config=unmapped(config), arch=top.arch.tolist(), arch_id=top.arch_id.tolist())
+    with device_resources(cfg.execution):  # on Dask: a whole GPU each
+        futures = train_arch.with_options(retries=cfg.execution.retries).map(config=unmapped(config), arch=top.arch.tolist(), arch_id=top.arch_id.tolist())
     trained = [f.result() for f in futures]
     create_markdown_artifact(
         key=artifact_key(cfg, "train-full"),

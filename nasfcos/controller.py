@@ -176,7 +176,8 @@ class PPOController:
         self.space = token_space(head)
         torch.manual_seed(seed)
         self.policy = LSTMPolicy(cfg, self.space)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
+        # foreach: one fused update over the few parameter tensors (the buffer schedule makes ~100 steps per arch)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr, foreach=True)
         self.generator = torch.Generator().manual_seed(seed)
         self.baseline: float | None = None
         T, A = len(self.space.tokens), self.space.max_choices
@@ -223,7 +224,7 @@ class PPOController:
         loss = -surr.mean() - self.cfg.entropy_coef * ent.mean()
         self.optimizer.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+        nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm, foreach=True)
         self.optimizer.step()
         return {"loss": loss.item(), "entropy": ent.mean().item(), "ratio": ratio.mean().item()}
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: small synthetic datasets written once per session."""
+"""Shared fixtures: small synthetic datasets and one Prefect test server per session."""
 
 import os
 
@@ -17,3 +17,23 @@ def synthetic_small(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synthetic_small")
     return make_synthetic(root, num_train=24, num_val=8, image_size=(64, 96), seed=0)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One Prefect test server for every flow test of the session, with its own home."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "storage")
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

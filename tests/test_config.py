@@ -109,3 +109,23 @@ def test_search_head_space_update_schedule_and_proxy_range_scale():
         load_config("demo", {"search.head": "tree"})
     with pytest.raises(ConfigError, match=r"proxy.size_range_scale"):
         load_config("demo", {"proxy.size_range_scale": 0})
+
+
+def test_execution_slots_and_dask_devices_name_the_field():
+    cfg = load_config("demo", {"execution.devices": ["cuda:0", "cuda:1"], "execution.slots_per_device": 2})
+    assert cfg.execution.slots_per_device == 2 and load_config("demo").execution.slots_per_device == 1
+    with pytest.raises(ConfigError, match=r"execution.slots_per_device"):
+        load_config("demo", {"execution.slots_per_device": 0})
+    # a local Dask cluster: one worker per entry, each pinned to cuda:N (a GPU listed twice: two workers)
+    dask = {"execution.task_runner": "dask"}
+    assert load_config("demo", {**dask, "execution.devices": ["cuda:0", "cuda:1", "cuda:1"]}).execution.devices[2] == "cuda:1"
+    assert load_config("demo", {**dask, "execution.devices": ["cpu", "cpu"]}).execution.devices == ("cpu", "cpu")
+    for devices in (["cuda"], ["cuda:0", "cpu"]):
+        with pytest.raises(ConfigError, match=r"execution: .*devices: .*cuda:N .* or cpu"):
+            load_config("demo", {**dask, "execution.devices": devices})
+    # hand-started workers each own one device and call it by one name
+    assert load_config("demo", {**dask, "execution.dask_address": "tcp://h:8786", "execution.devices": ["cuda"]}).execution.devices == ("cuda",)
+    with pytest.raises(ConfigError, match=r"execution: .*devices: with dask_address"):
+        load_config("demo", {**dask, "execution.dask_address": "tcp://h:8786", "execution.devices": ["cuda:0", "cuda:1"]})
+    with pytest.raises(ConfigError, match=r"execution.dask_workers: Extra inputs"):  # one worker per device now
+        load_config("demo", {**dask, "execution.dask_workers": 2})

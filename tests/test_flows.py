@@ -13,8 +13,6 @@ import pytest
 
 pytest.importorskip("prefect")
 
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,23 +32,6 @@ def tiny(run_id: str, runs_dir: Path, **extra) -> dict:
     }  # fmt: skip
     o.update(extra)
     return o
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "storage")
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +130,7 @@ def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
     for stage in ("finetune-backbone", "materialise-features"):
         shutil.copy(run / "manifests" / f"{stage}.json", copy / "manifests")
     cfg = load_config("demo", {**overrides, "run_id": "dask", "runs_dir": str(tmp_path), "search.total_archs": 2,
-                               "execution.task_runner": "dask", "execution.dask_workers": 2})  # fmt: skip
+                               "execution.task_runner": "dask", "execution.devices": ["cpu", "cpu"]})  # fmt: skip
     out = search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
     assert out["unique_archs"] == 2
     lines = (copy / "evaluations.log").read_text().splitlines()
