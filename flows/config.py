@@ -101,8 +101,11 @@ class SearchSettings(_Section):
     controller_lr: float = Field(1e-4, gt=0)
     # batch: ppo_epochs steps per archs_per_step results; buffer: [14]'s 100-entry rollout
     # buffer, ~100 minibatch-1 steps per result (benchmarks/controller_schedule.py)
-    controller_update: Literal["batch", "buffer"] = "batch"
+    controller_update: Literal["batch", "buffer"] = "buffer"
     ppo_epochs: int = Field(4, ge=1)
+    # sync: K archs per step, update, repeat (bit-reproducible); async: every device slot
+    # busy, a new arch the moment one finishes, an update every K results (nasfcos/search.py)
+    mode: Literal["async", "sync"] = "sync"
 
 
 class SelectConfig(_Section):
@@ -131,6 +134,9 @@ class TrainFullConfig(_Section):
     clip_grad: float = 0.0
     checkpoint_every: int = Field(2500, ge=1)
     num_workers: int = 4
+    # data-parallel devices per arch (nasfcos/distributed.py): execution.devices split into
+    # disjoint groups of this size, one arch training on each group at once
+    devices_per_arch: int = Field(1, ge=1)
 
 
 class EvaluateConfig(_Section):
@@ -177,6 +183,19 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     execution: ExecutionConfig = ExecutionConfig()
 
+    @model_validator(mode="after")
+    def _device_groups(self) -> "PipelineConfig":
+        n, devices = self.train_full.devices_per_arch, self.execution.devices
+        if n == 1:
+            return self
+        if self.execution.task_runner != "thread":
+            raise ValueError("train_full.devices_per_arch > 1 needs execution.task_runner 'thread' (a Dask worker owns one device)")
+        if len(devices) % n:
+            raise ValueError(f"train_full.devices_per_arch {n} does not divide the {len(devices)} execution.devices")
+        if self.train_full.batch_size % n:
+            raise ValueError(f"train_full.batch_size {self.train_full.batch_size} is not divisible by train_full.devices_per_arch {n}")
+        return self
+
 
 class ConfigError(ValueError):
     """A bad config; one line naming the file and the field."""
@@ -214,4 +233,6 @@ def load_config(source: str | Path | dict, overrides: dict[str, Any] | None = No
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"])
+        if not field:  # a check across sections names its fields in the message
+            raise ConfigError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
         raise ConfigError(f"{where}: {field}: {err['msg']} (got {err.get('input')!r})") from None

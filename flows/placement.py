@@ -4,7 +4,8 @@ device slots of one process.
 A *slot* is one place for one task on one device. A proxy evaluation (small @64
 decoders rarely fill a GPU) takes one of ``execution.slots_per_device`` slots of a
 device, so several evaluations share it; full training, evaluation and feature
-materialisation take a whole device. Tasks in one process that use the same device
+materialisation take a whole device (full training: a disjoint group of
+``train_full.devices_per_arch`` devices, :func:`device_group`). Tasks in one process that use the same device
 share whatever that process keeps resident on it (``flows/search.py``'s features).
 
 - ``task_runner: thread``: one process, ``len(devices) * slots_per_device`` threads,
@@ -47,7 +48,16 @@ def task_runner(cfg: PipelineConfig):
         if ex.dask_address:
             return DaskTaskRunner(address=ex.dask_address)
         return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"devices": list(ex.devices), "slots_per_device": ex.slots_per_device})
-    return ThreadPoolTaskRunner(max_workers=len(ex.devices) * ex.slots_per_device)
+    return ThreadPoolTaskRunner(max_workers=evaluation_slots(ex))
+
+
+def evaluation_slots(ex: ExecutionConfig) -> int:
+    """How many proxy evaluations run at once: ``slots_per_device`` on each device.
+
+    With ``dask_address`` this counts ``devices``' one name once, not every worker
+    of the external cluster: the search then keeps fewer evaluations in flight.
+    """
+    return len(ex.devices) * ex.slots_per_device
 
 
 def local_cluster(devices: Sequence[str], slots_per_device: int = 1, dashboard_address: str = ":8787"):
@@ -100,7 +110,7 @@ def device_resources(ex: ExecutionConfig, *, shared: bool = False) -> ContextMan
     return dask.annotate(resources={RESOURCE: 1 if shared else ex.slots_per_device})
 
 
-_SLOTS: dict[tuple[str, ...], queue.Queue] = {}
+_SLOTS: dict[tuple, queue.Queue] = {}  # a pool of devices or of device groups -> its free ones
 _SLOTS_LOCK = threading.Lock()
 
 
@@ -127,3 +137,32 @@ def device_slot(ex: ExecutionConfig, *, shared: bool = False) -> Iterator[str]:
         yield device
     finally:
         q.put(device)
+
+
+@contextmanager
+def device_group(ex: ExecutionConfig, size: int) -> Iterator[tuple[str, ...]]:
+    """Borrow ``size`` devices for one data-parallel training (``train_full.devices_per_arch``).
+
+    This process's devices split into disjoint consecutive groups (the config checks that
+    ``size`` divides them and that the runner is the thread one), one task per group at a
+    time, so as many archs train at once as there are groups. ``size`` 1 borrows a whole
+    device from :func:`device_slot`'s pool.
+    """
+    if size == 1:
+        with device_slot(ex) as device:
+            yield (device,)
+        return
+    devices = process_devices(ex)
+    pool = tuple(devices[i : i + size] for i in range(0, len(devices), size))
+    with _SLOTS_LOCK:
+        if pool not in _SLOTS:
+            q: queue.Queue = queue.Queue()
+            for g in pool:
+                q.put(g)
+            _SLOTS[pool] = q
+    q = _SLOTS[pool]
+    group = q.get()
+    try:
+        yield group
+    finally:
+        q.put(group)

@@ -1,8 +1,10 @@
 """Stage 3, ``search`` (paper §3.3): the controller samples decoders, each is scored on the
 proxy task by a parallel Prefect task (one per device slot), PPO updates the controller.
 
-The loop itself is ``nasfcos.search.run_search``; this flow only maps its
-evaluations onto tasks and reports progress. Every record lands in
+The loop itself is ``nasfcos.search.run_search`` (``search.mode: sync``: a step's
+archs mapped onto tasks) or ``run_search_async`` (``async``: one task submitted per
+freed device slot); this flow only turns its evaluations into tasks and reports
+progress. Every record lands in
 ``results.parquet`` as it finishes; the controller checkpoint makes the stage
 resumable after a crash without evaluating any arch twice.
 """
@@ -17,7 +19,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from flows.placement import device_resources, device_slot
+from flows.placement import device_resources, device_slot, evaluation_slots
 from flows.stages import artifact_key, open_stage, portable, run_name
 
 STAGE = "search"
@@ -96,7 +98,7 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
 def search(config: dict | str = "demo") -> dict:
     """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
     from nasfcos.controller import ControllerConfig, build_policy
-    from nasfcos.search import SearchConfig, run_search
+    from nasfcos.search import SearchConfig, run_search, run_search_async
     from storage.results import ResultsTable
 
     cfg, run, h, done = open_stage(config, STAGE)
@@ -113,9 +115,11 @@ def search(config: dict | str = "demo") -> dict:
         description=f"archs evaluated out of {s.total_archs}",
     )
 
+    task = evaluate_decoder.with_options(retries=cfg.execution.retries)
+
     def evaluate(jobs):
         with device_resources(cfg.execution, shared=True):  # on Dask: one slot of a GPU each
-            futures = evaluate_decoder.with_options(retries=cfg.execution.retries).map(
+            futures = task.map(
                 config=unmapped(config),
                 arch=[str(j.arch) for j in jobs],
                 arch_id=[j.arch.arch_id for j in jobs],
@@ -125,22 +129,29 @@ def search(config: dict | str = "demo") -> dict:
         for future in as_completed(futures):
             yield future.result()
 
+    def submit(job):
+        with device_resources(cfg.execution, shared=True):
+            return task.submit(config=config, arch=str(job.arch), arch_id=job.arch.arch_id, step=job.step, sample=job.sample)
+
     def on_step(info: dict) -> None:
         update_progress_artifact(progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
 
+    loop = dict(
+        policy=policy, results=results, state_path=run.controller, on_step=on_step,
+        cfg=SearchConfig(total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty),
+    )  # fmt: skip
     try:
-        summary = run_search(
-            policy=policy, evaluate=evaluate, results=results, state_path=run.controller,
-            cfg=SearchConfig(total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty),
-            on_step=on_step,
-        )  # fmt: skip
+        if s.mode == "async":
+            summary = run_search_async(submit=submit, slots=evaluation_slots(cfg.execution), **loop)
+        else:
+            summary = run_search(evaluate=evaluate, **loop)
     finally:  # the cached features must not hold device memory during full training
         _free_cache()
     df = results.read()
     create_markdown_artifact(
         key=artifact_key(cfg, "search"),
         markdown=f"# {STAGE}\n\n{summary.unique_archs} unique archs ({int((df.status == 'failed').sum())} failed) in "
-        f"{summary.steps} controller steps ({s.policy}); best reward {summary.best_reward:.4f}:\n\n`{summary.best_arch}`\n\n"
+        f"{summary.steps} controller steps ({s.policy}, {s.mode}); best reward {summary.best_reward:.4f}:\n\n`{summary.best_arch}`\n\n"
         f"Results: `{run.root / 'results.parquet'}`",
         description="search summary",
     )

@@ -35,12 +35,15 @@ _UPSTREAM = {
 # Fields a finished stage may be re-run with while keeping its durable files: a larger
 # search budget extends the same search.
 _EXTENDABLE = {"search": {"total_archs"}}
+# Fields that say where a stage runs, not what it computes: in no hash, so a run dir
+# trained on one device per arch resumes (and stays done) on groups of several.
+_PLACEMENT = {"train_full": {"devices_per_arch"}}
 
 
 def _sections(cfg: PipelineConfig, stage: str, *, extendable: bool) -> dict[str, Any]:
     parts: dict[str, Any] = {}
     for s in _STAGE_SECTIONS[stage]:
-        d = getattr(cfg, s).model_dump(mode="json")
+        d = {k: v for k, v in getattr(cfg, s).model_dump(mode="json").items() if k not in _PLACEMENT.get(s, set())}
         if not extendable:
             d = {k: v for k, v in d.items() if k not in _EXTENDABLE.get(s, set())}
         parts[s] = d

@@ -1,5 +1,6 @@
 """Stage 5, ``train-full`` (paper §4.2): train the selected decoders with the backbone on COCO,
-one parallel task per device slot, each resumable from ``full/<arch-id>/checkpoint.pt``."""
+one parallel task per group of ``train_full.devices_per_arch`` devices (data-parallel within
+a group), each resumable from ``full/<arch-id>/checkpoint.pt``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.config import PipelineConfig
 from flows.inputs import coco_split, train_config
-from flows.placement import device_resources, device_slot
+from flows.placement import device_group, device_resources
 from flows.stages import artifact_key, open_stage, portable, run_name
 from storage.runs import RunDir
 
@@ -32,7 +33,7 @@ def initial_weights(cfg: PipelineConfig, run: RunDir) -> tuple[str | None, Path 
 def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     from nasfcos.data import COCODetection, build_transforms
     from nasfcos.detector import DetectorSpec
-    from nasfcos.train import train
+    from nasfcos.distributed import train_on_devices
 
     cfg, run, _, _ = open_stage(config, STAGE)
     t = cfg.train_full
@@ -42,8 +43,8 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     spec = DetectorSpec(num_classes=len(dataset.classes), backbone=cfg.finetune.backbone, decoder=arch, width=t.width, head_width=t.head_width)
     meta = {"classes": list(dataset.classes), "category_ids": list(dataset.category_ids), "eval_min_size": max(tc.min_size), "eval_max_size": tc.max_size}
     weights, init = initial_weights(cfg, run)
-    with device_slot(cfg.execution) as device:
-        result = train(spec, dataset, tc, run.full(arch_id), device=device, backbone_weights=weights, init_checkpoint=init, meta=meta)
+    with device_group(cfg.execution, t.devices_per_arch) as devices:
+        result = train_on_devices(spec, dataset, tc, run.full(arch_id), devices=devices, backbone_weights=weights, init_checkpoint=init, meta=meta)
     get_run_logger().info("%s: trained %d iterations, losses %s", arch_id, result.iteration, result.last_losses)
     return {"arch_id": arch_id, "arch": arch, "checkpoint": str(result.checkpoint), "iteration": result.iteration}
 

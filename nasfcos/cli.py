@@ -57,7 +57,8 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nasfcos.detector import DetectorSpec
-    from nasfcos.train import SCHEDULES, TrainConfig, train
+    from nasfcos.distributed import rank_devices, train_on_devices
+    from nasfcos.train import SCHEDULES, TrainConfig
 
     base = SCHEDULES[args.schedule]
     overrides = {
@@ -81,6 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if v is not None
     }
     cfg = TrainConfig.from_dict({**base.__dict__, **overrides})
+    devices = rank_devices(_device(args.device), args.nproc)
+    if cfg.batch_size % args.nproc:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by --nproc {args.nproc}")
     tf = build_transforms(train=True, min_size=cfg.min_size, max_size=cfg.max_size, crop=cfg.crop or None, flip=cfg.flip)
     dataset = _open_dataset(args, tf, remove_empty=True)
     spec = DetectorSpec(
@@ -97,13 +101,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         "eval_min_size": max(cfg.min_size),
         "eval_max_size": cfg.max_size,
     }
-    logging.info("training %s on %d images, %d iterations, batch %d", spec, len(dataset), cfg.iterations, cfg.batch_size)
-    result = train(
+    logging.info("training %s on %d images, %d iterations, batch %d on %s", spec, len(dataset), cfg.iterations, cfg.batch_size, devices)
+    result = train_on_devices(
         spec,
         dataset,
         cfg,
         args.out,
-        device=_device(args.device),
+        devices=devices,
         backbone_weights=args.weights,
         init_checkpoint=args.init,
         meta=meta,
@@ -237,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, help="iterations between log lines")
     p.add_argument("--seed", type=int, help="seed of init, data order and augmentation")
     p.add_argument("--num-workers", type=int, help="data loader processes")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu); with --nproc N, cuda:K means cuda:K..K+N-1")
+    p.add_argument(
+        "--nproc", type=int, default=1,
+        help="data-parallel processes, one per device (NCCL on cuda, gloo on cpu); the batch size stays the global "
+        "one and must divide by N; a run resumes on any N that divides it (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("--no-amp", action="store_true", help="train in fp32 on GPU (AMP is on by default on CUDA)")
     p.set_defaults(func=cmd_train)
 

@@ -252,11 +252,16 @@ class FCOS(nn.Module):
         earlier by :meth:`assign` for the same feature sizes (the proxy task
         caches it, since its inputs never change).
         """
+        return self.combine(self.level_loss_sums(outputs, targets))
+
+    def level_loss_sums(self, outputs: LevelOutputs, targets: list[dict[str, Tensor]] | Assigned) -> dict[str, Tensor]:
+        """:meth:`loss_sums` of a decoder's level outputs (the arguments of :meth:`loss`).
+        Distributed training all-reduces the normalisers between this and :meth:`combine`."""
         points = self.points([o[0].shape[-2:] for o in outputs], outputs[0][0].device)
         if not isinstance(targets, Assigned):
             targets = self.assign(points, targets)
         cls, reg, ctr = flatten_outputs(outputs)
-        return self.loss_flat(cls, reg, ctr, points, targets)
+        return self.loss_sums(cls, reg, ctr, points, targets)
 
     def loss_flat(self, cls: Tensor, reg: Tensor, ctr: Tensor, points: Points, assigned: Assigned) -> dict[str, Tensor]:
         """Losses on flattened outputs: cls (N, P, K), reg (N, P, 4), ctr (N, P)."""

@@ -1,20 +1,35 @@
 """The search loop (NAS-FCOS §3.3): sample decoders, score them on the proxy task,
 update the controller; resumable at any point. Plain Python: the Prefect flow
-injects an ``evaluate`` that fans the archs out to parallel tasks.
+injects how evaluations run (parallel tasks). Two schedules share the state,
+the checkpoint and the rows:
 
-Per step: sample K archs (recorded in the controller checkpoint *before* any is
-evaluated), evaluate those not yet in the results table, append each record as
-it arrives, update the policy with the rewards of all K (stored rewards for
-archs seen before; ``failure_penalty`` for failed ones), compact the table and
-checkpoint the controller. A search killed anywhere resumes from the last
+:func:`run_search` (``search.mode: sync``, bit-reproducible). Per step: sample K
+archs (recorded in the controller checkpoint *before* any is evaluated),
+evaluate those not yet in the results table, append each record as it arrives,
+update the policy with the rewards of all K (stored rewards for archs seen
+before; ``failure_penalty`` for failed ones), compact the table and checkpoint
+the controller. A search killed anywhere resumes from the last
 checkpoint: the pending archs are the same, finished ones are not evaluated
 again, and the update is redone from the same state.
+
+:func:`run_search_async` (``search.mode: async``): ``slots`` evaluations stay in
+flight; each freed slot gets a newly sampled arch at once, so no slot idles
+while the slowest arch of a step finishes. The controller updates on every
+``archs_per_step`` finished results, in the order they finish; an arch may have
+been sampled by a policy a few updates older than the one it updates, which
+PPO's ratio against the stored sampling log-probability corrects for. The
+checkpoint lists the in-flight samples (written before each submission) and
+the finished ones not yet used by an update; a killed search resubmits exactly
+the in-flight archs without a row and evaluates none twice. Which archs are
+sampled depends on the order evaluations finish, so only ``slots=1`` is
+reproducible.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import queue
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +45,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Job:
-    """One evaluation: the arch and where it was sampled (step, index in the step)."""
+    """One evaluation: the arch and where it was sampled: ``step`` (controller
+    updates before it was sampled) and ``sample`` (index among that policy's samples)."""
 
     arch: Arch
     step: int
@@ -38,6 +54,17 @@ class Job:
 
 
 Evaluate = Callable[[list[Job]], Iterable[dict]]
+
+
+class Future(Protocol):
+    """One submitted evaluation, as the async loop needs it: ``concurrent.futures.Future``
+    and Prefect's task futures both fit. ``result()`` is the evaluation record."""
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None: ...
+    def result(self) -> Any: ...
+
+
+Submit = Callable[[Job], Future]
 
 
 class Results(Protocol):
@@ -76,12 +103,22 @@ class SearchConfig:
 
 @dataclass
 class SearchState:
-    """What the controller checkpoint holds besides the policy."""
+    """What the controller checkpoint holds besides the policy.
+
+    ``pending``: sync mode's samples of the current step (``Sample.to_dict``).
+    Async mode's entries are ``{"step", "sample", "draw"}`` (``draw``: the
+    ``Sample.to_dict``): ``in_flight`` were submitted (or wait for an identical
+    arch that was), ``finished`` have a row but fed no update yet (finish order);
+    ``drawn`` counts the samples of the current policy (the next ``sample`` index).
+    """
 
     step: int = 0
     issued: int = 0
     pending: list[dict] | None = None
     stats: list[dict] = field(default_factory=list)
+    in_flight: list[dict] = field(default_factory=list)
+    finished: list[dict] = field(default_factory=list)
+    drawn: int = 0
 
 
 @dataclass
@@ -103,7 +140,10 @@ def load_state(path: Path, policy: Policy) -> SearchState:
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: cannot read controller checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     policy.load_state_dict(ckpt["policy"])
-    return SearchState(step=ckpt["step"], issued=ckpt["issued"], pending=ckpt["pending"], stats=ckpt["stats"])
+    return SearchState(
+        step=ckpt["step"], issued=ckpt["issued"], pending=ckpt["pending"], stats=ckpt["stats"],
+        in_flight=ckpt.get("in_flight", []), finished=ckpt.get("finished", []), drawn=ckpt.get("drawn", 0),
+    )  # fmt: skip
 
 
 def save_state(path: Path, policy: Policy, state: SearchState, cfg: SearchConfig) -> None:
@@ -114,6 +154,38 @@ def save_state(path: Path, policy: Policy, state: SearchState, cfg: SearchConfig
 def _known(results: Results) -> dict[str, dict]:
     df = results.read()
     return {} if df is None or len(df) == 0 else {r["arch_id"]: r for r in df.to_dict("records")}
+
+
+def _reward(row: dict, penalty: float) -> float:
+    return row["reward"] if row["status"] == "ok" else penalty
+
+
+def _step_info(state: SearchState, known: dict[str, dict], cfg: SearchConfig, rewards: list[float], evaluated: int, stats: dict) -> dict:
+    """The progress record of one controller update (``state.stats``, ``on_step``)."""
+    ok = [r["reward"] for r in known.values() if r["status"] == "ok"]
+    return {
+        "step": state.step,
+        "issued": state.issued,
+        "unique_archs": len(known),
+        "total_archs": cfg.total_archs,
+        "evaluated_in_step": evaluated,
+        "mean_reward": sum(rewards) / len(rewards),
+        "best_reward": max(ok) if ok else float("nan"),
+        **{f"policy_{k}": v for k, v in stats.items()},
+    }
+
+
+def _summary(state: SearchState, known: dict[str, dict], evaluated_now: int) -> SearchSummary:
+    ok = {a: r for a, r in known.items() if r["status"] == "ok"}
+    best = max(sorted(ok), key=lambda a: ok[a]["reward"], default=None)  # ties: smallest arch_id
+    return SearchSummary(
+        steps=state.step,
+        issued=state.issued,
+        unique_archs=len(known),
+        evaluated_now=evaluated_now,
+        best_reward=ok[best]["reward"] if best else float("nan"),
+        best_arch=ok[best]["arch"] if best else "",
+    )
 
 
 def make_row(record: dict, *, step: int, sample: int, penalty: float) -> dict:
@@ -147,6 +219,11 @@ def run_search(
     """
     state_path = Path(state_path)
     state = load_state(state_path, policy)
+    if state.in_flight or state.finished:
+        raise ValueError(
+            f"{state_path}: holds an async-mode search ({len(state.in_flight)} archs in flight, "
+            f"{len(state.finished)} finished before the next update); resume it with search.mode=async"
+        )
     max_samples = cfg.max_samples or 4 * cfg.total_archs
     evaluated_now = 0
     known = _known(results)
@@ -182,22 +259,12 @@ def run_search(
         if missing:
             raise RuntimeError(f"evaluator returned no record for {len(missing)} archs, e.g. {missing[0]}")
 
-        rewards = [known[s.arch.arch_id]["reward"] if known[s.arch.arch_id]["status"] == "ok" else cfg.failure_penalty for s in samples]
+        rewards = [_reward(known[s.arch.arch_id], cfg.failure_penalty) for s in samples]
         stats = policy.update(samples, rewards)
         state.step += 1
         state.issued += len(samples)
         state.pending = None
-        ok = [r["reward"] for r in known.values() if r["status"] == "ok"]
-        info = {
-            "step": state.step,
-            "issued": state.issued,
-            "unique_archs": len(known),
-            "total_archs": cfg.total_archs,
-            "evaluated_in_step": len(todo),
-            "mean_reward": sum(rewards) / len(rewards),
-            "best_reward": max(ok) if ok else float("nan"),
-            **{f"policy_{k}": v for k, v in stats.items()},
-        }
+        info = _step_info(state, known, cfg, rewards, len(todo), stats)
         state.stats.append(info)
         results.compact()
         save_state(state_path, policy, state, cfg)
@@ -208,13 +275,128 @@ def run_search(
         if on_step is not None:
             on_step(info)
 
-    ok = {a: r for a, r in known.items() if r["status"] == "ok"}
-    best = max(sorted(ok), key=lambda a: ok[a]["reward"], default=None)  # ties: smallest arch_id
-    return SearchSummary(
-        steps=state.step,
-        issued=state.issued,
-        unique_archs=len(known),
-        evaluated_now=evaluated_now,
-        best_reward=ok[best]["reward"] if best else float("nan"),
-        best_arch=ok[best]["arch"] if best else "",
-    )
+    return _summary(state, known, evaluated_now)
+
+
+def run_search_async(
+    *,
+    policy: Policy,
+    submit: Submit,
+    slots: int,
+    results: Results,
+    state_path: str | Path,
+    cfg: SearchConfig = SearchConfig(),
+    on_step: Callable[[dict], None] | None = None,
+) -> SearchSummary:
+    """Run (or resume) the search with ``slots`` evaluations in flight until
+    ``cfg.total_archs`` unique archs are in ``results`` (see the module docstring).
+
+    ``submit(job)`` starts one evaluation and returns a :class:`Future` whose
+    result is its record (as ``evaluate`` yields in :func:`run_search`; the
+    evaluator should append its own row too). Done callbacks only put the arch
+    id on a queue; everything else runs in the calling thread. Callbacks rather
+    than ``wait(..., FIRST_COMPLETED)``: ``concurrent.futures.wait`` takes only its
+    own futures and ``prefect.futures.wait`` has no ``return_when``, while
+    ``add_done_callback`` is what both kinds (and prefect-dask's) share.
+
+    The checkpoint is written before every submission, so a submitted arch is
+    always in ``in_flight`` on disk; on resume, in-flight archs with a row count
+    as finished (in the order their rows finished) and the others are
+    resubmitted as the same job (same arch, step and sample index). An arch
+    sampled again is not evaluated again: a known one feeds its stored reward
+    at once, one still in flight waits for that evaluation. When nothing is left
+    to sample or in flight, the last update uses the fewer than K left over.
+    """
+    if slots < 1:
+        raise ValueError(f"slots: need at least 1 evaluation in flight, got {slots}")
+    state_path = Path(state_path)
+    state = load_state(state_path, policy)
+    if state.pending is not None:
+        raise ValueError(f"{state_path}: a sync-mode step is pending; finish it with search.mode=sync first")
+    max_samples = cfg.max_samples or 4 * cfg.total_archs
+    K = cfg.archs_per_step
+    known = _known(results)
+    done: queue.SimpleQueue[str] = queue.SimpleQueue()  # arch ids, put by done callbacks (any thread)
+    running: dict[str, Future] = {}  # one evaluation per arch id
+    evaluated_now = evaluated_since_update = 0
+
+    def arch_id(entry: dict) -> str:
+        return Arch.parse(entry["draw"]["arch"]).arch_id
+
+    def launch(entry: dict) -> None:
+        aid = arch_id(entry)
+        if aid not in running:
+            future = submit(Job(Arch.parse(entry["draw"]["arch"]), entry["step"], entry["sample"]))
+            running[aid] = future
+            future.add_done_callback(lambda _, aid=aid: done.put(aid))
+
+    def update(n: int) -> None:
+        nonlocal evaluated_since_update
+        batch, state.finished = state.finished[:n], state.finished[n:]
+        samples = [Sample.from_dict(e["draw"]) for e in batch]
+        rewards = [_reward(known[s.arch.arch_id], cfg.failure_penalty) for s in samples]
+        stats = policy.update(samples, rewards)
+        stale = sum(state.step - e["step"] for e in batch) / len(batch)  # updates between sampling and learning
+        state.step += 1
+        state.drawn = 0
+        info = {**_step_info(state, known, cfg, rewards, evaluated_since_update, stats), "in_flight": len(running), "staleness": stale}
+        evaluated_since_update = 0
+        state.stats.append(info)
+        results.compact()
+        save_state(state_path, policy, state, cfg)
+        log.info(
+            "step %d: %d/%d archs, %d in flight, step mean reward %.4f, best %.4f",
+            state.step, len(known), cfg.total_archs, len(running), info["mean_reward"], info["best_reward"],
+        )  # fmt: skip
+        if on_step is not None:
+            on_step(info)
+
+    if state.step or state.in_flight or state.finished:
+        log.info("resuming async search at step %d (%d archs issued, %d in flight, %d in results)", state.step, state.issued, len(state.in_flight), len(known))
+    # rows are durable before the loop learns of them: an in-flight arch with a row finished
+    landed = sorted((e for e in state.in_flight if arch_id(e) in known), key=lambda e: known[arch_id(e)]["finished_at"])
+    state.in_flight = [e for e in state.in_flight if arch_id(e) not in known]
+    state.finished += landed
+    for entry in state.in_flight:
+        launch(entry)
+
+    while True:
+        if len(state.finished) >= K:
+            update(K)
+        elif len(running) < slots and len(known) + len(running) < cfg.total_archs and state.issued < max_samples:
+            (s,) = policy.sample(1)
+            entry = {"step": state.step, "sample": state.drawn, "draw": s.to_dict()}
+            state.drawn += 1
+            state.issued += 1
+            aid = s.arch.arch_id
+            if aid in known:  # seen before: its stored reward, no evaluation
+                state.finished.append(entry)
+            else:
+                state.in_flight.append(entry)
+                if aid not in running:  # else it waits for the evaluation in flight
+                    save_state(state_path, policy, state, cfg)  # in flight on disk before it is submitted
+                    launch(entry)
+        elif running:
+            aid = done.get()
+            record = running.pop(aid).result()
+            if record["arch_id"] != aid:
+                raise RuntimeError(f"evaluation of {aid} returned the record of {record['arch_id']}")
+            mine = [e for e in state.in_flight if arch_id(e) == aid]
+            row = make_row(record, step=mine[0]["step"], sample=mine[0]["sample"], penalty=cfg.failure_penalty)
+            results.append([row])
+            known[aid] = row
+            evaluated_now += 1
+            evaluated_since_update += 1
+            if row["status"] != "ok":
+                log.warning("arch %s failed: %s", aid, row["error"])
+            state.in_flight = [e for e in state.in_flight if arch_id(e) != aid]
+            state.finished += mine
+        elif state.finished:  # nothing left to sample or wait for: learn from the rest
+            update(len(state.finished))
+        else:
+            break
+    if len(known) < cfg.total_archs:
+        log.warning("stopping: %d samples issued but only %d unique archs (max_samples reached)", state.issued, len(known))
+    results.compact()
+    save_state(state_path, policy, state, cfg)
+    return _summary(state, known, evaluated_now)

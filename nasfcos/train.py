@@ -7,6 +7,9 @@ iteration) written atomically every N iterations. A killed run resumes exactly:
 the order of samples and each sample's augmentation are functions of
 (seed, sample position), not of loader state, so iteration i sees the same
 batch whether or not the run was interrupted before it.
+
+The same loop runs as one rank of data-parallel training (``rank``/``world_size``;
+``nasfcos.distributed`` starts the processes and says what stays equal to one process).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nasfcos.data.transforms import collate
@@ -125,13 +130,18 @@ class PositionSampler(Sampler):
 
     Sample position g = it * batch + j walks an endless sequence of seeded
     permutations (one per epoch), so any iteration's batch can be produced
-    without replaying the ones before it.
+    without replaying the ones before it. With ``world_size`` N, rank r takes the
+    r-th contiguous share (batch / N positions) of every global batch: the ranks'
+    shares, concatenated in rank order, are the one-process batch.
     """
 
-    def __init__(self, n: int, *, batch_size: int, start: int, end: int, seed: int) -> None:
+    def __init__(self, n: int, *, batch_size: int, start: int, end: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         if n == 0:
             raise ValueError("training dataset is empty")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
         self.n, self.batch_size, self.start, self.end, self.seed = n, batch_size, start, end, seed
+        self.share, self.offset = batch_size // world_size, rank * (batch_size // world_size)
         self._perms: dict[int, torch.Tensor] = {}
 
     def _index(self, g: int) -> int:
@@ -142,8 +152,8 @@ class PositionSampler(Sampler):
 
     def __iter__(self):
         for it in range(self.start, self.end):
-            g0 = it * self.batch_size
-            yield [(self._index(g), self.seed * 1_000_003 + g) for g in range(g0, g0 + self.batch_size)]
+            g0 = it * self.batch_size + self.offset
+            yield [(self._index(g), self.seed * 1_000_003 + g) for g in range(g0, g0 + self.share)]
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -233,6 +243,47 @@ def detector_from_checkpoint(path: str | Path) -> tuple[Detector, dict]:
     return model, ckpt
 
 
+class LossSums(nn.Module):
+    """Detector forward + FCOS loss sums as one module: what data-parallel training wraps.
+
+    DDP must see every trainable parameter used in its forward: the FCOS scales act
+    after the decoder. A searched FPN may leave a parameter unused (the C2 adapter when
+    no cell reads C2); DDP's ``static_graph`` learns that set in the first iteration,
+    without ``find_unused_parameters``' graph walk every iteration. AMP covers the
+    detector only; losses are fp32.
+    """
+
+    def __init__(self, model: Detector, *, amp: bool) -> None:
+        super().__init__()
+        self.model, self.amp = model, amp
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        with torch.autocast(device_type=images.device.type, dtype=torch.float16, enabled=self.amp):
+            outputs = self.model(images)
+        return self.model.fcos.level_loss_sums([tuple(o.float() for o in lvl) for lvl in outputs], targets)
+
+
+NORMALISERS = ("num_pos", "cls_norm", "reg_norm")
+
+
+def global_normalisers(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``sums`` with FCOS's normalisers summed over all ranks (number of positives,
+    num_pos + images, centerness-weight sum), so that each rank's ``combine`` is its
+    share of the one-process loss. The FCOS reference code reduces them across GPUs
+    the same way (``reduce_sum`` of num_pos and of the centerness targets)."""
+    norms = torch.stack([sums[k].detach().float() for k in NORMALISERS])
+    dist.all_reduce(norms)
+    return {**sums, **dict(zip(NORMALISERS, norms.unbind()))}
+
+
+def _summed_over_ranks(parts: dict[str, Tensor], world_size: int) -> dict[str, Tensor]:
+    """The loss terms of the whole global batch (detached), identical on every rank."""
+    values = torch.stack([v.detach() for v in parts.values()])
+    if world_size > 1:
+        dist.all_reduce(values)
+    return dict(zip(parts, values.unbind()))
+
+
 @dataclass
 class TrainResult:
     checkpoint: Path
@@ -252,6 +303,8 @@ def train(
     init_checkpoint: str | Path | None = None,
     meta: dict | None = None,
     stop_at: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TrainResult:
     """Train ``spec`` on ``dataset`` (which applies train transforms) into ``out_dir``.
 
@@ -264,17 +317,29 @@ def train(
     ``backbone_weights`` is a local file or a torchvision weight name (see
     ``nasfcos.backbones.load_backbone_weights``), read by a fresh run only: a
     resumed run takes every weight from its checkpoint.
+
+    ``rank``/``world_size`` > 1: this process is one rank of data-parallel training
+    in an initialised process group (started by ``nasfcos.distributed``); it trains
+    on its share of each global batch of ``cfg.batch_size`` and only rank 0 writes.
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
     device = torch.device(device)
     use_amp = cfg.amp and device.type == "cuda"
+    if world_size > 1 and not dist.is_initialized():
+        raise RuntimeError(f"rank {rank} of {world_size}: no process group; start through nasfcos.distributed")
+    is_main = rank == 0
 
     with SEED_LOCK:
         torch.manual_seed(cfg.seed)
         # a resumed run needs neither the weights file nor the network to fetch a named one
         fresh_weights = None if ckpt_path.exists() else backbone_weights
-        model = build_detector(spec, backbone_weights=fresh_weights).to(device)
+        model = build_detector(spec, backbone_weights=fresh_weights)
+    if world_size > 1 and device.type == "cuda":
+        # batch statistics over the global batch; torch's SyncBatchNorm refuses CPU
+        # tensors, so gloo ranks on CPU (tests) keep per-rank BatchNorm
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.base_lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -299,7 +364,13 @@ def train(
     elif init_checkpoint is not None:
         _init_from(model, load_checkpoint(init_checkpoint)["model"], init_checkpoint)
 
+    step: nn.Module = LossSums(model, amp=use_amp)
+    if world_size > 1:  # after loading: every rank starts from the same weights
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
+
     def save(it: int, losses: dict[str, float]) -> None:
+        if not is_main:
+            return
         atomic_save(
             {
                 "model": model.state_dict(),
@@ -317,7 +388,7 @@ def train(
         )
 
     end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
-    sampler = PositionSampler(len(dataset), batch_size=cfg.batch_size, start=start, end=end, seed=cfg.seed)
+    sampler = PositionSampler(len(dataset), batch_size=cfg.batch_size, start=start, end=end, seed=cfg.seed, rank=rank, world_size=world_size)
     loader = DataLoader(
         SeededSamples(dataset),
         batch_sampler=sampler,
@@ -333,11 +404,12 @@ def train(
     for it, (images, targets) in enumerate(loader, start=start + 1):
         images = images.to(device, non_blocking=True)
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            outputs = model(images)
-        parts = model.fcos.loss([tuple(o.float() for o in lvl) for lvl in outputs], targets)
-        loss = sum(parts.values())
-        if not torch.isfinite(loss):
+        sums = step(images, targets)
+        parts = model.fcos.combine(global_normalisers(sums) if world_size > 1 else sums)
+        # this rank's share of the global-batch loss; x N because DDP averages the gradients
+        loss = sum(parts.values()) * world_size
+        parts = _summed_over_ranks(parts, world_size)  # the same on every rank: all raise together
+        if not torch.isfinite(sum(parts.values())):
             raise FloatingPointError(
                 f"non-finite loss at iteration {it}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
             )
@@ -357,7 +429,7 @@ def train(
             per_it = (now - tick) / min(cfg.log_every, it - start)
             tick = now
             eta = per_it * (cfg.iterations - it)
-            log.info(
+            (log.info if is_main else log.debug)(
                 "iter %d/%d  loss %.4f (%s)  lr %.5f  %.3f s/it  eta %s",
                 it, cfg.iterations, sum(losses.values()),
                 " ".join(f"{k} {v:.4f}" for k, v in losses.items()),

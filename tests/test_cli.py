@@ -19,7 +19,7 @@ def test_help_explains_every_option(capsys):
         main(["train", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--coco-json", "--voc-root", "--backbone", "--weights", "--loss", "--iters", "--clip-grad", "--out"):
+    for opt in ("--coco-json", "--voc-root", "--backbone", "--weights", "--loss", "--iters", "--clip-grad", "--out", "--nproc"):
         assert opt in out
 
 
@@ -32,6 +32,11 @@ def _assert_one_line_error(code, err, needle):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert needle in lines[0]
+
+
+def test_nproc_that_does_not_divide_the_batch_is_one_line_error(capsys, tmp_path, synthetic_small):
+    code, _, err = _run(capsys, "train", *_data_args(synthetic_small), "--out", tmp_path, "--backbone", "tiny", "--batch-size", 4, "--nproc", 3, "--device", "cpu")
+    _assert_one_line_error(code, err, "--batch-size 4 is not divisible by --nproc 3")
 
 
 def test_bad_json_is_one_line_error(capsys, tmp_path, synthetic_small):

@@ -129,3 +129,21 @@ def test_execution_slots_and_dask_devices_name_the_field():
         load_config("demo", {**dask, "execution.dask_address": "tcp://h:8786", "execution.devices": ["cuda:0", "cuda:1"]})
     with pytest.raises(ConfigError, match=r"execution.dask_workers: Extra inputs"):  # one worker per device now
         load_config("demo", {**dask, "execution.dask_workers": 2})
+
+
+def test_devices_per_arch_groups_the_devices_and_is_in_no_hash():
+    from flows.stages import conflict_key, stage_hash
+
+    four = {"execution.devices": ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]}
+    grouped = load_config("demo", {**four, "train_full.devices_per_arch": 2})
+    assert grouped.train_full.devices_per_arch == 2 and load_config("demo").train_full.devices_per_arch == 1
+    # where an arch trains is not what it computes: same hashes, so a run resumes on groups
+    one = load_config("demo", four)
+    assert stage_hash(one, "train-full") == stage_hash(grouped, "train-full")
+    assert conflict_key(one, "evaluate") == conflict_key(grouped, "evaluate")
+    with pytest.raises(ConfigError, match=r"demo.yaml: train_full.devices_per_arch 3 does not divide the 4 execution.devices$"):
+        load_config("demo", {**four, "train_full.devices_per_arch": 3})
+    with pytest.raises(ConfigError, match=r"train_full.batch_size 6 is not divisible by train_full.devices_per_arch 4"):
+        load_config("demo", {**four, "train_full.devices_per_arch": 4, "train_full.batch_size": 6})
+    with pytest.raises(ConfigError, match=r"devices_per_arch > 1 needs execution.task_runner 'thread'"):
+        load_config("demo", {**four, "train_full.devices_per_arch": 2, "execution.task_runner": "dask"})

@@ -11,6 +11,8 @@ from nasfcos.space import PRESETS, TOKEN_SPACES, Arch
 def test_inherited_defaults():
     cfg = ControllerConfig()
     assert (cfg.num_layers, cfg.hidden_size, cfg.clip, cfg.lr, cfg.baseline_decay) == (2, 100, 0.1, 1e-4, 0.95)
+    # [14]'s rollout buffer: 100 entries, one pass of minibatch-1 steps per new result
+    assert (cfg.update, cfg.buffer_size, cfg.buffer_minibatch, cfg.buffer_epochs) == ("buffer", 100, 1, 1)
 
 
 @pytest.mark.parametrize("head", ["seq", "dag"])
@@ -55,7 +57,7 @@ def test_ppo_beats_random_search_on_a_known_optimum():
     target = np.asarray(Arch.random(np.random.default_rng(123)).tokens())
     ppo, rnd = [], []
     for seed in range(3):
-        ppo.append(_run(PPOController(ControllerConfig(lr=5e-3), seed=seed), target))
+        ppo.append(_run(PPOController(ControllerConfig(lr=5e-3, update="batch"), seed=seed), target))
         rnd.append(_run(RandomPolicy(seed=seed), target))
     ppo_best, ppo_mean = np.mean(ppo, axis=0)
     rnd_best, rnd_mean = np.mean(rnd, axis=0)

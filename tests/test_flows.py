@@ -136,3 +136,29 @@ def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
     lines = (copy / "evaluations.log").read_text().splitlines()
     pids = {line.split("pid=")[1] for line in lines}
     assert len(lines) == 2 and str(os.getpid()) not in pids  # evaluated in Dask worker processes
+
+
+def test_async_search_flow_evaluates_each_arch_once(finished_run, tmp_path):
+    """search.mode async on the thread runner: 2 slots, a task submitted per freed slot."""
+    import torch
+
+    from flows.config import load_config
+    from flows.placement import task_runner
+    from flows.search import search
+
+    _, run, overrides = finished_run
+    copy = tmp_path / "async"
+    copy.mkdir()
+    for name in ("backbone", "features.zarr", "data"):
+        shutil.copytree(run / name, copy / name)
+    (copy / "manifests").mkdir()
+    for stage in ("finetune-backbone", "materialise-features"):
+        shutil.copy(run / "manifests" / f"{stage}.json", copy / "manifests")
+    cfg = load_config("demo", {**overrides, "run_id": "async", "runs_dir": str(tmp_path), "search.total_archs": 3,
+                               "search.mode": "async", "execution.devices": ["cpu", "cpu"]})  # fmt: skip
+    out = search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
+    assert out["unique_archs"] == 3
+    ids = [line.split()[1] for line in (copy / "evaluations.log").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 3 and sorted(ids) == sorted(pd.read_parquet(copy / "results.parquet").arch_id)
+    state = torch.load(copy / "controller.pt", weights_only=True)
+    assert state["in_flight"] == state["finished"] == [] and len(state["stats"]) == 2  # K=2, then the last 1

@@ -39,6 +39,19 @@ def test_slot_pool_spreads_over_devices_and_whole_device_tasks_get_one_each(monk
         assert {a, b} == {"cuda:0", "cuda:1"}  # full training etc.: one task per device
 
 
+def test_device_groups_are_disjoint_and_one_task_holds_each(monkeypatch):
+    monkeypatch.setattr(placement, "_SLOTS", {})
+    ex = _execution(devices=[f"cuda:{i}" for i in range(4)])
+    with placement.device_group(ex, 2) as a, placement.device_group(ex, 2) as b:
+        assert sorted([a, b]) == [("cuda:0", "cuda:1"), ("cuda:2", "cuda:3")]
+        third = ThreadPoolExecutor(1).submit(lambda: placement.device_group(ex, 2).__enter__())
+        time.sleep(0.1)
+        assert not third.done()  # both groups busy: a third training waits
+    assert third.result(timeout=5) in (a, b)
+    with placement.device_group(ex, 1) as one:  # one device per arch: the whole-device pool
+        assert one in [("cuda:0",), ("cuda:1",), ("cuda:2",), ("cuda:3",)]
+
+
 def test_dask_workers_own_one_device_and_gpu_tasks_ask_for_slots():
     import dask
 
@@ -154,3 +167,49 @@ def test_local_dask_cluster_pins_one_worker_per_gpu():
     assert sorted(cvd for _, cvd, _, _ in workers) == ["0", "1"]
     assert all(res == {"GPU": 2} and nthreads == 2 for _, _, res, nthreads in workers)
     assert asked == {"GPU": 1} and ran_on in ("0", "1")
+
+
+def test_train_full_trains_one_arch_per_device_group_at_once(prefect_server, tmp_path, monkeypatch):
+    """4 archs on cuda:0..cuda:3 with train_full.devices_per_arch 2: two trainings at once, each
+    on its own disjoint pair. The trainer is a fake that records where and when it ran."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    import nasfcos.distributed
+    from flows.inputs import ensure_data
+    from flows.train_full import train_full
+    from nasfcos.space import resolve
+    from nasfcos.train import TrainResult
+    from storage.runs import RunDir
+
+    runs, cond, running = [], threading.Condition(), [0]
+
+    def fake_train(spec, dataset, cfg, out_dir, *, devices, **kwargs):
+        t0 = time.perf_counter()
+        with cond:
+            running[0] += 1
+            cond.notify_all()
+            cond.wait_for(lambda: running[0] >= 2, timeout=1.0)  # let another group overlap if the pool allows it
+        time.sleep(0.1)
+        with cond:
+            running[0] -= 1
+        runs.append((tuple(devices), t0, time.perf_counter()))
+        return TrainResult(checkpoint=Path(out_dir) / "checkpoint.pt", iteration=cfg.iterations, seconds=0.1)
+
+    monkeypatch.setattr(nasfcos.distributed, "train_on_devices", fake_train)
+    monkeypatch.setattr(placement, "_SLOTS", {})
+    cfg = load_config("demo", {
+        "run_id": "groups", "runs_dir": str(tmp_path), "data.synthetic_num_train": 8, "data.synthetic_num_val": 4,
+        "train_full.num_archs": 4, "train_full.devices_per_arch": 2, "execution.devices": [f"cuda:{i}" for i in range(4)],
+    })  # fmt: skip
+    run = RunDir.at(cfg.runs_dir, cfg.run_id)
+    ensure_data(cfg, run)
+    archs = [str(resolve(a)) for a in ("fpn-fcos", "nas-fcos-fpn", "nas-fcos")] + ["fpn=fcos;head=seq[1,1,1,1,1,1];share=0"]
+    pd.DataFrame({"arch": archs, "arch_id": [resolve(a).arch_id for a in archs]}).to_parquet(run.top_k)
+    out = train_full.with_options(task_runner=placement.task_runner(cfg))(cfg.model_dump(mode="json"))
+    assert len(out["trained"]) == 4
+    groups = {d for d, _, _ in runs}
+    assert groups == {("cuda:0", "cuda:1"), ("cuda:2", "cuda:3")}
+    assert _most_at_once([(s, e) for _, s, e in runs]) == 2
+    assert all(_most_at_once([(s, e) for d, s, e in runs if d == g]) == 1 for g in groups)

@@ -1,15 +1,23 @@
-"""Search loop: resume after a crash, no arch evaluated twice, penalties, a real tiny search."""
+"""Search loop: resume after a crash, no arch evaluated twice, penalties, a real tiny search;
+the async loop: slots kept busy, duplicates, exact resubmission after a crash and a SIGKILL."""
 
+import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from nasfcos.controller import ControllerConfig, PPOController, RandomPolicy
-from nasfcos.search import SearchConfig, load_state, run_search
+from nasfcos.controller import ControllerConfig, PPOController, RandomPolicy, Sample
+from nasfcos.search import SearchConfig, load_state, make_row, run_search, run_search_async
 from storage.results import ResultsTable
 
 
@@ -83,12 +91,14 @@ class RepeatPolicy(RandomPolicy):
         super().__init__(seed=0)
         self.fixed = super().sample(3)
         self.seen_rewards = []
+        self.seen = []  # (arch_id, reward) per update
 
     def sample(self, n):
         return [self.fixed[i % 3] for i in range(n)]
 
     def update(self, samples, rewards):
         self.seen_rewards.append(rewards)
+        self.seen.append([(x.arch.arch_id, r) for x, r in zip(samples, rewards)])
         return {}
 
 
@@ -145,3 +155,164 @@ def test_a_real_tiny_search_on_the_synthetic_feature_store(tmp_path, synthetic_s
     assert len(df) == 4 and (df.status == "ok").all(), df.error.tolist()
     assert np.isfinite(df.reward).all() and (df.macs > 0).all() and (df.params > 0).all()
     assert len(top) == 2 and top.reward.iloc[0] == df.reward.max() == summary.best_reward
+
+
+# ---------------------------------------------------------------- async mode
+
+
+def _reward(arch):
+    return float(np.mean(np.asarray(arch.tokens()) == np.arange(42) % 3))  # as Evaluator
+
+
+class Pool:
+    """Simulated evaluations on a thread pool: each sleeps a per-arch time, appends its own
+    row and an audit line (as the Prefect task does), and counts calls and concurrency."""
+
+    def __init__(self, run_dir, slots, *, fail=(), crash_after=None, kill_after=None, together=None, seconds=0.03):
+        self.results, self.audit = ResultsTable(run_dir), Path(run_dir) / "evaluations.log"
+        self.executor = ThreadPoolExecutor(slots)
+        self.fail, self.crash_after, self.kill_after = set(fail), crash_after, kill_after
+        self.calls, self.submitted, self.seconds = Counter(), 0, seconds
+        self.lock = threading.Lock()
+        # together=n: each evaluation waits until n are running at once (a timeout breaks the test)
+        self.barrier = threading.Barrier(together) if together else None
+
+    def submit(self, job):
+        if self.crash_after is not None and self.submitted >= self.crash_after:
+            raise KeyboardInterrupt("killed")
+        self.submitted += 1
+        return self.executor.submit(self.evaluate, job)
+
+    def evaluate(self, job):
+        a = job.arch
+        if self.barrier is not None:
+            self.barrier.wait(timeout=20)
+        time.sleep(self.seconds * (0.2 + (int(a.arch_id[:4], 16) % 7) / 7))  # seeded by the arch: finish order varies
+        failed = a.arch_id in self.fail
+        record = _record(a, 0.0, "failed", "RuntimeError: boom") if failed else _record(a, _reward(a))
+        # The kill comes from a thread holding the lock, so this evaluator's own row + audit
+        # pair is never split (that window is the evaluator's; the loop is anywhere).
+        with self.lock:
+            self.calls[a.arch_id] += 1
+            self.results.append([make_row(record, step=job.step, sample=job.sample, penalty=-10.0)])
+            with open(self.audit, "a") as f:
+                f.write(f"{a.arch_id} {job.step} {job.sample} pid={os.getpid()}\n")
+            if self.kill_after is not None and sum(self.calls.values()) >= self.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return record
+
+
+class CyclePolicy(RepeatPolicy):
+    """RepeatPolicy for one sample at a time: the 3 archs in turn."""
+
+    def __init__(self):
+        super().__init__()
+        self.drawn = 0
+
+    def sample(self, n):
+        self.drawn += n
+        return [self.fixed[i % 3] for i in range(self.drawn - n, self.drawn)]
+
+
+def _async(run_dir, policy, pool, cfg, slots):
+    with pool.executor:
+        return run_search_async(policy=policy, submit=pool.submit, slots=slots, results=ResultsTable(run_dir), state_path=Path(run_dir) / "c.pt", cfg=cfg)
+
+
+@pytest.fixture
+def one_thread():
+    """Batch-1 LSTM steps are too small to share between threads: one is faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_async_search_with_one_slot_is_reproducible_across_a_crash(tmp_path, one_thread):
+    """One slot: sample, evaluate, update every K; a crash after a submission resubmits that job."""
+    cfg = SearchConfig(total_archs=6, archs_per_step=4)
+    ppo = ControllerConfig(hidden_size=16, num_layers=1)  # small: sampling one at a time costs 42 LSTM steps each
+    a = _async(tmp_path / "a", PPOController(ppo, seed=1), Pool(tmp_path / "a", 1), cfg, slots=1)
+    with pytest.raises(KeyboardInterrupt):
+        _async(tmp_path / "b", PPOController(ppo, seed=1), Pool(tmp_path / "b", 1, crash_after=5), cfg, slots=1)
+    state = load_state(tmp_path / "b/c.pt", PPOController(ppo, seed=1))
+    assert state.step == 1 and len(state.in_flight) == 1 and len(ResultsTable(tmp_path / "b")) == 5  # 6th on disk, not run
+    pool = Pool(tmp_path / "b", 1)
+    b = _async(tmp_path / "b", PPOController(ppo, seed=1), pool, cfg, slots=1)
+    assert list(pool.calls) == [Sample.from_dict(state.in_flight[0]["draw"]).arch.arch_id]  # exactly the unfinished one
+    cols = ["arch_id", "step", "sample", "reward"]
+    ra, rb = ResultsTable(tmp_path / "a").read()[cols], ResultsTable(tmp_path / "b").read()[cols]
+    pd.testing.assert_frame_equal(ra, rb)  # the same archs, sampled by the same policies
+    assert ra[["step", "sample"]].values.tolist() == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1]]
+    assert (a.steps, a.issued, a.unique_archs, a.best_arch) == (b.steps, b.issued, b.unique_archs, b.best_arch) == (2, 6, 6, a.best_arch)
+    end = load_state(tmp_path / "b/c.pt", PPOController(ppo, seed=1))
+    assert not end.in_flight and not end.finished and [x["staleness"] for x in end.stats] == [0.0, 0.0]
+
+
+def test_async_search_keeps_slots_busy_and_reuses_results_of_duplicates(tmp_path):
+    """4 slots over 3 distinct archs: each is evaluated once; a known arch feeds its stored reward,
+    one sampled while in flight waits for that evaluation; every sample feeds one update."""
+    policy = CyclePolicy()
+    bad = policy.fixed[1].arch.arch_id
+    pool = Pool(tmp_path, 4, fail={bad})
+    cfg = SearchConfig(total_archs=5, archs_per_step=4, failure_penalty=-7.0, max_samples=14)
+    summary = _async(tmp_path, policy, pool, cfg, slots=4)
+    assert set(pool.calls.values()) == {1} and len(pool.calls) == 3
+    assert summary.unique_archs == 3 and summary.issued == 14 and summary.steps == 4
+    seen = [x for batch in policy.seen for x in batch]
+    assert [len(b) for b in policy.seen] == [4, 4, 4, 2] and len(seen) == 14  # the last update takes the rest
+    rewards = {a: r for a, r in seen}
+    assert len(rewards) == 3 and rewards[bad] == -7.0  # one reward per arch, the penalty for the failed one
+    assert all(r == rewards[a] for a, r in seen)
+
+    # distinct archs: 4 evaluations at once every time, else the barrier times out
+    pool = Pool(tmp_path / "many", 4, together=4)
+    summary = _async(tmp_path / "many", RandomPolicy(seed=0), pool, SearchConfig(total_archs=16, archs_per_step=4), slots=4)
+    assert summary.unique_archs == summary.issued == 16 and summary.steps == 4
+    df = ResultsTable(tmp_path / "many").read()
+    assert len(df) == df.arch_id.nunique() == 16 and not df.duplicated(["step", "sample"]).any()
+
+
+def test_sync_and_async_checkpoints_are_not_mixed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _async(tmp_path / "a", RandomPolicy(), Pool(tmp_path / "a", 2, crash_after=2), SearchConfig(total_archs=4, archs_per_step=2), slots=2)
+    with pytest.raises(ValueError, match="resume it with search.mode=async"):
+        run_search(policy=RandomPolicy(), evaluate=Evaluator(), results=ResultsTable(tmp_path / "a"), state_path=tmp_path / "a/c.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(policy=RandomPolicy(), evaluate=Evaluator(crash_after=1), results=ResultsTable(tmp_path / "b"), state_path=tmp_path / "b/c.pt")
+    with pytest.raises(ValueError, match="sync-mode step is pending"):
+        _async(tmp_path / "b", RandomPolicy(), Pool(tmp_path / "b", 1), SearchConfig(), slots=1)
+
+
+def _async_40(run_dir, kill_after=None):
+    """The async search of the SIGKILL test: 40 archs, 8 evaluations in flight."""
+    pool = Pool(run_dir, 8, kill_after=kill_after, seconds=0.5)  # slow enough for the loop to keep 8 in flight under load
+    _async(run_dir, RandomPolicy(seed=0), pool, SearchConfig(total_archs=40, archs_per_step=8), slots=8)
+
+
+def test_sigkilled_async_search_resumes_without_evaluating_twice(tmp_path):
+    """A forked process (no second import of torch) is SIGKILLed after 15 evaluations; the
+    resume runs here."""
+    run = tmp_path / "run"
+    child = multiprocessing.get_context("fork").Process(target=_async_40, args=(run, 15))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == -signal.SIGKILL
+    state = load_state(run / "c.pt", RandomPolicy())
+    rows = ResultsTable(run).read()
+    unfinished = [e for e in state.in_flight if Sample.from_dict(e["draw"]).arch.arch_id not in set(rows.arch_id)]
+    assert 15 <= len(rows) < 40 and unfinished  # killed with evaluations in flight
+    _async_40(run)
+
+    audit = [line.split() for line in (run / "evaluations.log").read_text().splitlines()]
+    df = pd.read_parquet(run / "results.parquet")
+    assert len(df) == df.arch_id.nunique() == 40  # none lost
+    assert Counter(a for a, *_ in audit) == Counter(set(df.arch_id))  # one evaluation per arch, none twice
+    assert {pid for *_, pid in audit} == {f"pid={child.pid}", f"pid={os.getpid()}"}
+    resumed = df.set_index("arch_id")
+    for e in unfinished:  # resubmitted as the same job
+        aid = Sample.from_dict(e["draw"]).arch.arch_id
+        assert (resumed.loc[aid, "step"], resumed.loc[aid, "sample"]) == (e["step"], e["sample"])
+    end = load_state(run / "c.pt", RandomPolicy())
+    assert not end.in_flight and not end.finished and end.issued == 40 and end.step == 5
+
