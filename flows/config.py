@@ -101,7 +101,7 @@ class SearchSettings(_Section):
     controller_lr: float = Field(1e-4, gt=0)
     # batch: ppo_epochs steps per archs_per_step results; buffer: [14]'s 100-entry rollout
     # buffer, ~100 minibatch-1 steps per result (benchmarks/controller_schedule.py)
-    controller_update: Literal["batch", "buffer"] = "buffer"
+    controller_update: Literal["batch", "buffer"] = "batch"
     ppo_epochs: int = Field(4, ge=1)
     # sync: K archs per step, update, repeat (bit-reproducible); async: every device slot
     # busy, a new arch the moment one finishes, an update every K results (nasfcos/search.py)

@@ -11,16 +11,20 @@ segmentation NAS it follows (Nekrasov et al., its ref. [14]): a 2-layer LSTM
 with hidden size 100, PPO clip 0.1, Adam lr 1e-4, reward baseline decay 0.95,
 gradient norm clip 2.0. Two update schedules:
 
-``buffer`` (default)
+``batch`` (default)
+    one PPO update per batch of ``archs_per_step`` results, ``ppo_epochs`` (4)
+    full-batch Adam steps on it (ours).
+``buffer``
     [14]'s schedule: every new result enters a 100-entry rollout buffer (oldest
     out), then one pass over the buffer in shuffled minibatches of 1, one Adam
     step each (~100 steps per arch); advantages against the moving baseline,
     ratios against each entry's stored sampling log-probability.
-``batch``
-    one PPO update per batch of ``archs_per_step`` results, ``ppo_epochs`` (4)
-    full-batch Adam steps on it (ours, and the default before the comparison in
-    ``benchmarks/controller_schedule.py`` closed twice the random->optimum gap with
-    ``buffer``).
+
+``benchmarks/controller_schedule.py`` compares them on a toy reward at the paper's
+scale: ``buffer`` learns faster per arch (at 700 archs it closes 0.66 of the
+random->optimum gap, ``batch`` 0.33), but at the paper's 2,800-arch budget ``batch``
+closes 0.98 and finds the optimum in every seed, at ~1/200 of the controller compute
+(``buffer``: ~1.4 s of CPU per arch, which would bound a search feeding 64 slots).
 
 The entropy bonus 1e-4 is ours ([14] uses none).
 
@@ -51,7 +55,7 @@ class ControllerConfig:
     ppo_epochs: int = 4
     max_grad_norm: float = 2.0
     init_range: float = 0.1
-    update: str = "buffer"  # see the module docstring; buffer won on benchmarks/controller_schedule.py
+    update: str = "batch"  # see the module docstring and benchmarks/controller_schedule.py
     buffer_size: int = 100  # [14]: RolloutStorage(num_steps=100)
     buffer_minibatch: int = 1  # [14]: num_mini_batch=100 over 100 entries
     buffer_epochs: int = 1  # [14]: ppo_epoch=1

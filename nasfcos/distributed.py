@@ -38,8 +38,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
+from nasfcos import train as training  # train() looked up at call time: tests replace it
 from nasfcos.detector import DetectorSpec
-from nasfcos.train import CHECKPOINT, TrainConfig, TrainResult, load_checkpoint, train
+from nasfcos.train import CHECKPOINT, TrainConfig, TrainResult, load_checkpoint
 
 HOST = "127.0.0.1"
 # errors a rank raises that mean bad input, re-raised as themselves (one line in the CLI)
@@ -89,7 +90,7 @@ def train_on_devices(
     """
     devices = list(devices)
     if len(devices) == 1:
-        return train(spec, dataset, cfg, out_dir, device=devices[0], **kwargs)
+        return training.train(spec, dataset, cfg, out_dir, device=devices[0], **kwargs)
     backend = backend_for(devices)
     if cfg.batch_size % len(devices):
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {len(devices)} devices (--nproc / train_full.devices_per_arch)")
@@ -133,7 +134,7 @@ def _rank(rank: int, port: int, backend: str, devices: list[str], log_level: int
     store = dist.TCPStore(HOST, port, len(devices), False)
     dist.init_process_group(backend, store=store, rank=rank, world_size=len(devices))
     try:
-        train(spec, dataset, cfg, out_dir, device=device, rank=rank, world_size=len(devices), **kwargs)
+        training.train(spec, dataset, cfg, out_dir, device=device, rank=rank, world_size=len(devices), **kwargs)
     finally:
         dist.destroy_process_group()
 

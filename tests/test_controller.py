@@ -12,7 +12,7 @@ def test_inherited_defaults():
     cfg = ControllerConfig()
     assert (cfg.num_layers, cfg.hidden_size, cfg.clip, cfg.lr, cfg.baseline_decay) == (2, 100, 0.1, 1e-4, 0.95)
     # [14]'s rollout buffer: 100 entries, one pass of minibatch-1 steps per new result
-    assert (cfg.update, cfg.buffer_size, cfg.buffer_minibatch, cfg.buffer_epochs) == ("buffer", 100, 1, 1)
+    assert (cfg.update, cfg.buffer_size, cfg.buffer_minibatch, cfg.buffer_epochs) == ("batch", 100, 1, 1)
 
 
 @pytest.mark.parametrize("head", ["seq", "dag"])
