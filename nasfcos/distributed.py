@@ -20,8 +20,9 @@ process, and why:
 - **Checkpoints.** Only rank 0 writes them, atomically; every rank resumes from the same.
 
 Processes are started by a fork server (a clean process, never the caller: safe from a
-threaded Prefect task and with CUDA). The rendezvous is a TCPStore held by the parent on 127.0.0.1, port 0: the OS picks
-a free port, so concurrent launches never race for one.
+threaded Prefect task and with CUDA). The rendezvous is a TCPStore held by the parent on
+127.0.0.1, port 0: the OS picks a free port, so concurrent launches never race for one.
+One machine only; several machines would use torchrun's rendezvous instead.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def train_on_devices(
 def _start_method() -> str:
     """``forkserver``: each rank is forked from a clean server process that imported torch
     and nasfcos once (per parent process), so later launches skip those seconds; like
-    ``spawn`` it never forks the caller's threads or CUDA state."""
+    ``spawn`` it never forks the caller's threads or CUDA state. The server keeps the
+    environment of its first use (set ``CUDA_VISIBLE_DEVICES`` before, or name devices)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["nasfcos.train"])  # no effect once the server runs
     return "forkserver"

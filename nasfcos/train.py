@@ -383,6 +383,7 @@ def train(
                 "train_config": asdict(cfg),
                 "meta": meta or {},
                 "losses": losses,
+                "world_size": world_size,  # processes that wrote it (provenance; any N resumes)
             },
             ckpt_path,
         )

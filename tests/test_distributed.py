@@ -58,6 +58,7 @@ def test_two_processes_equal_one_and_resume_exactly(synthetic_small, tmp_path):
     two = train_on_devices(SPEC, ds, CFG, tmp_path / "two", devices=["cpu", "cpu"])
     assert two.iteration == 5 and two.last_losses.keys() == {"cls", "reg", "ctr"}
     a, b = load_checkpoint(one.checkpoint), load_checkpoint(two.checkpoint)
+    assert (a["world_size"], b["world_size"]) == (1, 2)
     _assert_weights(a["model"], b["model"], atol=1e-5)
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)  # the logged loss is the global batch's
     # training moved the weights by far more than the tolerance
