@@ -124,19 +124,8 @@ def device_slot(ex: ExecutionConfig, *, shared: bool = False) -> Iterator[str]:
     slot, so whole-device tasks may wait here for a device; Dask workers are separate
     processes, each with its own pool.
     """
-    pool = process_devices(ex) * (ex.slots_per_device if shared else 1)
-    with _SLOTS_LOCK:
-        if pool not in _SLOTS:
-            q: queue.Queue = queue.Queue()
-            for d in pool:
-                q.put(d)
-            _SLOTS[pool] = q
-    q = _SLOTS[pool]
-    device = q.get()
-    try:
+    with _borrow(process_devices(ex) * (ex.slots_per_device if shared else 1)) as device:
         yield device
-    finally:
-        q.put(device)
 
 
 @contextmanager
@@ -153,16 +142,22 @@ def device_group(ex: ExecutionConfig, size: int) -> Iterator[tuple[str, ...]]:
             yield (device,)
         return
     devices = process_devices(ex)
-    pool = tuple(devices[i : i + size] for i in range(0, len(devices), size))
+    with _borrow(tuple(devices[i : i + size] for i in range(0, len(devices), size))) as group:
+        yield group
+
+
+@contextmanager
+def _borrow(pool: tuple) -> Iterator:
+    """Take one entry of this process's queue for ``pool`` (made on first use), give it back after."""
     with _SLOTS_LOCK:
         if pool not in _SLOTS:
             q: queue.Queue = queue.Queue()
-            for g in pool:
-                q.put(g)
+            for entry in pool:
+                q.put(entry)
             _SLOTS[pool] = q
     q = _SLOTS[pool]
-    group = q.get()
+    entry = q.get()
     try:
-        yield group
+        yield entry
     finally:
-        q.put(group)
+        q.put(entry)

@@ -115,6 +115,17 @@ def test_sigkilled_search_resumes_without_evaluating_twice(prefect_server, tmp_p
     assert sorted(df.arch_id) == sorted(ids)
 
 
+def _copy_upstream(run, copy):
+    """A new run dir holding ``run``'s finished finetune and materialise stages (the search's inputs)."""
+    copy.mkdir()
+    for name in ("backbone", "features.zarr", "data"):
+        shutil.copytree(run / name, copy / name)
+    (copy / "manifests").mkdir()
+    for stage in ("finetune-backbone", "materialise-features"):
+        shutil.copy(run / "manifests" / f"{stage}.json", copy / "manifests")
+    return copy
+
+
 def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
     pytest.importorskip("prefect_dask")
     from flows.config import load_config
@@ -122,13 +133,7 @@ def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
     from flows.search import search
 
     _, run, overrides = finished_run
-    copy = tmp_path / "dask"
-    copy.mkdir()
-    for name in ("backbone", "features.zarr", "data"):
-        shutil.copytree(run / name, copy / name)
-    (copy / "manifests").mkdir()
-    for stage in ("finetune-backbone", "materialise-features"):
-        shutil.copy(run / "manifests" / f"{stage}.json", copy / "manifests")
+    _copy_upstream(run, tmp_path / "dask")
     cfg = load_config("demo", {**overrides, "run_id": "dask", "runs_dir": str(tmp_path), "search.total_archs": 2,
                                "execution.task_runner": "dask", "execution.devices": ["cpu", "cpu"]})  # fmt: skip
     out = search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
@@ -147,13 +152,7 @@ def test_async_search_flow_evaluates_each_arch_once(finished_run, tmp_path):
     from flows.search import search
 
     _, run, overrides = finished_run
-    copy = tmp_path / "async"
-    copy.mkdir()
-    for name in ("backbone", "features.zarr", "data"):
-        shutil.copytree(run / name, copy / name)
-    (copy / "manifests").mkdir()
-    for stage in ("finetune-backbone", "materialise-features"):
-        shutil.copy(run / "manifests" / f"{stage}.json", copy / "manifests")
+    copy = _copy_upstream(run, tmp_path / "async")
     cfg = load_config("demo", {**overrides, "run_id": "async", "runs_dir": str(tmp_path), "search.total_archs": 3,
                                "search.mode": "async", "execution.devices": ["cpu", "cpu"]})  # fmt: skip
     out = search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
