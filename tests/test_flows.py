@@ -133,7 +133,7 @@ def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
     from flows.search import search
 
     _, run, overrides = finished_run
-    _copy_upstream(run, tmp_path / "dask")
+    copy = _copy_upstream(run, tmp_path / "dask")
     cfg = load_config("demo", {**overrides, "run_id": "dask", "runs_dir": str(tmp_path), "search.total_archs": 2,
                                "execution.task_runner": "dask", "execution.devices": ["cpu", "cpu"]})  # fmt: skip
     out = search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
