@@ -112,7 +112,7 @@ class LSTMPolicy(nn.Module):
         self.choices = [t.choices for t in tokens]
         cols = [[int(offsets[t]) + a if a < tok.choices else total for a in range(self.max_choices)] for t, tok in enumerate(tokens)]
         self.register_buffer("columns", torch.as_tensor(cols, dtype=torch.long), persistent=False)  # (T, A)
-        self.embed = nn.Embedding(int(sum(t.choices for t in tokens)), cfg.hidden_size)
+        self.embed = nn.Embedding(total, cfg.hidden_size)
         self.lstm = nn.LSTM(cfg.hidden_size, cfg.hidden_size, cfg.num_layers)
         # one linear layer holds every token's head (rows offsets[t] .. + choices): few
         # parameter tensors keep the buffer schedule's ~100 Adam steps per arch cheap

@@ -126,17 +126,22 @@ def _copy_upstream(run, copy):
     return copy
 
 
-def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
-    pytest.importorskip("prefect_dask")
+def _search_on_copy(finished_run, tmp_path, run_id, settings):
+    """The search stage alone, on two cpu slots, in a copy of ``finished_run``'s upstream stages."""
     from flows.config import load_config
     from flows.placement import task_runner
     from flows.search import search
 
     _, run, overrides = finished_run
-    copy = _copy_upstream(run, tmp_path / "dask")
-    cfg = load_config("demo", {**overrides, "run_id": "dask", "runs_dir": str(tmp_path), "search.total_archs": 2,
-                               "execution.task_runner": "dask", "execution.devices": ["cpu", "cpu"]})  # fmt: skip
-    out = search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
+    copy = _copy_upstream(run, tmp_path / run_id)
+    cfg = load_config("demo", {**overrides, "run_id": run_id, "runs_dir": str(tmp_path), "execution.devices": ["cpu", "cpu"], **settings})
+    return copy, search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
+
+
+def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
+    pytest.importorskip("prefect_dask")
+
+    copy, out = _search_on_copy(finished_run, tmp_path, "dask", {"search.total_archs": 2, "execution.task_runner": "dask"})
     assert out["unique_archs"] == 2
     lines = (copy / "evaluations.log").read_text().splitlines()
     pids = {line.split("pid=")[1] for line in lines}
@@ -147,15 +152,7 @@ def test_async_search_flow_evaluates_each_arch_once(finished_run, tmp_path):
     """search.mode async on the thread runner: 2 slots, a task submitted per freed slot."""
     import torch
 
-    from flows.config import load_config
-    from flows.placement import task_runner
-    from flows.search import search
-
-    _, run, overrides = finished_run
-    copy = _copy_upstream(run, tmp_path / "async")
-    cfg = load_config("demo", {**overrides, "run_id": "async", "runs_dir": str(tmp_path), "search.total_archs": 3,
-                               "search.mode": "async", "execution.devices": ["cpu", "cpu"]})  # fmt: skip
-    out = search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
+    copy, out = _search_on_copy(finished_run, tmp_path, "async", {"search.total_archs": 3, "search.mode": "async"})
     assert out["unique_archs"] == 3
     ids = [line.split()[1] for line in (copy / "evaluations.log").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 3 and sorted(ids) == sorted(pd.read_parquet(copy / "results.parquet").arch_id)
