@@ -87,7 +87,7 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
         train, val, k = _splits(str(run.features), device, p.size_range_scale)
         record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty)
-    ResultsTable(run.root).append([row])
+    ResultsTable(run.root).write_part([row])  # lock-free: only the flow compacts
     with open(run.root / "evaluations.log", "a") as f:  # audit trail: one line per finished evaluation
         f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}\n")
     get_run_logger().info("%s: %s reward %.4f (%.1f s)", arch_id, record["status"], record["reward"], record["train_seconds"])

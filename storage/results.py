@@ -13,8 +13,18 @@ pandas::
 On-disk layout of a run directory::
 
     results.parquet          the compacted table, one row per arch_id, sorted
-    results.parts/*.parquet  one file per append() not yet compacted
+    results.parts/*.parquet  one file per append() / write_part() not yet compacted
     results.lock             flock(2) lock taken by append() and compact()
+
+**One compactor, many writers.** Evaluation tasks, on this machine or others
+sharing the run directory, call :meth:`ResultsTable.write_part`: a new uniquely
+named file, no lock, no read of the table, so a result is durable the moment its
+evaluation ends and a shared filesystem needs no working ``flock``. Only the
+search flow's process calls :meth:`~ResultsTable.append` and
+:meth:`~ResultsTable.compact`; their lock serialises that process's threads and any
+second local process (a user compacting by hand). What the filesystem must give:
+``os.replace`` within a directory is atomic, and a file renamed into place is
+complete when others see it (POSIX local disks, NFSv3/v4, Lustre, GPFS, CephFS).
 
 **Reading.** :meth:`ResultsTable.read` returns the compacted file plus all
 parts, deduplicated. ``pandas.read_parquet(run_dir / "results.parquet")``
@@ -31,37 +41,40 @@ process appended first or on when compaction ran:
 - otherwise the *last* ``failed`` row is kept (the latest attempt's error).
 
 ``append`` also skips a row whose arch already has an ``ok`` row (in the table
-or earlier in the same batch), checked under the writers' lock, so in practice
-the first *appended* ok row wins and duplicates never reach the disk; the
-content order above decides only between rows that both did (e.g. files
-copied in by hand, or left by a crash - where they are identical anyway).
+or earlier in the same batch), checked under the lock; ``write_part`` does not
+check (it takes no lock), so an arch evaluated twice by a retried task may have
+two rows on disk, and the content order above picks the same one at every read.
 
 **Crash safety.** Each file is written to a temporary name, fsynced and
-``os.replace``-d into place (atomic on POSIX), so readers never see a partial
-file. ``append`` and ``compact`` run under an exclusive lock; ``compact``
-writes the merge of the table and all parts, renames it over
-``results.parquet`` and only then deletes the merged parts. A crash before the
-rename leaves the old table and the parts (nothing lost; the orphan temp file
-is removed by the next compact); a crash after it leaves rows both in the table
-and in parts, which the dedup rule above collapses to the same row (nothing
+``os.replace``-d into place, so readers never see a partial file. ``compact``
+writes the merge of the table and the parts it listed, renames it over
+``results.parquet`` and only then deletes those parts (a part written meanwhile
+is not among them and stays). A crash before the rename leaves the old table
+and the parts (nothing lost; the orphan temp file is removed by a later compact
+once it is :data:`ORPHAN_AGE_S` old, since a lock-free writer may still be
+writing a young one); a crash after it leaves rows both in the table and in
+parts, which the dedup rule above collapses to the same row (nothing
 duplicated) and the next compact deletes. Readers take no lock: they read the
 parts first and the table last, and a part deleted in between was renamed
 into the table before it was deleted, so it is in the table they read.
 
-Only the local filesystem is supported (``flock`` and ``os.replace``
-semantics); this module must not import ``nasfcos`` (dependency direction).
+This module must not import ``nasfcos`` (dependency direction).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
 import math
 import os
 import re
+import socket
 import tempfile
+import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -351,6 +364,9 @@ def atomic_write_parquet(data: pa.Table | pd.DataFrame, path: str | os.PathLike)
 
 
 _TMP_PREFIX = ".tmp-"
+ORPHAN_AGE_S = 3600.0  # a temp file this old has no writer left (see compact)
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_LOCK = threading.Lock()
 
 
 def _write_temp(path: Path, data: bytes) -> Path:
@@ -405,10 +421,10 @@ class ResultsTable:
     Args:
         run_dir: the run directory; created on the first :meth:`append`.
 
-    Safe for several processes at once: writers (:meth:`append`,
-    :meth:`compact`) serialise on an ``flock`` of ``run_dir/results.lock``,
-    readers take no lock. See the module docstring for the dedup rule and the
-    crash-safety argument.
+    Safe for several processes at once: :meth:`write_part` needs no lock (tasks on
+    any machine), :meth:`append` and :meth:`compact` serialise on a lock of
+    ``run_dir/results.lock`` (the flow's process), readers take no lock. See the
+    module docstring for the dedup rule and the crash-safety argument.
     """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
@@ -421,6 +437,21 @@ class ResultsTable:
         return f"ResultsTable({str(self.run_dir)!r})"
 
     # ------------------------------------------------------------- writing
+    def write_part(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Validate ``rows`` and write them as one new part file, lock-free; return the count.
+
+        For evaluation tasks on any machine (see "One compactor, many writers"): no
+        lock and no duplicate check, so a row for an arch that already has one may
+        be written; the dedup rule keeps the first ``ok`` row at every read and
+        compact. A bad row writes nothing.
+        """
+        if isinstance(rows, Mapping):
+            raise ValueError("rows: expected a list of row dicts, got a single dict")
+        table = rows_to_table(rows)
+        if table.num_rows:
+            self._write_part(table)
+        return table.num_rows
+
     def append(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Validate ``rows`` and add them as one atomic part file; return how many were written.
 
@@ -444,11 +475,14 @@ class ResultsTable:
                     done.add(aid)
             if not keep:
                 return 0
-            table = table.take(keep)
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-            part = self.parts_dir / f"{stamp}-{os.getpid()}-{uuid.uuid4().hex}.parquet"
-            atomic_write_bytes(part, _table_bytes(table))
+            self._write_part(table.take(keep))
         return len(keep)
+
+    def _write_part(self, table: pa.Table) -> None:
+        """A new part, named by time, host, pid and a random id: unique across machines."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+        atomic_write_bytes(self.parts_dir / f"{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex}.parquet", _table_bytes(table))
 
     def compact(self) -> int:
         """Merge all parts into ``results.parquet`` (deduplicated, sorted); return the row count.
@@ -459,11 +493,14 @@ class ResultsTable:
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
-            # Under the lock no writer is running, so any temp file is an orphan.
+            # Lock-free writers may be writing a young temp file; an old one is an orphan.
+            cutoff = time.time() - ORPHAN_AGE_S
             for d in (self.run_dir, self.parts_dir):
                 if d.is_dir():
                     for tmp in d.glob(_TMP_PREFIX + "*"):
-                        _unlink(tmp)
+                        with contextlib.suppress(FileNotFoundError):
+                            if tmp.stat().st_mtime < cutoff:
+                                _unlink(tmp)
             parts = self._part_paths()
             if not parts and self.path.exists():
                 return pq.read_metadata(self.path).num_rows
@@ -558,13 +595,23 @@ class ResultsTable:
     # ------------------------------------------------------------- internals
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
+        """This process's lock for the run dir, then ``flock`` against other local processes.
+        Where the filesystem has no ``flock`` (some NFS mounts: ENOLCK) the process lock
+        alone holds, which suffices while only the flow's process compacts."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        with _PROCESS_LOCKS_LOCK:
+            local = _PROCESS_LOCKS.setdefault(str(self.lock_path.resolve()), threading.Lock())
+        with local, open(self.lock_path, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
             try:
                 yield
             finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def _part_paths(self) -> list[Path]:
         if not self.parts_dir.is_dir():

@@ -438,6 +438,52 @@ def test_two_processes_appending_concurrently(tmp_path):
     assert len(pd.read_parquet(t.path)) == 190 and not t._part_paths()
 
 
+def _part_writer(run_dir, rows, start, out):
+    start.wait()
+    t = ResultsTable(run_dir)
+    for i in range(0, len(rows), 2):
+        t.write_part(rows[i : i + 2])
+    out.put(len(rows))
+
+
+def test_lock_free_writers_and_one_compactor_lose_nothing(tmp_path):
+    # Tasks on other machines write parts without the lock (here: while this process
+    # holds it) and the flow compacts meanwhile: every row survives, duplicates collapse.
+    archs = _archs(120, seed=9)
+    rows_a = [make_row(a, step=i // 8, sample=i % 8) for i, a in enumerate(archs[:70])]
+    rows_b = [make_row(a, step=i // 8, sample=i % 8, device="cuda:1") for i, a in enumerate(archs[60:])]  # 10 shared
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_part_writer, args=(str(tmp_path), rows, start, out)) for rows in (rows_a, rows_b)]
+    for p in procs:
+        p.start()
+    t = ResultsTable(tmp_path)
+    with open(t.lock_path, "a+") as held:  # another process's lock does not stop write_part
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        start.set()
+        assert sorted(out.get(timeout=60) for _ in procs) == [60, 70]
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert _raw_rows(tmp_path) == 130 and len(t) == 120  # the shared archs are on disk twice, read once
+    assert t.compact() == 120 and _raw_rows(tmp_path) == 120
+    assert {r["arch_id"] for r in rows_a} <= set(pd.read_parquet(t.path).arch_id)
+
+
+def test_compaction_keeps_parts_written_while_it_runs(tmp_path):
+    archs = _archs(4, seed=10)
+    t, late = ResultsTable(tmp_path), ResultsTable(tmp_path)
+    t.write_part([make_row(archs[0]), make_row(archs[1], sample=1)])
+    listed = t._part_paths
+    # a task on another machine lands its part after the compactor listed the parts
+    t._part_paths = lambda: (lambda parts: (late.write_part([make_row(archs[2], sample=2)]), parts)[1])(listed())
+    assert t.compact() == 2
+    del t._part_paths
+    assert len(t._part_paths()) == 1 and len(t) == 3
+    assert t.compact() == 3
+
+
 def test_reader_racing_a_compaction_sees_every_row(tmp_path):
     # Reader lists the parts, then a whole compaction runs (parts merged and
     # deleted) before it reads them: it must still return every row.
@@ -478,9 +524,12 @@ def test_crash_before_rename_loses_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "_commit", die_on_table)
     with pytest.raises(KeyboardInterrupt):
         t.compact()
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-results.parquet")]  # the orphan
+    (orphan,) = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-results.parquet")]
     pd.testing.assert_frame_equal(t.read(), expect)
     monkeypatch.setattr(R, "_commit", real_commit)
+    assert t.compact() == 5
+    assert orphan.exists()  # young: a lock-free writer on another machine may own it
+    _age(orphan)
     assert t.compact() == 5
     pd.testing.assert_frame_equal(pd.read_parquet(t.path), expect)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] and not t._part_paths()
@@ -522,10 +571,17 @@ def test_crash_during_append_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         t.append([make_row(_archs(6, seed=8)[0], step=2)])
     monkeypatch.undo()
-    assert [p for p in t.parts_dir.iterdir() if p.name.startswith(".tmp-")]  # orphan, ignored by readers
+    (orphan,) = [p for p in t.parts_dir.iterdir() if p.name.startswith(".tmp-")]  # ignored by readers
     pd.testing.assert_frame_equal(t.read(), expect)
+    _age(orphan)
     t.compact()
     assert not [p for p in t.parts_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def _age(path) -> None:
+    """Make a temp file look older than any live writer's."""
+    old = time.time() - R.ORPHAN_AGE_S - 60
+    os.utime(path, (old, old))
 
 
 def _die_after_rename_worker(run_dir):
