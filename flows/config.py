@@ -103,9 +103,10 @@ class SearchSettings(_Section):
     # buffer, ~100 minibatch-1 steps per result (benchmarks/controller_schedule.py)
     controller_update: Literal["batch", "buffer"] = "batch"
     ppo_epochs: int = Field(4, ge=1)
-    # sync: K archs per step, update, repeat (bit-reproducible); async: every device slot
-    # busy, a new arch the moment one finishes, an update every K results (nasfcos/search.py)
-    mode: Literal["async", "sync"] = "sync"
+    # async (default): every device slot busy, a new arch the moment one finishes, an update
+    # every K results; sync: K archs per step, update, repeat (bit-reproducible). README and
+    # benchmarks/search_scaling.py say why async is the default
+    mode: Literal["async", "sync"] = "async"
 
 
 class SelectConfig(_Section):

@@ -52,12 +52,34 @@ def task_runner(cfg: PipelineConfig):
 
 
 def evaluation_slots(ex: ExecutionConfig) -> int:
-    """How many proxy evaluations run at once: ``slots_per_device`` on each device.
-
-    With ``dask_address`` this counts ``devices``' one name once, not every worker
-    of the external cluster: the search then keeps fewer evaluations in flight.
-    """
+    """How many proxy evaluations run at once: ``slots_per_device`` on each device, or
+    on an external Dask cluster what its workers declare (:func:`cluster_slots`)."""
+    if ex.task_runner == "dask" and ex.dask_address:
+        return cluster_slots(ex)
     return len(ex.devices) * ex.slots_per_device
+
+
+def cluster_slots(ex: ExecutionConfig, timeout: float = 60.0) -> int:
+    """Evaluation slots of the workers connected to ``dask_address`` now: the sum of
+    their ``GPU`` resources (GPU devices), else of their threads. Counted when the search
+    starts: workers that join later take work, but the async search keeps only this
+    many in flight until it is restarted. No worker within ``timeout``: one line, and
+    ``slots_per_device``."""
+    from distributed import Client
+
+    with Client(ex.dask_address, timeout=timeout) as client:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            _logger().warning("no Dask worker at %s after %.0f s: planning %d evaluation slots", ex.dask_address, timeout, ex.slots_per_device)
+            return ex.slots_per_device
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        if ex.devices[0].startswith("cuda"):
+            slots = sum(int(w.get("resources", {}).get(RESOURCE, 0)) for w in workers)
+        else:
+            slots = sum(int(w["nthreads"]) for w in workers)
+    _logger().info("Dask cluster %s: %d workers, %d evaluation slots", ex.dask_address, len(workers), slots)
+    return max(slots, 1)
 
 
 def local_cluster(devices: Sequence[str], slots_per_device: int = 1, dashboard_address: str = ":8787"):
@@ -82,6 +104,19 @@ def local_cluster(devices: Sequence[str], slots_per_device: int = 1, dashboard_a
         workers[f"{i}-{device}"] = {"cls": Nanny, "options": options}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": dashboard_address}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="nasfcos")
+
+
+def _logger():
+    """The flow run's logger (shown in the UI), or this module's outside a run."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger(__name__)
 
 
 def process_devices(ex: ExecutionConfig) -> tuple[str, ...]:

@@ -142,7 +142,8 @@ def search(config: dict | str = "demo") -> dict:
     )  # fmt: skip
     try:
         if s.mode == "async":
-            summary = run_search_async(submit=submit, slots=evaluation_slots(cfg.execution), **loop)
+            # evaluate_decoder writes its row before it returns
+            summary = run_search_async(submit=submit, slots=evaluation_slots(cfg.execution), evaluator_writes_rows=True, **loop)
         else:
             summary = run_search(evaluate=evaluate, **loop)
     finally:  # the cached features must not hold device memory during full training

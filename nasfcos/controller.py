@@ -133,23 +133,26 @@ class LSTMPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> list[Sample]:
+        """``n`` sequences, token by token. Log-probability and entropy are summed by
+        :meth:`score` afterwards (one pass, as in training), so the token loop holds only
+        what sampling needs: few small ops, since in a search each op hands the GIL to
+        the flow's other threads and may wait a switch interval to get it back."""
         state, prev = None, None
         prefixes: list[list[int]] = [[] for _ in range(n)]
-        masks, logps, ents = [], torch.zeros(n), torch.zeros(n)
+        masks = []
         for t in range(self.num_tokens):
             out, state = self.lstm(self._input(t, prev, n)[None], state)
-            mask = torch.as_tensor(np.stack([self.space.mask(p) for p in prefixes]))  # (B, A)
-            dist = torch.distributions.Categorical(logits=self._logits(t, out[0], mask))
-            choice = torch.multinomial(dist.probs, 1, generator=generator).squeeze(1)  # (B,)
-            logps += dist.log_prob(choice)
-            ents += dist.entropy()
-            masks.append(mask.numpy())
+            mask = np.stack([self.space.mask(p) for p in prefixes])  # (B, A)
+            probs = torch.softmax(self._logits(t, out[0], torch.from_numpy(mask)), dim=-1)
+            choice = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            masks.append(mask)
             for p, c in zip(prefixes, choice.tolist()):
                 p.append(c)
             prev = choice
-        masks_arr = np.stack(masks, axis=1)  # (B, T, A)
+        tokens, masks_arr = np.asarray(prefixes, dtype=np.int64), np.stack(masks, axis=1)  # (B, T), (B, T, A)
+        logps, ents = self.score(torch.from_numpy(tokens), torch.from_numpy(masks_arr))
         return [
-            Sample(self.space.decode(p), np.asarray(p), masks_arr[i], float(logps[i]), float(ents[i]))
+            Sample(self.space.decode(p), tokens[i], masks_arr[i], float(logps[i]), float(ents[i]))
             for i, p in enumerate(prefixes)
         ]
 

@@ -13,14 +13,20 @@ checkpoint: the pending archs are the same, finished ones are not evaluated
 again, and the update is redone from the same state.
 
 :func:`run_search_async` (``search.mode: async``): ``slots`` evaluations stay in
-flight; each freed slot gets a newly sampled arch at once, so no slot idles
-while the slowest arch of a step finishes. The controller updates on every
-``archs_per_step`` finished results, in the order they finish; an arch may have
-been sampled by a policy a few updates older than the one it updates, which
-PPO's ratio against the stored sampling log-probability corrects for. The
-checkpoint lists the in-flight samples (written before each submission) and
-the finished ones not yet used by an update; a killed search resubmits exactly
-the in-flight archs without a row and evaluates none twice. Which archs are
+flight; each freed slot gets a sampled arch at once, so no slot idles while the
+slowest arch of a step finishes. Archs are drawn ``archs_per_step`` (or as many
+as there are free slots) at a time from the current policy and queued; the
+queue is dropped at each update, so no submission is more than one update
+stale. The controller updates on every ``archs_per_step`` finished results, in
+the order they finish; an arch may have been sampled by a policy a few updates
+older than the one it updates, which PPO's ratio against the stored sampling
+log-probability corrects for. ``results.parquet`` is compacted at most every
+:data:`COMPACT_EVERY_S` (readers of ``ResultsTable`` see every row at once). The
+checkpoint, written after each draw and each update, lists the queued draws, the in-flight samples and the finished ones not
+yet used by an update, so every submitted arch is on disk before it is
+submitted; a killed search resubmits exactly the archs without a row and
+evaluates none twice. Drawing in batches keeps the flow's thread free: one
+LSTM pass and one checkpoint per batch instead of per arch. Which archs are
 sampled depends on the order evaluations finish, so only ``slots=1`` is
 reproducible.
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +49,9 @@ from nasfcos.train import atomic_save
 from nasfcos.space import Arch
 
 log = logging.getLogger(__name__)
+# Async mode compacts results.parquet at most this often (and at the end): at 64 slots a
+# compaction per update would cost the flow's thread more than the controller does.
+COMPACT_EVERY_S = 10.0
 
 @dataclass(frozen=True)
 class Job:
@@ -107,9 +117,11 @@ class SearchState:
 
     ``pending``: sync mode's samples of the current step (``Sample.to_dict``).
     Async mode's entries are ``{"step", "sample", "draw"}`` (``draw``: the
-    ``Sample.to_dict``): ``in_flight`` were submitted (or wait for an identical
-    arch that was), ``finished`` have a row but fed no update yet (finish order);
-    ``drawn`` counts the samples of the current policy (the next ``sample`` index).
+    ``Sample.to_dict``): ``queued`` were drawn and wait for a slot (draw order; on
+    disk some may have been submitted since), ``in_flight`` were submitted (or wait
+    for an identical arch that was), ``finished`` have a row but fed no update yet
+    (finish order); ``drawn`` counts the samples of the current policy (the next
+    ``sample`` index).
     """
 
     step: int = 0
@@ -119,6 +131,7 @@ class SearchState:
     in_flight: list[dict] = field(default_factory=list)
     finished: list[dict] = field(default_factory=list)
     drawn: int = 0
+    queued: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -143,6 +156,7 @@ def load_state(path: Path, policy: Policy) -> SearchState:
     return SearchState(
         step=ckpt["step"], issued=ckpt["issued"], pending=ckpt["pending"], stats=ckpt["stats"],
         in_flight=ckpt.get("in_flight", []), finished=ckpt.get("finished", []), drawn=ckpt.get("drawn", 0),
+        queued=ckpt.get("queued", []),
     )  # fmt: skip
 
 
@@ -219,9 +233,9 @@ def run_search(
     """
     state_path = Path(state_path)
     state = load_state(state_path, policy)
-    if state.in_flight or state.finished:
+    if state.in_flight or state.finished or state.queued:
         raise ValueError(
-            f"{state_path}: holds an async-mode search ({len(state.in_flight)} archs in flight, "
+            f"{state_path}: holds an async-mode search ({len(state.in_flight)} archs in flight, {len(state.queued)} queued, "
             f"{len(state.finished)} finished before the next update); resume it with search.mode=async"
         )
     max_samples = cfg.max_samples or 4 * cfg.total_archs
@@ -287,9 +301,14 @@ def run_search_async(
     state_path: str | Path,
     cfg: SearchConfig = SearchConfig(),
     on_step: Callable[[dict], None] | None = None,
+    evaluator_writes_rows: bool = False,
 ) -> SearchSummary:
     """Run (or resume) the search with ``slots`` evaluations in flight until
     ``cfg.total_archs`` unique archs are in ``results`` (see the module docstring).
+
+    ``evaluator_writes_rows``: the evaluation wrote its row durably before its future
+    resolved (the Prefect task does), so the loop does not append it again: at 64 slots
+    that append is a fifth of the flow thread's time per arch.
 
     ``submit(job)`` starts one evaluation and returns a :class:`Future` whose
     result is its record (as ``evaluate`` yields in :func:`run_search`; the
@@ -299,13 +318,15 @@ def run_search_async(
     own futures and ``prefect.futures.wait`` has no ``return_when``, while
     ``add_done_callback`` is what both kinds (and prefect-dask's) share.
 
-    The checkpoint is written before every submission, so a submitted arch is
-    always in ``in_flight`` on disk; on resume, in-flight archs with a row count
-    as finished (in the order their rows finished) and the others are
-    resubmitted as the same job (same arch, step and sample index). An arch
-    sampled again is not evaluated again: a known one feeds its stored reward
-    at once, one still in flight waits for that evaluation. When nothing is left
-    to sample or in flight, the last update uses the fewer than K left over.
+    The checkpoint is written after every draw, before any of the drawn archs is
+    submitted, so a submitted arch is always in ``queued`` or ``in_flight`` on
+    disk; on resume, in-flight archs with a row count as finished (in the order
+    their rows finished) and the others are resubmitted as the same job (same
+    arch, step and sample index); queued ones go on in draw order, those with a
+    row feeding their stored reward. An arch sampled again is not evaluated
+    again: a known one feeds its stored reward at once, one still in flight waits
+    for that evaluation. When nothing is left to sample or in flight, the last
+    update uses the fewer than K left over.
     """
     if slots < 1:
         raise ValueError(f"slots: need at least 1 evaluation in flight, got {slots}")
@@ -319,6 +340,7 @@ def run_search_async(
     done: queue.SimpleQueue[str] = queue.SimpleQueue()  # arch ids, put by done callbacks (any thread)
     running: dict[str, Future] = {}  # one evaluation per arch id
     evaluated_now = evaluated_since_update = 0
+    compacted = time.monotonic()  # the last compaction (async: at most every COMPACT_EVERY_S)
 
     def arch_id(entry: dict) -> str:
         return Arch.parse(entry["draw"]["arch"]).arch_id
@@ -330,9 +352,19 @@ def run_search_async(
             running[aid] = future
             future.add_done_callback(lambda _, aid=aid: done.put(aid))
 
+    def can_draw() -> bool:
+        return len(known) + len(running) < cfg.total_archs and state.issued < max_samples
+
+    def draw() -> None:
+        """Queue K archs (or one per free slot) from the current policy; the caller saves."""
+        n = min(max(K, slots - len(running)), cfg.total_archs - len(known) - len(running), max_samples - state.issued)
+        state.queued = [{"step": state.step, "sample": state.drawn + i, "draw": s.to_dict()} for i, s in enumerate(policy.sample(n))]
+        state.drawn += n
+
     def update(n: int) -> None:
-        nonlocal evaluated_since_update
+        nonlocal evaluated_since_update, compacted
         batch, state.finished = state.finished[:n], state.finished[n:]
+        state.queued = []  # drawn by the policy this update replaces, never submitted: dropped
         samples = [Sample.from_dict(e["draw"]) for e in batch]
         rewards = [_reward(known[s.arch.arch_id], cfg.failure_penalty) for s in samples]
         stats = policy.update(samples, rewards)
@@ -342,7 +374,11 @@ def run_search_async(
         info = {**_step_info(state, known, cfg, rewards, evaluated_since_update, stats), "in_flight": len(running), "staleness": stale}
         evaluated_since_update = 0
         state.stats.append(info)
-        results.compact()
+        if time.monotonic() - compacted >= COMPACT_EVERY_S:
+            results.compact()
+            compacted = time.monotonic()
+        if can_draw():
+            draw()  # the new policy's next archs, in the same checkpoint
         save_state(state_path, policy, state, cfg)
         log.info(
             "step %d: %d/%d archs, %d in flight, step mean reward %.4f, best %.4f",
@@ -351,8 +387,11 @@ def run_search_async(
         if on_step is not None:
             on_step(info)
 
-    if state.step or state.in_flight or state.finished:
-        log.info("resuming async search at step %d (%d archs issued, %d in flight, %d in results)", state.step, state.issued, len(state.in_flight), len(known))
+    if state.step or state.in_flight or state.finished or state.queued:
+        log.info(
+            "resuming async search at step %d (%d archs issued, %d in flight, %d queued, %d in results)",
+            state.step, state.issued, len(state.in_flight), len(state.queued), len(known),
+        )  # fmt: skip
     # rows are durable before the loop learns of them: an in-flight arch with a row finished
     landed = sorted((e for e in state.in_flight if arch_id(e) in known), key=lambda e: known[arch_id(e)]["finished_at"])
     state.in_flight = [e for e in state.in_flight if arch_id(e) not in known]
@@ -363,19 +402,18 @@ def run_search_async(
     while True:
         if len(state.finished) >= K:
             update(K)
-        elif len(running) < slots and len(known) + len(running) < cfg.total_archs and state.issued < max_samples:
-            (s,) = policy.sample(1)
-            entry = {"step": state.step, "sample": state.drawn, "draw": s.to_dict()}
-            state.drawn += 1
-            state.issued += 1
-            aid = s.arch.arch_id
+        elif len(running) < slots and (state.queued or can_draw()):
+            if not state.queued:
+                draw()
+                save_state(state_path, policy, state, cfg)  # on disk before any of them is submitted
+            entry = state.queued.pop(0)
+            state.issued += 1  # a sample counts once it enters the search, not when drawn (an update drops the rest)
+            aid = arch_id(entry)
             if aid in known:  # seen before: its stored reward, no evaluation
                 state.finished.append(entry)
             else:
                 state.in_flight.append(entry)
-                if aid not in running:  # else it waits for the evaluation in flight
-                    save_state(state_path, policy, state, cfg)  # in flight on disk before it is submitted
-                    launch(entry)
+                launch(entry)  # or, for an arch already in flight, wait for that evaluation
         elif running:
             aid = done.get()
             record = running.pop(aid).result()
@@ -383,7 +421,8 @@ def run_search_async(
                 raise RuntimeError(f"evaluation of {aid} returned the record of {record['arch_id']}")
             mine = [e for e in state.in_flight if arch_id(e) == aid]
             row = make_row(record, step=mine[0]["step"], sample=mine[0]["sample"], penalty=cfg.failure_penalty)
-            results.append([row])
+            if not evaluator_writes_rows:
+                results.append([row])
             known[aid] = row
             evaluated_now += 1
             evaluated_since_update += 1

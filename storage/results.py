@@ -432,6 +432,7 @@ class ResultsTable:
         self.path = self.run_dir / "results.parquet"
         self.parts_dir = self.run_dir / "results.parts"
         self.lock_path = self.run_dir / "results.lock"
+        self._ok_cache: dict[tuple, frozenset[str]] = {}  # see _ok_ids
 
     def __repr__(self) -> str:
         return f"ResultsTable({str(self.run_dir)!r})"
@@ -619,12 +620,27 @@ class ResultsTable:
         return sorted(p for p in self.parts_dir.glob("*.parquet") if not p.name.startswith("."))
 
     def _ok_ids(self) -> set[str]:
-        """Arch ids with an ok row; call under the lock (files do not change meanwhile)."""
+        """Arch ids with an ok row; call under the lock (the table does not change meanwhile).
+
+        Each file's ids are remembered by (name, mtime, size): parts never change once
+        renamed in, and the table only by compaction, so the flow's append per finished
+        evaluation reads only the files that are new since its last one.
+        """
         ids: set[str] = set()
+        seen = {}
         for p in self._part_paths() + ([self.path] if self.path.exists() else []):
-            with open(p, "rb") as f:
-                t = pq.read_table(f, columns=["arch_id", "status"])
-            ids.update(t.column("arch_id").filter(pc.equal(t.column("status"), "ok")).to_pylist())
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # a part another ResultsTable compacted away: its rows are in the table
+                continue
+            key = (p.name, st.st_mtime_ns, st.st_size)
+            if key not in self._ok_cache:
+                with open(p, "rb") as f:
+                    t = pq.read_table(f, columns=["arch_id", "status"])
+                self._ok_cache[key] = frozenset(t.column("arch_id").filter(pc.equal(t.column("status"), "ok")).to_pylist())
+            seen[key] = self._ok_cache[key]
+            ids |= seen[key]
+        self._ok_cache = seen
         return ids
 
     @staticmethod

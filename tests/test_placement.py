@@ -163,6 +163,11 @@ def test_local_dask_cluster_pins_one_worker_per_gpu():
             future = client.submit(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"), pure=False)
         ran_on = future.result(timeout=30)  # held, so the scheduler still knows the task
         asked = client.run_on_scheduler(lambda dask_scheduler, key=future.key: dask_scheduler.tasks[key].resource_restrictions)
+        # as an external cluster: the search plans every worker's slots, not one device's
+        external = {"task_runner": "dask", "dask_address": cluster.scheduler_address, "slots_per_device": 2}
+        gpu_slots = placement.evaluation_slots(_execution(devices=["cuda"], **external))
+        cpu_slots = placement.evaluation_slots(_execution(devices=["cpu"], **external))
+    assert gpu_slots == 4 and cpu_slots == 4
     assert len({pid for pid, *_ in workers}) == 2 and os.getpid() not in {pid for pid, *_ in workers}
     assert sorted(cvd for _, cvd, _, _ in workers) == ["0", "1"]
     assert all(res == {"GPU": 2} and nthreads == 2 for _, _, res, nthreads in workers)

@@ -231,22 +231,24 @@ def one_thread():
 def test_async_search_with_one_slot_is_reproducible_across_a_crash(tmp_path, one_thread):
     """One slot: sample, evaluate, update every K; a crash after a submission resubmits that job."""
     cfg = SearchConfig(total_archs=6, archs_per_step=4)
-    ppo = ControllerConfig(hidden_size=16, num_layers=1)  # small: sampling one at a time costs 42 LSTM steps each
+    ppo = ControllerConfig(hidden_size=16, num_layers=1)
     a = _async(tmp_path / "a", PPOController(ppo, seed=1), Pool(tmp_path / "a", 1), cfg, slots=1)
     with pytest.raises(KeyboardInterrupt):
         _async(tmp_path / "b", PPOController(ppo, seed=1), Pool(tmp_path / "b", 1, crash_after=5), cfg, slots=1)
     state = load_state(tmp_path / "b/c.pt", PPOController(ppo, seed=1))
-    assert state.step == 1 and len(state.in_flight) == 1 and len(ResultsTable(tmp_path / "b")) == 5  # 6th on disk, not run
+    # step 1 drew its 2 archs in one batch, on disk before either was submitted; the 5th ran,
+    # the 6th was being submitted when killed
+    assert state.step == 1 and len(state.queued) == 2 and not state.in_flight and len(ResultsTable(tmp_path / "b")) == 5
     pool = Pool(tmp_path / "b", 1)
     b = _async(tmp_path / "b", PPOController(ppo, seed=1), pool, cfg, slots=1)
-    assert list(pool.calls) == [Sample.from_dict(state.in_flight[0]["draw"]).arch.arch_id]  # exactly the unfinished one
+    assert list(pool.calls) == [Sample.from_dict(state.queued[1]["draw"]).arch.arch_id]  # exactly the unfinished one
     cols = ["arch_id", "step", "sample", "reward"]
     ra, rb = ResultsTable(tmp_path / "a").read()[cols], ResultsTable(tmp_path / "b").read()[cols]
     pd.testing.assert_frame_equal(ra, rb)  # the same archs, sampled by the same policies
     assert ra[["step", "sample"]].values.tolist() == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1]]
     assert (a.steps, a.issued, a.unique_archs, a.best_arch) == (b.steps, b.issued, b.unique_archs, b.best_arch) == (2, 6, 6, a.best_arch)
     end = load_state(tmp_path / "b/c.pt", PPOController(ppo, seed=1))
-    assert not end.in_flight and not end.finished and [x["staleness"] for x in end.stats] == [0.0, 0.0]
+    assert not end.in_flight and not end.finished and not end.queued and [x["staleness"] for x in end.stats] == [0.0, 0.0]
 
 
 def test_async_search_keeps_slots_busy_and_reuses_results_of_duplicates(tmp_path):
@@ -300,7 +302,8 @@ def test_sigkilled_async_search_resumes_without_evaluating_twice(tmp_path):
     assert child.exitcode == -signal.SIGKILL
     state = load_state(run / "c.pt", RandomPolicy())
     rows = ResultsTable(run).read()
-    unfinished = [e for e in state.in_flight if Sample.from_dict(e["draw"]).arch.arch_id not in set(rows.arch_id)]
+    # on disk: submitted (in flight) or drawn for submission (queued); those without a row go on as the same jobs
+    unfinished = [e for e in state.in_flight + state.queued if Sample.from_dict(e["draw"]).arch.arch_id not in set(rows.arch_id)]
     assert 15 <= len(rows) < 40 and unfinished  # killed with evaluations in flight
     _async_40(run)
 
@@ -314,5 +317,5 @@ def test_sigkilled_async_search_resumes_without_evaluating_twice(tmp_path):
         aid = Sample.from_dict(e["draw"]).arch.arch_id
         assert (resumed.loc[aid, "step"], resumed.loc[aid, "sample"]) == (e["step"], e["sample"])
     end = load_state(run / "c.pt", RandomPolicy())
-    assert not end.in_flight and not end.finished and end.issued == 40 and end.step == 5
+    assert not end.in_flight and not end.finished and not end.queued and end.issued == 40 and end.step == 5
 
