@@ -319,3 +319,20 @@ def test_sigkilled_async_search_resumes_without_evaluating_twice(tmp_path):
     end = load_state(run / "c.pt", RandomPolicy())
     assert not end.in_flight and not end.finished and not end.queued and end.issued == 40 and end.step == 5
 
+
+
+def test_async_loop_appends_rows_unless_the_evaluator_wrote_them(tmp_path):
+    """The Prefect task writes its own row before returning (evaluator_writes_rows=True), so
+    the loop then skips its append; by default the loop appends every record itself."""
+    from concurrent.futures import Future as CFuture
+
+    def submit(job):
+        f = CFuture()
+        f.set_result(_record(job.arch, _reward(job.arch)))  # a record, no row written
+        return f
+
+    cfg = SearchConfig(total_archs=4, archs_per_step=2)
+    for writes, expected in ((False, 4), (True, 0)):
+        run = tmp_path / str(writes)
+        summary = run_search_async(policy=RandomPolicy(seed=0), submit=submit, slots=2, results=ResultsTable(run), state_path=run / "c.pt", cfg=cfg, evaluator_writes_rows=writes)
+        assert summary.evaluated_now == 4 and len(ResultsTable(run)) == expected
