@@ -41,7 +41,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -128,14 +127,16 @@ SUBMITTED: dict[str, float] = {}  # arch id -> when the flow submitted it
 CLOCK: dict[str, float] = {}  # seconds the flow thread spent, by kind of work
 
 
-def instrument(submitted: dict, clock: dict) -> None:
-    """Record when the flow submits each arch and how long the controller takes (once per process)."""
+def instrument() -> None:
+    """Record into SUBMITTED and CLOCK when the flow submits each arch and how long the
+    controller and the flow thread's other work take (patches once per process)."""
     import nasfcos.controller
     import nasfcos.search
 
     if getattr(nasfcos.search, "_instrumented", False):
         return
     nasfcos.search._instrumented = True
+    submitted, clock = SUBMITTED, CLOCK
 
     build, run_sync, run_async = nasfcos.controller.build_policy, nasfcos.search.run_search, nasfcos.search.run_search_async
     nasfcos.controller.build_policy = lambda *a, **k: TimedPolicy(build(*a, **k), clock)
@@ -237,10 +238,10 @@ def measure(slots: int, mode: str, runner: str, *, per_slot: int, work: Path, he
         "search.total_archs": PREFILLED + n, "search.archs_per_step": 8 if mode == "async" else max(8, slots),
         "execution.task_runner": runner, "execution.devices": ["cpu"] * procs, "execution.slots_per_device": slots // procs,
     })  # fmt: skip
-    submitted, clock = SUBMITTED, CLOCK
-    submitted.clear(), clock.clear()
-    clock["controller"] = 0.0
-    instrument(submitted, clock)
+    SUBMITTED.clear()
+    CLOCK.clear()
+    CLOCK["controller"] = 0.0
+    instrument()
     search.with_options(task_runner=task_runner(cfg))(portable(cfg))
 
     df = ResultsTable(run_dir).read()
@@ -251,13 +252,13 @@ def measure(slots: int, mode: str, runner: str, *, per_slot: int, work: Path, he
         durable.setdefault(aid, datetime.fromisoformat(stamp).timestamp())
     start = new.started_at.map(lambda t: t.timestamp()).to_numpy()
     end = new.finished_at.map(lambda t: t.timestamp()).to_numpy()
-    sub = np.array([submitted[a] for a in new.arch_id])
+    sub = np.array([SUBMITTED[a] for a in new.arch_id])
     dur = np.array([durable[a] for a in new.arch_id])
     t0 = float(start.min())
     row = {
         "runner": runner, "mode": mode, "slots": slots, "processes": procs, "archs": len(new),
-        "controller_s_per_arch": clock["controller"] / len(new),
-        **{f"{k}_s_per_arch": clock.get(k, 0.0) / len(new) for k in ("submit", "append", "compact", "checkpoint")},
+        "controller_s_per_arch": CLOCK["controller"] / len(new),
+        **{f"{k}_s_per_arch": CLOCK.get(k, 0.0) / len(new) for k in ("submit", "append", "compact", "checkpoint")},
         "evaluations": len(durable), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "per_arch": {k: (v - t0).round(4).tolist() for k, v in (("submit", sub), ("start", start), ("end", end), ("durable", dur))},
     }  # fmt: skip
@@ -327,5 +328,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "search-scaling"
     main()

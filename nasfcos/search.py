@@ -22,10 +22,10 @@ the order they finish; an arch may have been sampled by a policy a few updates
 older than the one it updates, which PPO's ratio against the stored sampling
 log-probability corrects for. ``results.parquet`` is compacted at most every
 :data:`COMPACT_EVERY_S` (readers of ``ResultsTable`` see every row at once). The
-checkpoint, written after each draw and each update, lists the queued draws, the in-flight samples and the finished ones not
-yet used by an update, so every submitted arch is on disk before it is
-submitted; a killed search resubmits exactly the archs without a row and
-evaluates none twice. Drawing in batches keeps the flow's thread free: one
+checkpoint, written after each draw and each update, lists the queued draws,
+the in-flight samples and the finished ones not yet used by an update, so every
+submitted arch is on disk before it is submitted; a killed search resubmits
+exactly the archs without a row and evaluates none twice. Drawing in batches keeps the flow's thread free: one
 LSTM pass and one checkpoint per batch instead of per arch. Which archs are
 sampled depends on the order evaluations finish, so only ``slots=1`` is
 reproducible.
@@ -342,8 +342,13 @@ def run_search_async(
     evaluated_now = evaluated_since_update = 0
     compacted = time.monotonic()  # the last compaction (async: at most every COMPACT_EVERY_S)
 
+    ids: dict[str, str] = {}  # arch string -> id: the loop looks ids up for every entry in flight per result
+
     def arch_id(entry: dict) -> str:
-        return Arch.parse(entry["draw"]["arch"]).arch_id
+        text = entry["draw"]["arch"]
+        if text not in ids:
+            ids[text] = Arch.parse(text).arch_id
+        return ids[text]
 
     def launch(entry: dict) -> None:
         aid = arch_id(entry)

@@ -433,6 +433,7 @@ class ResultsTable:
         self.parts_dir = self.run_dir / "results.parts"
         self.lock_path = self.run_dir / "results.lock"
         self._ok_cache: dict[tuple, frozenset[str]] = {}  # see _ok_ids
+        self._lock_key = str(self.lock_path.resolve())  # this process's lock for the run dir
 
     def __repr__(self) -> str:
         return f"ResultsTable({str(self.run_dir)!r})"
@@ -446,9 +447,7 @@ class ResultsTable:
         be written; the dedup rule keeps the first ``ok`` row at every read and
         compact. A bad row writes nothing.
         """
-        if isinstance(rows, Mapping):
-            raise ValueError("rows: expected a list of row dicts, got a single dict")
-        table = rows_to_table(rows)
+        table = _rows_table(rows)
         if table.num_rows:
             self._write_part(table)
         return table.num_rows
@@ -460,9 +459,7 @@ class ResultsTable:
         or earlier in ``rows``); a failed arch may be appended again. All rows
         are validated before anything is written, so a bad row writes none.
         """
-        if isinstance(rows, Mapping):
-            raise ValueError("rows: expected a list of row dicts, got a single dict")
-        table = rows_to_table(rows)
+        table = _rows_table(rows)
         if table.num_rows == 0:
             return 0
         with self._lock():
@@ -601,7 +598,7 @@ class ResultsTable:
         alone holds, which suffices while only the flow's process compacts."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with _PROCESS_LOCKS_LOCK:
-            local = _PROCESS_LOCKS.setdefault(str(self.lock_path.resolve()), threading.Lock())
+            local = _PROCESS_LOCKS.setdefault(self._lock_key, threading.Lock())
         with local, open(self.lock_path, "a+") as f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -664,6 +661,13 @@ class ResultsTable:
                     raise ValueError(f"{path}: field {field.name!r} is {col.type}, expected {field.type}") from None
             t = pa.Table.from_arrays(cols, schema=SCHEMA)
         return t.replace_schema_metadata(SCHEMA.metadata)
+
+
+def _rows_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """``rows_to_table`` for the writers, which take a list of rows, never a single row."""
+    if isinstance(rows, Mapping):
+        raise ValueError("rows: expected a list of row dicts, got a single dict")
+    return rows_to_table(rows)
 
 
 def _delete_parts(parts: list[Path]) -> None:
