@@ -92,7 +92,7 @@ def install() -> None:
     import nasfcos.proxy
 
     nasfcos.proxy.evaluate_arch = simulated_evaluate_arch
-    flows.search._splits = lambda features, device, scale: (device, None, 20)  # no features to load
+    flows.search._splits = lambda key: (key[1], None, 20)  # no features to load
 
 
 def dask_setup(worker) -> None:  # noqa: ARG001 - Dask preload hook, runs in each worker process

@@ -22,137 +22,168 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Every field says what it is to a run directory (flows/stages.py hashes by it):
+#   identity:   determines a stage's outputs; changing it on a started stage is refused
+#   tuning:     only how they are computed (batch sizes for inference, workers, intervals,
+#               devices, retries, timeouts); may change between runs of one directory
+#   extendable: a budget that may change: the stage re-runs and keeps what it has
+ROLES = ("identity", "tuning", "extendable")
+
+
+def identity(default: Any = ..., **kw: Any) -> Any:
+    return Field(default, json_schema_extra={"role": "identity"}, **kw)
+
+
+def tuning(default: Any = ..., **kw: Any) -> Any:
+    return Field(default, json_schema_extra={"role": "tuning"}, **kw)
+
+
+def extendable(default: Any = ..., **kw: Any) -> Any:
+    return Field(default, json_schema_extra={"role": "extendable"}, **kw)
+
+
+def role(section: type[BaseModel], name: str) -> str:
+    extra = section.model_fields[name].json_schema_extra
+    return extra.get("role", "") if isinstance(extra, dict) else ""
+
+
 class DataConfig(_Section):
     """Where images come from. ``synthetic`` generates the built-in shapes dataset
     into the run directory and uses it for every stage."""
 
-    kind: Literal["synthetic", "voc"] = "synthetic"
-    voc_root: str | None = None  # VOCdevkit/VOC2012: backbone finetuning and the proxy task
-    voc_split: str = "train"
-    synthetic_num_train: int = Field(300, ge=8)
-    synthetic_num_val: int = Field(60, ge=4)
-    synthetic_seed: int = 0
-    coco_train_json: str | None = None  # full training (§4.2)
-    coco_train_images: str | None = None
-    coco_val_json: str | None = None  # COCO val AP
-    coco_val_images: str | None = None
-    coco_testdev_json: str | None = None  # image_info_test-dev2017.json: results json only
-    coco_testdev_images: str | None = None
+    kind: Literal["synthetic", "voc"] = identity("synthetic")
+    voc_root: str | None = identity(None)  # VOCdevkit/VOC2012: backbone finetuning and the proxy task
+    voc_split: str = identity("train")
+    synthetic_num_train: int = identity(300, ge=8)
+    synthetic_num_val: int = identity(60, ge=4)
+    synthetic_seed: int = identity(0)
+    coco_train_json: str | None = identity(None)  # full training (§4.2)
+    coco_train_images: str | None = identity(None)
+    coco_val_json: str | None = identity(None)  # COCO val AP
+    coco_val_images: str | None = identity(None)
+    coco_testdev_json: str | None = identity(None)  # image_info_test-dev2017.json: results json only
+    coco_testdev_images: str | None = identity(None)
 
 
 class FinetuneConfig(_Section):
     """§4.1: R-50 + FPN-FCOS finetuned on VOC (30K its, batch 24, lr 0.01, /10 at 18K, 24K, crop 800)."""
 
-    backbone: str = "resnet50"
+    backbone: str = identity("resnet50")
     # backbone init: a local torchvision/nasfcos weights file or a torchvision weight name
     # (e.g. FCOS_ResNet50_FPN_Weights.COCO_V1, from the torch cache); None = random init
-    weights: str | None = None
-    width: int = 256
-    iterations: int = Field(30_000, ge=1)
-    batch_size: int = Field(24, ge=1)
-    lr: float = Field(0.01, gt=0)
-    steps: tuple[int, ...] = (18_000, 24_000)
-    warmup: int = Field(500, ge=0)
-    min_size: tuple[int, ...] = (800,)
-    max_size: int = 1333
-    crop: int = 800
-    clip_grad: float = 0.0
-    checkpoint_every: int = Field(2500, ge=1)
-    num_workers: int = 4
+    weights: str | None = identity(None)
+    width: int = identity(256)
+    iterations: int = identity(30_000, ge=1)
+    batch_size: int = identity(24, ge=1)
+    lr: float = identity(0.01, gt=0)
+    steps: tuple[int, ...] = identity((18_000, 24_000))
+    warmup: int = identity(500, ge=0)
+    min_size: tuple[int, ...] = identity((800,))
+    max_size: int = identity(1333)
+    crop: int = identity(800)
+    clip_grad: float = identity(0.0)
+    checkpoint_every: int = tuning(2500, ge=1)
+    num_workers: int = tuning(4)
 
 
 class FeaturesConfig(_Section):
     """§4.1: meta-train 4,000 / meta-val the rest, short side 384 + random 384 crop."""
 
-    train_size: int = Field(4000, ge=1)
-    val_size: int | None = None
-    seed: int = 0
-    crop: int = Field(384, ge=32)
-    shard_size: int = Field(200, ge=1)
-    codec: str = "blosc-lz4"
-    batch_size: int = Field(32, ge=1)
+    train_size: int = identity(4000, ge=1)
+    val_size: int | None = identity(None)
+    seed: int = identity(0)
+    crop: int = identity(384, ge=32)
+    shard_size: int = identity(200, ge=1)
+    codec: str = identity("blosc-lz4")
+    batch_size: int = tuning(32, ge=1)
 
 
 class ProxySettings(_Section):
     """§4.1: width 64, Adam 8e-4, batch 200, 15 epochs, Polyak 0.9."""
 
-    width: int = 64
-    lr: float = Field(8e-4, gt=0)
-    batch_size: int = Field(200, ge=1)
-    epochs: int = Field(15, ge=0)
-    ema_decay: float = Field(0.9, ge=0, lt=1)
-    seed: int = 0
+    width: int = identity(64)
+    lr: float = identity(8e-4, gt=0)
+    batch_size: int = identity(200, ge=1)
+    epochs: int = identity(15, ge=0)
+    ema_decay: float = identity(0.9, ge=0, lt=1)
+    seed: int = identity(0)
     # FCOS size ranges x this; None = features.crop / 800 (§4.1: "target object sizes of
     # interest are scaled correspondingly"); 1.0 = FCOS's unscaled 0-64-128-256-512-inf
-    size_range_scale: float | None = Field(None, gt=0)
+    size_range_scale: float | None = identity(None, gt=0)
 
 
 class SearchSettings(_Section):
     """§3.3/§4.2: ~2,800 archs; controller hyper-parameters inherited from ref. [14]."""
 
-    total_archs: int = Field(2800, ge=1)
-    archs_per_step: int = Field(8, ge=1)
-    policy: Literal["ppo", "random"] = "ppo"
+    total_archs: int = extendable(2800, ge=1)
+    archs_per_step: int = identity(8, ge=1)
+    policy: Literal["ppo", "random"] = identity("ppo")
     # head search space: seq (the released code's, where the published nas-fcos head was
     # found; default) or dag (the paper text's §3.2.2); README "Deviations" says why
-    head: Literal["seq", "dag"] = "seq"
-    seed: int = 0
-    failure_penalty: float = -10.0
-    controller_lr: float = Field(1e-4, gt=0)
+    head: Literal["seq", "dag"] = identity("seq")
+    seed: int = identity(0)
+    failure_penalty: float = identity(-10.0)
+    controller_lr: float = identity(1e-4, gt=0)
     # batch: ppo_epochs steps per archs_per_step results; buffer: [14]'s 100-entry rollout
     # buffer, ~100 minibatch-1 steps per result (benchmarks/controller_schedule.py)
-    controller_update: Literal["batch", "buffer"] = "batch"
-    ppo_epochs: int = Field(4, ge=1)
+    controller_update: Literal["batch", "buffer"] = identity("batch")
+    ppo_epochs: int = identity(4, ge=1)
     # async (default): every device slot busy, a new arch the moment one finishes, an update
     # every K results; sync: K archs per step, update, repeat (bit-reproducible). README and
     # benchmarks/search_scaling.py say why async is the default
-    mode: Literal["async", "sync"] = "async"
+    mode: Literal["async", "sync"] = identity("async")
 
 
 class SelectConfig(_Section):
-    top_k: int = Field(20, ge=1)
+    top_k: int = extendable(20, ge=1)
 
 
 class TrainFullConfig(_Section):
     """§4.2: COCO, batch 16, 90K its, lr 0.01, /10 at 60K and 80K, 800/1333."""
 
-    num_archs: int = Field(20, ge=1)  # how many of top_k.parquet to train
+    num_archs: int = extendable(20, ge=1)  # how many of top_k.parquet to train
     # initialise from the finetuned detector (backbone + matching decoder weights) instead of
     # train_full.weights; the paper starts from ImageNet weights (False), the demo has none (True)
-    init_from_finetuned: bool = False
+    init_from_finetuned: bool = identity(False)
     # backbone init of full training, as finetune.weights; its own field so that finetuning's
     # COCO-trained weights never leak into COCO training. None = random init
-    weights: str | None = None
-    width: int = 256
-    head_width: int | None = None
-    iterations: int = Field(90_000, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(0.01, gt=0)
-    steps: tuple[int, ...] = (60_000, 80_000)
-    warmup: int = Field(500, ge=0)
-    min_size: tuple[int, ...] = (800,)
-    max_size: int = 1333
-    clip_grad: float = 0.0
-    checkpoint_every: int = Field(2500, ge=1)
-    num_workers: int = 4
+    weights: str | None = identity(None)
+    width: int = identity(256)
+    head_width: int | None = identity(None)
+    iterations: int = identity(90_000, ge=1)
+    batch_size: int = identity(16, ge=1)
+    lr: float = identity(0.01, gt=0)
+    steps: tuple[int, ...] = identity((60_000, 80_000))
+    warmup: int = identity(500, ge=0)
+    min_size: tuple[int, ...] = identity((800,))
+    max_size: int = identity(1333)
+    clip_grad: float = identity(0.0)
+    checkpoint_every: int = tuning(2500, ge=1)
+    num_workers: int = tuning(4)
     # data-parallel devices per arch (nasfcos/distributed.py): execution.devices split into
     # disjoint groups of this size, one arch training on each group at once
-    devices_per_arch: int = Field(1, ge=1)
+    devices_per_arch: int = tuning(1, ge=1)
 
 
 class EvaluateConfig(_Section):
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = tuning(8, ge=1)
 
 
 class ExecutionConfig(_Section):
     """Devices, how many proxy evaluations share one (``slots_per_device``), the task
     runner; ``flows/placement.py`` says where each task runs."""
 
-    devices: tuple[str, ...] = Field(("cpu",), min_length=1)
-    slots_per_device: int = Field(1, ge=1)  # proxy evaluations at once on one device
-    task_runner: Literal["thread", "dask"] = "thread"
-    dask_address: str | None = None  # a dask.distributed scheduler; None with "dask" = local cluster
-    retries: int = Field(1, ge=0)  # task retries for transient errors
+    devices: tuple[str, ...] = tuning(("cpu",), min_length=1)
+    slots_per_device: int = tuning(1, ge=1)  # proxy evaluations at once on one device
+    task_runner: Literal["thread", "dask"] = tuning("thread")
+    dask_address: str | None = tuning(None)  # a dask.distributed scheduler; None with "dask" = local cluster
+    retries: int = tuning(1, ge=0)  # task retries for transient errors
+    # proxy features on the device, or in host memory with batches streamed to it;
+    # auto: streamed when they take more than 70% of the device's free memory
+    feature_residency: Literal["auto", "device", "host"] = tuning("auto")
+    # a local directory: each machine copies the run's feature store there once and
+    # evaluations read that copy instead of the shared filesystem
+    stage_features: str | None = tuning(None)
 
     @model_validator(mode="after")
     def _devices_for_dask(self) -> "ExecutionConfig":

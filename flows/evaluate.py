@@ -3,25 +3,43 @@ detections in the COCO results format, and ``leaderboard.parquet``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
-from prefect import flow, task, unmapped
+from prefect import task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.inputs import coco_split
 from flows.placement import device_resources, device_slot
-from flows.stages import artifact_key, open_stage, portable, run_name, stage_hash
+from flows.stages import artifact_key, open_stage, portable, stage_flow, stage_hash
 from storage.runs import atomic_write_json
 
 STAGE = "evaluate"
 
 
+def _stamp(checkpoint: str) -> dict:
+    st = Path(checkpoint).stat()  # not the path: a run directory may be moved
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 @task(task_run_name="evaluate {arch_id} on COCO", retries=1)
 def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
+    """COCO val AP (and test-dev detections) of one trained arch; skipped when
+    ``evaluated.json`` says this very checkpoint was evaluated (a rerun after a kill,
+    or after top_k / num_archs changed, evaluates only what is new)."""
     from nasfcos.data import COCODetection, build_transforms
     from nasfcos.evaluate import coco_evaluate, predict_dataset, save_results
     from nasfcos.train import detector_from_checkpoint
 
     cfg, run, _, _ = open_stage(config, STAGE)
+    marker = run.full(arch_id) / "evaluated.json"
+    try:
+        done = json.loads(marker.read_text())
+        if done["stamp"] == _stamp(checkpoint):
+            return done["row"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        pass
     model, ckpt = detector_from_checkpoint(checkpoint)
     meta = ckpt.get("meta", {})
     tf = build_transforms(train=False, min_size=meta.get("eval_min_size", 800), max_size=meta.get("eval_max_size", 1333))
@@ -41,10 +59,11 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
             td = COCODetection(testdev[0], testdev[1], transforms=tf)
             path = save_results(predict_dataset(model, td, category_ids=td.category_ids, device=device, batch_size=cfg.evaluate.batch_size), out_dir / "detections_test-dev.json")
             row["testdev_results"] = str(path)
+    atomic_write_json(marker, {"stamp": _stamp(checkpoint), "row": row})
     return row
 
 
-@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+@stage_flow(STAGE)
 def evaluate(config: dict | str = "demo") -> dict:
     from storage.results import atomic_write_parquet
 

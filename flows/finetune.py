@@ -6,11 +6,11 @@ from the last checkpoint).
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.inputs import ensure_data, train_config, voc_dataset
-from flows.stages import artifact_key, open_stage, portable, run_name
+from flows.stages import artifact_key, open_stage, portable, stage_flow
 
 STAGE = "finetune-backbone"
 
@@ -38,7 +38,7 @@ def train_backbone(config: dict) -> dict:
     return {"checkpoint": str(result.checkpoint), "iteration": result.iteration, "losses": result.last_losses, "classes": meta["classes"]}
 
 
-@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+@stage_flow(STAGE)
 def finetune_backbone(config: dict | str = "demo") -> dict:
     """Finetune the backbone (with an FPN-FCOS decoder) on the VOC training set."""
     cfg, run, h, done = open_stage(config, STAGE)

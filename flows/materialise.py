@@ -3,12 +3,12 @@ into ``features.zarr``, one parallel task per shard; done shards are never recom
 
 from __future__ import annotations
 
-from prefect import flow, task, unmapped
+from prefect import task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from flows.inputs import voc_dataset
 from flows.placement import device_resources, device_slot
-from flows.stages import artifact_key, open_stage, portable, run_name
+from flows.stages import artifact_key, open_stage, portable, stage_flow
 
 STAGE = "materialise-features"
 SPLITS = ("meta_train", "meta_val")
@@ -62,7 +62,7 @@ def materialise_shard(config: dict, split: str, shard: int) -> int:
     return shard
 
 
-@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+@stage_flow(STAGE)
 def materialise_features(config: dict | str = "demo") -> dict:
     """Compute C2..C5 at the proxy geometry for both splits, shard by shard in parallel."""
     cfg, run, h, done = open_stage(config, STAGE)

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
 
-from flows.config import load_config
+from flows.config import ConfigError, load_config
 from flows.evaluate import evaluate
 from flows.finetune import finetune_backbone
 from flows.materialise import materialise_features
 from flows.placement import task_runner
-from flows.stages import portable
+from flows.stages import owner, portable
 from flows.search import search
 from flows.select import select_top_k
 from flows.train_full import train_full
+from storage.runlock import RunLocked, run_lock
 from storage.runs import RunDir
 
 
@@ -48,14 +50,15 @@ def nas_search(config: str = "demo", overrides: dict[str, Any] | None = None) ->
     run = RunDir.at(cfg.runs_dir, cfg.run_id)
     log = get_run_logger()
     log.info("run %s in %s", cfg.run_id, run.root)
-    outputs = {  # each subflow with fan-out gets its own runner (a Dask cluster per stage)
-        "finetune-backbone": finetune_backbone(c),
-        "materialise-features": materialise_features.with_options(task_runner=task_runner(cfg))(c),
-        "search": search.with_options(task_runner=task_runner(cfg))(c),
-        "select-top-k": select_top_k(c),
-        "train-full": train_full.with_options(task_runner=task_runner(cfg))(c),
-        "evaluate": evaluate.with_options(task_runner=task_runner(cfg))(c),
-    }
+    with run_lock(run.root, owner()):  # the subflows re-enter it: one owner for the whole pipeline
+        outputs = {  # each subflow with fan-out gets its own runner (a Dask cluster per stage)
+            "finetune-backbone": finetune_backbone(c),
+            "materialise-features": materialise_features.with_options(task_runner=task_runner(cfg))(c),
+            "search": search.with_options(task_runner=task_runner(cfg))(c),
+            "select-top-k": select_top_k(c),
+            "train-full": train_full.with_options(task_runner=task_runner(cfg))(c),
+            "evaluate": evaluate.with_options(task_runner=task_runner(cfg))(c),
+        }
     log.info("run %s finished: results %s, leaderboard %s", cfg.run_id, run.root / "results.parquet", run.leaderboard)
     return {"run_dir": str(run.root), **outputs}
 
@@ -69,7 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
-    print(json.dumps(nas_search(config=args.config, overrides=overrides), indent=2, default=str))
+    try:  # a bad config or a run already running: one line, before any flow starts
+        cfg = load_config(args.config, overrides)
+        with run_lock(RunDir.at(cfg.runs_dir, cfg.run_id).root, f"python -m flows.nas_search --config {args.config}"):
+            out = nas_search(config=args.config, overrides=overrides)
+    except (ConfigError, RunLocked) as e:
+        sys.exit(f"nas-search: {e}")
+    except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback above
+        sys.exit(f"nas-search failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    print(json.dumps(out, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -15,47 +15,51 @@ import os
 import threading
 from datetime import datetime, timezone
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
 from flows.placement import device_resources, device_slot, evaluation_slots
-from flows.stages import artifact_key, open_stage, portable, run_name
+from flows.stages import artifact_key, open_stage, portable, stage_flow
 
 STAGE = "search"
-_Key = tuple[str, str, float | None]  # (feature store, device, size_range_scale)
+_Key = tuple[str, str, float | None, str, str | None]  # (feature store, device, size_range_scale, residency, staging dir)
 _CACHE: dict[_Key, tuple] = {}
 _LOADING: dict[_Key, threading.Lock] = {}  # one lock per key: a load never waits for another device's
 _CACHE_LOCK = threading.Lock()
 
 
-def _load_splits(features: str, device: str, size_range_scale: float | None) -> tuple:
-    """(meta_train, meta_val, num_classes): both proxy splits read from the store onto ``device``."""
+def _load_splits(key: _Key) -> tuple:
+    """(meta_train, meta_val, num_classes): both proxy splits read from the store (or this
+    machine's staged copy of it) onto ``device``, or into host memory to be streamed."""
     import torch
 
-    from nasfcos.proxy import LEVELS, prepare_split
+    from nasfcos.proxy import LEVELS, prepare_split, stream_features
     from storage.features import FeatureStore
+    from storage.staging import stage_store
 
-    store = FeatureStore.open(features)
+    features, device, size_range_scale, residency, stage_dir = key
+    store = FeatureStore.open(stage_store(features, stage_dir) if stage_dir else features)
     k = int(store.attrs["num_classes"])
+    splits = ("meta_train", "meta_val")
+    stream = stream_features(sum(store.nbytes(s, LEVELS) for s in splits), device, residency)
     out = []
-    for split in ("meta_train", "meta_val"):
+    for split in splits:
         d = store.read_split(split, levels=list(LEVELS))
         feats = {lv: torch.from_numpy(d["features"][lv]) for lv in LEVELS}
-        out.append(prepare_split(feats, d["boxes"], d["labels"], num_classes=k, device=device, size_range_scale=size_range_scale))
+        out.append(prepare_split(feats, d["boxes"], d["labels"], num_classes=k, device=device, size_range_scale=size_range_scale, stream=stream))
     return (*out, k)
 
 
-def _splits(features: str, device: str, size_range_scale: float | None) -> tuple:
-    """Both proxy splits resident on ``device``, loaded once per process and device: the
+def _splits(key: _Key) -> tuple:
+    """Both proxy splits for one device, loaded once per process and device: the
     slots of one device share this copy, and a slot that starts while another is
     loading it waits for that load instead of loading a second copy."""
-    key = (features, device, size_range_scale)
     with _CACHE_LOCK:
         lock = _LOADING.setdefault(key, threading.Lock())
     with lock:
         if key not in _CACHE:
-            _CACHE[key] = _load_splits(features, device, size_range_scale)
+            _CACHE[key] = _load_splits(key)
         return _CACHE[key]
 
 
@@ -84,7 +88,8 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
     p = cfg.proxy
     pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=p.epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
     with device_slot(cfg.execution, shared=True) as device:
-        train, val, k = _splits(str(run.features), device, p.size_range_scale)
+        ex = cfg.execution
+        train, val, k = _splits((str(run.features), device, p.size_range_scale, ex.feature_residency, ex.stage_features))
         record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty)
     ResultsTable(run.root).write_part([row])  # lock-free: only the flow compacts
@@ -94,7 +99,7 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
     return row
 
 
-@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+@stage_flow(STAGE)
 def search(config: dict | str = "demo") -> dict:
     """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
     from nasfcos.controller import ControllerConfig, build_policy

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.stages import artifact_key, open_stage, run_name
+from flows.stages import artifact_key, open_stage, stage_flow
 
 STAGE = "select-top-k"
 
 
-@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+@stage_flow(STAGE)
 def select_top_k(config: dict | str = "demo") -> dict:
     from storage.results import ResultsTable
 

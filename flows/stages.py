@@ -3,14 +3,18 @@ skipping stages in a run directory, run names, artifact keys, portable task para
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig, load_config
+from flows.config import PipelineConfig, load_config, role
+from nasfcos.faults import fault_point
+from storage.runlock import run_lock
 from storage.runs import RunDir, config_hash
 
 
@@ -32,36 +36,43 @@ _UPSTREAM = {
 }
 
 
-# Fields a finished stage may be re-run with while keeping its durable files: a larger
-# search budget extends the same search.
-_EXTENDABLE = {"search": {"total_archs"}}
-# Fields that say where a stage runs, not what it computes: in no hash, so a run dir
-# trained on one device per arch resumes (and stays done) on groups of several.
-_PLACEMENT = {"train_full": {"devices_per_arch"}}
-
-
-def _sections(cfg: PipelineConfig, stage: str, *, extendable: bool) -> dict[str, Any]:
-    parts: dict[str, Any] = {}
+def _fields(cfg: PipelineConfig, stage: str, roles: tuple[str, ...]) -> dict[str, Any]:
+    """``section.field: value`` of ``stage``'s sections whose role (flows/config.py) is in ``roles``."""
+    out = {}
     for s in _STAGE_SECTIONS[stage]:
-        d = {k: v for k, v in getattr(cfg, s).model_dump(mode="json").items() if k not in _PLACEMENT.get(s, set())}
-        if not extendable:
-            d = {k: v for k, v in d.items() if k not in _EXTENDABLE.get(s, set())}
-        parts[s] = d
-    return parts
+        section = getattr(cfg, s)
+        out.update({f"{s}.{k}": v for k, v in section.model_dump(mode="json").items() if role(type(section), k) in roles})
+    return out
+
+
+def conflict_fields(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """What the durable files of ``stage`` depend on: the identity fields of its sections
+    and of its upstream stages'. A run dir must not mix two of these; tuning fields and
+    budgets (extendable) may change."""
+    out = _fields(cfg, stage, ("identity",))
+    if stage in _UPSTREAM:
+        out.update(conflict_fields(cfg, _UPSTREAM[stage]))
+    return out
 
 
 def conflict_key(cfg: PipelineConfig, stage: str) -> str:
-    """What the durable files of ``stage`` depend on: its sections (minus extendable
-    fields) and its upstream stages'. A run dir must not mix two of these."""
-    parts = _sections(cfg, stage, extendable=False)
+    return config_hash(conflict_fields(cfg, stage))
+
+
+def legacy_conflict_key(cfg: PipelineConfig, stage: str) -> str:
+    """The key run dirs made before fields had roles were claimed with (every field but
+    ``search.total_archs`` and ``train_full.devices_per_arch``): such runs still resume."""
+    parts = {}
+    for s in _STAGE_SECTIONS[stage]:
+        parts[s] = {k: v for k, v in getattr(cfg, s).model_dump(mode="json").items() if (s, k) not in {("search", "total_archs"), ("train_full", "devices_per_arch")}}
     if stage in _UPSTREAM:
-        parts["upstream"] = conflict_key(cfg, _UPSTREAM[stage])
+        parts["upstream"] = legacy_conflict_key(cfg, _UPSTREAM[stage])
     return config_hash(parts)
 
 
 def stage_hash(cfg: PipelineConfig, stage: str) -> str:
-    """Hash of the config sections that determine ``stage``'s outputs (and those of its upstream stages)."""
-    parts = _sections(cfg, stage, extendable=True)
+    """Hash of the fields that determine ``stage``'s outputs, budgets included (and those of its upstream stages)."""
+    parts = _fields(cfg, stage, ("identity", "extendable"))
     if stage in _UPSTREAM:
         parts["upstream"] = stage_hash(cfg, _UPSTREAM[stage])
     return config_hash(parts)
@@ -76,6 +87,28 @@ def run_name(stage: str):
         return f"{run_id} · {stage}"
 
     return name
+
+
+def owner() -> str:
+    """Who holds the run lock, as the second caller is told."""
+    return f"flow run {flow_run.id} ({flow_run.flow_name})" if flow_run.id else "a process outside Prefect"
+
+
+def stage_flow(stage: str) -> Callable:
+    """``@flow`` for a stage, holding the run lock while it runs: a stage started on its
+    own owns the run directory; as a subflow of ``nas-search`` it re-enters its parent's lock."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def owned(config: dict | str = "demo") -> dict:
+            cfg = load_config(config) if isinstance(config, str) else PipelineConfig.model_validate(config)
+            with run_lock(RunDir.at(cfg.runs_dir, cfg.run_id).root, owner()):
+                fault_point(f"stage:{stage}")
+                return fn(config)
+
+        return flow(name=stage, flow_run_name=run_name(stage), log_prints=True)(owned)
+
+    return wrap
 
 
 def artifact_key(cfg: PipelineConfig, what: str) -> str:
@@ -93,7 +126,7 @@ def open_stage(config: dict | str, stage: str) -> tuple[PipelineConfig, RunDir, 
     if done:
         get_run_logger().info("%s: manifest %s matches config hash %s, skipping", stage, run.manifest_path(stage), h)
     else:
-        run.claim(stage, conflict_key(cfg, stage))
+        run.claim(stage, conflict_fields(cfg, stage), legacy=legacy_conflict_key(cfg, stage))
     return cfg, run, h, done
 
 

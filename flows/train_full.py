@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import PipelineConfig
 from flows.inputs import coco_split, train_config
 from flows.placement import device_group, device_resources
-from flows.stages import artifact_key, open_stage, portable, run_name
+from flows.stages import artifact_key, open_stage, portable, stage_flow
 from storage.runs import RunDir
 
 STAGE = "train-full"
@@ -49,7 +49,7 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     return {"arch_id": arch_id, "arch": arch, "checkpoint": str(result.checkpoint), "iteration": result.iteration}
 
 
-@flow(name=STAGE, flow_run_name=run_name(STAGE), log_prints=True)
+@stage_flow(STAGE)
 def train_full(config: dict | str = "demo") -> dict:
     cfg, run, h, done = open_stage(config, STAGE)
     if done:

@@ -21,7 +21,11 @@ unless a ``size_range_scale`` is given (1.0 = unscaled).
 
 Speed: features and per-point targets live on the device, batches are index
 gathers of a device-side permutation, bf16 autocast and channels_last on GPU,
-and nothing reads a value back to the host until training has finished.
+and nothing reads a value back to the host until training has finished. When the
+features do not fit the device (~50 GB fp16 for VOC at 384x384), a split made with
+``stream=True`` keeps them in host memory: a background thread gathers the next batch
+into pinned memory while the device trains on the current one, then copies it
+asynchronously. Same batches in the same order: the reward is the same either way.
 
 Letter legend: N samples, C channels, H/W map size, P points, K classes.
 """
@@ -31,6 +35,8 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from dataclasses import dataclass
 
@@ -78,16 +84,43 @@ class ProxyConfig:
 
 @dataclass
 class ProxySplit:
-    """One split resident on a device: features (N, C, H, W) for C2..C5 and the
-    per-point FCOS targets of every sample (assigned once: crops are fixed)."""
+    """One split for training on ``device``: features (N, C, H, W) for C2..C5, on the
+    device or streamed from host memory (see the module docstring), and the per-point
+    FCOS targets of every sample on the device (assigned once: crops are fixed)."""
 
     feats: list[Tensor]
     assigned: Assigned
     points: Points
     size_ranges: tuple[tuple[float, float], ...] = ()
+    device: torch.device | None = None  # None: where the features are
+    stream: bool = False  # features in host memory, batches copied to ``device``
+
+    def __post_init__(self) -> None:
+        self.device = self.feats[0].device if self.device is None else torch.device(self.device)
 
     def __len__(self) -> int:
         return self.feats[0].shape[0]
+
+    def batches(self, order: Tensor, batch_size: int) -> Iterator[tuple[Tensor, list[Tensor]]]:
+        """(device indices, device features) per ``batch_size`` slice of ``order``."""
+        chunks = list(torch.split(order, batch_size))
+        if not self.stream:
+            for idx in chunks:
+                yield idx, [f[idx] for f in self.feats]
+            return
+        host = [idx.cpu() for idx in torch.split(order, batch_size)]  # one sync per pass
+        pin = self.device.type == "cuda"
+
+        def gather(idx: Tensor) -> list[Tensor]:  # index_select releases the GIL
+            return [torch.index_select(f, 0, idx, out=torch.empty((len(idx), *f.shape[1:]), dtype=f.dtype, pin_memory=pin)) for f in self.feats]
+
+        with ThreadPoolExecutor(1, thread_name_prefix="proxy-stream") as pool:
+            nxt = pool.submit(gather, host[0]) if host else None
+            for i, idx in enumerate(chunks):
+                feats = nxt.result()
+                nxt = pool.submit(gather, host[i + 1]) if i + 1 < len(host) else None
+                # pinned blocks are reused only after their copy finished (torch's host allocator)
+                yield idx, [f.to(self.device, non_blocking=True) for f in feats]
 
 
 def prepare_split(
@@ -99,6 +132,7 @@ def prepare_split(
     device: str | torch.device = "cpu",
     loss_variant: str = "paper",
     size_range_scale: float | None = None,
+    stream: bool = False,
 ) -> ProxySplit:
     """Move a split to ``device`` and assign FCOS targets to its points once.
 
@@ -106,12 +140,14 @@ def prepare_split(
     ``boxes[i]`` (M, 4) x1y1x2y2 and ``labels[i]`` (M,) are sample i's targets
     in the cropped frame. ``size_range_scale`` multiplies FCOS's size ranges;
     None scales them by input short side / 800 (the input side is 4x C2's).
+    ``stream`` keeps the features in host memory (for features that do not fit the device).
     """
     missing = [k for k in LEVELS if k not in feats]
     if missing:
         raise ValueError(f"proxy: features lack levels {missing} (decoders read C2..C5)")
     device = torch.device(device)
-    maps = [torch.as_tensor(feats[k]).to(device) for k in LEVELS]
+    maps = [torch.as_tensor(feats[k]) for k in LEVELS]
+    maps = [m.contiguous() if stream else m.to(device) for m in maps]
     n = maps[0].shape[0]
     if any(m.shape[0] != n for m in maps) or len(boxes) != n or len(labels) != n:
         raise ValueError(f"proxy: {n} samples in C2 but levels/boxes/labels disagree")
@@ -125,7 +161,30 @@ def prepare_split(
         labels=torch.cat([c.labels for c in chunks]).to(torch.int16) if chunks else torch.zeros(0, len(points.xy), dtype=torch.int16, device=device),
         ltrb=torch.cat([c.ltrb for c in chunks]) if chunks else torch.zeros(0, len(points.xy), 4, device=device),
     )
-    return ProxySplit(feats=maps, assigned=assigned, points=points, size_ranges=fcos.size_ranges)
+    return ProxySplit(feats=maps, assigned=assigned, points=points, size_ranges=fcos.size_ranges, device=device, stream=stream)
+
+
+# Share of the device's free memory the resident features may take; the rest is
+# left to the decoders training on them (activations of a batch of 200 per slot).
+RESIDENT_SHARE = 0.7
+
+
+def stream_features(nbytes: int, device: str | torch.device, residency: str = "auto") -> bool:
+    """Whether proxy features of ``nbytes`` should stay in host memory for ``device``:
+    ``host`` always, ``device`` never, ``auto`` when they exceed ``RESIDENT_SHARE`` of
+    the device's free memory (CUDA only: on CPU host memory is the device's)."""
+    if residency not in ("auto", "device", "host"):
+        raise ValueError(f"feature residency must be auto, device or host, got {residency!r}")
+    device = torch.device(device)
+    if residency != "auto" or device.type != "cuda":
+        return residency == "host"
+    free, total = torch.cuda.mem_get_info(device)
+    stream = nbytes > RESIDENT_SHARE * free
+    log.info(
+        "proxy features %.1f GB, %s has %.1f of %.1f GB free: %s",
+        nbytes / 1e9, device, free / 1e9, total / 1e9, "streamed from pinned host memory" if stream else "resident on the device",
+    )  # fmt: skip
+    return stream
 
 
 def _pyramid_shapes(maps: list[Tensor]) -> list[tuple[int, int]]:
@@ -149,8 +208,7 @@ class ProxyModel(nn.Module):
         return self.decoder(feats)
 
 
-def _batch_sums(model: ProxyModel, split: ProxySplit, idx: Tensor, autocast: bool) -> dict[str, Tensor]:
-    feats = [f[idx] for f in split.feats]
+def _batch_sums(model: ProxyModel, split: ProxySplit, idx: Tensor, feats: list[Tensor], autocast: bool) -> dict[str, Tensor]:
     with torch.autocast(device_type=feats[0].device.type, dtype=torch.bfloat16, enabled=autocast):
         outs = model([f.float() if not autocast else f for f in feats])
     cls, reg, ctr = flatten_outputs(outs)
@@ -163,16 +221,15 @@ def validation_losses(model: ProxyModel, split: ProxySplit, *, batch_size: int, 
     """L_cls, L_reg, L_ctr over the whole split (sums accumulated, normalised once)."""
     model.eval()
     total: dict[str, Tensor] = {}
-    for i in range(0, len(split), batch_size):
-        idx = torch.arange(i, min(i + batch_size, len(split)), device=split.feats[0].device)
-        for k, v in _batch_sums(model, split, idx, autocast).items():
+    for idx, feats in split.batches(torch.arange(len(split), device=split.device), batch_size):
+        for k, v in _batch_sums(model, split, idx, feats, autocast).items():
             total[k] = total.get(k, 0) + v.detach().float()
     return FCOS.combine(total)
 
 
 def train_proxy(model: ProxyModel, split: ProxySplit, cfg: ProxyConfig) -> AveragedModel:
     """Adam + EMA over ``cfg.epochs`` epochs; returns the averaged model."""
-    device = split.feats[0].device
+    device = split.device
     autocast = cfg.amp and device.type == "cuda"
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
@@ -181,8 +238,8 @@ def train_proxy(model: ProxyModel, split: ProxySplit, cfg: ProxyConfig) -> Avera
     n = len(split)
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen, device=device)
-        for i in range(0, n, cfg.batch_size):
-            sums = _batch_sums(model, split, perm[i : i + cfg.batch_size], autocast)
+        for idx, feats in split.batches(perm, cfg.batch_size):
+            sums = _batch_sums(model, split, idx, feats, autocast)
             loss = sum(FCOS.combine(sums).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -205,7 +262,7 @@ def evaluate_arch(
     other error give ``status='failed'`` with the error text, so one broken
     decoder cannot kill a search.
     """
-    device = train.feats[0].device
+    device = train.device
     arch = resolve(arch)
     record = {
         "arch_id": arch.arch_id,
@@ -237,7 +294,7 @@ def evaluate_arch(
             model = model.to(memory_format=torch.channels_last)
         record["params"] = sum(p.numel() for p in model.decoder.parameters())
         with torch.no_grad():  # MACs of the decoder on one sample at the proxy geometry
-            record["macs"] = count_call_macs(model.decoder.eval(), [f[:1].float() for f in train.feats])
+            record["macs"] = count_call_macs(model.decoder.eval(), [f[:1].to(device).float() for f in train.feats])
         t0 = _now(device)
         ema = train_proxy(model, train, cfg)
         t1 = _now(device)

@@ -107,21 +107,33 @@ class RunDir:
         m = self.manifest(stage)
         return m is not None and m.get("config_hash") == cfg_hash
 
-    def claim(self, stage: str, key: str) -> None:
-        """Mark the run dir's files of ``stage`` as made under ``key`` (the config parts they
-        depend on). A later attempt with another key would resume from files made under a
-        different config, so it is refused with a one-line error."""
+    def claim(self, stage: str, fields: dict[str, Any], *, legacy: str | None = None) -> None:
+        """Mark the run dir's files of ``stage`` as made under ``fields`` (the config fields
+        they depend on). A later attempt under other fields would resume from files made
+        under a different config, so it is refused with one line naming the fields that
+        differ. ``legacy``: the key a claim from before fields were recorded must match."""
         path = self.root / "manifests" / f"{stage}.claim.json"
+        key = config_hash(fields)
         try:
-            held = json.loads(path.read_text())["key"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            atomic_write_json(path, {"stage": stage, "key": key})
+            held = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            held = None
+        if not isinstance(held, dict) or "key" not in held:
+            atomic_write_json(path, {"stage": stage, "key": key, "fields": fields})
             return
-        if held != key:
-            raise ValueError(
-                f"{self.root}: stage {stage} has files from another config (key {held}, now {key}); "
-                "use a new run_id, or delete the run directory"
-            )
+        if held["key"] == key:
+            return
+        if "fields" not in held:  # an older claim: only its key
+            if held["key"] == legacy:
+                atomic_write_json(path, {"stage": stage, "key": key, "fields": fields})
+                return
+            raise ValueError(f"{self.root}: stage {stage} has files from another config (key {held['key']}); use a new run_id, or delete the run directory")
+        old = held["fields"]
+        diff = [f"{k} {old.get(k, '(unset)')} -> {fields.get(k, '(unset)')}" for k in sorted(set(old) | set(fields)) if old.get(k) != fields.get(k)]
+        raise ValueError(
+            f"{self.root}: stage {stage} has files made with another config ({'; '.join(diff)}); "
+            "change them back, or use a new run_id"
+        )
 
     def finish(self, stage: str, cfg_hash: str, outputs: dict | None = None) -> dict:
         """Write the stage's manifest (last, atomically: a crash before it means not done)."""

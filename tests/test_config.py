@@ -52,7 +52,7 @@ def test_manifests_decide_what_is_done(tmp_path):
 
 
 def test_a_run_dir_refuses_files_from_another_config(tmp_path):
-    from flows.stages import conflict_key, stage_hash
+    from flows.stages import conflict_fields, conflict_key, stage_hash
 
     a = load_config("demo", {"runs_dir": str(tmp_path)})
     more = load_config("demo", {"runs_dir": str(tmp_path), "search.total_archs": 64})
@@ -63,10 +63,10 @@ def test_a_run_dir_refuses_files_from_another_config(tmp_path):
     assert conflict_key(a, "search") != conflict_key(other, "search")
     assert conflict_key(a, "finetune-backbone") == conflict_key(other, "finetune-backbone")
     run = RunDir.at(tmp_path, "demo")
-    run.claim("search", conflict_key(a, "search"))
-    run.claim("search", conflict_key(more, "search"))
-    with pytest.raises(ValueError, match="stage search has files from another config"):
-        run.claim("search", conflict_key(other, "search"))
+    run.claim("search", conflict_fields(a, "search"))
+    run.claim("search", conflict_fields(more, "search"))
+    with pytest.raises(ValueError, match=r"stage search has files made with another config \(proxy.epochs 2 -> 5\); change them back"):
+        run.claim("search", conflict_fields(other, "search"))
 
 
 def test_paper_finetunes_from_fcos_coco_and_trains_coco_from_imagenet():

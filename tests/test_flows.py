@@ -85,6 +85,76 @@ def test_changed_search_settings_rerun_only_from_search(finished_run, tmp_path):
     assert len(pd.read_parquet(run / "results.parquet")) == 6
 
 
+def _copy_run(finished_run, runs):
+    """A copy of the finished run (same run_id) under ``runs``; its overrides point there."""
+    _, run, overrides = finished_run
+    shutil.copytree(run, runs / run.name)
+    return runs / run.name, {**overrides, "runs_dir": str(runs)}
+
+
+def _mtimes(run):
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "run.lock"}
+
+
+def test_tuning_changes_keep_a_finished_run_finished(finished_run, tmp_path):
+    """Today's failure: evaluate.batch_size=2 on a finished run was refused ("files from
+    another config"). Tuning fields are in no stage's identity: nothing re-runs."""
+    from pydantic import BaseModel
+
+    from flows.config import ROLES, PipelineConfig, role
+    from flows.nas_search import nas_search
+
+    sections = [f.annotation for f in PipelineConfig.model_fields.values() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+    assert len(sections) == 9
+    for cls in sections:  # every field of every section says what it is to a run
+        assert all(role(cls, k) in ROLES for k in cls.model_fields), [k for k in cls.model_fields if role(cls, k) not in ROLES]
+    run, overrides = _copy_run(finished_run, tmp_path)
+    before = _mtimes(run)
+    tuned = {
+        "evaluate.batch_size": 2, "features.batch_size": 3, "finetune.num_workers": 1, "train_full.num_workers": 1,
+        "finetune.checkpoint_every": 3, "train_full.checkpoint_every": 5, "execution.retries": 2,
+    }  # fmt: skip
+    state = nas_search(config="demo", overrides={**overrides, **tuned}, return_state=True)
+    assert state.is_completed(), state.message
+    after = _mtimes(run)
+    assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}  # nothing re-ran or changed
+
+
+def test_top_k_and_num_archs_grow_and_shrink_keeping_trained_archs(finished_run, tmp_path):
+    from flows.nas_search import nas_search
+
+    run, overrides = _copy_run(finished_run, tmp_path)
+    first = pd.read_parquet(run / "leaderboard.parquet").arch_id.iloc[0]
+    kept = {k: v for k, v in _mtimes(run).items() if k.startswith(f"full/{first}/")}
+    state = nas_search(config="demo", overrides={**overrides, "select.top_k": 3, "train_full.num_archs": 2}, return_state=True)
+    assert state.is_completed(), state.message
+    assert len(pd.read_parquet(run / "top_k.parquet")) == 3
+    board = pd.read_parquet(run / "leaderboard.parquet")
+    assert len(board) == 2 and first in set(board.arch_id)
+    assert {k: v for k, v in _mtimes(run).items() if k in kept} == kept  # neither retrained nor re-evaluated
+    state = nas_search(config="demo", overrides={**overrides, "select.top_k": 2, "train_full.num_archs": 1}, return_state=True)
+    assert state.is_completed(), state.message
+    assert pd.read_parquet(run / "leaderboard.parquet").arch_id.tolist() == [first]
+
+
+def test_search_loads_streamed_features_from_a_node_local_copy(finished_run, tmp_path):
+    """execution.stage_features + feature_residency=host: the splits come from this
+    machine's copy of the store, stay in host memory, and equal the resident ones."""
+    import torch
+
+    from flows import search
+
+    _, run, _ = finished_run
+    resident = search._load_splits((str(run / "features.zarr"), "cpu", None, "device", None))
+    streamed = search._load_splits((str(run / "features.zarr"), "cpu", None, "host", str(tmp_path / "local")))
+    copies = [p for p in (tmp_path / "local").iterdir() if p.is_dir()]
+    assert len(copies) == 1 and copies[0].name.startswith("features.zarr-")
+    assert resident[2] == streamed[2]
+    for a, b in zip(resident[:2], streamed[:2]):
+        assert not a.stream and b.stream
+        assert all(torch.equal(x, y) for x, y in zip(a.feats, b.feats)) and torch.equal(a.assigned.ltrb, b.assigned.ltrb)
+
+
 def test_sigkilled_search_resumes_without_evaluating_twice(prefect_server, tmp_path):
     from prefect.settings import PREFECT_API_URL
 

@@ -75,7 +75,8 @@ def test_feature_cache_loads_once_per_device_and_never_waits_for_another_device(
     monkeypatch.setattr(search, "_LOADING", {})
     calls, loading, release = Counter(), threading.Event(), threading.Event()
 
-    def load(features, device, scale):
+    def load(key):
+        device = key[1]
         calls[device] += 1
         if device == "cuda:0":  # a long load, e.g. features onto a GPU
             loading.set()
@@ -84,9 +85,9 @@ def test_feature_cache_loads_once_per_device_and_never_waits_for_another_device(
 
     monkeypatch.setattr(search, "_load_splits", load)
     with ThreadPoolExecutor(3) as pool:
-        slow = [pool.submit(search._splits, "store", "cuda:0", None) for _ in range(2)]  # two slots of one device
+        slow = [pool.submit(search._splits, ("store", "cuda:0", None, "auto", None)) for _ in range(2)]  # two slots of one device
         assert loading.wait(5)
-        other = pool.submit(search._splits, "store", "cuda:1", None)
+        other = pool.submit(search._splits, ("store", "cuda:1", None, "auto", None))
         assert other.result(timeout=2) == ("splits", "cuda:1")  # not queued behind cuda:0's load
         release.set()
         assert [f.result(timeout=5) for f in slow] == [("splits", "cuda:0")] * 2
@@ -108,7 +109,8 @@ def test_search_on_four_fake_gpus_with_two_slots_each(prefect_server, tmp_path, 
     cond = threading.Condition()
     running = Counter()
 
-    def load(features, device, scale):
+    def load(key):
+        device = key[1]
         with cond:
             loads.append((device, os.getpid()))
         time.sleep(0.2)  # the device's second slot starts meanwhile and must wait for this copy

@@ -54,6 +54,21 @@ def test_training_improves_reward_and_is_deterministic(proxy_splits):
     assert trained["params"] > 0 and trained["train_seconds"] > 0 and trained["device"] == "cpu"
 
 
+def test_streamed_features_give_the_same_reward(proxy_splits):
+    """Host-streamed batches (features that do not fit the device) are the resident
+    batches in the same order: the record is identical, bit for bit on CPU."""
+    train, val = proxy_splits
+    streamed = [type(s)(feats=s.feats, assigned=s.assigned, points=s.points, size_ranges=s.size_ranges, stream=True) for s in (train, val)]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    got = list(streamed[0].batches(order, 5))
+    want = list(train.batches(order, 5))
+    assert len(got) == len(want) == 5 and all(torch.equal(a, b) for (_, fa), (_, fb) in zip(got, want) for a, b in zip(fa, fb))
+    cfg = ProxyConfig(epochs=2, batch_size=7)  # 24 samples: a short last batch
+    a = evaluate_arch("fpn-fcos", train, val, num_classes=3, cfg=cfg)
+    b = evaluate_arch("fpn-fcos", *streamed, num_classes=3, cfg=cfg)
+    assert a["status"] == b["status"] == "ok" and (a["reward"], a["loss_reg"], a["macs"]) == (b["reward"], b["loss_reg"], b["macs"])
+
+
 def test_a_random_arch_trains(proxy_splits):
     train, val = proxy_splits
     arch = Arch.random(np.random.default_rng(3))

@@ -1,0 +1,46 @@
+"""Fault points: kill or hold the process on entering a named point (tests only).
+
+The kill-matrix and lock tests need to stop a real pipeline process at a chosen
+place. ``NASFCOS_FAULT`` holds rules separated by ``;``:
+
+    <point>=kill          SIGKILL this process the first time it reaches ``fault_point("<point>")``
+    <point>#N=kill        ... the N-th time (1-based)
+    <point>=wait:<path>   create ``<path>.reached``, then wait until ``<path>`` exists
+
+Unset (always, outside tests) a fault point costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+_SEEN: Counter = Counter()
+_LOCK = threading.Lock()
+
+
+def fault_point(name: str) -> None:
+    spec = os.environ.get("NASFCOS_FAULT")
+    if not spec:
+        return
+    with _LOCK:
+        _SEEN[name] += 1
+        n = _SEEN[name]
+    for rule in filter(None, (r.strip() for r in spec.split(";"))):
+        point, _, action = rule.partition("=")
+        point, _, nth = point.partition("#")
+        if point != name or n != int(nth or 1):
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action.startswith("wait:"):
+            path = Path(action[5:])
+            Path(f"{path}.reached").touch()
+            while not path.exists():
+                time.sleep(0.05)
+        else:
+            raise ValueError(f"NASFCOS_FAULT: unknown action {action!r} in rule {rule!r}")

@@ -1,0 +1,107 @@
+"""One run directory, one owner: the run lock, alone and around the real pipeline."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from storage.runlock import RunLocked, run_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLD = "import sys, time; from storage.runlock import run_lock\nwith run_lock(sys.argv[1], 'holder-test'):\n    print('held', flush=True); time.sleep(60)"
+
+
+def _holder(root: Path) -> subprocess.Popen:
+    root.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_second_owner_fails_at_once_naming_the_holder_and_a_dead_holder_frees_it(tmp_path):
+    p = _holder(tmp_path)
+    try:
+        t = time.perf_counter()
+        with pytest.raises(RunLocked) as e:
+            with run_lock(tmp_path, "me"):
+                pass
+        assert time.perf_counter() - t < 1.0
+        msg = str(e.value)
+        assert "\n" not in msg and "already running" in msg and "holder-test" in msg
+        assert f"pid {p.pid}" in msg and socket.gethostname() in msg
+    finally:
+        p.kill()  # SIGKILL: the kernel drops the flock with the process
+        p.wait()
+    with run_lock(tmp_path, "me"):
+        with run_lock(tmp_path, "me again"):  # re-entrant in one process (subflows)
+            assert "me" in (tmp_path / "run.lock").read_text()
+    assert (tmp_path / "run.lock").read_text() == ""  # released: no stale holder
+
+
+def test_a_stage_flow_refuses_a_run_dir_its_parent_does_not_own(prefect_server, tmp_path):
+    from flows.config import load_config
+    from flows.select import select_top_k
+
+    cfg = load_config("demo", {"run_id": "locked", "runs_dir": str(tmp_path)})
+    p = _holder(tmp_path / "locked")
+    try:
+        state = select_top_k(cfg.model_dump(mode="json"), return_state=True)
+    finally:
+        p.kill()
+        p.wait()
+    assert state.is_failed() and "already running" in state.message, state.message
+    assert not (tmp_path / "locked" / "manifests").exists()  # refused before touching the run
+
+
+def _cli(args: list[str], env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.nas_search", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_two_runs_of_one_directory_the_second_fails_in_one_line(prefect_server, tmp_path):
+    """Today's failure: two processes on one run dir trained every arch twice. Now the
+    second exits non-zero at once with one line; the first, held inside its search
+    stage meanwhile, finishes unharmed with every arch trained once."""
+    from prefect.settings import PREFECT_API_URL
+
+    from test_flows import tiny
+
+    args = ["--config", "demo"]
+    for k, v in tiny("twice", tmp_path, **{"search.total_archs": 4}).items():
+        args += ["--set", f"{k}={v}"]
+    gate = tmp_path / "go"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    first = _cli(args, {**env, "NASFCOS_FAULT": f"stage:search=wait:{gate}"})
+    try:
+        deadline = time.time() + 300
+        while not Path(f"{gate}.reached").exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, "-m", "flows.nas_search", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "already running" in lines[0] and f"pid {first.pid}" in lines[0], second.stderr[-2000:]
+        gate.touch()
+        out, err = first.communicate(timeout=300)
+    finally:
+        gate.touch()
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-2000:]
+    ids = [line.split()[1] for line in (tmp_path / "twice" / "evaluations.log").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 4
+    assert len(pd.read_parquet(tmp_path / "twice" / "results.parquet")) == 4
+
+
+def test_a_bad_config_is_one_line_and_non_zero(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.nas_search", "--config", "demo", "--set", "search.total_archs=-3", "--set", f"runs_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "total_archs" in lines[0], p.stderr[-2000:]
