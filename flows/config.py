@@ -132,6 +132,9 @@ class SearchSettings(_Section):
     # every K results; sync: K archs per step, update, repeat (bit-reproducible). README and
     # benchmarks/search_scaling.py say why async is the default
     mode: Literal["async", "sync"] = identity("async")
+    # circuit breaker: this many failed evaluations in a row (arch or infrastructure
+    # failures) stop the search with an error instead of filling the table with penalties
+    max_consecutive_failures: int = tuning(20, ge=1)
 
 
 class SelectConfig(_Section):
@@ -169,6 +172,18 @@ class EvaluateConfig(_Section):
     batch_size: int = tuning(8, ge=1)
 
 
+class TimeoutsConfig(_Section):
+    """Seconds one task of each stage may run before it is failed and retried (an
+    infrastructure failure); None: no limit. A search evaluation at the paper's geometry
+    takes ~15 s on a GPU, up to ~27x that with deformable convs."""
+
+    finetune: float | None = tuning(None, gt=0)
+    materialise: float | None = tuning(None, gt=0)  # one shard
+    search: float | None = tuning(7200.0, gt=0)  # one proxy evaluation
+    train_full: float | None = tuning(None, gt=0)  # one arch
+    evaluate: float | None = tuning(None, gt=0)  # one arch
+
+
 class ExecutionConfig(_Section):
     """Devices, how many proxy evaluations share one (``slots_per_device``), the task
     runner; ``flows/placement.py`` says where each task runs."""
@@ -177,13 +192,15 @@ class ExecutionConfig(_Section):
     slots_per_device: int = tuning(1, ge=1)  # proxy evaluations at once on one device
     task_runner: Literal["thread", "dask"] = tuning("thread")
     dask_address: str | None = tuning(None)  # a dask.distributed scheduler; None with "dask" = local cluster
-    retries: int = tuning(1, ge=0)  # task retries for transient errors
+    retries: int = tuning(1, ge=0)  # task retries for infrastructure failures (nasfcos/failures.py)
+    retry_delay_s: float = tuning(5.0, ge=0)
     # proxy features on the device, or in host memory with batches streamed to it;
     # auto: streamed when they take more than 70% of the device's free memory
     feature_residency: Literal["auto", "device", "host"] = tuning("auto")
     # a local directory: each machine copies the run's feature store there once and
     # evaluations read that copy instead of the shared filesystem
     stage_features: str | None = tuning(None)
+    timeouts: TimeoutsConfig = tuning(TimeoutsConfig())
 
     @model_validator(mode="after")
     def _devices_for_dask(self) -> "ExecutionConfig":

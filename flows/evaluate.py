@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.inputs import coco_split
 from flows.placement import device_resources, device_slot
-from flows.stages import artifact_key, open_stage, portable, stage_flow, stage_hash
+from flows.stages import artifact_key, open_stage, portable, stage_flow, stage_hash, task_options
 from storage.runs import atomic_write_json
 
 STAGE = "evaluate"
@@ -74,17 +74,20 @@ def evaluate(config: dict | str = "demo") -> dict:
     upstream = run.manifest("train-full")
     if upstream is None or upstream["config_hash"] != stage_hash(cfg, "train-full"):
         raise ValueError(f"{run.root}: train-full has not finished for this config; run it (or nas-search) first")
-    trained = upstream["outputs"]["trained"]
+    trained = [t for t in upstream["outputs"]["trained"] if t.get("status", "ok") == "ok"]
+    failed = [{"arch_id": t["arch_id"], "status": "failed", "error": t["error"]} for t in upstream["outputs"]["trained"] if t.get("status", "ok") != "ok"]
     with device_resources(cfg.execution):  # on Dask: a whole GPU each
-        futures = evaluate_arch_full.with_options(retries=cfg.execution.retries).map(config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained])
-    rows = [f.result() for f in futures]
+        futures = evaluate_arch_full.with_options(**task_options(cfg, "evaluate")).map(config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained])
+    rows = [{**f.result(), "status": "ok", "error": ""} for f in futures]
     top = pd.read_parquet(run.top_k)[["arch_id", "arch", "reward", "params", "macs"]]
-    metrics = pd.DataFrame(rows, columns=["arch_id", "AP", "AP50", "AP75", "APs", "APm", "APl"]) if not rows else pd.DataFrame(rows)
-    board = top.merge(metrics, on="arch_id").rename(columns={"reward": "proxy_reward"}).sort_values("AP", ascending=False)
+    columns = ["arch_id", "AP", "AP50", "AP75", "APs", "APm", "APl", "status", "error"]
+    metrics = pd.DataFrame(rows + failed, columns=list(dict.fromkeys(columns + [k for r in rows for k in r])))
+    # a failed arch keeps its row (status, error; no AP), after the evaluated ones
+    board = top.merge(metrics, on="arch_id").rename(columns={"reward": "proxy_reward"}).sort_values("AP", ascending=False, na_position="last")
     atomic_write_parquet(board, run.leaderboard)
     create_table_artifact(
         key=artifact_key(cfg, "leaderboard"),
-        table=board[["arch_id", "AP", "AP50", "AP75", "proxy_reward", "params"]].round(4).to_dict("records"),
+        table=board[["arch_id", "AP", "AP50", "AP75", "proxy_reward", "params", "status"]].round(4).to_dict("records"),
         description="COCO val AP of the fully trained architectures",
     )
     summary = (

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.inputs import ensure_data, train_config, voc_dataset
-from flows.stages import artifact_key, open_stage, portable, stage_flow
+from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
 
 STAGE = "finetune-backbone"
 
@@ -46,7 +46,7 @@ def finetune_backbone(config: dict | str = "demo") -> dict:
         return run.manifest(STAGE)["outputs"]
     config = portable(cfg)
     prepare_data(config)
-    out = train_backbone.with_options(retries=cfg.execution.retries)(config)
+    out = train_backbone.with_options(**task_options(cfg, "finetune"))(config)
     get_run_logger().info("backbone checkpoint %s (iteration %d)", out["checkpoint"], out["iteration"])
     create_markdown_artifact(
         key=artifact_key(cfg, "finetune"),

@@ -20,7 +20,8 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.futures import as_completed
 
 from flows.placement import device_resources, device_slot, evaluation_slots
-from flows.stages import artifact_key, open_stage, portable, stage_flow
+from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
+from nasfcos.faults import fault_point
 
 STAGE = "search"
 _Key = tuple[str, str, float | None, str, str | None]  # (feature store, device, size_range_scale, residency, staging dir)
@@ -73,26 +74,32 @@ def _free_cache() -> None:
         torch.cuda.empty_cache()
 
 
-@task(task_run_name="evaluate {arch_id}", retries=1, retry_delay_seconds=5)
+@task(task_run_name="evaluate {arch_id}")
 def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: int) -> dict:
     """Train one decoder on the cached features, append its row to results.parquet, return it.
 
     The task appends the row itself so that a finished evaluation is durable the
-    moment it ends, whatever happens to the flow process afterwards.
+    moment it ends, whatever happens to the flow process afterwards; a retry finds
+    that row and returns it instead of training the arch again.
     """
+    from prefect.runtime import task_run
+
     from nasfcos.proxy import ProxyConfig, evaluate_arch
     from nasfcos.search import make_row
     from storage.results import ResultsTable
 
     cfg, run, _, _ = open_stage(config, STAGE)
-    p = cfg.proxy
+    table = ResultsTable(run.root)
+    if task_run.run_count > 1 and (row := table.get(arch_id)) is not None:
+        return row  # the earlier attempt finished its row, then failed
+    p, ex = cfg.proxy, cfg.execution
     pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=p.epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
-    with device_slot(cfg.execution, shared=True) as device:
-        ex = cfg.execution
+    with device_slot(ex, shared=True) as device:
+        fault_point("evaluate_decoder")
         train, val, k = _splits((str(run.features), device, p.size_range_scale, ex.feature_residency, ex.stage_features))
-        record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc)
+        record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc, device_shared=ex.slots_per_device > 1)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty)
-    ResultsTable(run.root).write_part([row])  # lock-free: only the flow compacts
+    table.write_part([row])  # lock-free: only the flow compacts
     with open(run.root / "evaluations.log", "a") as f:  # audit trail: one line per finished evaluation
         f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}\n")
     get_run_logger().info("%s: %s reward %.4f (%.1f s)", arch_id, record["status"], record["reward"], record["train_seconds"])
@@ -103,7 +110,7 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
 def search(config: dict | str = "demo") -> dict:
     """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
     from nasfcos.controller import ControllerConfig, build_policy
-    from nasfcos.search import SearchConfig, run_search, run_search_async
+    from nasfcos.search import SearchConfig, lost_record, run_search, run_search_async
     from storage.results import ResultsTable
 
     cfg, run, h, done = open_stage(config, STAGE)
@@ -120,7 +127,8 @@ def search(config: dict | str = "demo") -> dict:
         description=f"archs evaluated out of {s.total_archs}",
     )
 
-    task = evaluate_decoder.with_options(retries=cfg.execution.retries)
+    timeout = cfg.execution.timeouts.search
+    task = evaluate_decoder.with_options(**task_options(cfg, STAGE, device_shared=cfg.execution.slots_per_device > 1))
 
     def evaluate(jobs):
         with device_resources(cfg.execution, shared=True):  # on Dask: one slot of a GPU each
@@ -131,8 +139,12 @@ def search(config: dict | str = "demo") -> dict:
                 step=[j.step for j in jobs],
                 sample=[j.sample for j in jobs],
             )
+        ids = {id(f): j.arch.arch_id for f, j in zip(futures, jobs)}
         for future in as_completed(futures):
-            yield future.result()
+            try:
+                yield future.result()
+            except Exception as e:  # noqa: BLE001 - after its retries: lost, evaluated again
+                yield lost_record(ids[id(future)], e)
 
     def submit(job):
         with device_resources(cfg.execution, shared=True):
@@ -143,7 +155,10 @@ def search(config: dict | str = "demo") -> dict:
 
     loop = dict(
         policy=policy, results=results, state_path=run.controller, on_step=on_step,
-        cfg=SearchConfig(total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty),
+        cfg=SearchConfig(
+            total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty,
+            max_consecutive_failures=s.max_consecutive_failures, lost_after_s=None if timeout is None else timeout + 120,
+        ),
     )  # fmt: skip
     try:
         if s.mode == "async":

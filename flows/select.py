@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.stages import artifact_key, open_stage, stage_flow
@@ -16,7 +17,13 @@ def select_top_k(config: dict | str = "demo") -> dict:
     cfg, run, h, done = open_stage(config, STAGE)
     if done:
         return run.manifest(STAGE)["outputs"]
-    top = ResultsTable(run.root).write_top_k(run.top_k, k=cfg.select.top_k)
+    table = ResultsTable(run.root)
+    top = table.top_k(cfg.select.top_k)
+    if top.empty:
+        raise ValueError(f"{table.path}: no architecture succeeded ({len(table)} rows, none ok); nothing to select")
+    if len(top) < cfg.select.top_k:
+        get_run_logger().warning("only %d archs succeeded, fewer than select.top_k=%d: selecting them all", len(top), cfg.select.top_k)
+    top = table.write_top_k(run.top_k, k=cfg.select.top_k)
     create_table_artifact(
         key=artifact_key(cfg, "top-k"),
         table=[

@@ -59,12 +59,15 @@ def conflict_key(cfg: PipelineConfig, stage: str) -> str:
     return config_hash(conflict_fields(cfg, stage))
 
 
+# Fields added since roles were introduced: absent from the configs legacy keys were made of.
+_NEWER = {("search", "max_consecutive_failures")}
+
+
 def legacy_conflict_key(cfg: PipelineConfig, stage: str) -> str:
     """The key run dirs made before fields had roles were claimed with (every field but
     ``search.total_archs`` and ``train_full.devices_per_arch``): such runs still resume."""
-    parts = {}
-    for s in _STAGE_SECTIONS[stage]:
-        parts[s] = {k: v for k, v in getattr(cfg, s).model_dump(mode="json").items() if (s, k) not in {("search", "total_archs"), ("train_full", "devices_per_arch")}}
+    skip = {("search", "total_archs"), ("train_full", "devices_per_arch")} | _NEWER
+    parts: dict[str, Any] = {s: {k: v for k, v in getattr(cfg, s).model_dump(mode="json").items() if (s, k) not in skip} for s in _STAGE_SECTIONS[stage]}
     if stage in _UPSTREAM:
         parts["upstream"] = legacy_conflict_key(cfg, _UPSTREAM[stage])
     return config_hash(parts)
@@ -109,6 +112,29 @@ def stage_flow(stage: str) -> Callable:
         return flow(name=stage, flow_run_name=run_name(stage), log_prints=True)(owned)
 
     return wrap
+
+
+def retry_if_infrastructure(device_shared: bool) -> Callable:
+    """A Prefect ``retry_condition_fn`` that retries infrastructure failures only
+    (``nasfcos.failures``); an arch failure or a bug fails the task at once."""
+
+    def retry(task, task_run, state) -> bool:
+        from nasfcos.failures import is_infrastructure
+
+        return isinstance(state.data, BaseException) and is_infrastructure(state.data, device_shared=device_shared)
+
+    return retry
+
+
+def task_options(cfg: PipelineConfig, stage: str, *, device_shared: bool = False) -> dict:
+    """``with_options`` of a stage's tasks: retries (infrastructure failures only) and
+    the stage's timeout (``execution.timeouts``)."""
+    return {
+        "retries": cfg.execution.retries,
+        "retry_delay_seconds": cfg.execution.retry_delay_s,
+        "retry_condition_fn": retry_if_infrastructure(device_shared),
+        "timeout_seconds": getattr(cfg.execution.timeouts, stage.replace("-", "_")),
+    }
 
 
 def artifact_key(cfg: PipelineConfig, what: str) -> str:

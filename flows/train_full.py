@@ -13,7 +13,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.config import PipelineConfig
 from flows.inputs import coco_split, train_config
 from flows.placement import device_group, device_resources
-from flows.stages import artifact_key, open_stage, portable, stage_flow
+from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
+from nasfcos.faults import fault_point
 from storage.runs import RunDir
 
 STAGE = "train-full"
@@ -31,6 +32,10 @@ def initial_weights(cfg: PipelineConfig, run: RunDir) -> tuple[str | None, Path 
 
 @task(task_run_name="train {arch_id}", retries=1)
 def train_arch(config: dict, arch: str, arch_id: str) -> dict:
+    """Train one arch (resumable); a diverging arch (non-finite loss) or one that does not
+    fit its devices gives a ``failed`` record, so the other archs finish."""
+    import torch
+
     from nasfcos.data import COCODetection, build_transforms
     from nasfcos.detector import DetectorSpec
     from nasfcos.distributed import train_on_devices
@@ -43,10 +48,16 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     spec = DetectorSpec(num_classes=len(dataset.classes), backbone=cfg.finetune.backbone, decoder=arch, width=t.width, head_width=t.head_width)
     meta = {"classes": list(dataset.classes), "category_ids": list(dataset.category_ids), "eval_min_size": max(tc.min_size), "eval_max_size": tc.max_size}
     weights, init = initial_weights(cfg, run)
-    with device_group(cfg.execution, t.devices_per_arch) as devices:
-        result = train_on_devices(spec, dataset, tc, run.full(arch_id), devices=devices, backbone_weights=weights, init_checkpoint=init, meta=meta)
+    try:
+        with device_group(cfg.execution, t.devices_per_arch) as devices:
+            fault_point("train_arch")
+            result = train_on_devices(spec, dataset, tc, run.full(arch_id), devices=devices, backbone_weights=weights, init_checkpoint=init, meta=meta)
+    except (FloatingPointError, torch.OutOfMemoryError) as e:  # the arch's fault (alone on its devices): a failed row
+        error = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
+        get_run_logger().error("%s: training failed, the other archs go on: %s", arch_id, error)
+        return {"arch_id": arch_id, "arch": arch, "checkpoint": "", "iteration": -1, "status": "failed", "error": error}
     get_run_logger().info("%s: trained %d iterations, losses %s", arch_id, result.iteration, result.last_losses)
-    return {"arch_id": arch_id, "arch": arch, "checkpoint": str(result.checkpoint), "iteration": result.iteration}
+    return {"arch_id": arch_id, "arch": arch, "checkpoint": str(result.checkpoint), "iteration": result.iteration, "status": "ok", "error": ""}
 
 
 @stage_flow(STAGE)
@@ -57,11 +68,15 @@ def train_full(config: dict | str = "demo") -> dict:
     config = portable(cfg)
     top = pd.read_parquet(run.top_k).head(cfg.train_full.num_archs)
     with device_resources(cfg.execution):  # on Dask: a whole GPU each
-        futures = train_arch.with_options(retries=cfg.execution.retries).map(config=unmapped(config), arch=top.arch.tolist(), arch_id=top.arch_id.tolist())
+        futures = train_arch.with_options(**task_options(cfg, "train_full")).map(config=unmapped(config), arch=top.arch.tolist(), arch_id=top.arch_id.tolist())
     trained = [f.result() for f in futures]
+    failed = [t for t in trained if t["status"] != "ok"]
+    if failed and len(failed) == len(trained):
+        raise RuntimeError(f"train-full: every arch failed, e.g. {failed[0]['arch_id']}: {failed[0]['error']}")
     create_markdown_artifact(
         key=artifact_key(cfg, "train-full"),
-        markdown=f"# {STAGE}\n\n" + "\n".join(f"- `{t['arch_id']}`: {t['iteration']} iterations, `{t['checkpoint']}`" for t in trained),
+        markdown=f"# {STAGE}\n\n"
+        + "\n".join(f"- `{t['arch_id']}`: {t['iteration']} iterations, `{t['checkpoint']}`" if t["status"] == "ok" else f"- `{t['arch_id']}`: **failed**: {t['error']}" for t in trained),
         description="full training",
     )
     out = {"trained": trained}

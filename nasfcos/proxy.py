@@ -47,6 +47,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from nasfcos.backbones import LEVELS
 from nasfcos.complexity import count_call_macs
 from nasfcos.decoder import build_decoder
+from nasfcos.failures import is_infrastructure
 from nasfcos.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs, scaled_size_ranges
 from nasfcos.space import Arch, resolve
 from nasfcos.train import SEED_LOCK
@@ -255,12 +256,15 @@ def evaluate_arch(
     *,
     num_classes: int,
     cfg: ProxyConfig = ProxyConfig(),
+    device_shared: bool = False,
 ) -> dict:
     """Train ``arch`` on ``train`` and return its record (reward, losses, cost, status).
 
-    Never raises for a bad architecture: NaN/inf losses, out-of-memory and any
-    other error give ``status='failed'`` with the error text, so one broken
-    decoder cannot kill a search.
+    Never raises for a bad architecture: NaN/inf losses, out-of-memory alone on the
+    device and any other arch failure give ``status='failed'`` with the error text,
+    so one broken decoder cannot kill a search. Infrastructure failures
+    (``nasfcos.failures``: device errors, out-of-memory on a device shared with other
+    evaluations (``device_shared``), I/O errors) are raised, to be retried.
     """
     device = train.device
     arch = resolve(arch)
@@ -308,10 +312,12 @@ def evaluate_arch(
             raise FloatingPointError("non-finite validation loss: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
         record.update(reward=-total, status="ok")
     except Exception as e:  # noqa: BLE001 - recorded, see docstring
-        record["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
-        log.warning("proxy evaluation of %s failed: %s", arch.arch_id, record["error"], exc_info=True)
         if isinstance(e, torch.OutOfMemoryError) and device.type == "cuda":
             torch.cuda.empty_cache()
+        if is_infrastructure(e, device_shared=device_shared):
+            raise
+        record["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
+        log.warning("proxy evaluation of %s failed: %s", arch.arch_id, record["error"], exc_info=True)
     record["peak_mem_mb"] = _peak_mem_mb(device)
     record["finished_at"] = datetime.now(timezone.utc)
     return record

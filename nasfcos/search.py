@@ -97,18 +97,59 @@ class SearchConfig:
     """``total_archs``: unique archs to evaluate (paper: ~2,800); ``archs_per_step``:
     K archs per controller update; ``failure_penalty``: the reward a failed
     evaluation feeds the controller; ``max_samples``: stop after this many
-    samples even if duplicates kept the unique count short (default 4x total)."""
+    samples even if duplicates kept the unique count short (default 4x total);
+    ``max_consecutive_failures``: the circuit breaker, see :class:`Failures`;
+    ``lost_after_s``: async mode counts an evaluation without a result after this
+    long as lost (a call hung in the device) and resubmits its arch."""
 
     total_archs: int = 2800
     archs_per_step: int = 8
     failure_penalty: float = -10.0
     max_samples: int | None = None
+    max_consecutive_failures: int = 20
+    lost_after_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.total_archs < 1 or self.archs_per_step < 1:
             raise ValueError(f"search config: total_archs and archs_per_step must be >= 1, got {self}")
         if not math.isfinite(self.failure_penalty):
             raise ValueError("search config: failure_penalty must be finite")
+        if self.max_consecutive_failures < 1:
+            raise ValueError(f"search config: max_consecutive_failures must be >= 1, got {self.max_consecutive_failures}")
+
+
+class SearchHalted(RuntimeError):
+    """The circuit breaker: too many evaluations in a row failed."""
+
+
+class Failures:
+    """Counts evaluations that failed in a row: arch failures (a ``failed`` row) and
+    infrastructure failures (an evaluation that raised after its retries, or lost:
+    ``status='lost'``, no row, the arch is evaluated again). One success resets it;
+    ``limit`` in a row stop the search with :class:`SearchHalted`, so a broken
+    machine or feature store fails the run loudly instead of filling the table
+    with penalties or retrying forever."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.run = limit, 0
+
+    def ok(self) -> None:
+        self.run = 0
+
+    def failed(self, arch_id: str, error: str, *, lost: bool) -> None:
+        self.run += 1
+        what = "lost (not recorded; it will be evaluated again)" if lost else "failed"
+        log.warning("arch %s %s: %s [%d in a row]", arch_id, what, error, self.run)
+        if self.run >= self.limit:
+            raise SearchHalted(
+                f"search stopped: {self.run} evaluations in a row failed (last: {arch_id}: {error}); "
+                "fix the cause and run again to resume, or raise search.max_consecutive_failures"
+            )
+
+
+def lost_record(arch_id: str, exc: BaseException) -> dict:
+    """What an evaluator yields for an evaluation that raised (infrastructure failure)."""
+    return {"arch_id": arch_id, "status": "lost", "error": f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]}
 
 
 @dataclass
@@ -240,6 +281,7 @@ def run_search(
         )
     max_samples = cfg.max_samples or 4 * cfg.total_archs
     evaluated_now = 0
+    failures = Failures(cfg.max_consecutive_failures)
     known = _known(results)
     if state.step or state.pending:
         log.info("resuming search at step %d (%d archs issued, %d in results)", state.step, state.issued, len(known))
@@ -260,18 +302,25 @@ def run_search(
         for i, s in enumerate(samples):
             if s.arch.arch_id not in known and s.arch.arch_id not in todo:
                 todo[s.arch.arch_id] = (i, s.arch)
-        if todo:
-            for record in evaluate([Job(a, state.step, i) for i, a in todo.values()]):
+        missing = list(todo)
+        while missing:  # lost evaluations are evaluated again (the breaker bounds it)
+            for record in evaluate([Job(todo[a][1], state.step, todo[a][0]) for a in missing]):
+                if record["status"] == "lost":
+                    failures.failed(record["arch_id"], record["error"], lost=True)
+                    continue
                 idx, _ = todo[record["arch_id"]]
                 row = make_row(record, step=state.step, sample=idx, penalty=cfg.failure_penalty)
                 results.append([row])
                 known[row["arch_id"]] = row
                 evaluated_now += 1
-                if row["status"] != "ok":
-                    log.warning("arch %s failed: %s", row["arch_id"], row["error"])
-        missing = [a for a in todo if a not in known]
-        if missing:
-            raise RuntimeError(f"evaluator returned no record for {len(missing)} archs, e.g. {missing[0]}")
+                if row["status"] == "ok":
+                    failures.ok()
+                else:
+                    failures.failed(row["arch_id"], row["error"], lost=False)
+            still = [a for a in missing if a not in known]
+            if still == missing and not failures.run:
+                raise RuntimeError(f"evaluator returned no record for {len(missing)} archs, e.g. {missing[0]}")
+            missing = still
 
         rewards = [_reward(known[s.arch.arch_id], cfg.failure_penalty) for s in samples]
         stats = policy.update(samples, rewards)
@@ -337,8 +386,10 @@ def run_search_async(
     max_samples = cfg.max_samples or 4 * cfg.total_archs
     K = cfg.archs_per_step
     known = _known(results)
-    done: queue.SimpleQueue[str] = queue.SimpleQueue()  # arch ids, put by done callbacks (any thread)
+    failures = Failures(cfg.max_consecutive_failures)
+    done: queue.SimpleQueue[tuple[str, Future]] = queue.SimpleQueue()  # put by done callbacks (any thread)
     running: dict[str, Future] = {}  # one evaluation per arch id
+    started: dict[str, float] = {}  # arch id -> when its evaluation was submitted (lost_after_s)
     evaluated_now = evaluated_since_update = 0
     compacted = time.monotonic()  # the last compaction (async: at most every COMPACT_EVERY_S)
 
@@ -354,8 +405,28 @@ def run_search_async(
         aid = arch_id(entry)
         if aid not in running:
             future = submit(Job(Arch.parse(entry["draw"]["arch"]), entry["step"], entry["sample"]))
-            running[aid] = future
-            future.add_done_callback(lambda _, aid=aid: done.put(aid))
+            running[aid], started[aid] = future, time.monotonic()
+            future.add_done_callback(lambda f, aid=aid: done.put((aid, f)))
+
+    def next_done() -> tuple[str, dict]:
+        """The next finished evaluation's (arch id, record); one that raised, or has run
+        past ``lost_after_s`` (its slot's thread hung in a device call, say), gives
+        a ``lost`` record."""
+        while True:
+            wait = None if cfg.lost_after_s is None else max(0.0, min(started.values()) + cfg.lost_after_s - time.monotonic())
+            try:
+                aid, future = done.get(timeout=wait)
+            except queue.Empty:
+                aid = min(started, key=started.get)
+                running.pop(aid), started.pop(aid)
+                return aid, lost_record(aid, TimeoutError(f"no result after {cfg.lost_after_s:.0f} s"))
+            if running.get(aid) is not future:
+                continue  # a lost evaluation that ended after all: its arch was resubmitted
+            running.pop(aid), started.pop(aid)
+            try:
+                return aid, future.result()
+            except Exception as e:  # noqa: BLE001 - an infrastructure failure after the task's retries
+                return aid, lost_record(aid, e)
 
     def can_draw() -> bool:
         return len(known) + len(running) < cfg.total_archs and state.issued < max_samples
@@ -420,21 +491,26 @@ def run_search_async(
                 state.in_flight.append(entry)
                 launch(entry)  # or, for an arch already in flight, wait for that evaluation
         elif running:
-            aid = done.get()
-            record = running.pop(aid).result()
+            aid, record = next_done()
             if record["arch_id"] != aid:
                 raise RuntimeError(f"evaluation of {aid} returned the record of {record['arch_id']}")
             mine = [e for e in state.in_flight if arch_id(e) == aid]
+            if record["status"] == "lost":
+                failures.failed(aid, record["error"], lost=True)
+                launch(mine[0])  # the same job again; the arch is not marked failed
+                continue
             row = make_row(record, step=mine[0]["step"], sample=mine[0]["sample"], penalty=cfg.failure_penalty)
             if not evaluator_writes_rows:
                 results.append([row])
             known[aid] = row
             evaluated_now += 1
             evaluated_since_update += 1
-            if row["status"] != "ok":
-                log.warning("arch %s failed: %s", aid, row["error"])
             state.in_flight = [e for e in state.in_flight if arch_id(e) != aid]
             state.finished += mine
+            if row["status"] == "ok":
+                failures.ok()
+            else:
+                failures.failed(aid, row["error"], lost=False)
         elif state.finished:  # nothing left to sample or wait for: learn from the rest
             update(len(state.finished))
         else:

@@ -68,6 +68,7 @@ import errno
 import fcntl
 import hashlib
 import io
+import logging
 import math
 import os
 import re
@@ -85,6 +86,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------
 # Op-name tables: copies of nasfcos.space's (tests/test_results.py checks they
@@ -359,7 +362,7 @@ def atomic_write_parquet(data: pa.Table | pd.DataFrame, path: str | os.PathLike)
     if isinstance(data, pd.DataFrame):
         data = pa.Table.from_pandas(data, preserve_index=False)
     buf = io.BytesIO()
-    pq.write_table(data, buf)
+    pq.write_table(data, buf, write_page_checksum=True)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -407,7 +410,7 @@ def _unlink(path: Path) -> None:
 
 def _table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, write_page_checksum=True)  # CRC per page, verified on read
     return buf.getvalue()
 
 
@@ -502,9 +505,9 @@ class ResultsTable:
             parts = self._part_paths()
             if not parts and self.path.exists():
                 return pq.read_metadata(self.path).num_rows
-            tables = [self._read_file(p) for p in parts]
-            if self.path.exists():
-                tables.append(self._read_file(self.path))
+            tables = [t for p in parts if (t := self._read_or_quarantine(p)) is not None]
+            if self.path.exists() and (t := self._read_or_quarantine(self.path)) is not None:
+                tables.append(t)
             merged = _dedup(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
             _commit(_write_temp(self.path, _table_bytes(merged)), self.path)
             # Only after the rename: the merged parts' rows are now in the table.
@@ -517,15 +520,13 @@ class ResultsTable:
         # Parts first, the compacted file last: a part that vanishes between
         # listing and reading was merged into the file before it was deleted.
         tables = []
-        for p in self._part_paths():
+        for p in [*self._part_paths(), self.path]:
             try:
-                tables.append(self._read_file(p))
+                t = self._read_or_quarantine(p)
             except FileNotFoundError:
                 continue
-        try:
-            tables.append(self._read_file(self.path))
-        except FileNotFoundError:
-            pass
+            if t is not None:
+                tables.append(t)
         return _dedup(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
 
     def read(self) -> pd.DataFrame:
@@ -632,19 +633,42 @@ class ResultsTable:
                 continue
             key = (p.name, st.st_mtime_ns, st.st_size)
             if key not in self._ok_cache:
-                with open(p, "rb") as f:
-                    t = pq.read_table(f, columns=["arch_id", "status"])
+                try:
+                    with open(p, "rb") as f:
+                        t = pq.read_table(f, columns=["arch_id", "status"], page_checksum_verification=True)
+                except FileNotFoundError:
+                    continue
+                except (pa.ArrowException, OSError):
+                    self._read_or_quarantine(p)  # names it, moves it away
+                    continue
                 self._ok_cache[key] = frozenset(t.column("arch_id").filter(pc.equal(t.column("status"), "ok")).to_pylist())
             seen[key] = self._ok_cache[key]
             ids |= seen[key]
         self._ok_cache = seen
         return ids
 
+    def _read_or_quarantine(self, path: Path) -> pa.Table | None:
+        """The file's rows, or None for a damaged file (bad magic bytes, page checksum,
+        truncation), which is moved to ``run_dir/quarantine/`` with a warning naming it,
+        so every later read and append goes on; its archs count as not evaluated (the
+        search evaluates them again when sampled again)."""
+        try:
+            return self._read_file(path)
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError) as e:
+            dest = self.run_dir / "quarantine" / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{path.name}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # another reader may have moved it first
+                os.replace(path, dest)
+                log.warning("%s: damaged (%s); moved to %s, its rows count as not evaluated", path, " ".join(str(e).split())[:200], dest)
+            return None
+
     @staticmethod
     def _read_file(path: Path) -> pa.Table:
         # One open file: a concurrent os.replace cannot mix two versions.
         with open(path, "rb") as f:
-            t = pq.read_table(f)
+            t = pq.read_table(f, page_checksum_verification=True)
         if not t.schema.equals(SCHEMA, check_metadata=False):
             for field in SCHEMA:
                 if field.name not in t.schema.names:

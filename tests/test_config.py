@@ -1,5 +1,7 @@
 """Pipeline config (presets, overrides, errors naming the field) and run-dir manifests."""
 
+import json
+
 import pytest
 
 from flows.config import ConfigError, load_config
@@ -147,3 +149,23 @@ def test_devices_per_arch_groups_the_devices_and_is_in_no_hash():
         load_config("demo", {**four, "train_full.devices_per_arch": 4, "train_full.batch_size": 6})
     with pytest.raises(ConfigError, match=r"devices_per_arch > 1 needs execution.task_runner 'thread'"):
         load_config("demo", {**four, "train_full.devices_per_arch": 2, "execution.task_runner": "dask"})
+
+
+def test_a_run_dir_claimed_before_fields_had_roles_still_resumes(tmp_path):
+    """Older claims hold only the key over every field (bar total_archs, devices_per_arch):
+    the same config resumes (and is re-claimed with its fields), another is refused."""
+    from flows.stages import conflict_fields, legacy_conflict_key
+    from storage.runs import atomic_write_json
+
+    # the key nasfcos 815f556 claimed the default config's evaluate stage with: a field added
+    # to a section since must join flows.stages._NEWER, or older runs stop resuming
+    assert legacy_conflict_key(load_config({"run_id": "x"}), "evaluate") == "a8ad76921ef70f7b"
+    cfg = load_config("demo", {"runs_dir": str(tmp_path)})
+    run = RunDir.at(tmp_path, "demo")
+    atomic_write_json(run.root / "manifests" / "search.claim.json", {"stage": "search", "key": legacy_conflict_key(cfg, "search")})
+    run.claim("search", conflict_fields(cfg, "search"), legacy=legacy_conflict_key(cfg, "search"))
+    assert "fields" in json.loads((run.root / "manifests" / "search.claim.json").read_text())
+    atomic_write_json(run.root / "manifests" / "search.claim.json", {"stage": "search", "key": "0123456789abcdef"})
+    other = load_config("demo", {"runs_dir": str(tmp_path), "proxy.epochs": 9})
+    with pytest.raises(ValueError, match="stage search has files from another config"):
+        run.claim("search", conflict_fields(other, "search"), legacy=legacy_conflict_key(other, "search"))

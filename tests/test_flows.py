@@ -71,20 +71,6 @@ def test_rerun_skips_every_stage(finished_run):
     assert time.perf_counter() - t < 60
 
 
-def test_changed_search_settings_rerun_only_from_search(finished_run, tmp_path):
-    """A bigger search budget keeps finetuning and features, resumes the search from its files."""
-    from flows.nas_search import nas_search
-
-    _, run, overrides = finished_run
-    finetune_manifest = (run / "manifests" / "finetune-backbone.json").read_text()
-    state = nas_search(config="demo", overrides={**overrides, "search.total_archs": 6}, return_state=True)
-    assert state.is_completed()
-    assert (run / "manifests" / "finetune-backbone.json").read_text() == finetune_manifest
-    ids = [line.split()[1] for line in (run / "evaluations.log").read_text().splitlines()]
-    assert len(ids) == len(set(ids)) == 6  # 4 earlier + 2 new, none twice
-    assert len(pd.read_parquet(run / "results.parquet")) == 6
-
-
 def _copy_run(finished_run, runs):
     """A copy of the finished run (same run_id) under ``runs``; its overrides point there."""
     _, run, overrides = finished_run
@@ -94,6 +80,20 @@ def _copy_run(finished_run, runs):
 
 def _mtimes(run):
     return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "run.lock"}
+
+
+def test_changed_search_settings_rerun_only_from_search(finished_run, tmp_path):
+    """A bigger search budget keeps finetuning and features, resumes the search from its files."""
+    from flows.nas_search import nas_search
+
+    run, overrides = _copy_run(finished_run, tmp_path)
+    finetune_manifest = (run / "manifests" / "finetune-backbone.json").read_text()
+    state = nas_search(config="demo", overrides={**overrides, "search.total_archs": 6}, return_state=True)
+    assert state.is_completed()
+    assert (run / "manifests" / "finetune-backbone.json").read_text() == finetune_manifest
+    ids = [line.split()[1] for line in (run / "evaluations.log").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 6  # 4 earlier + 2 new, none twice
+    assert len(pd.read_parquet(run / "results.parquet")) == 6
 
 
 def test_tuning_changes_keep_a_finished_run_finished(finished_run, tmp_path):
@@ -228,3 +228,82 @@ def test_async_search_flow_evaluates_each_arch_once(finished_run, tmp_path):
     assert len(ids) == len(set(ids)) == 3 and sorted(ids) == sorted(pd.read_parquet(copy / "results.parquet").arch_id)
     state = torch.load(copy / "controller.pt", weights_only=True)
     assert state["in_flight"] == state["finished"] == [] and len(state["stats"]) == 2  # K=2, then the last 1
+
+
+# ---------------------------------------------------------------- failure classes
+
+
+def _fake_evaluate(calls, raise_for):
+    """nasfcos.proxy.evaluate_arch stand-in: ``raise_for(arch_id, attempt)`` returns an
+    exception to raise or None (then an ok record)."""
+    from datetime import datetime, timezone
+
+    from nasfcos.space import resolve
+
+    def evaluate(arch, train, val, *, num_classes, cfg, device_shared=False):
+        a = resolve(arch)
+        calls[a.arch_id] = calls.get(a.arch_id, 0) + 1
+        error = raise_for(a.arch_id, calls[a.arch_id])
+        if error is not None:
+            raise error
+        now = datetime.now(timezone.utc)
+        return {
+            "arch_id": a.arch_id, "arch": str(a), "status": "ok", "reward": -1.0 - int(a.arch_id[:3], 16) / 1e4, "loss_cls": 0.5,
+            "loss_reg": 0.3, "loss_ctr": 0.2, "params": 1, "macs": 1, "train_seconds": 0.0, "eval_seconds": 0.0,
+            "peak_mem_mb": 0.0, "device": "cpu", "seed": 0, "error": "", "started_at": now, "finished_at": now,
+        }  # fmt: skip
+
+    return evaluate
+
+
+def test_search_task_retries_an_infrastructure_failure_and_records_the_arch_once(finished_run, tmp_path, monkeypatch):
+    """Today's failure: a CUDA error became a permanent 'failed' row with reward -10 and
+    Prefect's retries never fired. Now the task raises, Prefect retries it, the row is ok."""
+    import nasfcos.proxy
+
+    calls = {}
+    monkeypatch.setattr(nasfcos.proxy, "evaluate_arch", _fake_evaluate(calls, lambda aid, n: RuntimeError("CUDA error: an illegal memory access was encountered") if n == 1 else None))
+    copy, out = _search_on_copy(finished_run, tmp_path, "retried", {"search.total_archs": 3, "execution.retry_delay_s": 0})
+    df = pd.read_parquet(copy / "results.parquet")
+    assert out["unique_archs"] == 3 and (df.status == "ok").all() and (df.reward > -10).all()
+    assert set(calls.values()) == {2}  # each arch: the failed attempt, then Prefect's retry
+    ids = [line.split()[1] for line in (copy / "evaluations.log").read_text().splitlines()]
+    assert sorted(ids) == sorted(df.arch_id)
+
+
+def test_a_search_that_only_fails_stops_with_an_error_and_select_refuses_empty_results(finished_run, tmp_path, monkeypatch):
+    """Today's failure: every evaluation failing ended Completed with an empty top-k."""
+    import nasfcos.proxy
+    from flows.config import load_config
+    from flows.select import select_top_k
+
+    monkeypatch.setattr(nasfcos.proxy, "evaluate_arch", _fake_evaluate({}, lambda aid, n: OSError(5, "Input/output error")))
+    with pytest.raises(Exception, match=r"search stopped: 3 evaluations in a row failed \(last: \w+: OSError"):
+        _search_on_copy(finished_run, tmp_path, "broken", {"search.total_archs": 4, "execution.retries": 0, "search.max_consecutive_failures": 3})
+    assert not (tmp_path / "broken" / "results.parquet").exists() or len(pd.read_parquet(tmp_path / "broken" / "results.parquet")) == 0
+    _, _, overrides = finished_run
+    cfg = load_config("demo", {**overrides, "run_id": "broken", "runs_dir": str(tmp_path)})
+    state = select_top_k(cfg.model_dump(mode="json"), return_state=True)
+    assert state.is_failed() and "no architecture succeeded" in state.message, state.message
+
+
+def test_one_diverging_arch_gets_a_failed_leaderboard_row_and_the_others_finish(finished_run, tmp_path, monkeypatch):
+    """Today's failure: one diverging arch failed train-full on every rerun."""
+    import nasfcos.distributed
+    from flows.nas_search import nas_search
+
+    run, overrides = _copy_run(finished_run, tmp_path)
+    first = pd.read_parquet(run / "leaderboard.parquet").arch_id.iloc[0]
+    real = nasfcos.distributed.train_on_devices
+
+    def diverging(spec, dataset, cfg, out_dir, **kw):
+        if out_dir.name != first:
+            raise FloatingPointError("non-finite loss at iteration 1: cls=nan")
+        return real(spec, dataset, cfg, out_dir, **kw)
+
+    monkeypatch.setattr(nasfcos.distributed, "train_on_devices", diverging)
+    state = nas_search(config="demo", overrides={**overrides, "train_full.num_archs": 2}, return_state=True)
+    assert state.is_completed(), state.message
+    board = pd.read_parquet(run / "leaderboard.parquet")
+    assert board.status.tolist() == ["ok", "failed"] and board.arch_id.iloc[0] == first
+    assert board.AP.notna().tolist() == [True, False] and "FloatingPointError: non-finite loss" in board.error.iloc[1]

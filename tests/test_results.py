@@ -606,3 +606,28 @@ def test_process_killed_mid_compaction(tmp_path):
     pd.testing.assert_frame_equal(t.read(), expect)
     assert t.compact() == 5
     pd.testing.assert_frame_equal(pd.read_parquet(t.path), expect)
+
+
+def test_a_damaged_part_file_is_quarantined_naming_it_and_appends_go_on(tmp_path, caplog):
+    """Today's failure: ArrowInvalid without the file's name, and every later append failed."""
+    import logging
+
+    table = ResultsTable(tmp_path)
+    rows = [make_row(a, sample=i) for i, a in enumerate(_archs(3))]
+    for r in rows:
+        table.write_part([r])
+    parts = sorted((tmp_path / "results.parts").glob("*.parquet"))
+    damaged = parts[1]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 16] = b"\x00" * 16  # a flipped run of bytes mid-file
+    damaged.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="storage.results"):
+        assert len(table) == 2  # the other rows read; the damaged one is away
+    moved = list((tmp_path / "quarantine").iterdir())
+    assert len(moved) == 1 and moved[0].name.endswith(damaged.name) and not damaged.exists()
+    assert any(damaged.name in r.getMessage() and "quarantine" in r.getMessage() for r in caplog.records)
+    assert table.append([rows[1]]) == 1  # its arch counts as not evaluated: evaluated and appended again
+    assert table.compact() == 3 and sorted(table.read().arch_id) == sorted(r["arch_id"] for r in rows)
+    # the compacted table itself damaged (e.g. truncated): quarantined too, later writes go on
+    (tmp_path / "results.parquet").write_bytes((tmp_path / "results.parquet").read_bytes()[:100])
+    assert len(table) == 0 and table.append([rows[0]]) == 1 and table.compact() == 1
