@@ -25,10 +25,12 @@ test: install
 
 # The whole nas-search pipeline on the synthetic dataset, on a local Prefect server
 # (state in .prefect/), through the nas-search/demo deployment. Leaves server and worker running.
+# DB=postgres: the server's database in a local PostgreSQL cluster (deployments/postgres.sh).
+DB ?= sqlite
 demo: install
-	deployments/demo.sh
+	DB=$(DB) deployments/demo.sh
 
-# End what `make demo` started (by pid).
+# End what `make demo` started (by pid), PostgreSQL included.
 stop:
 	deployments/stop.sh
 

@@ -15,6 +15,15 @@ set -m  # background jobs get their own process group and keep SIGINT, so `make 
 healthy() { "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" "$PREFECT_API_URL" 2>/dev/null; }
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+if [ "${DB:-sqlite}" = postgres ]; then  # `make demo DB=postgres`: the server's database in a local PostgreSQL
+  if healthy; then
+    echo "a Prefect server is already running on ${PREFECT_API_URL%/api} with its own database; 'make stop' first to switch to PostgreSQL" >&2
+  else
+    PREFECT_API_DATABASE_CONNECTION_URL=$(deployments/postgres.sh start)
+    export PREFECT_API_DATABASE_CONNECTION_URL
+    echo "PostgreSQL: $PREFECT_API_DATABASE_CONNECTION_URL (data in .prefect/postgres)"
+  fi
+fi
 if ! healthy; then
   echo "starting the Prefect server on ${PREFECT_API_URL%/api} (log: .prefect/server.log)"
   nohup "$BIN/prefect" server start --host 127.0.0.1 --port "${PREFECT_PORT:-4200}" > .prefect/server.log 2>&1 &

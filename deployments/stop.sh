@@ -13,3 +13,5 @@ for name in worker server; do
   fi
   rm -f "$pidfile"
 done
+[ -d .prefect/postgres ] && deployments/postgres.sh stop
+exit 0
