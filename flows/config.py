@@ -201,6 +201,8 @@ class ExecutionConfig(_Section):
     # evaluations read that copy instead of the shared filesystem
     stage_features: str | None = tuning(None)
     timeouts: TimeoutsConfig = tuning(TimeoutsConfig())
+    # resume a stage begun under other versions of nasfcos/torch/torchvision (mixing their numbers)
+    allow_version_change: bool = tuning(False)
 
     @model_validator(mode="after")
     def _devices_for_dask(self) -> "ExecutionConfig":

@@ -22,6 +22,7 @@ from flows.evaluate import evaluate
 from flows.finetune import finetune_backbone
 from flows.materialise import materialise_features
 from flows.placement import task_runner
+from flows.preflight import PreflightError, preflight
 from flows.stages import owner, portable
 from flows.search import search
 from flows.select import select_top_k
@@ -46,6 +47,7 @@ def nas_search(config: str = "demo", overrides: dict[str, Any] | None = None) ->
         overrides: dotted keys, e.g. ``{"search.total_archs": 64, "execution.devices": ["cuda:0"]}``.
     """
     cfg = load_config(config, overrides)
+    preflight(cfg)  # every path and device of the unfinished stages, before stage 1
     c = portable(cfg)
     run = RunDir.at(cfg.runs_dir, cfg.run_id)
     log = get_run_logger()
@@ -74,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         overrides[key] = yaml.safe_load(value)
     try:  # a bad config or a run already running: one line, before any flow starts
         cfg = load_config(args.config, overrides)
+        preflight(cfg)
         with run_lock(RunDir.at(cfg.runs_dir, cfg.run_id).root, f"python -m flows.nas_search --config {args.config}"):
             out = nas_search(config=args.config, overrides=overrides)
-    except (ConfigError, RunLocked) as e:
+    except (ConfigError, PreflightError, RunLocked) as e:
         sys.exit(f"nas-search: {e}")
     except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback above
         sys.exit(f"nas-search failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")

@@ -97,6 +97,22 @@ def owner() -> str:
     return f"flow run {flow_run.id} ({flow_run.flow_name})" if flow_run.id else "a process outside Prefect"
 
 
+def _check_versions(cfg: PipelineConfig, run: RunDir, stage: str) -> None:
+    """Warn when finished stages were made by other versions of nasfcos/torch/torchvision;
+    refuse to resume a stage begun under other versions (its outputs would mix two
+    versions' numbers) unless ``execution.allow_version_change``."""
+    finished, mine = run.version_changes(stage)
+    if finished:
+        get_run_logger().warning("run %s was made by other versions: %s", cfg.run_id, "; ".join(finished))
+    if mine and not cfg.execution.allow_version_change:
+        raise ValueError(
+            f"{run.root}: stage {stage} was begun under other versions ({'; '.join(mine)}) and would mix their results; "
+            "finish it with those versions, or set execution.allow_version_change=true"
+        )
+    if mine:
+        get_run_logger().warning("stage %s resumes under other versions (%s): allowed by execution.allow_version_change", stage, "; ".join(mine))
+
+
 def stage_flow(stage: str) -> Callable:
     """``@flow`` for a stage, holding the run lock while it runs: a stage started on its
     own owns the run directory; as a subflow of ``nas-search`` it re-enters its parent's lock."""
@@ -105,8 +121,10 @@ def stage_flow(stage: str) -> Callable:
         @functools.wraps(fn)
         def owned(config: dict | str = "demo") -> dict:
             cfg = load_config(config) if isinstance(config, str) else PipelineConfig.model_validate(config)
-            with run_lock(RunDir.at(cfg.runs_dir, cfg.run_id).root, owner()):
+            run = RunDir.at(cfg.runs_dir, cfg.run_id)
+            with run_lock(run.root, owner()):
                 fault_point(f"stage:{stage}")
+                _check_versions(cfg, run, stage)
                 return fn(config)
 
         return flow(name=stage, flow_run_name=run_name(stage), log_prints=True)(owned)

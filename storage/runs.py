@@ -22,6 +22,8 @@ from storage.results import atomic_write_bytes
 
 STAGES = ("finetune-backbone", "materialise-features", "search", "select-top-k", "train-full", "evaluate")
 _VERSIONED = ("nasfcos", "torch", "torchvision", "prefect", "zarr", "numcodecs", "pycocotools", "pandas")
+# Packages whose version changes what a stage computes (weights, features, rewards).
+NUMERIC = ("nasfcos", "torch", "torchvision")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -119,13 +121,13 @@ class RunDir:
         except (FileNotFoundError, json.JSONDecodeError):
             held = None
         if not isinstance(held, dict) or "key" not in held:
-            atomic_write_json(path, {"stage": stage, "key": key, "fields": fields})
+            atomic_write_json(path, {"stage": stage, "key": key, "fields": fields, "versions": versions()})
             return
         if held["key"] == key:
             return
         if "fields" not in held:  # an older claim: only its key
             if held["key"] == legacy:
-                atomic_write_json(path, {"stage": stage, "key": key, "fields": fields})
+                atomic_write_json(path, {"stage": stage, "key": key, "fields": fields, "versions": versions()})
                 return
             raise ValueError(f"{self.root}: stage {stage} has files from another config (key {held['key']}); use a new run_id, or delete the run directory")
         old = held["fields"]
@@ -134,6 +136,25 @@ class RunDir:
             f"{self.root}: stage {stage} has files made with another config ({'; '.join(diff)}); "
             "change them back, or use a new run_id"
         )
+
+    def version_changes(self, stage: str) -> tuple[list[str], list[str]]:
+        """(changes in finished stages' manifests, changes in ``stage``'s own unfinished
+        claim) of the :data:`NUMERIC` packages against this process's versions, as
+        ``"<file>: torch 2.11.0 -> 2.14.1"``. The second kind would mix two versions'
+        results in one stage's outputs."""
+        now = versions()
+
+        def diff(path: Path) -> list[str]:
+            try:
+                had = json.loads(path.read_text()).get("versions") or {}
+            except (FileNotFoundError, json.JSONDecodeError):
+                return []
+            changed = [f"{k} {had[k]} -> {now[k]}" for k in NUMERIC if k in had and had[k] != now[k]]
+            return [f"{path.relative_to(self.root)}: {', '.join(changed)}"] if changed else []
+
+        finished = [c for s in STAGES if (c := diff(self.manifest_path(s)))]
+        mine = [] if self.manifest(stage) else diff(self.root / "manifests" / f"{stage}.claim.json")
+        return [x for c in finished for x in c], mine
 
     def finish(self, stage: str, cfg_hash: str, outputs: dict | None = None) -> dict:
         """Write the stage's manifest (last, atomically: a crash before it means not done)."""

@@ -169,3 +169,23 @@ def test_a_run_dir_claimed_before_fields_had_roles_still_resumes(tmp_path):
     other = load_config("demo", {"runs_dir": str(tmp_path), "proxy.epochs": 9})
     with pytest.raises(ValueError, match="stage search has files from another config"):
         run.claim("search", conflict_fields(other, "search"), legacy=legacy_conflict_key(other, "search"))
+
+
+def test_preflight_lists_every_missing_path_and_device_in_one_line(tmp_path):
+    """Today's failure: COCO paths were checked only when train-full started, after the search."""
+    from flows.preflight import PreflightError, preflight
+
+    cfg = load_config("paper", {
+        "runs_dir": str(tmp_path), "data.voc_root": str(tmp_path / "VOC2012"), "data.coco_train_json": str(tmp_path / "train.json"),
+        "data.coco_train_images": str(tmp_path), "data.coco_val_json": None, "data.coco_val_images": str(tmp_path),
+        "data.coco_testdev_json": None, "finetune.weights": "ResNet50_Weights.NOPE",
+        "execution.devices": ["cuda:7"],
+    })  # fmt: skip
+    with pytest.raises(PreflightError) as e:
+        preflight(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "5 problems" in msg, msg
+    for part in ("data.voc_root", "VOC2012 is not a directory", "data.coco_train_json", "train.json does not exist",
+                 "data.coco_val_json is required", "finetune.weights: ResNet50_Weights.NOPE", "execution.devices: cuda:7 does not exist"):  # fmt: skip
+        assert part in msg, part
+    preflight(load_config("demo", {"runs_dir": str(tmp_path)}))  # the demo needs nothing outside

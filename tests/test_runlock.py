@@ -1,4 +1,4 @@
-"""One run directory, one owner: the run lock, alone and around the real pipeline."""
+"""One run directory, one owner: the run lock, alone and around the real pipeline; versions of resumed stages."""
 
 import os
 import socket
@@ -105,3 +105,61 @@ def test_a_bad_config_is_one_line_and_non_zero(tmp_path):
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "total_archs" in lines[0], p.stderr[-2000:]
+
+
+def _select_run(tmp_path):
+    """A run dir holding 3 ok results and the config of its select-top-k stage."""
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from flows.config import load_config
+    from nasfcos.space import Arch
+    from storage.results import ResultsTable
+
+    now = datetime.now(timezone.utc)
+    rows = []
+    for i in range(3):
+        a = Arch.random(np.random.default_rng(i))
+        rows.append({
+            "arch_id": a.arch_id, "arch": str(a), "status": "ok", "reward": -1.0 - i, "loss_cls": 0.5, "loss_reg": 0.3,
+            "loss_ctr": 0.2, "params": 1, "macs": 1, "train_seconds": 0.0, "eval_seconds": 0.0, "peak_mem_mb": 0.0,
+            "device": "cpu", "seed": 0, "error": "", "started_at": now, "finished_at": now, "step": 0, "sample": i,
+            "reward_used": -1.0 - i,
+        })  # fmt: skip
+    ResultsTable(tmp_path / "v").append(rows)
+    return load_config("demo", {"run_id": "v", "runs_dir": str(tmp_path), "select.top_k": 2})
+
+
+def test_a_stage_begun_under_other_versions_is_refused_unless_allowed(prefect_server, tmp_path):
+    import json
+
+    from flows.select import select_top_k
+
+    cfg = _select_run(tmp_path)
+    claim = tmp_path / "v" / "manifests" / "select-top-k.claim.json"
+    from flows.stages import conflict_fields
+    from storage.runs import atomic_write_json, config_hash, versions
+
+    fields = conflict_fields(cfg, "select-top-k")
+    atomic_write_json(claim, {"stage": "select-top-k", "key": config_hash(fields), "fields": fields, "versions": {**versions(), "torch": "2.11.0"}})
+    state = select_top_k(cfg.model_dump(mode="json"), return_state=True)
+    assert state.is_failed() and f"torch 2.11.0 -> {versions()['torch']}" in state.message and "allow_version_change" in state.message
+    allowed = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"allow_version_change": True})})
+    assert select_top_k(allowed.model_dump(mode="json"), return_state=True).is_completed()
+    # a finished stage made by other versions: a warning naming it, no refusal
+    manifest = tmp_path / "v" / "manifests" / "select-top-k.json"
+    m = json.loads(manifest.read_text())
+    m["versions"]["torchvision"] = "0.26.0"
+    manifest.write_text(json.dumps(m))
+    import logging
+
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda r: seen.append(r.getMessage())
+    logging.getLogger("prefect.flow_runs").addHandler(handler)  # Prefect's run loggers do not propagate
+    try:
+        assert select_top_k(cfg.model_dump(mode="json"), return_state=True).is_completed()
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(handler)
+    assert any("select-top-k.json: torchvision 0.26.0" in m for m in seen), seen

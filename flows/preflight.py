@@ -1,0 +1,102 @@
+"""Preflight: every path and device the unfinished stages will need, checked before stage 1.
+
+A missing COCO json found only when train-full starts wastes the days of search before
+it; a run should fail in its first second, listing every problem at once rather than
+one per attempt. Stages already finished are not checked (their inputs may be gone).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from flows.config import PipelineConfig
+from flows.stages import stage_hash
+from storage.runs import RunDir
+
+
+class PreflightError(ValueError):
+    """Problems found before the pipeline starts; one line listing them all."""
+
+
+def _exists(problems: list[str], field: str, value: str | None, *, kind: str = "file") -> None:
+    if not value:
+        problems.append(f"{field} is required")
+        return
+    p = Path(value).expanduser()
+    if kind == "dir" and not p.is_dir():
+        problems.append(f"{field}: {value} is not a directory")
+    elif kind == "file" and not p.is_file():
+        problems.append(f"{field}: {value} does not exist")
+
+
+def _weights(problems: list[str], field: str, value: str | None) -> None:
+    if not value:
+        return
+    from nasfcos.backbones import _get_weight, weight_name
+
+    name = weight_name(value)
+    if name is None:
+        _exists(problems, field, value)
+        return
+    try:
+        _get_weight(name)
+    except ValueError as e:
+        problems.append(f"{field}: {e}")
+
+
+def _devices(problems: list[str], cfg: PipelineConfig) -> None:
+    ex = cfg.execution
+    if ex.dask_address:  # the workers' devices are theirs to check
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for d in ex.devices:
+        m = re.fullmatch(r"cuda(?::(\d+))?", d)
+        if m and int(m.group(1) or 0) >= have:
+            problems.append(f"execution.devices: {d} does not exist (this machine has {have} CUDA device{'s' * (have != 1)})")
+        elif not m and d != "cpu":
+            problems.append(f"execution.devices: {d!r} is neither cpu nor cuda[:N]")
+
+
+def problems(cfg: PipelineConfig) -> list[str]:
+    """Everything that would stop an unfinished stage for want of a path or device."""
+    run = RunDir(Path(cfg.runs_dir).resolve() / cfg.run_id)
+    todo = {s for s in ("finetune-backbone", "materialise-features", "search", "select-top-k", "train-full", "evaluate") if not run.is_done(s, stage_hash(cfg, s))}
+    out: list[str] = []
+    runs = Path(cfg.runs_dir).resolve()
+    existing = next((p for p in [runs, *runs.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        out.append(f"runs_dir: {cfg.runs_dir} is not writable")
+    d = cfg.data
+    if d.kind == "voc" and todo & {"finetune-backbone", "materialise-features"}:
+        _exists(out, "data.voc_root", d.voc_root, kind="dir")
+    if d.kind != "synthetic":
+        needs = {"train": todo & {"train-full"}, "val": todo & {"evaluate"}}
+        for split, stages in needs.items():
+            if stages:
+                _exists(out, f"data.coco_{split}_json", getattr(d, f"coco_{split}_json"))
+                _exists(out, f"data.coco_{split}_images", getattr(d, f"coco_{split}_images"), kind="dir")
+        if d.coco_testdev_json and "evaluate" in todo:
+            _exists(out, "data.coco_testdev_json", d.coco_testdev_json)
+            _exists(out, "data.coco_testdev_images", d.coco_testdev_images, kind="dir")
+    if "finetune-backbone" in todo:
+        _weights(out, "finetune.weights", cfg.finetune.weights)
+    if "train-full" in todo and not cfg.train_full.init_from_finetuned:
+        _weights(out, "train_full.weights", cfg.train_full.weights)
+    if cfg.execution.stage_features:
+        root = Path(cfg.execution.stage_features)
+        existing = next((p for p in [root, *root.parents] if p.exists()), None)
+        if existing is None or not os.access(existing, os.W_OK):
+            out.append(f"execution.stage_features: {root} is not writable")
+    _devices(out, cfg)
+    return out
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Raise :class:`PreflightError` naming every problem (one line), or return."""
+    found = problems(cfg)
+    if found:
+        raise PreflightError(f"preflight of run {cfg.run_id}: {len(found)} problem{'s' * (len(found) > 1)}: " + "; ".join(found))
