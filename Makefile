@@ -11,7 +11,7 @@ DEMO   ?= runs/demo-fcos
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install test demo demo-fcos stop clean
+.PHONY: install test demo demo-fcos stop soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ demo: install
 # End what `make demo` started (by pid), PostgreSQL included.
 stop:
 	deployments/stop.sh
+
+# Random SIGKILLs of the real deployment run (own server + worker), N rounds; not in `make test`.
+N ?= 20
+soak: install
+	$(BIN)/python deployments/soak.py --n $(N)
 
 # The FPN-FCOS detector alone: train + evaluate on the synthetic dataset (about 3.5 min).
 demo-fcos: install

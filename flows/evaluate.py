@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.inputs import coco_split
 from flows.placement import device_resources, device_slot
 from flows.stages import artifact_key, open_stage, portable, stage_flow, stage_hash, task_options
+from nasfcos.faults import fault_point
 from storage.runs import atomic_write_json
 
 STAGE = "evaluate"
@@ -60,6 +61,7 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
             path = save_results(predict_dataset(model, td, category_ids=td.category_ids, device=device, batch_size=cfg.evaluate.batch_size), out_dir / "detections_test-dev.json")
             row["testdev_results"] = str(path)
     atomic_write_json(marker, {"stamp": _stamp(checkpoint), "row": row})
+    fault_point("evaluate:arch")
     return row
 
 

@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.inputs import voc_dataset
 from flows.placement import device_resources, device_slot
 from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
+from nasfcos.faults import fault_point
 
 STAGE = "materialise-features"
 SPLITS = ("meta_train", "meta_val")
@@ -59,6 +60,7 @@ def materialise_shard(config: dict, split: str, shard: int) -> int:
         backbone = build_backbone(cfg.finetune.backbone, weights=run.backbone / "checkpoint.pt", freeze_at=0)
         compute = FeatureComputer(backbone, dataset, idx, seed=cfg.features.seed, device=device, batch_size=cfg.features.batch_size)
         materialise(FeatureStore.open(run.features), split, compute, shards=[shard])
+    fault_point("materialise:shard")
     return shard
 
 

@@ -71,14 +71,14 @@ def cluster_slots(ex: ExecutionConfig, timeout: float = 60.0) -> int:
         try:
             client.wait_for_workers(1, timeout=timeout)
         except TimeoutError:
-            _logger().warning("no Dask worker at %s after %.0f s: planning %d evaluation slots", ex.dask_address, timeout, ex.slots_per_device)
+            run_logger().warning("no Dask worker at %s after %.0f s: planning %d evaluation slots", ex.dask_address, timeout, ex.slots_per_device)
             return ex.slots_per_device
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         if ex.devices[0].startswith("cuda"):
             slots = sum(int(w.get("resources", {}).get(RESOURCE, 0)) for w in workers)
         else:
             slots = sum(int(w["nthreads"]) for w in workers)
-    _logger().info("Dask cluster %s: %d workers, %d evaluation slots", ex.dask_address, len(workers), slots)
+    run_logger().info("Dask cluster %s: %d workers, %d evaluation slots", ex.dask_address, len(workers), slots)
     return max(slots, 1)
 
 
@@ -106,7 +106,7 @@ def local_cluster(devices: Sequence[str], slots_per_device: int = 1, dashboard_a
     return SpecCluster(workers=workers, scheduler=scheduler, name="nasfcos")
 
 
-def _logger():
+def run_logger():
     """The flow run's logger (shown in the UI), or this module's outside a run."""
     from prefect import get_run_logger
     from prefect.exceptions import MissingContextError

@@ -19,7 +19,7 @@ from prefect import get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from flows.placement import device_resources, device_slot, evaluation_slots
+from flows.placement import device_resources, device_slot, evaluation_slots, run_logger
 from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
 from nasfcos.faults import fault_point
 
@@ -32,15 +32,33 @@ _CACHE_LOCK = threading.Lock()
 
 def _load_splits(key: _Key) -> tuple:
     """(meta_train, meta_val, num_classes): both proxy splits read from the store (or this
-    machine's staged copy of it) onto ``device``, or into host memory to be streamed."""
+    machine's staged copy of it) onto ``device``, or into host memory to be streamed.
+    A damaged staged copy is dropped and the shared store read instead (which repairs
+    nothing if it is sound, and names its own damage if not)."""
+    import shutil
+
+    from storage.features import DamagedShard
+    from storage.staging import stage_store
+
+    features, device, size_range_scale, residency, stage_dir = key
+    if not stage_dir:
+        return _read_splits(features, device, size_range_scale, residency)
+    local = stage_store(features, stage_dir)
+    try:
+        return _read_splits(str(local), device, size_range_scale, residency)
+    except DamagedShard as e:
+        run_logger().warning("staged copy %s is damaged (%s); removed, reading %s", local, e, features)
+        shutil.rmtree(local, ignore_errors=True)
+        return _read_splits(features, device, size_range_scale, residency)
+
+
+def _read_splits(path: str, device: str, size_range_scale: float | None, residency: str) -> tuple:
     import torch
 
     from nasfcos.proxy import LEVELS, prepare_split, stream_features
     from storage.features import FeatureStore
-    from storage.staging import stage_store
 
-    features, device, size_range_scale, residency, stage_dir = key
-    store = FeatureStore.open(stage_store(features, stage_dir) if stage_dir else features)
+    store = FeatureStore.open(path)
     k = int(store.attrs["num_classes"])
     splits = ("meta_train", "meta_val")
     stream = stream_features(sum(store.nbytes(s, LEVELS) for s in splits), device, residency)
@@ -95,13 +113,13 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
     p, ex = cfg.proxy, cfg.execution
     pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=p.epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
     with device_slot(ex, shared=True) as device:
-        fault_point("evaluate_decoder")
         train, val, k = _splits((str(run.features), device, p.size_range_scale, ex.feature_residency, ex.stage_features))
         record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc, device_shared=ex.slots_per_device > 1)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty)
     table.write_part([row])  # lock-free: only the flow compacts
     with open(run.root / "evaluations.log", "a") as f:  # audit trail: one line per finished evaluation
         f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}\n")
+    fault_point("search:row")
     get_run_logger().info("%s: %s reward %.4f (%.1f s)", arch_id, record["status"], record["reward"], record["train_seconds"])
     return row
 

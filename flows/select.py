@@ -6,6 +6,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.stages import artifact_key, open_stage, stage_flow
+from nasfcos.faults import fault_point
 
 STAGE = "select-top-k"
 
@@ -24,6 +25,7 @@ def select_top_k(config: dict | str = "demo") -> dict:
     if len(top) < cfg.select.top_k:
         get_run_logger().warning("only %d archs succeeded, fewer than select.top_k=%d: selecting them all", len(top), cfg.select.top_k)
     top = table.write_top_k(run.top_k, k=cfg.select.top_k)
+    fault_point("select:written")
     create_table_artifact(
         key=artifact_key(cfg, "top-k"),
         table=[

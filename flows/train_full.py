@@ -14,7 +14,6 @@ from flows.config import PipelineConfig
 from flows.inputs import coco_split, train_config
 from flows.placement import device_group, device_resources
 from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
-from nasfcos.faults import fault_point
 from storage.runs import RunDir
 
 STAGE = "train-full"
@@ -50,7 +49,6 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     weights, init = initial_weights(cfg, run)
     try:
         with device_group(cfg.execution, t.devices_per_arch) as devices:
-            fault_point("train_arch")
             result = train_on_devices(spec, dataset, tc, run.full(arch_id), devices=devices, backbone_weights=weights, init_checkpoint=init, meta=meta)
     except (FloatingPointError, torch.OutOfMemoryError) as e:  # the arch's fault (alone on its devices): a failed row
         error = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import torch
 
 from nasfcos.controller import Sample
-from nasfcos.train import atomic_save
+from nasfcos.train import atomic_save, remove_orphans
 from nasfcos.space import Arch
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,7 @@ def run_search(
     ``on_step`` receives a small dict after every step (progress reporting).
     """
     state_path = Path(state_path)
+    remove_orphans(state_path)
     state = load_state(state_path, policy)
     if state.in_flight or state.finished or state.queued:
         raise ValueError(
@@ -380,6 +381,7 @@ def run_search_async(
     if slots < 1:
         raise ValueError(f"slots: need at least 1 evaluation in flight, got {slots}")
     state_path = Path(state_path)
+    remove_orphans(state_path)
     state = load_state(state_path, policy)
     if state.pending is not None:
         raise ValueError(f"{state_path}: a sync-mode step is pending; finish it with search.mode=sync first")

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nasfcos.data.transforms import collate
 from nasfcos.detector import Detector, DetectorSpec, build_detector
+from nasfcos.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +194,22 @@ def atomic_save(obj: dict, path: Path) -> None:
     leaves the previous checkpoint intact, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_orphans(path: Path) -> None:
+    """Delete temp files of ``path`` left by a process killed inside :func:`atomic_save`
+    (the one writer of a checkpoint calls this before it starts writing again)."""
+    for tmp in path.parent.glob(f"{path.name}*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _rng_state() -> dict:
@@ -387,7 +397,10 @@ def train(
             },
             ckpt_path,
         )
+        fault_point("train:checkpointed")
 
+    if is_main:
+        remove_orphans(ckpt_path)
     end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
     sampler = PositionSampler(len(dataset), batch_size=cfg.batch_size, start=start, end=end, seed=cfg.seed, rank=rank, world_size=world_size)
     loader = DataLoader(

@@ -14,7 +14,7 @@ C/H/W channels/height/width of one level, M boxes of one sample, Ms boxes of one
 Layout on disk (``features.zarr``)::
 
     zarr.json                 root group; attributes: format, layout (splits, levels,
-                              shard_size, chunk_size, codec), user_attrs (the caller's:
+                              shard_size, chunk_size, codec, checksum), user_attrs (the caller's:
                               checkpoint hash, split seed, crop size, ...), versions
                               (zarr, numcodecs, numpy, python), created_at
     <split>/                  one group per split; attributes: num_samples, num_shards
@@ -41,6 +41,16 @@ Why this shape:
   Arrays are opened with ``write_empty_chunks=True`` anyway, so what was written is on disk.
 - A new store is built in a temporary directory and renamed into place, so a crash during
   creation never leaves a half-made store that a later ``create`` would have to judge.
+- Every array of a new store ends its codec chain with a CRC-32C checksum (layout
+  ``"checksum": "crc32c"``), so a flipped bit fails the read instead of decoding to garbage.
+  Stores made before that (no ``"checksum"`` key: none) open and read as before.
+
+Damage: a read (``read_split``, ``iter_batches``, ``done``/``pending``, ``nbytes``) that meets
+an unreadable chunk (bad checksum, a codec error, a truncated or garbled file, a missing chunk
+file or ragged array of a done shard, ragged rows that disagree with ``num_boxes``) finds
+the shard(s) holding it, clears their ``done`` flags and raises :class:`DamagedShard` (a
+ValueError), one line naming the store, split, array, shard and sample range. Nothing is
+returned from a damaged split; ``materialise`` then recomputes exactly those shards.
 
 Example:
     >>> store = FeatureStore.create("features.zarr", splits={"meta_val": 1715},
@@ -67,17 +77,23 @@ from typing import Any
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 __all__ = [
+    "CHECKSUM",
     "CODECS",
     "DEFAULT_CODEC",
     "FORMAT",
+    "DamagedShard",
     "FeatureStore",
     "materialise",
 ]
 
+# Unchanged by the checksums: older stores (no layout "checksum") read as they are, and the
+# crc32c codec is a standard Zarr v3 one that any zarr 3 reads.
 FORMAT = "nasfcos.features/1"
+# Checksum codec appended to every array of a new store (layout field "checksum").
+CHECKSUM = "crc32c"
 
 # Codec names -> zarr v3 compressor lists (None = stored raw). Bitshuffle groups the bits
 # of fp16 activations by position (sign/exponent bits of neighbours are alike), which helps
@@ -113,6 +129,38 @@ _META_SPEC: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
 }
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 _SHOWN = 20  # pending shards listed in an error before "..."
+_ERROR_CHARS = 160  # of an original error quoted in a DamagedShard message
+# Errors of a read that say nothing about the data: never blamed on a shard.
+_NOT_DAMAGE = (PermissionError, MemoryError)
+
+
+class DamagedShard(ValueError):
+    """Done shard(s) whose stored data could not be read back; their ``done`` flags are cleared.
+
+    Raised by the read paths of :class:`FeatureStore`; ``materialise`` recomputes the shards.
+
+    Attributes:
+        path: the store directory.
+        split: the split read.
+        shards: the damaged shards, ascending.
+        damage: ``(array, shard, error)`` per unreadable array of a shard; ``array`` is a
+            level, a per-sample array, ``done``, ``boxes`` or ``labels``.
+    """
+
+    def __init__(self, message: str, *, path: Path, split: str, damage: list[tuple[str, int, str]]) -> None:
+        super().__init__(message)
+        self.path = path
+        self.split = split
+        self.damage = damage
+        self.shards = sorted({shard for _, shard, _ in damage})
+
+
+def _short(error: BaseException) -> str:
+    """``error`` as one short line: its type and the start of its message."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"(checksum do not match)\. Stored: .*", r"\1", text)  # zarr's crc32c codec adds raw bytes
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 3] + "..."
 
 
 def _versions() -> dict[str, str]:
@@ -145,6 +193,14 @@ def _codec_compressors(codec: str) -> tuple[Any, ...] | None:
     return CODECS[codec]()
 
 
+def _compressors(codec: str, checksum: str | None) -> tuple[Any, ...] | None:
+    """The bytes-to-bytes codecs of an array: ``codec``'s, then the checksum (if any) last."""
+    compressors = _codec_compressors(codec)
+    if checksum is None:
+        return compressors
+    return (*(compressors or ()), Crc32cCodec())
+
+
 def _auto_chunk_size(shard_size: int, levels: Mapping[str, Sequence[int]]) -> int:
     per_sample = max(2 * math.prod(shape) for shape in levels.values())  # fp16 bytes
     fits = max(1, _TARGET_CHUNK_BYTES // per_sample)
@@ -172,6 +228,7 @@ class FeatureStore:
         shard_size: samples per shard (the last shard of a split may be shorter).
         chunk_size: samples per feature chunk; divides ``shard_size``.
         codec: one of :data:`CODECS`.
+        checksum: :data:`CHECKSUM` on every array, or None (a store made before checksums).
         attrs: the caller's attributes given to :meth:`create`.
         versions: zarr/numcodecs/numpy/python versions that created the store.
         created_at: ISO 8601 UTC time of creation.
@@ -187,6 +244,7 @@ class FeatureStore:
         self.shard_size: int = int(layout["shard_size"])
         self.chunk_size: int = int(layout["chunk_size"])
         self.codec: str = layout["codec"]
+        self.checksum: str | None = layout.get("checksum")  # absent in stores made before checksums
         self.attrs: dict[str, Any] = meta["user_attrs"]
         self.versions: dict[str, str] = meta["versions"]
         self.created_at: str = meta["created_at"]
@@ -210,6 +268,7 @@ class FeatureStore:
         chunk_size: int | None = None,
         codec: str = DEFAULT_CODEC,
         attrs: Mapping[str, Any],
+        _checksum: bool = True,
     ) -> FeatureStore:
         """Create the store at ``path``, or open it if it exists with the same layout and attrs.
 
@@ -222,6 +281,8 @@ class FeatureStore:
             codec: compressor for every array, one of :data:`CODECS`.
             attrs: JSON-serialisable provenance (checkpoint hash, split seed, crop size, ...),
                 part of the identity: a different value is an error, not a silent reuse.
+            _checksum: False builds a store without checksums, as before them (for tests).
+                Not part of the identity: an existing store opens either way.
 
         Raises:
             ValueError: bad arguments, or an existing store whose layout or attrs differ
@@ -233,7 +294,7 @@ class FeatureStore:
         if not (path / "zarr.json").exists():
             if path.exists() and (not path.is_dir() or any(path.iterdir())):
                 raise ValueError(f"{path}: exists and is not a feature store (no zarr.json); refusing to write into it")
-            cls._build(path, layout, user_attrs)
+            cls._build(path, {**layout, "checksum": CHECKSUM} if _checksum else layout, user_attrs)
         store = cls.open(path)
         store._check_same(layout, user_attrs)
         return store
@@ -279,7 +340,8 @@ class FeatureStore:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-            compressors = _codec_compressors(layout["codec"])
+            checksum = layout.get("checksum")
+            compressors = _compressors(layout["codec"], checksum)
             shard_size, chunk_size = layout["shard_size"], layout["chunk_size"]
             for split, n in layout["splits"].items():
                 num_shards = -(-n // shard_size)
@@ -295,7 +357,10 @@ class FeatureStore:
                         fill_value=0, compressors=compressors,
                     )
                 # One chunk per flag: writers of different shards never rewrite each other's.
-                group.create_array("done", shape=(num_shards,), chunks=(1,), dtype=bool, fill_value=False)
+                group.create_array(
+                    "done", shape=(num_shards,), chunks=(1,), dtype=bool, fill_value=False,
+                    **({"compressors": _compressors("none", checksum)} if checksum else {}),
+                )
                 for name in _RAGGED:
                     group.create_group(name)
             # Root attributes last: a store without them is not one (open() says so).
@@ -317,6 +382,8 @@ class FeatureStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _check_same(self, layout: dict[str, Any], user_attrs: dict[str, Any]) -> None:
+        # ``layout`` is the identity (no "checksum": a store with or without checksums holds
+        # the same data, so create() opens either); keys only the existing store has are ignored.
         for key, want in layout.items():
             have = self._root.attrs["layout"][key]
             if have != want:
@@ -346,6 +413,8 @@ class FeatureStore:
         if fmt != FORMAT:
             raise ValueError(f"{path}: not a feature store (root attribute format={fmt!r}, expected {FORMAT!r})")
         store = cls(path, root)
+        if store.checksum not in (None, CHECKSUM):
+            raise ValueError(f"{path}: unknown checksum {store.checksum!r} in the layout (this code knows {CHECKSUM!r})")
         for split in store.splits:
             for name, (dtype, shape) in store._expected_arrays(split).items():
                 try:
@@ -400,12 +469,20 @@ class FeatureStore:
         return start, min(start + self.shard_size, n)
 
     def done(self, split: str) -> np.ndarray:
-        """bool (S,): which shards of ``split`` are completely written."""
+        """bool (S,): which shards of ``split`` are completely written.
+
+        Raises:
+            DamagedShard: some flags are unreadable; they are rewritten as not done, so the
+                next call reads them (a missing flag file reads as not done anyway).
+        """
         self._check_split(split)
-        return np.asarray(self._array(split, "done")[:], dtype=bool)
+        damage: list[tuple[str, int, str]] = []
+        done = self._read_checked(split, "done", range(self.num_shards(split)), damage, check_files=False)
+        self._raise_damage(split, damage)
+        return np.asarray(done, dtype=bool)
 
     def pending(self, split: str) -> list[int]:
-        """Shards of ``split`` not yet completely written, ascending."""
+        """Shards of ``split`` not yet completely written, ascending (raises as :meth:`done`)."""
         return [int(k) for k in np.flatnonzero(~self.done(split))]
 
     def write_shard(
@@ -511,7 +588,7 @@ class FeatureStore:
         self._array(split, "crop")[start:stop] = data["crop"]
         self._array(split, "scale")[start:stop] = data["scale"]
         self._array(split, "num_boxes")[start:stop] = np.array([len(b) for b in data["boxes"]], dtype=np.int64)
-        compressors = _codec_compressors(self.codec)
+        compressors = _compressors(self.codec, self.checksum)
         for name, parts, tail, dtype in (
             ("boxes", data["boxes"], (4,), np.float32),
             ("labels", data["labels"], (), np.int64),
@@ -533,22 +610,150 @@ class FeatureStore:
                 f"shards not done: {_describe_shards(pending)} (run materialise to finish them)"
             )
 
-    def _ragged(self, split: str, name: str, counts: np.ndarray) -> list[np.ndarray]:
-        """Per-sample arrays of ``name`` for all of ``split``, split by ``counts`` (N,)."""
+    # ------------------------------------------------------------------ damage
+
+    def _rows(self, split: str, name: str, shard: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of array ``name`` that belong to ``shard``."""
+        return (shard, shard + 1) if name == "done" else self.shard_range(split, shard)
+
+    def _missing_chunks(self, split: str, name: str, shards: Iterable[int]) -> list[tuple[str, int, str]]:
+        """Damage for each of ``shards`` missing a chunk file of ``name`` (Zarr would read fill values)."""
+        array = self._array(split, name)
+        rows, tail = array.chunks[0], (0,) * (array.ndim - 1)
+        base = os.path.join(str(self.path), split, name)
+        damage = []
+        for shard in shards:
+            start, stop = self._rows(split, name, shard)
+            for chunk in range(start // rows, -(-stop // rows)):
+                key = array.metadata.encode_chunk_key((chunk, *tail))
+                if not os.path.exists(os.path.join(base, key)):
+                    damage.append((name, shard, f"chunk file {split}/{name}/{key} is missing"))
+                    break
+        return damage
+
+    def _read_checked(
+        self,
+        split: str,
+        name: str,
+        shards: Iterable[int],
+        damage: list[tuple[str, int, str]],
+        read: Callable[[zarr.Array], np.ndarray] | None = None,
+        *,
+        check_files: bool = True,
+    ) -> np.ndarray | None:
+        """``read(array)`` (default: all of it), whose chunks lie in ``shards``, or None on damage.
+
+        Damage (missing chunk files of those shards, or the shards whose own re-read fails
+        when the read fails) is appended to ``damage``. An error that no single shard
+        reproduces is not damage: it is raised as it is.
+        """
+        shards = list(shards)
+        array = self._array(split, name)
+        found = self._missing_chunks(split, name, shards) if check_files else []
+        try:
+            values = array[...] if read is None else read(array)
+        except _NOT_DAMAGE:
+            raise
+        except Exception as error:
+            located = []
+            for shard in shards:
+                start, stop = self._rows(split, name, shard)
+                try:
+                    array[start:stop]
+                except _NOT_DAMAGE:
+                    raise
+                except Exception as e:
+                    located.append((name, shard, _short(e)))
+            if not located:
+                raise error
+            found.extend(located)
+        damage.extend(found)
+        return None if found else values
+
+    def _raise_damage(self, split: str, damage: list[tuple[str, int, str]]) -> None:
+        """Clear the done flags of the damaged shards and raise one line about them (if any)."""
+        if not damage:
+            return
+        unique: dict[tuple[str, int], str] = {}
+        for name, shard, error in damage:
+            unique.setdefault((name, shard), error)
+        damage = [(name, shard, error) for (name, shard), error in unique.items()]
+        shards = sorted({shard for _, shard, _ in damage})
+        done = self._array(split, "done")
+        marked = "marked not done"
+        try:
+            for shard in shards:
+                done[shard] = False  # a whole chunk: written without reading the old one
+        except Exception as e:
+            marked = f"could not mark not done ({_short(e)})"
+        parts = []
+        for name, shard, error in damage[:3]:
+            start, stop = self.shard_range(split, shard)
+            parts.append(f"array {name} shard {shard} (samples [{start}, {stop})) is unreadable ({error})")
+        if len(damage) > 3:
+            parts.append(f"{len(damage) - 3} more arrays of shards are unreadable")
+        if len(shards) == 1:
+            tail = f"{marked}: run materialise again to recompute it"
+        else:
+            tail = f"shards {_describe_shards(shards)} {marked}: run materialise again to recompute them"
+        raise DamagedShard(
+            f"{self.path}: split {split!r}: {'; '.join(parts)}; {tail}", path=self.path, split=split, damage=damage
+        )
+
+    # ------------------------------------------------------------------ read
+
+    def _ragged(
+        self, split: str, name: str, counts: np.ndarray, damage: list[tuple[str, int, str]], skip: set[int]
+    ) -> list[np.ndarray]:
+        """Per-sample arrays of ``name`` for all of ``split``, split by ``counts`` (N,).
+
+        Shards in ``skip`` (whose counts are unreadable) are not read; damaged shards are
+        appended to ``damage`` and give no values.
+        """
         out: list[np.ndarray] = []
         for shard in range(self.num_shards(split)):
+            if shard in skip:
+                continue
             start, stop = self.shard_range(split, shard)
-            out.extend(self._ragged_shard(split, name, shard, counts[start:stop]))
+            out.extend(self._ragged_shard(split, name, shard, counts[start:stop], damage))
         return out
 
-    def _ragged_shard(self, split: str, name: str, shard: int, counts: np.ndarray) -> list[np.ndarray]:
-        values = zarr.open_array(str(self.path), path=f"{split}/{name}/{shard}", mode="r", zarr_format=3)[...]
-        if len(values) != int(counts.sum()):
-            raise ValueError(
-                f"{self.path}: array {split}/{name}/{shard} has {len(values)} rows but num_boxes says {int(counts.sum())}"
-            )
+    def _ragged_shard(
+        self, split: str, name: str, shard: int, counts: np.ndarray, damage: list[tuple[str, int, str]]
+    ) -> list[np.ndarray]:
+        key = f"{split}/{name}/{shard}"
+        try:
+            array = zarr.open_array(str(self.path), path=key, mode="r", zarr_format=3)
+            rows = int(counts.sum())
+            if array.shape[0] != rows:
+                raise ValueError(f"{key} has {array.shape[0]} rows but num_boxes says {rows}")
+            chunk = array.metadata.encode_chunk_key((0,) * array.ndim)
+            # One chunk, written when the shard has boxes (none for an empty array).
+            missing = rows > 0 and not os.path.exists(os.path.join(str(self.path), key, chunk))
+            values = None if missing else array[...]
+        except _NOT_DAMAGE:
+            raise
+        except Exception as e:
+            damage.append((name, shard, _short(e)))
+            return []
+        if values is None:
+            damage.append((name, shard, f"chunk file {key}/{chunk} is missing"))
+            return []
         offsets = np.concatenate([[0], np.cumsum(counts)])  # (B + 1,)
         return [values[offsets[i] : offsets[i + 1]] for i in range(len(counts))]
+
+    def _read_ragged(self, split: str, damage: list[tuple[str, int, str]]) -> tuple[np.ndarray, list, list]:
+        """``num_boxes`` (N,) and the per-sample boxes and labels of all of ``split``."""
+        shards = range(self.num_shards(split))
+        counts = self._read_checked(split, "num_boxes", shards, damage)
+        skip = {shard for name, shard, _ in damage if name == "num_boxes"}
+        if counts is None:  # the other shards' counts still check their own boxes and labels
+            array, counts = self._array(split, "num_boxes"), np.zeros(self.splits[split], np.int64)
+            for shard in shards:
+                if shard not in skip:
+                    start, stop = self.shard_range(split, shard)
+                    counts[start:stop] = array[start:stop]
+        return counts, self._ragged(split, "boxes", counts, damage, skip), self._ragged(split, "labels", counts, damage, skip)
 
     def read_split(self, split: str, levels: Iterable[str] | None = None) -> dict[str, Any]:
         """All of ``split`` in memory.
@@ -560,20 +765,24 @@ class FeatureStore:
 
         Raises:
             ValueError: some shard is not done (the message lists them).
+            DamagedShard: some done shard's data is unreadable; its flag is cleared. All the
+                requested arrays are read before raising, so every damaged shard among them
+                is named and one ``materialise`` repairs them all.
         """
         self._check_split(split)
         levels = self._check_levels(levels)
         self._require_done(split)
-        counts = self._array(split, "num_boxes")[:]
-        return {
-            "features": {level: self._array(split, level)[:] for level in levels},
-            "image_id": self._array(split, "image_id")[:],
-            "crop": self._array(split, "crop")[:],
-            "scale": self._array(split, "scale")[:],
-            "boxes": self._ragged(split, "boxes", counts),
-            "labels": self._ragged(split, "labels", counts),
+        shards = range(self.num_shards(split))
+        damage: list[tuple[str, int, str]] = []
+        counts, boxes, labels = self._read_ragged(split, damage)
+        out = {
+            "features": {level: self._read_checked(split, level, shards, damage) for level in levels},
+            **{name: self._read_checked(split, name, shards, damage) for name in ("image_id", "crop", "scale")},
+            "boxes": boxes,
+            "labels": labels,
         }
-
+        self._raise_damage(split, damage)
+        return out
     def iter_batches(
         self,
         split: str,
@@ -599,6 +808,9 @@ class FeatureStore:
 
         Raises:
             ValueError: some shard is not done, or ``order`` is not indices into the split.
+            DamagedShard: on the call, if boxes, labels or ``num_boxes`` of some shard are
+                unreadable or a chunk file of a shard that ``order`` touches is missing; from
+                a batch, if its chunks are unreadable. The damaged shards' flags are cleared.
         """
         n = self._check_split(split)
         levels = self._check_levels(levels)
@@ -609,22 +821,31 @@ class FeatureStore:
             raise ValueError(f"order: must be a 1-D array of sample indices in [0, {n}), got {index.dtype}{index.shape}")
         self._require_done(split)
         index = index.astype(np.int64)
+        names = [*levels, "image_id", "crop", "scale"]
         # Boxes and labels are a few bytes per sample: read them once, stream only features.
-        counts = self._array(split, "num_boxes")[:]
-        boxes, labels = self._ragged(split, "boxes", counts), self._ragged(split, "labels", counts)
+        damage: list[tuple[str, int, str]] = []
+        _, boxes, labels = self._read_ragged(split, damage)
+        touched = np.unique(index // self.shard_size).tolist()
+        for name in names:  # chunk files of done shards must all exist: Zarr reads gaps as zeros
+            damage.extend(self._missing_chunks(split, name, touched))
+        self._raise_damage(split, damage)
 
         def load(batch: np.ndarray) -> dict[str, Any]:
             contiguous = batch.size > 0 and batch[-1] - batch[0] + 1 == batch.size and np.all(np.diff(batch) == 1)
+            shards = np.unique(batch // self.shard_size).tolist()
+            damage: list[tuple[str, int, str]] = []
 
-            def take(name: str) -> np.ndarray:
-                array = self._array(split, name)
+            def read(array: zarr.Array) -> np.ndarray:
                 if contiguous:
                     return array[int(batch[0]) : int(batch[-1]) + 1]
                 # Orthogonal selection wants sorted unique indices; map back to the batch order.
                 unique, inverse = np.unique(batch, return_inverse=True)
                 return array.get_orthogonal_selection((unique,))[inverse]
 
-            return {
+            def take(name: str) -> np.ndarray | None:
+                return self._read_checked(split, name, shards, damage, read, check_files=False)
+
+            out = {
                 "index": batch,
                 "features": {level: take(level) for level in levels},
                 "image_id": take("image_id"),
@@ -633,6 +854,8 @@ class FeatureStore:
                 "boxes": [boxes[i] for i in batch],
                 "labels": [labels[i] for i in batch],
             }
+            self._raise_damage(split, damage)
+            return out
 
         batches = [index[i : i + batch_size] for i in range(0, len(index), batch_size)]
         # Arguments are checked above, when iter_batches is called; reading starts on next().
@@ -644,7 +867,10 @@ class FeatureStore:
         levels = self._check_levels(levels)
         total = sum(2 * n * math.prod(self.levels[level]) for level in levels)
         total += n * (8 + 4 * 4 + 4 * 2)  # image_id, crop, scale
-        total += int(self._array(split, "num_boxes")[:].sum()) * (4 * 4 + 8)  # boxes, labels
+        damage: list[tuple[str, int, str]] = []
+        counts = self._read_checked(split, "num_boxes", range(self.num_shards(split)), damage, check_files=False)
+        self._raise_damage(split, damage)
+        total += int(counts.sum()) * (4 * 4 + 8)  # boxes, labels
         return total
 
 
@@ -670,7 +896,8 @@ def materialise(
     """Compute and write every pending shard of ``split`` (or the pending ones of ``shards``).
 
     Done shards are skipped, so calling this again after a crash resumes where it stopped,
-    and several processes can each take a disjoint subset of shards.
+    and several processes can each take a disjoint subset of shards. Shards that a read
+    found damaged (:class:`DamagedShard`) are not done any more, so this recomputes them.
 
     Args:
         compute: ``compute(start, stop)`` -> dict with ``write_shard``'s keyword arguments
@@ -684,7 +911,10 @@ def materialise(
     todo = range(store.num_shards(split)) if shards is None else sorted({int(s) for s in shards})
     for shard in todo:
         store.shard_range(split, shard)  # range check before any work
-    done = store.done(split)
+    try:
+        done = store.done(split)
+    except DamagedShard:  # unreadable flags are rewritten as not done: recompute those shards
+        done = store.done(split)
     written: list[int] = []
     for shard in todo:
         if done[shard]:

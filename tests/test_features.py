@@ -8,6 +8,7 @@ NaN payloads and subnormals must survive exactly.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import re
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from storage.features import CODECS, DEFAULT_CODEC, FeatureStore, materialise
+from storage.features import CHECKSUM, CODECS, DEFAULT_CODEC, DamagedShard, FeatureStore, materialise
 
 LEVELS = {"C2": (4, 8, 8), "C3": (8, 4, 4)}
 SPLITS = {"meta_train": 22, "meta_val": 7}  # 22 = 5 shards of 5 with a short last one (2)
@@ -357,6 +358,204 @@ def test_two_spawned_processes_write_disjoint_shards_of_one_store(tmp_path: Path
     store = FeatureStore.open(path)
     assert store.done("meta_train").all() and not store.done("meta_val").any()
     _assert_same(store.read_split("meta_train"), _expected("meta_train"))
+
+
+# ---------------------------------------------------------------------------- checksums / damage
+
+
+def _array_codecs(path: Path) -> dict[str, list[str]]:
+    """Array path (relative to the store) -> names of its codecs, from every array's zarr.json."""
+    out = {}
+    for meta in sorted(path.rglob("zarr.json")):
+        node = json.loads(meta.read_text())
+        if node["node_type"] == "array":
+            out[str(meta.parent.relative_to(path))] = [codec["name"] for codec in node["codecs"]]
+    return out
+
+
+def _chunk_file(path: Path, split: str, array: str, chunk: int) -> Path:
+    """The chunk file of rows chunk ``chunk`` of ``split/array``, found by walking the store."""
+    root = path / split / array / "c"
+    found = [f for f in root.rglob("*") if f.is_file() and f.relative_to(root).parts[0] == str(chunk)]
+    assert len(found) == 1, (root, chunk, found)
+    return found[0]
+
+
+def _garble(file: Path) -> None:
+    """Flip a few bytes in the middle of ``file``: a compressor may well decode that silently."""
+    data = bytearray(file.read_bytes())
+    middle = max(0, len(data) // 2 - 2)
+    for i in range(middle, min(middle + 4, len(data))):
+        data[i] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def _recorded(calls: list[int]) -> Any:
+    return lambda start, stop: calls.append(start // SHARD) or _compute_meta_train(start, stop)
+
+
+@pytest.fixture(scope="module")
+def _pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """chunk_size -> a store with all of meta_train written, to copy (cheaper than writing)."""
+    out = {}
+    for chunk_size in (SHARD, 1):
+        path = tmp_path_factory.mktemp("pristine") / "f.zarr"
+        materialise(_create(path, chunk_size=chunk_size), "meta_train", _compute_meta_train)
+        out[chunk_size] = path
+    return out
+
+
+def _written(pristine: dict[int, Path], tmp_path: Path, chunk_size: int = SHARD) -> tuple[Path, FeatureStore]:
+    path = tmp_path / "f.zarr"
+    shutil.copytree(pristine[chunk_size], path)
+    return path, FeatureStore.open(path)
+
+
+def test_new_stores_checksum_every_array_and_old_ones_still_read(tmp_path: Path) -> None:
+    new = _create(tmp_path / "new.zarr")
+    materialise(new, "meta_train", _compute_meta_train, shards=[0, 2])  # shard 2: empty boxes arrays
+    assert new.checksum == CHECKSUM == "crc32c"
+    assert json.loads((tmp_path / "new.zarr" / "zarr.json").read_text())["attributes"]["layout"]["checksum"] == "crc32c"
+    codecs = _array_codecs(tmp_path / "new.zarr")
+    assert {"meta_train/C2", "meta_val/done", "meta_train/num_boxes", "meta_train/boxes/2", "meta_train/labels/0"} <= set(codecs)
+    assert all(names[-1] == "crc32c" for names in codecs.values()), codecs
+    assert codecs["meta_train/C2"] == ["bytes", "blosc", "crc32c"]
+    # Same settings again: opens it (checksum is not part of the identity).
+    assert _create(tmp_path / "new.zarr").done("meta_train").tolist() == [True, False, True, False, False]
+
+    # A store made before checksums: no "checksum" in its layout, no crc32c anywhere.
+    path = tmp_path / "old.zarr"
+    old = _create(path, _checksum=False)
+    assert "checksum" not in json.loads((path / "zarr.json").read_text())["attributes"]["layout"]
+    materialise(old, "meta_train", _compute_meta_train, shards=[0, 1])
+    again = _create(path)  # today's create() with the same settings resumes it
+    assert again.checksum is None and again.pending("meta_train") == [2, 3, 4]
+    materialise(again, "meta_train", _compute_meta_train)
+    assert not any("crc32c" in names for names in _array_codecs(path).values())
+    _assert_same(FeatureStore.open(path).read_split("meta_train"), _expected("meta_train"))
+    # Without checksums a codec error is still caught (blosc header), a flipped bit is not.
+    _chunk_file(path, "meta_train", "C2", 1).write_bytes(b"\xff" * 16)
+    with pytest.raises(DamagedShard, match=r"array C2 shard 1 .*blosc"):
+        FeatureStore.open(path).read_split("meta_train")
+
+
+@pytest.mark.parametrize(
+    ("array", "chunk", "shard", "damage", "error"),
+    [
+        ("C2", 3, 3, _garble, "checksum do not match"),  # chunk_size 5: one chunk per shard
+        ("C3", 4, 4, lambda f: f.write_bytes(f.read_bytes()[:10]), "checksum do not match"),  # short last shard, truncated
+        ("C3", 2, 2, Path.unlink, r"chunk file meta_train/C3/c/2/0/0/0 is missing"),  # all-zero shard 2
+        ("num_boxes", 1, 1, _garble, "checksum do not match"),
+        ("crop", 3, 3, Path.unlink, "is missing"),
+        ("done", 4, 4, _garble, "checksum do not match"),
+        ("boxes/3", 0, 3, _garble, "checksum do not match"),
+        ("labels/1", 0, 1, Path.unlink, "chunk file meta_train/labels/1/c/0 is missing"),
+    ],
+)
+def test_damaged_chunk_is_named_marked_not_done_and_recomputed(
+    tmp_path: Path, _pristine: dict[int, Path], array: str, chunk: int, shard: int, damage: Any, error: str
+) -> None:
+    path, _ = _written(_pristine, tmp_path)
+    damage(_chunk_file(path, "meta_train", array, chunk))
+
+    store = FeatureStore.open(path)
+    start, stop = store.shard_range("meta_train", shard)
+    name = array.split("/")[0]
+    with pytest.raises(DamagedShard) as info:
+        store.read_split("meta_train")
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in message
+    assert message.startswith(f"{path}: split 'meta_train': array {name} shard {shard} (samples [{start}, {stop})) is unreadable (")
+    assert re.search(error, message) and message.endswith("; marked not done: run materialise again to recompute it")
+    assert info.value.shards == [shard] and info.value.split == "meta_train"
+    assert store.pending("meta_train") == [shard] and FeatureStore.open(path).pending("meta_train") == [shard]
+
+    calls: list[int] = []
+    assert materialise(FeatureStore.open(path), "meta_train", _recorded(calls)) == [shard] and calls == [shard]
+    _assert_same(FeatureStore.open(path).read_split("meta_train"), _expected("meta_train"))
+
+
+def test_read_split_reports_every_damaged_shard_at_once(tmp_path: Path, _pristine: dict[int, Path]) -> None:
+    path, store = _written(_pristine, tmp_path, chunk_size=1)
+    _garble(_chunk_file(path, "meta_train", "C2", 7))  # sample 7: shard 1
+    _garble(_chunk_file(path, "meta_train", "C3", 8))  # shard 1 again
+    _garble(_chunk_file(path, "meta_train", "labels/3", 0))
+    with pytest.raises(DamagedShard) as info:
+        store.read_split("meta_train", levels=["C2", "C3"])
+    message = str(info.value)
+    assert "\n" not in message and info.value.shards == [1, 3]
+    assert "array C2 shard 1 (samples [5, 10))" in message and "array C3 shard 1" in message and "array labels shard 3" in message
+    assert message.endswith("shards [1, 3] marked not done: run materialise again to recompute them")
+    calls: list[int] = []
+    assert materialise(store, "meta_train", _recorded(calls)) == [1, 3] and calls == [1, 3]
+    _assert_same(store.read_split("meta_train"), _expected("meta_train"))
+
+
+def test_iter_batches_detects_damage_on_the_call_or_in_the_batch(tmp_path: Path, _pristine: dict[int, Path]) -> None:
+    path, store = _written(_pristine, tmp_path, chunk_size=1)
+    order = np.random.default_rng(0).permutation(SPLITS["meta_train"])
+
+    # A flipped bit in sample 16's C3 chunk (shard 3): the batch holding it raises.
+    for prefetch in (True, False):
+        _garble(_chunk_file(path, "meta_train", "C3", 16))
+        batches = store.iter_batches("meta_train", 4, order=order, prefetch=prefetch)
+        with pytest.raises(DamagedShard, match=r"split 'meta_train': array C3 shard 3 \(samples \[15, 20\)\) is unreadable"):
+            list(batches)
+        assert store.pending("meta_train") == [3]
+        with pytest.raises(ValueError, match=r"not done: \[3\]"):
+            store.iter_batches("meta_train", 4)
+        assert materialise(store, "meta_train", _compute_meta_train) == [3]
+
+    # A missing chunk file reads as zeros in Zarr: caught on the call, for the shards order touches.
+    _chunk_file(path, "meta_train", "C3", 16).unlink()
+    assert len(list(store.iter_batches("meta_train", 2, order=np.array([0, 21])))) == 1  # shards 0 and 4 are fine
+    with pytest.raises(DamagedShard, match=r"array C3 shard 3 .*c/16/0/0/0 is missing"):
+        store.iter_batches("meta_train", 2, order=np.array([0, 16]))
+    assert materialise(store, "meta_train", _compute_meta_train) == [3]
+
+    _garble(_chunk_file(path, "meta_train", "num_boxes", 0))  # read once, on the call
+    with pytest.raises(DamagedShard, match=r"array num_boxes shard 0 .*; marked not done"):
+        store.iter_batches("meta_train", 2, levels=["C3"])
+    assert materialise(store, "meta_train", _compute_meta_train) == [0]
+    _assert_same(store.read_split("meta_train"), _expected("meta_train"))
+    (batch,) = store.iter_batches("meta_train", 22, order=order)
+    want = _expected("meta_train")["features"]["C3"][order]
+    np.testing.assert_array_equal(batch["features"]["C3"].view(np.uint16), want.view(np.uint16))
+
+
+def test_materialise_repairs_a_damaged_done_flag_without_a_read_first(tmp_path: Path, _pristine: dict[int, Path]) -> None:
+    path, _ = _written(_pristine, tmp_path)
+    _garble(_chunk_file(path, "meta_train", "done", 2))
+    with pytest.raises(DamagedShard, match=r"array done shard 2 .*; marked not done"):
+        FeatureStore.open(path).pending("meta_train")
+    assert FeatureStore.open(path).pending("meta_train") == [2]  # the flag was rewritten: readable
+    _garble(_chunk_file(path, "meta_train", "done", 1))
+    calls: list[int] = []
+    assert materialise(FeatureStore.open(path), "meta_train", _recorded(calls)) == [1, 2] and calls == [1, 2]
+    _assert_same(FeatureStore.open(path).read_split("meta_train"), _expected("meta_train"))
+
+
+def test_a_read_error_that_no_shard_reproduces_is_not_damage(
+    tmp_path: Path, _pristine: dict[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, store = _written(_pristine, tmp_path)
+    real = store._array("meta_train", "C2")
+
+    class Flaky:
+        """C2 whose whole-array read fails once (a transient I/O error); shard reads work."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def __getitem__(self, key: Any) -> np.ndarray:
+            if key is Ellipsis:
+                raise OSError("transient")
+            return real[key]
+
+    monkeypatch.setitem(store._arrays, "meta_train/C2", Flaky())
+    with pytest.raises(OSError, match="transient"):
+        store.read_split("meta_train")
+    assert store.pending("meta_train") == []
 
 
 # ---------------------------------------------------------------------------- validation

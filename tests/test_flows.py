@@ -17,21 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(run_id: str, runs_dir: Path, **extra) -> dict:
-    """Overrides that shrink the demo preset to seconds per stage."""
-    o = {
-        "run_id": run_id, "runs_dir": str(runs_dir),
-        "data.synthetic_num_train": 24, "data.synthetic_num_val": 8,
-        "finetune.iterations": 4, "finetune.batch_size": 4, "finetune.steps": [3], "finetune.warmup": 1,
-        "finetune.min_size": [64], "finetune.max_size": 96, "finetune.checkpoint_every": 2,
-        "features.train_size": 16, "features.val_size": 8, "features.crop": 64, "features.shard_size": 8,
-        "proxy.epochs": 1, "proxy.batch_size": 8,
-        "search.total_archs": 4, "search.archs_per_step": 2,
-        "select.top_k": 2, "train_full.num_archs": 1, "train_full.iterations": 2, "train_full.batch_size": 2,
-        "train_full.steps": [1], "train_full.warmup": 1, "train_full.min_size": [64], "train_full.max_size": 96,
-        "train_full.checkpoint_every": 1,
-    }  # fmt: skip
-    o.update(extra)
-    return o
+    """Overrides of the ``tiny`` preset (the demo shrunk to seconds per stage) for one run."""
+    return {"run_id": run_id, "runs_dir": str(runs_dir), **extra}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +26,7 @@ def finished_run(prefect_server, tmp_path_factory):
     from flows.nas_search import nas_search
 
     runs = tmp_path_factory.mktemp("runs")
-    state = nas_search(config="demo", overrides=tiny("t1", runs), return_state=True)
+    state = nas_search(config="tiny", overrides=tiny("t1", runs), return_state=True)
     return state, runs / "t1", tiny("t1", runs)
 
 
@@ -64,7 +51,7 @@ def test_rerun_skips_every_stage(finished_run):
     before = {p.name: p.read_text() for p in (run / "manifests").iterdir()}
     log_before = (run / "evaluations.log").read_text()
     t = time.perf_counter()
-    state = nas_search(config="demo", overrides=overrides, return_state=True)
+    state = nas_search(config="tiny", overrides=overrides, return_state=True)
     assert state.is_completed()
     assert {p.name: p.read_text() for p in (run / "manifests").iterdir()} == before  # nothing re-finished
     assert (run / "evaluations.log").read_text() == log_before  # no decoder trained again
@@ -88,7 +75,7 @@ def test_changed_search_settings_rerun_only_from_search(finished_run, tmp_path):
 
     run, overrides = _copy_run(finished_run, tmp_path)
     finetune_manifest = (run / "manifests" / "finetune-backbone.json").read_text()
-    state = nas_search(config="demo", overrides={**overrides, "search.total_archs": 6}, return_state=True)
+    state = nas_search(config="tiny", overrides={**overrides, "search.total_archs": 6}, return_state=True)
     assert state.is_completed()
     assert (run / "manifests" / "finetune-backbone.json").read_text() == finetune_manifest
     ids = [line.split()[1] for line in (run / "evaluations.log").read_text().splitlines()]
@@ -114,7 +101,7 @@ def test_tuning_changes_keep_a_finished_run_finished(finished_run, tmp_path):
         "evaluate.batch_size": 2, "features.batch_size": 3, "finetune.num_workers": 1, "train_full.num_workers": 1,
         "finetune.checkpoint_every": 3, "train_full.checkpoint_every": 5, "execution.retries": 2,
     }  # fmt: skip
-    state = nas_search(config="demo", overrides={**overrides, **tuned}, return_state=True)
+    state = nas_search(config="tiny", overrides={**overrides, **tuned}, return_state=True)
     assert state.is_completed(), state.message
     after = _mtimes(run)
     assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}  # nothing re-ran or changed
@@ -126,13 +113,13 @@ def test_top_k_and_num_archs_grow_and_shrink_keeping_trained_archs(finished_run,
     run, overrides = _copy_run(finished_run, tmp_path)
     first = pd.read_parquet(run / "leaderboard.parquet").arch_id.iloc[0]
     kept = {k: v for k, v in _mtimes(run).items() if k.startswith(f"full/{first}/")}
-    state = nas_search(config="demo", overrides={**overrides, "select.top_k": 3, "train_full.num_archs": 2}, return_state=True)
+    state = nas_search(config="tiny", overrides={**overrides, "select.top_k": 3, "train_full.num_archs": 2}, return_state=True)
     assert state.is_completed(), state.message
     assert len(pd.read_parquet(run / "top_k.parquet")) == 3
     board = pd.read_parquet(run / "leaderboard.parquet")
     assert len(board) == 2 and first in set(board.arch_id)
     assert {k: v for k, v in _mtimes(run).items() if k in kept} == kept  # neither retrained nor re-evaluated
-    state = nas_search(config="demo", overrides={**overrides, "select.top_k": 2, "train_full.num_archs": 1}, return_state=True)
+    state = nas_search(config="tiny", overrides={**overrides, "select.top_k": 2, "train_full.num_archs": 1}, return_state=True)
     assert state.is_completed(), state.message
     assert pd.read_parquet(run / "leaderboard.parquet").arch_id.tolist() == [first]
 
@@ -159,7 +146,7 @@ def test_sigkilled_search_resumes_without_evaluating_twice(prefect_server, tmp_p
     from prefect.settings import PREFECT_API_URL
 
     overrides = tiny("killed", tmp_path, **{"search.total_archs": 8, "search.archs_per_step": 2})
-    args = [sys.executable, "-m", "flows.nas_search", "--config", "demo"]
+    args = [sys.executable, "-m", "flows.nas_search", "--config", "tiny"]
     for k, v in overrides.items():
         args += ["--set", f"{k}={v}"]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
@@ -204,7 +191,7 @@ def _search_on_copy(finished_run, tmp_path, run_id, settings):
 
     _, run, overrides = finished_run
     copy = _copy_upstream(run, tmp_path / run_id)
-    cfg = load_config("demo", {**overrides, "run_id": run_id, "runs_dir": str(tmp_path), "execution.devices": ["cpu", "cpu"], **settings})
+    cfg = load_config("tiny", {**overrides, "run_id": run_id, "runs_dir": str(tmp_path), "execution.devices": ["cpu", "cpu"], **settings})
     return copy, search.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"))
 
 
@@ -282,7 +269,7 @@ def test_a_search_that_only_fails_stops_with_an_error_and_select_refuses_empty_r
         _search_on_copy(finished_run, tmp_path, "broken", {"search.total_archs": 4, "execution.retries": 0, "search.max_consecutive_failures": 3})
     assert not (tmp_path / "broken" / "results.parquet").exists() or len(pd.read_parquet(tmp_path / "broken" / "results.parquet")) == 0
     _, _, overrides = finished_run
-    cfg = load_config("demo", {**overrides, "run_id": "broken", "runs_dir": str(tmp_path)})
+    cfg = load_config("tiny", {**overrides, "run_id": "broken", "runs_dir": str(tmp_path)})
     state = select_top_k(cfg.model_dump(mode="json"), return_state=True)
     assert state.is_failed() and "no architecture succeeded" in state.message, state.message
 
@@ -302,8 +289,32 @@ def test_one_diverging_arch_gets_a_failed_leaderboard_row_and_the_others_finish(
         return real(spec, dataset, cfg, out_dir, **kw)
 
     monkeypatch.setattr(nasfcos.distributed, "train_on_devices", diverging)
-    state = nas_search(config="demo", overrides={**overrides, "train_full.num_archs": 2}, return_state=True)
+    state = nas_search(config="tiny", overrides={**overrides, "train_full.num_archs": 2}, return_state=True)
     assert state.is_completed(), state.message
     board = pd.read_parquet(run / "leaderboard.parquet")
     assert board.status.tolist() == ["ok", "failed"] and board.arch_id.iloc[0] == first
     assert board.AP.notna().tolist() == [True, False] and "FloatingPointError: non-finite loss" in board.error.iloc[1]
+
+
+def test_a_damaged_feature_chunk_is_named_and_the_next_materialise_repairs_it(finished_run, tmp_path):
+    """Today's failure: 'error during blosc decompression: -1' naming no array, and the
+    shard stayed done so materialising again could not repair it."""
+    import numpy as np
+
+    from flows.config import load_config
+    from flows.materialise import materialise_features
+    from storage.features import DamagedShard, FeatureStore
+
+    run, overrides = _copy_run(finished_run, tmp_path)
+    before = FeatureStore.open(run / "features.zarr").read_split("meta_train")["features"]["C3"]
+    chunk = sorted((run / "features.zarr" / "meta_train" / "C3").rglob("c/*/*/*/*"))[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(DamagedShard, match=r"meta_train.*C3 shard 0 .*marked not done: run materialise again"):
+        FeatureStore.open(run / "features.zarr").read_split("meta_train")
+    cfg = load_config("tiny", overrides)
+    out = materialise_features(cfg.model_dump(mode="json"))
+    assert out["shards_written"] == 1  # the manifest said done; the damaged shard is recomputed
+    after = FeatureStore.open(run / "features.zarr").read_split("meta_train")["features"]["C3"]
+    assert np.array_equal(before, after)

@@ -70,7 +70,7 @@ def test_two_runs_of_one_directory_the_second_fails_in_one_line(prefect_server, 
 
     from test_flows import tiny
 
-    args = ["--config", "demo"]
+    args = ["--config", "tiny"]
     for k, v in tiny("twice", tmp_path, **{"search.total_archs": 4}).items():
         args += ["--set", f"{k}={v}"]
     gate = tmp_path / "go"
@@ -163,3 +163,23 @@ def test_a_stage_begun_under_other_versions_is_refused_unless_allowed(prefect_se
     finally:
         logging.getLogger("prefect.flow_runs").removeHandler(handler)
     assert any("select-top-k.json: torchvision 0.26.0" in m for m in seen), seen
+
+
+def test_the_failed_run_automation_is_accepted_by_the_server(prefect_server, tmp_path):
+    """deployments/automations.yaml (README "Failure and recovery"): valid for Prefect's API,
+    with a real notification block's id in place of the placeholder."""
+    import uuid
+
+    import yaml
+    from prefect import get_client
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.events.schemas.automations import AutomationCore
+
+    block_id = CustomWebhookNotificationBlock(name="test", url="http://127.0.0.1:9/hook").save(f"nasfcos-{uuid.uuid4().hex[:8]}")
+    spec = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())["automations"][0]
+    spec["actions"][0]["block_document_id"] = str(block_id)
+    with get_client(sync_client=True) as client:
+        created = client.create_automation(AutomationCore.model_validate(spec))
+        got = client.read_automation(created)
+    assert got.name == "nasfcos run failed" and got.enabled
+    assert set(got.trigger.expect) == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
