@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 def _free_port() -> int:
@@ -68,11 +69,26 @@ def _trigger(env: dict, overrides: dict) -> str:
     return p.stdout.strip().splitlines()[-1]
 
 
-def _state(env: dict, flow_run_id: str) -> str:
+def _state(env: dict, flow_run_id: str, *, message: bool = False) -> str:
     code = ("import sys\nfrom prefect import get_client\nwith get_client(sync_client=True) as c:\n"
-            "    print(c.read_flow_run(sys.argv[1]).state_type.value)")  # fmt: skip
+            "    s = c.read_flow_run(sys.argv[1]).state\n    print(s.type.value, (s.message or '').replace(chr(10), ' '), sep='\\t')")  # fmt: skip
     p = subprocess.run([sys.executable, "-c", code, flow_run_id], env=env, capture_output=True, text=True)
-    return p.stdout.strip() or "UNKNOWN"
+    state, _, text = (p.stdout.strip() or "UNKNOWN").partition("\t")
+    return f"{state}: {text}" if message else state
+
+
+def _second_run_refused(env: dict, overrides: dict, run: Path) -> str:
+    """While a run owns ``run``, a second deployment run of it must fail at once with the
+    lock's one-line error (README "One run directory, one owner")."""
+    while _holder_pid(run) is None:
+        time.sleep(0.5)
+    second = _trigger(env, overrides)
+    t0 = time.time()
+    while (state := _state(env, second)) not in FINAL:
+        time.sleep(0.5)
+    text = _state(env, second, message=True)
+    ok = state == "FAILED" and "already running" in text and _holder_pid(run) is not None
+    return f"second run refused in {time.time() - t0:.0f} s" if ok else f"second run NOT refused: {text}"
 
 
 def _holder_pid(run: Path) -> int | None:
@@ -118,11 +134,16 @@ def soak_round(i: int, env: dict, runs: Path, kills: int, rng: random.Random, ma
     while True:
         attempts += 1
         fr = _trigger(env, overrides)
+        if i == 0 and attempts == 1:
+            double = _second_run_refused(env, overrides, run)
+            print(f"round 0: {double}", flush=True)
+            if "NOT" in double:
+                return {"round": i, "kills": "-", "runs": attempts, "seconds": round(time.time() - t0), "result": double}
         kill_at = rng.uniform(2.0, max_wait) if len(killed) < kills else None
         started = None
         while True:
             state = _state(env, fr)
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            if state in FINAL:
                 break
             pid = _holder_pid(run)
             if pid and started is None:
@@ -134,7 +155,7 @@ def soak_round(i: int, env: dict, runs: Path, kills: int, rng: random.Random, ma
                 except ProcessLookupError:  # it ended meanwhile
                     continue
                 killed.append(f"{stage}@{kill_at:.0f}s")
-                while _state(env, fr) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                while _state(env, fr) not in FINAL:
                     time.sleep(1)  # the worker reports the crash
                 state = "KILLED"
                 break

@@ -8,6 +8,7 @@ overrides, which is what ``prefect deployment run ... --param overrides=...`` us
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -264,7 +265,7 @@ def _set_dotted(d: dict, key: str, value: Any, where: str) -> None:
 def load_config(source: str | Path | dict, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """A preset name (``demo``, ``paper``), a YAML path or a dict, plus dotted overrides."""
     if isinstance(source, dict):
-        where, raw = "config", dict(source)
+        where, raw = "config", copy.deepcopy(source)  # overrides must not reach the caller's nested dicts
     else:
         path = PRESET_DIR / f"{source}.yaml" if (PRESET_DIR / f"{source}.yaml").exists() else Path(source)
         where = str(path)

@@ -189,3 +189,25 @@ def test_preflight_lists_every_missing_path_and_device_in_one_line(tmp_path):
                  "data.coco_val_json is required", "finetune.weights: ResNet50_Weights.NOPE", "execution.devices: cuda:7 does not exist"):  # fmt: skip
         assert part in msg, part
     preflight(load_config("demo", {"runs_dir": str(tmp_path)}))  # the demo needs nothing outside
+
+
+def test_load_config_leaves_the_callers_dict_alone():
+    base = load_config("tiny").model_dump(mode="json")
+    before = json.dumps(base, sort_keys=True)
+    cfg = load_config(base, {"search.total_archs": 99, "proxy.epochs": 3})
+    assert cfg.search.total_archs == 99 and json.dumps(base, sort_keys=True) == before
+
+
+def test_atomic_save_leaves_no_temp_and_orphans_are_removed(tmp_path):
+    import torch
+
+    from nasfcos.train import atomic_save, remove_orphans
+
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"x": torch.ones(2)}, path)
+    (tmp_path / "checkpoint.ptab12cd.tmp").write_bytes(b"half a checkpoint")  # a process killed mid-save
+    (tmp_path / "other.pt.tmp").write_bytes(b"not ours")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.ptab12cd.tmp", "other.pt.tmp"]
+    remove_orphans(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "other.pt.tmp"]
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))

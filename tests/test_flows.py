@@ -318,3 +318,25 @@ def test_a_damaged_feature_chunk_is_named_and_the_next_materialise_repairs_it(fi
     assert out["shards_written"] == 1  # the manifest said done; the damaged shard is recomputed
     after = FeatureStore.open(run / "features.zarr").read_split("meta_train")["features"]["C3"]
     assert np.array_equal(before, after)
+
+
+def test_a_retried_evaluation_returns_the_durable_row_instead_of_training_again(finished_run, tmp_path, monkeypatch):
+    """Today's failure: a task that failed after its row was durable trained the arch again on retry."""
+    import nasfcos.proxy
+    from storage.results import ResultsTable
+
+    calls, failed_once = {}, set()
+    monkeypatch.setattr(nasfcos.proxy, "evaluate_arch", _fake_evaluate(calls, lambda aid, n: None))
+    real = ResultsTable.write_part
+
+    def write_then_fail(self, rows):
+        n = real(self, rows)
+        if rows[0]["arch_id"] not in failed_once:  # the row is durable, then the disk/network fails
+            failed_once.add(rows[0]["arch_id"])
+            raise OSError(5, "Input/output error")
+        return n
+
+    monkeypatch.setattr(ResultsTable, "write_part", write_then_fail)
+    copy, out = _search_on_copy(finished_run, tmp_path, "durable", {"search.total_archs": 2, "execution.retry_delay_s": 0})
+    assert out["unique_archs"] == 2 and len(failed_once) == 2
+    assert set(calls.values()) == {1}  # each arch trained once; the retry found its row
