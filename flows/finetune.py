@@ -45,7 +45,7 @@ def finetune_backbone(config: dict | str = "demo") -> dict:
     if done:
         return run.manifest(STAGE)["outputs"]
     config = portable(cfg)
-    prepare_data(config)
+    prepare_data.with_options(**task_options(cfg, "finetune"))(config)
     out = train_backbone.with_options(**task_options(cfg, "finetune"))(config)
     get_run_logger().info("backbone checkpoint %s (iteration %d)", out["checkpoint"], out["iteration"])
     create_markdown_artifact(

@@ -77,7 +77,7 @@ def materialise_features(config: dict | str = "demo") -> dict:
             return run.manifest(STAGE)["outputs"]
         get_run_logger().warning("%s: shards %s were found damaged and are recomputed", run.features, damaged)
     config = portable(cfg)
-    pending = create_store(config)
+    pending = create_store.with_options(**task_options(cfg, "materialise"))(config)
     futures = []
     for split in SPLITS:
         if pending[split]:
