@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.inputs import voc_dataset
 from flows.placement import device_resources, device_slot
-from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
+from flows.stages import artifact_key, open_stage, portable, results_with_progress, stage_flow, task_options
 from nasfcos.faults import fault_point
 
 STAGE = "materialise-features"
@@ -83,7 +83,9 @@ def materialise_features(config: dict | str = "demo") -> dict:
         if pending[split]:
             with device_resources(cfg.execution):  # on Dask: a whole GPU each
                 futures += materialise_shard.with_options(**task_options(cfg, "materialise")).map(config=unmapped(config), split=unmapped(split), shard=pending[split])
-    written = [f.result() for f in futures]
+    total = sum(FeatureStore.open(run.features).num_shards(split) for split in SPLITS)
+    todo = sum(len(v) for v in pending.values())
+    written = results_with_progress(cfg, "features", futures, done=total - todo, total=total, description=f"feature shards done out of {total}")
     out = {"store": str(run.features), "shards_written": len(written)}
     create_markdown_artifact(
         key=artifact_key(cfg, "features"),

@@ -155,6 +155,21 @@ def task_options(cfg: PipelineConfig, stage: str, *, device_shared: bool = False
     }
 
 
+def results_with_progress(cfg: PipelineConfig, what: str, futures: list, *, done: int = 0, total: int | None = None, description: str) -> list:
+    """``f.result()`` of every future, in order, while a Prefect progress artifact
+    (``<run_id>-<what>-progress``) follows them as they finish: a stage of hours or days
+    shows in the UI how far it is, as the search does."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.futures import as_completed
+
+    total = max(total if total is not None else done + len(futures), 1)
+    art = create_progress_artifact(progress=100.0 * done / total, key=artifact_key(cfg, f"{what}-progress"), description=description)
+    for _ in as_completed(futures):
+        done += 1
+        update_progress_artifact(art, 100.0 * min(done, total) / total)
+    return [f.result() for f in futures]
+
+
 def artifact_key(cfg: PipelineConfig, what: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", f"{cfg.run_id}-{what}".lower())

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.config import PipelineConfig
 from flows.inputs import coco_split, train_config
 from flows.placement import device_group, device_resources
-from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
+from flows.stages import artifact_key, open_stage, portable, results_with_progress, stage_flow, task_options
 from storage.runs import RunDir
 
 STAGE = "train-full"
@@ -67,7 +67,7 @@ def train_full(config: dict | str = "demo") -> dict:
     top = pd.read_parquet(run.top_k).head(cfg.train_full.num_archs)
     with device_resources(cfg.execution):  # on Dask: a whole GPU each
         futures = train_arch.with_options(**task_options(cfg, "train_full")).map(config=unmapped(config), arch=top.arch.tolist(), arch_id=top.arch_id.tolist())
-    trained = [f.result() for f in futures]
+    trained = results_with_progress(cfg, "train-full", futures, description=f"archs fully trained out of {len(top)}")
     failed = [t for t in trained if t["status"] != "ok"]
     if failed and len(failed) == len(trained):
         raise RuntimeError(f"train-full: every arch failed, e.g. {failed[0]['arch_id']}: {failed[0]['error']}")

@@ -44,6 +44,17 @@ def test_pipeline_runs_all_six_stages(finished_run):
         assert (run / "manifests" / f"{stage}.json").exists(), stage
 
 
+def test_long_stages_show_progress_artifacts(finished_run):
+    """Materialise and train-full publish progress artifacts in the Prefect UI, as the search does."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        for key in ("t1-features-progress", "t1-train-full-progress", "t1-search-progress"):
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            assert arts and arts[0].type == "progress" and float(arts[0].data) == 100.0, (key, arts)
+
+
 def test_rerun_skips_every_stage(finished_run):
     from flows.nas_search import nas_search
 
