@@ -104,9 +104,10 @@ def _holder_pid(run: Path) -> int | None:
 
 
 def _stage_at(run: Path) -> str:
-    stages = ["finetune-backbone", "materialise-features", "search", "select-top-k", "train-full", "evaluate"]
-    done = [s for s in stages if (run / "manifests" / f"{s}.json").exists()]
-    return stages[len(done)] if len(done) < len(stages) else "done"
+    from storage.runs import STAGES
+
+    done = [s for s in STAGES if (run / "manifests" / f"{s}.json").exists()]
+    return STAGES[len(done)] if len(done) < len(STAGES) else "done"
 
 
 def _check(run: Path) -> list[str]:

@@ -72,7 +72,7 @@ def materialise_features(config: dict | str = "demo") -> dict:
     cfg, run, h, done = open_stage(config, STAGE)
     if done:  # a shard found damaged on read since (storage/features.py) is recomputed
         store = FeatureStore.open(run.features)
-        damaged = {split: store.pending(split) for split in SPLITS if store.pending(split)}
+        damaged = {split: p for split in SPLITS if (p := store.pending(split))}
         if not damaged:
             return run.manifest(STAGE)["outputs"]
         get_run_logger().warning("%s: shards %s were found damaged and are recomputed", run.features, damaged)

@@ -27,6 +27,7 @@ from flows.stages import owner, portable
 from flows.search import search
 from flows.select import select_top_k
 from flows.train_full import train_full
+from nasfcos.failures import one_line
 from storage.runlock import RunLocked, run_lock
 from storage.runs import RunDir
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, PreflightError, RunLocked) as e:
         sys.exit(f"nas-search: {e}")
     except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback above
-        sys.exit(f"nas-search failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        sys.exit(f"nas-search failed: {one_line(e)}")
     print(json.dumps(out, indent=2, default=str))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flows.config import PipelineConfig
 from flows.stages import stage_hash
-from storage.runs import RunDir
+from storage.runs import STAGES, RunDir
 
 
 class PreflightError(ValueError):
@@ -29,6 +29,14 @@ def _exists(problems: list[str], field: str, value: str | None, *, kind: str = "
         problems.append(f"{field}: {value} is not a directory")
     elif kind == "file" and not p.is_file():
         problems.append(f"{field}: {value} does not exist")
+
+
+def _writable(problems: list[str], field: str, value: str) -> None:
+    """The directory ``value`` can be made: its nearest existing ancestor is writable."""
+    path = Path(value).resolve()
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        problems.append(f"{field}: {value} is not writable")
 
 
 def _weights(problems: list[str], field: str, value: str | None) -> None:
@@ -64,12 +72,9 @@ def _devices(problems: list[str], cfg: PipelineConfig) -> None:
 def problems(cfg: PipelineConfig) -> list[str]:
     """Everything that would stop an unfinished stage for want of a path or device."""
     run = RunDir(Path(cfg.runs_dir).resolve() / cfg.run_id)
-    todo = {s for s in ("finetune-backbone", "materialise-features", "search", "select-top-k", "train-full", "evaluate") if not run.is_done(s, stage_hash(cfg, s))}
+    todo = {s for s in STAGES if not run.is_done(s, stage_hash(cfg, s))}
     out: list[str] = []
-    runs = Path(cfg.runs_dir).resolve()
-    existing = next((p for p in [runs, *runs.parents] if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK):
-        out.append(f"runs_dir: {cfg.runs_dir} is not writable")
+    _writable(out, "runs_dir", cfg.runs_dir)
     d = cfg.data
     if d.kind == "voc" and todo & {"finetune-backbone", "materialise-features"}:
         _exists(out, "data.voc_root", d.voc_root, kind="dir")
@@ -87,10 +92,7 @@ def problems(cfg: PipelineConfig) -> list[str]:
     if "train-full" in todo and not cfg.train_full.init_from_finetuned:
         _weights(out, "train_full.weights", cfg.train_full.weights)
     if cfg.execution.stage_features:
-        root = Path(cfg.execution.stage_features)
-        existing = next((p for p in [root, *root.parents] if p.exists()), None)
-        if existing is None or not os.access(existing, os.W_OK):
-            out.append(f"execution.stage_features: {root} is not writable")
+        _writable(out, "execution.stage_features", cfg.execution.stage_features)
     _devices(out, cfg)
     return out
 

@@ -38,6 +38,7 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     from nasfcos.data import COCODetection, build_transforms
     from nasfcos.detector import DetectorSpec
     from nasfcos.distributed import train_on_devices
+    from nasfcos.failures import one_line
 
     cfg, run, _, _ = open_stage(config, STAGE)
     t = cfg.train_full
@@ -51,7 +52,7 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
         with device_group(cfg.execution, t.devices_per_arch) as devices:
             result = train_on_devices(spec, dataset, tc, run.full(arch_id), devices=devices, backbone_weights=weights, init_checkpoint=init, meta=meta)
     except (FloatingPointError, torch.OutOfMemoryError) as e:  # the arch's fault (alone on its devices): a failed row
-        error = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
+        error = one_line(e)
         get_run_logger().error("%s: training failed, the other archs go on: %s", arch_id, error)
         return {"arch_id": arch_id, "arch": arch, "checkpoint": "", "iteration": -1, "status": "failed", "error": error}
     get_run_logger().info("%s: trained %d iterations, losses %s", arch_id, result.iteration, result.last_losses)

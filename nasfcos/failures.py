@@ -27,6 +27,12 @@ class InfrastructureError(RuntimeError):
     """Raised where code knows the fault is the machine's (e.g. a lost evaluation)."""
 
 
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters): what a results
+    row, a leaderboard row or a log line records of an error."""
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:limit]
+
+
 def is_infrastructure(exc: BaseException, *, device_shared: bool = False) -> bool:
     """Whether ``exc`` is an infrastructure failure (see the module docstring).
     ``device_shared``: other evaluations ran on the same device, so an out-of-memory

@@ -47,7 +47,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from nasfcos.backbones import LEVELS
 from nasfcos.complexity import count_call_macs
 from nasfcos.decoder import build_decoder
-from nasfcos.failures import is_infrastructure
+from nasfcos.failures import is_infrastructure, one_line
 from nasfcos.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs, scaled_size_ranges
 from nasfcos.space import Arch, resolve
 from nasfcos.train import SEED_LOCK
@@ -109,7 +109,7 @@ class ProxySplit:
             for idx in chunks:
                 yield idx, [f[idx] for f in self.feats]
             return
-        host = [idx.cpu() for idx in torch.split(order, batch_size)]  # one sync per pass
+        host = list(torch.split(order.cpu(), batch_size))  # one sync per pass
         pin = self.device.type == "cuda"
 
         def gather(idx: Tensor) -> list[Tensor]:  # index_select releases the GIL
@@ -316,7 +316,7 @@ def evaluate_arch(
             torch.cuda.empty_cache()
         if is_infrastructure(e, device_shared=device_shared):
             raise
-        record["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
+        record["error"] = one_line(e)
         log.warning("proxy evaluation of %s failed: %s", arch.arch_id, record["error"], exc_info=True)
     record["peak_mem_mb"] = _peak_mem_mb(device)
     record["finished_at"] = datetime.now(timezone.utc)

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import torch
 
 from nasfcos.controller import Sample
+from nasfcos.failures import one_line
 from nasfcos.train import atomic_save, remove_orphans
 from nasfcos.space import Arch
 
@@ -149,7 +150,7 @@ class Failures:
 
 def lost_record(arch_id: str, exc: BaseException) -> dict:
     """What an evaluator yields for an evaluation that raised (infrastructure failure)."""
-    return {"arch_id": arch_id, "status": "lost", "error": f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]}
+    return {"arch_id": arch_id, "status": "lost", "error": one_line(exc)}
 
 
 @dataclass
@@ -305,7 +306,9 @@ def run_search(
                 todo[s.arch.arch_id] = (i, s.arch)
         missing = list(todo)
         while missing:  # lost evaluations are evaluated again (the breaker bounds it)
+            answered = set()
             for record in evaluate([Job(todo[a][1], state.step, todo[a][0]) for a in missing]):
+                answered.add(record["arch_id"])
                 if record["status"] == "lost":
                     failures.failed(record["arch_id"], record["error"], lost=True)
                     continue
@@ -318,10 +321,10 @@ def run_search(
                     failures.ok()
                 else:
                     failures.failed(row["arch_id"], row["error"], lost=False)
-            still = [a for a in missing if a not in known]
-            if still == missing and not failures.run:
-                raise RuntimeError(f"evaluator returned no record for {len(missing)} archs, e.g. {missing[0]}")
-            missing = still
+            silent = [a for a in missing if a not in answered]  # neither a row nor a lost record: a broken evaluator
+            if silent:
+                raise RuntimeError(f"evaluator returned no record for {len(silent)} archs, e.g. {silent[0]}")
+            missing = [a for a in missing if a not in known]
 
         rewards = [_reward(known[s.arch.arch_id], cfg.failure_penalty) for s in samples]
         stats = policy.update(samples, rewards)

@@ -158,3 +158,14 @@ def test_sync_evaluates_a_lost_arch_again_and_stays_reproducible(tmp_path):
     with pytest.raises(SearchHalted, match="3 evaluations in a row failed"):
         cfg = SearchConfig(total_archs=4, archs_per_step=2, max_consecutive_failures=3)
         run_search(policy=RandomPolicy(seed=0), evaluate=always_lost, results=ResultsTable(tmp_path / "h"), state_path=tmp_path / "h" / "c.pt", cfg=cfg)
+
+
+def test_sync_refuses_an_evaluator_that_answers_nothing_for_an_arch(tmp_path):
+    """A lost record is an answer (evaluated again); no record at all is a broken evaluator."""
+
+    def half(jobs):
+        yield lost_record(jobs[0].arch.arch_id, RuntimeError("CUDA error: launch failure"))  # the others: silence
+
+    cfg = SearchConfig(total_archs=4, archs_per_step=2)
+    with pytest.raises(RuntimeError, match="evaluator returned no record for 1 archs"):
+        run_search(policy=RandomPolicy(seed=0), evaluate=half, results=ResultsTable(tmp_path), state_path=tmp_path / "c.pt", cfg=cfg)
