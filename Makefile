@@ -11,7 +11,7 @@ DEMO   ?= runs/demo-fcos
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install test demo demo-fcos stop soak clean
+.PHONY: install test demo demo-fcos stop soak ui-shots gpu-bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ N ?= 20
 soak: install
 	$(BIN)/python deployments/soak.py --n $(N)
 
+# Headless-chromium screenshots of the latest demo run in the Prefect UI into runs/<id>/ui/
+# (server from `make demo` still up; exits 2 with the install line when chromium is missing).
+ui-shots: install
+	$(BIN)/python deployments/ui_shots.py
+
 # The FPN-FCOS detector alone: train + evaluate on the synthetic dataset (about 3.5 min).
 demo-fcos: install
 	$(BIN)/nasfcos synthetic $(DEMO)/data --num-train 300 --num-val 60 --seed 0
@@ -50,6 +55,13 @@ demo-fcos: install
 	$(BIN)/nasfcos eval --coco-json $(DEMO)/data/annotations/instances_val.json \
 	    --image-root $(DEMO)/data/VOCdevkit/VOC2012/JPEGImages \
 	    --checkpoint $(DEMO)/train/checkpoint.pt --device cpu
+
+# The GPU suite of issue #15 (benchmarks/gpu_suite.py): proxy, training, inference, deformable
+# convs and the speed switches beside torchvision, on one GPU (<= ~8 min on an H100); tables in
+# $(GPU_BENCH)/results.md. Needs no prefect: on a bare machine `python benchmarks/gpu_suite.py --out DIR`.
+GPU_BENCH ?= runs/gpu-bench
+gpu-bench: install
+	$(BIN)/python benchmarks/gpu_suite.py --out $(GPU_BENCH)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -42,9 +42,9 @@ BASE, SPREAD, NOISE = -2.3, 0.1, 0.02
 class ToyReward:
     """Agreement with a hidden arch, standardised over random archs, at the paper's scale."""
 
-    def __init__(self, seed: int, head: str) -> None:
+    def __init__(self, seed: int, head: str, standardise_over: int = 4000) -> None:
         self.target = np.asarray(Arch.random(np.random.default_rng(10_000 + seed), head=head).tokens())
-        agree = [self.agreement(s.tokens) for s in RandomPolicy(seed=20_000 + seed, head=head).sample(4000)]
+        agree = [self.agreement(s.tokens) for s in RandomPolicy(seed=20_000 + seed, head=head).sample(standardise_over)]
         self.mu, self.sd = float(np.mean(agree)), float(np.std(agree))
         self.noise = np.random.default_rng(30_000 + seed)
 

@@ -52,8 +52,10 @@ pd.set_option("display.width", 160)
 df = pd.read_parquet(f"{run}/results.parquet")
 print(f"\nresults.parquet: {len(df)} architectures; top 5 by proxy reward:")
 print(df.sort_values("reward", ascending=False)[["arch_id", "reward", "loss_cls", "loss_reg", "loss_ctr", "params", "status"]].head().to_string(index=False))
-print("\nleaderboard.parquet (full training, COCO-style AP on the synthetic val split):")
-print(pd.read_parquet(f"{run}/leaderboard.parquet")[["arch_id", "AP", "AP50", "proxy_reward", "params"]].to_string(index=False))
+print("\nleaderboard.parquet (full training with one budget, COCO-style AP on the synthetic val split):")
+print(pd.read_parquet(f"{run}/leaderboard.parquet")[["arch_id", "kind", "AP", "AP50", "proxy_reward", "params"]].to_string(index=False))
 PY
+echo
+"$BIN/python" -m flows.report "$RUN" | sed 's/^/report: /' 
 echo
 echo "The server and worker keep running; 'make stop' ends them."

@@ -1,9 +1,10 @@
 """The pipeline's one config: a typed model read from YAML, validated with errors naming the field.
 
-Two presets ship in ``flows/configs/``: ``demo`` (the synthetic dataset, tiny
-backbone, CPU, minutes) and ``paper`` (VOC + COCO, R-50, every number from the
-paper). ``load_config("demo", {"search.total_archs": 64})`` applies dotted
-overrides, which is what ``prefect deployment run ... --param overrides=...`` uses.
+Presets ship in ``flows/configs/``: ``demo`` (the synthetic dataset, tiny
+backbone, CPU, minutes), ``paper`` (VOC + COCO, R-50, every number from the
+paper) and ``custom`` (the paper's settings on your own COCO-format dataset).
+``load_config("demo", {"search.total_archs": 64})`` applies dotted overrides,
+which is what ``prefect deployment run ... --param overrides=...`` uses.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -50,19 +51,25 @@ def role(section: type[BaseModel], name: str) -> str:
 
 class DataConfig(_Section):
     """Where images come from. ``synthetic`` generates the built-in shapes dataset
-    into the run directory and uses it for every stage."""
+    into the run directory and uses it for every stage; ``voc`` is the paper's (VOC for
+    finetuning and the proxy task, the ``coco_*`` files for full training and evaluation);
+    ``coco`` is one COCO-format dataset (your own) for every stage: finetuning, the proxy's
+    meta-train/meta-val split and full training on ``coco_train_*``, evaluation on
+    ``coco_val_*``, detections of the optional ``coco_testdev_*``. Adding a kind leaves the
+    stage hashes of existing configs as they were (they hash the value, not the choices)."""
 
-    kind: Literal["synthetic", "voc"] = identity("synthetic")
+    kind: Literal["synthetic", "voc", "coco"] = identity("synthetic")
     voc_root: str | None = identity(None)  # VOCdevkit/VOC2012: backbone finetuning and the proxy task
     voc_split: str = identity("train")
     synthetic_num_train: int = identity(300, ge=8)
     synthetic_num_val: int = identity(60, ge=4)
     synthetic_seed: int = identity(0)
-    coco_train_json: str | None = identity(None)  # full training (§4.2)
+    coco_train_json: str | None = identity(None)  # full training (§4.2); kind coco: also finetuning and the proxy
     coco_train_images: str | None = identity(None)
     coco_val_json: str | None = identity(None)  # COCO val AP
     coco_val_images: str | None = identity(None)
-    coco_testdev_json: str | None = identity(None)  # image_info_test-dev2017.json: results json only
+    # image_info_test-dev2017.json (images + categories): results json only
+    coco_testdev_json: str | None = identity(None)
     coco_testdev_images: str | None = identity(None)
 
 
@@ -118,10 +125,21 @@ class SearchSettings(_Section):
 
     total_archs: int = extendable(2800, ge=1)
     archs_per_step: int = identity(8, ge=1)
-    policy: Literal["ppo", "random"] = identity("ppo")
+    # ppo: the paper's LSTM controller; random: random search; evolution: regularised
+    # evolution (Real et al. AAAI'19, beyond the paper; nasfcos/evolution.py), whose population
+    # P and tournament size S follow (benchmarks/strategies.py compares them)
+    policy: Literal["ppo", "random", "evolution"] = identity("ppo")
+    population: int = identity(64, ge=1)
+    sample_size: int = identity(16, ge=1)
+    # evolution only: a results.parquet (or its run directory) whose best ok archs (up to
+    # population) start the population instead of random archs; None: random start
+    warm_start: str | None = identity(None)
     # head search space: seq (the released code's, where the published nas-fcos head was
     # found; default) or dag (the paper text's §3.2.2); README "Deviations" says why
     head: Literal["seq", "dag"] = identity("seq")
+    # the op names the search may choose (nasfcos.space FPN_OPS / HEAD_OPS); None: all (the
+    # paper's). The CPU demo leaves out def_conv_3x3: torchvision's deformable conv is slow on CPU
+    ops: tuple[str, ...] | None = identity(None)
     seed: int = identity(0)
     failure_penalty: float = identity(-10.0)
     controller_lr: float = identity(1e-4, gt=0)
@@ -133,9 +151,32 @@ class SearchSettings(_Section):
     # every K results; sync: K archs per step, update, repeat (bit-reproducible). README and
     # benchmarks/search_scaling.py say why async is the default
     mode: Literal["async", "sync"] = identity("async")
+    # cost constraint (MnasNet-style, beyond the paper): archs whose decoder at the proxy
+    # geometry (results.parquet's params/macs) is above a limit are never evaluated: each is
+    # written once as an over_budget row and another arch is drawn; None = no limit
+    max_decoder_params: int | None = identity(None, ge=1)
+    max_decoder_macs: int | None = identity(None, ge=1)
+    # successive halving (ASHA, beyond the paper): proxy epochs of each rung, ascending, the
+    # last = proxy.epochs, e.g. [3, 7, 15]; an arch trains to the next rung (resumed from its
+    # saved state) only while it ranks in the top 1/eta of its rung. Needs mode async.
+    # None: every arch trains proxy.epochs
+    rungs: tuple[int, ...] | None = identity(None)
+    eta: int = identity(3, ge=2)
     # circuit breaker: this many failed evaluations in a row (arch or infrastructure
     # failures) stop the search with an error instead of filling the table with penalties
     max_consecutive_failures: int = tuning(20, ge=1)
+    # redraw the plots (runs/<id>/report/) and the search's summary artifact (plots,
+    # archs/hour, ETA) every this many controller steps; 0: only when the search ends
+    plot_every: int = tuning(5, ge=0)
+
+    @field_validator("ops")
+    @classmethod
+    def _known_ops(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        from nasfcos.space import TokenSpace
+
+        if v is not None:
+            TokenSpace("seq", v)  # its ValueError names unknown ops, or a part left without one
+        return v
 
 
 class SelectConfig(_Section):
@@ -146,8 +187,11 @@ class TrainFullConfig(_Section):
     """§4.2: COCO, batch 16, 90K its, lr 0.01, /10 at 60K and 80K, 800/1333."""
 
     num_archs: int = extendable(20, ge=1)  # how many of top_k.parquet to train
-    # initialise from the finetuned detector (backbone + matching decoder weights) instead of
-    # train_full.weights; the paper starts from ImageNet weights (False), the demo has none (True)
+    # hand-designed decoders trained beside them with the same budget and seed, the
+    # leaderboard's yardstick (a name of nasfcos.space.PRESETS or an arch string)
+    baselines: tuple[str, ...] = extendable(("fpn-fcos",))
+    # initialise the backbone from the finetuned detector instead of train_full.weights (decoders
+    # start from scratch); the paper starts from ImageNet weights (False), the demo has none (True)
     init_from_finetuned: bool = identity(False)
     # backbone init of full training, as finetune.weights; its own field so that finetuning's
     # COCO-trained weights never leak into COCO training. None = random init
@@ -168,6 +212,17 @@ class TrainFullConfig(_Section):
     # disjoint groups of this size, one arch training on each group at once
     devices_per_arch: int = tuning(1, ge=1)
 
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from nasfcos.space import resolve
+
+        for arch in v:
+            resolve(arch)  # an ArchError (ValueError) says what is wrong with it
+        if len(set(v)) != len(v):
+            raise ValueError(f"a baseline is listed twice: {list(v)}")
+        return v
 
 class EvaluateConfig(_Section):
     batch_size: int = tuning(8, ge=1)
@@ -234,6 +289,22 @@ class PipelineConfig(_Section):
     train_full: TrainFullConfig = TrainFullConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     execution: ExecutionConfig = ExecutionConfig()
+
+    @model_validator(mode="after")
+    def _search_strategy(self) -> "PipelineConfig":
+        s = self.search
+        if s.sample_size > s.population:
+            raise ValueError(f"search.sample_size {s.sample_size} is larger than search.population {s.population}")
+        if s.warm_start is not None and s.policy != "evolution":
+            raise ValueError(f"search.warm_start is for policy evolution, not {s.policy}")
+        if s.rungs is not None:
+            if len(s.rungs) < 2 or min(s.rungs) < 1 or list(s.rungs) != sorted(set(s.rungs)):
+                raise ValueError(f"search.rungs {list(s.rungs)}: need at least 2 strictly increasing epoch counts >= 1")
+            if s.rungs[-1] != self.proxy.epochs:
+                raise ValueError(f"search.rungs {list(s.rungs)} must end at proxy.epochs ({self.proxy.epochs}): the top rung is the full proxy task")
+            if s.mode != "async":
+                raise ValueError("search.rungs (successive halving) needs search.mode async: its promotions are asynchronous (ASHA)")
+        return self
 
     @model_validator(mode="after")
     def _device_groups(self) -> "PipelineConfig":

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from prefect import task, unmapped
+from prefect import get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.inputs import coco_split
@@ -50,7 +50,9 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
         model.to(device)
         ann, images = coco_split(cfg, run, "val")
         val = COCODetection(ann, images, transforms=tf)
-        dets = predict_dataset(model, val, category_ids=val.category_ids, device=device, batch_size=cfg.evaluate.batch_size)
+        # label -> category id as in training (a val json may list its categories otherwise)
+        category_ids = meta.get("category_ids", val.category_ids)
+        dets = predict_dataset(model, val, category_ids=category_ids, device=device, batch_size=cfg.evaluate.batch_size)
         save_results(dets, out_dir / "detections_val.json")
         metrics = coco_evaluate(val.coco_gt(), dets)
         atomic_write_json(out_dir / "val_metrics.json", metrics)
@@ -58,7 +60,7 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
         testdev = coco_split(cfg, run, "testdev")
         if testdev is not None:
             td = COCODetection(testdev[0], testdev[1], transforms=tf)
-            path = save_results(predict_dataset(model, td, category_ids=td.category_ids, device=device, batch_size=cfg.evaluate.batch_size), out_dir / "detections_test-dev.json")
+            path = save_results(predict_dataset(model, td, category_ids=category_ids, device=device, batch_size=cfg.evaluate.batch_size), out_dir / "detections_test-dev.json")
             row["testdev_results"] = str(path)
     atomic_write_json(marker, {"stamp": _stamp(checkpoint), "row": row})
     fault_point("evaluate:arch")
@@ -76,29 +78,34 @@ def evaluate(config: dict | str = "demo") -> dict:
     upstream = run.manifest("train-full")
     if upstream is None or upstream["config_hash"] != stage_hash(cfg, "train-full"):
         raise ValueError(f"{run.root}: train-full has not finished for this config; run it (or nas-search) first")
-    trained = [t for t in upstream["outputs"]["trained"] if t.get("status", "ok") == "ok"]
-    failed = [{"arch_id": t["arch_id"], "status": "failed", "error": t["error"]} for t in upstream["outputs"]["trained"] if t.get("status", "ok") != "ok"]
+    every = upstream["outputs"]["trained"]  # searched archs, then baselines (kind)
+    trained = [t for t in every if t.get("status", "ok") == "ok"]
+    failed = [{"arch_id": t["arch_id"], "status": "failed", "error": t["error"]} for t in every if t.get("status", "ok") != "ok"]
     with device_resources(cfg.execution):  # on Dask: a whole GPU each
         futures = evaluate_arch_full.with_options(**task_options(cfg, "evaluate")).map(config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained])
     rows = [{**f.result(), "status": "ok", "error": ""} for f in futures]
-    top = pd.read_parquet(run.top_k)[["arch_id", "arch", "reward", "params", "macs"]]
+    top = pd.read_parquet(run.top_k)[["arch_id", "arch", "reward", "params", "macs"]].rename(columns={"reward": "proxy_reward"})
+    base = pd.DataFrame([t for t in every if t.get("kind") == "baseline"], columns=["arch_id", "arch", "proxy_reward", "params", "macs"])
+    info = pd.concat([top.assign(kind="searched"), base.assign(kind="baseline")], ignore_index=True)
     columns = ["arch_id", "AP", "AP50", "AP75", "APs", "APm", "APl", "status", "error"]
     metrics = pd.DataFrame(rows + failed, columns=list(dict.fromkeys(columns + [k for r in rows for k in r])))
     # a failed arch keeps its row (status, error; no AP), after the evaluated ones
-    board = top.merge(metrics, on="arch_id").rename(columns={"reward": "proxy_reward"}).sort_values("AP", ascending=False, na_position="last")
+    board = info.merge(metrics, on="arch_id").sort_values("AP", ascending=False, na_position="last")
     atomic_write_parquet(board, run.leaderboard)
     create_table_artifact(
         key=artifact_key(cfg, "leaderboard"),
-        table=board[["arch_id", "AP", "AP50", "AP75", "proxy_reward", "params", "status"]].round(4).to_dict("records"),
+        table=board[["arch_id", "kind", "AP", "AP50", "AP75", "proxy_reward", "params", "status"]].round(4).to_dict("records"),
         description="COCO val AP of the fully trained architectures",
     )
+    from flows.report import stage_plots
+
     summary = (
         f"best `{board.iloc[0].arch_id}`: AP {board.iloc[0].AP:.3f}, AP50 {board.iloc[0].AP50:.3f}" if len(board) else "nothing was trained"
     )
     create_markdown_artifact(
         key=artifact_key(cfg, "evaluate"),
         markdown=f"# {STAGE}\n\n{len(board)} fully trained architectures evaluated with pycocotools; {summary}. "
-        f"Leaderboard: `{run.leaderboard}`.",
+        f"Leaderboard: `{run.leaderboard}`." + stage_plots(run.root, config, STAGE, logger=get_run_logger()),
         description="evaluation summary",
     )
     out = {"leaderboard": str(run.leaderboard), "best_AP": float(board.AP.max()) if len(board) else float("nan")}

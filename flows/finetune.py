@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.inputs import ensure_data, train_config, voc_dataset
+from flows.inputs import ensure_data, search_dataset, train_config
 from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
 
 STAGE = "finetune-backbone"
@@ -31,7 +31,7 @@ def train_backbone(config: dict) -> dict:
     f = cfg.finetune
     tc = train_config(cfg.finetune)
     tf = build_transforms(train=True, min_size=tc.min_size, max_size=tc.max_size, crop=tc.crop or None)
-    dataset = voc_dataset(cfg, run, tf)
+    dataset = search_dataset(cfg, run, tf)
     spec = DetectorSpec(num_classes=len(dataset.classes), backbone=f.backbone, width=f.width)
     meta = {"classes": list(dataset.classes), "category_ids": list(dataset.category_ids)}
     result = train(spec, dataset, tc, run.backbone, device=cfg.execution.devices[0], backbone_weights=f.weights, meta=meta)
@@ -40,7 +40,8 @@ def train_backbone(config: dict) -> dict:
 
 @stage_flow(STAGE)
 def finetune_backbone(config: dict | str = "demo") -> dict:
-    """Finetune the backbone (with an FPN-FCOS decoder) on the VOC training set."""
+    """Finetune the backbone (with an FPN-FCOS decoder) on the search's training set
+    (VOC, the synthetic set, or with ``data.kind: coco`` the COCO train json)."""
     cfg, run, h, done = open_stage(config, STAGE)
     if done:
         return run.manifest(STAGE)["outputs"]

@@ -31,10 +31,15 @@ def ensure_data(cfg: PipelineConfig, run: RunDir) -> None:
     make_synthetic(run.data, num_train=d.synthetic_num_train, num_val=d.synthetic_num_val, seed=d.synthetic_seed)
 
 
-def voc_dataset(cfg: PipelineConfig, run: RunDir, transforms):
-    """The VOC-layout training set of backbone finetuning and the proxy task."""
-    from nasfcos.data import SHAPES, VOCDetection
+def search_dataset(cfg: PipelineConfig, run: RunDir, transforms):
+    """The training set of backbone finetuning and the proxy task: VOC (or the synthetic
+    set's VOC tree), or with ``data.kind: coco`` the COCO train json without its images
+    that have no box (they teach nothing, as in full training)."""
+    from nasfcos.data import SHAPES, COCODetection, VOCDetection
 
+    if cfg.data.kind == "coco":
+        ann, images = coco_split(cfg, run, "train")
+        return COCODetection(ann, images, transforms=transforms, remove_empty=True)
     if cfg.data.kind == "synthetic":
         return VOCDetection(run.data / "VOCdevkit" / "VOC2012", image_set="train", classes=SHAPES, transforms=transforms)
     if not cfg.data.voc_root:
@@ -43,7 +48,8 @@ def voc_dataset(cfg: PipelineConfig, run: RunDir, transforms):
 
 
 def coco_split(cfg: PipelineConfig, run: RunDir, split: str) -> tuple[str, str] | None:
-    """(annotation json, image root) of the COCO ``train``/``val``/``testdev`` split, or None."""
+    """(annotation json, image root) of the COCO ``train``/``val``/``testdev`` split, or None.
+    ``data.kind: voc`` reads them for full training and evaluation only; ``coco`` for every stage."""
     if cfg.data.kind == "synthetic":
         if split == "testdev":
             return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-from flows.inputs import voc_dataset
+from flows.inputs import search_dataset
 from flows.placement import device_resources, device_slot
 from flows.stages import artifact_key, open_stage, portable, results_with_progress, stage_flow, task_options
 from nasfcos.faults import fault_point
@@ -17,9 +17,12 @@ STRIDES = (4, 8, 16, 32)
 
 
 def _split_indices(cfg, n: int):
-    from nasfcos.materialise import meta_split
+    """Dataset indices of meta-train and meta-val: ``features.train_size``/``val_size``,
+    scaled down in proportion when the dataset has fewer images (``nasfcos.materialise.fit_split``)."""
+    from nasfcos.materialise import fit_split, meta_split
 
-    return dict(zip(SPLITS, meta_split(n, train_size=cfg.features.train_size, val_size=cfg.features.val_size, seed=cfg.features.seed)))
+    train_size, val_size = fit_split(n, cfg.features.train_size, cfg.features.val_size)
+    return dict(zip(SPLITS, meta_split(n, train_size=train_size, val_size=val_size, seed=cfg.features.seed)))
 
 
 @task(task_run_name="create store")
@@ -32,8 +35,15 @@ def create_store(config: dict) -> dict:
     f = cfg.features
     if f.crop % 32:
         raise ValueError(f"config: features.crop must be a multiple of 32, got {f.crop}")
-    dataset = voc_dataset(cfg, run, None)
+    dataset = search_dataset(cfg, run, None)
     idx = _split_indices(cfg, len(dataset))
+    want = (f.train_size, f.val_size if f.val_size is not None else len(dataset) - f.train_size)
+    if (len(idx["meta_train"]), len(idx["meta_val"])) != want:
+        get_run_logger().warning(
+            "features: the search's training set has only %d images, fewer than features.train_size %d + features.val_size %s: "
+            "meta-train %d / meta-val %d instead (the same proportion)",
+            len(dataset), f.train_size, f.val_size if f.val_size is not None else "(the rest)", len(idx["meta_train"]), len(idx["meta_val"]),
+        )  # fmt: skip
     channels = build_backbone(cfg.finetune.backbone, freeze_at=0).out_channels
     levels = {f"C{i + 2}": (c, f.crop // s, f.crop // s) for i, (c, s) in enumerate(zip(channels, STRIDES))}
     ckpt = run.backbone / "checkpoint.pt"
@@ -54,7 +64,7 @@ def materialise_shard(config: dict, split: str, shard: int) -> int:
     from storage.features import FeatureStore, materialise
 
     cfg, run, _, _ = open_stage(config, STAGE)
-    dataset = voc_dataset(cfg, run, proxy_transforms(cfg.features.crop))
+    dataset = search_dataset(cfg, run, proxy_transforms(cfg.features.crop))
     idx = _split_indices(cfg, len(dataset))[split]
     with device_slot(cfg.execution) as device:
         backbone = build_backbone(cfg.finetune.backbone, weights=run.backbone / "checkpoint.pt", freeze_at=0)
@@ -87,10 +97,11 @@ def materialise_features(config: dict | str = "demo") -> dict:
     todo = sum(len(v) for v in pending.values())
     written = results_with_progress(cfg, "features", futures, done=total - todo, total=total, description=f"feature shards done out of {total}")
     out = {"store": str(run.features), "shards_written": len(written)}
+    sizes = FeatureStore.open(run.features).splits  # features.train_size/val_size, or fewer (fit_split)
     create_markdown_artifact(
         key=artifact_key(cfg, "features"),
-        markdown=f"# {STAGE}\n\n`{run.features}`: meta_train {cfg.features.train_size} / meta_val "
-        f"{cfg.features.val_size or 'rest'} images at {cfg.features.crop}x{cfg.features.crop}; "
+        markdown=f"# {STAGE}\n\n`{run.features}`: meta_train {sizes['meta_train']} / meta_val "
+        f"{sizes['meta_val']} images at {cfg.features.crop}x{cfg.features.crop}; "
         f"{len(written)} shards written in this run, codec {cfg.features.codec}.",
         description="feature store",
     )

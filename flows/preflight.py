@@ -7,6 +7,7 @@ one per attempt. Stages already finished are not checked (their inputs may be go
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -69,8 +70,78 @@ def _devices(problems: list[str], cfg: PipelineConfig) -> None:
             problems.append(f"execution.devices: {d!r} is neither cpu nor cuda[:N]")
 
 
+_SAMPLE = 20  # image files looked for per json: a wrong image dir shows at once, 100k stats do not run
+
+
+@functools.lru_cache(maxsize=8)
+def _coco_contents(ann: str, images: str, stamp: tuple[int, int]) -> tuple[dict[int, str], int, int, list[str]]:
+    """Categories {id: name}, number of images, of images with a box, and the missing files
+    among the first images of a COCO json, parsed as the stages parse it (DataError: one
+    line); cached by the json's size and mtime (the CLI and the flow both run preflight)."""
+    from nasfcos.data import COCODetection
+
+    ds = COCODetection(ann, images)
+    with_boxes = sum(bool((~r.ignore).any()) for r in ds.records)
+    missing = [str(r.path) for r in ds.records[:_SAMPLE] if not r.path.is_file()]
+    return dict(zip(ds.category_ids, ds.classes)), len(ds), with_boxes, missing
+
+
+def _category_diff(mine: dict[int, str], train: dict[int, str]) -> str:
+    parts = []
+    if only := sorted(mine.keys() - train.keys()):
+        parts.append(f"ids {only[:5]} not in the train json")
+    if only := sorted(train.keys() - mine.keys()):
+        parts.append(f"train json ids {only[:5]} missing")
+    parts += [f"id {k} is {mine[k]!r} here, {train[k]!r} in the train json" for k in sorted(mine.keys() & train.keys()) if mine[k] != train[k]][:3]
+    return ", ".join(parts)
+
+
+def _coco(problems: list[str], cfg: PipelineConfig, todo: set[str]) -> None:
+    """``data.kind: coco``: every json the unfinished stages read exists, parses (the
+    checks of ``nasfcos.data.COCODetection``: images, categories, annotations naming known
+    images and categories, boxes), finds its images, has boxes to learn or evaluate from,
+    and lists the categories the train json does (label -> category id is the train json's)."""
+    from nasfcos.data import DataError
+
+    d = cfg.data
+    needs = {
+        "train": todo & {"finetune-backbone", "materialise-features", "train-full"},
+        "val": todo & {"evaluate"},
+        "testdev": todo & {"evaluate"} if d.coco_testdev_json else set(),
+    }
+    found: dict[str, dict[int, str]] = {}
+    for split, stages in needs.items():
+        if not stages:
+            continue
+        field, ann, images = f"data.coco_{split}_json", getattr(d, f"coco_{split}_json"), getattr(d, f"coco_{split}_images")
+        before = len(problems)
+        _exists(problems, field, ann)
+        _exists(problems, f"data.coco_{split}_images", images, kind="dir")
+        if len(problems) > before:
+            continue
+        path = Path(ann).expanduser()
+        try:
+            cats, n, with_boxes, missing = _coco_contents(str(path), str(Path(images).expanduser()), (path.stat().st_size, path.stat().st_mtime_ns))
+        except DataError as e:
+            problems.append(f"{field}: {e}")
+            continue
+        if not n:
+            problems.append(f"{field}: {ann} lists no images")
+            continue
+        if missing:
+            problems.append(f"data.coco_{split}_images: {len(missing)} of the first {min(n, _SAMPLE)} images of {ann} are not under {images}, e.g. {missing[0]}")
+        if split == "train" and with_boxes < 2:
+            problems.append(f"{field}: {with_boxes} of its {n} images have a box; training and the proxy's meta-train/meta-val split need at least 2")
+        if split == "val" and not with_boxes:
+            problems.append(f"{field}: none of its {n} images has a box, nothing to evaluate against")
+        found[split] = cats
+    for split in ("val", "testdev"):
+        if "train" in found and split in found and found[split] != found["train"]:
+            problems.append(f"data.coco_{split}_json: categories differ from data.coco_train_json's ({_category_diff(found[split], found['train'])})")
+
+
 def problems(cfg: PipelineConfig) -> list[str]:
-    """Everything that would stop an unfinished stage for want of a path or device."""
+    """Everything that would stop an unfinished stage for want of a path, a sound dataset json or a device."""
     run = RunDir(Path(cfg.runs_dir).resolve() / cfg.run_id)
     todo = {s for s in STAGES if not run.is_done(s, stage_hash(cfg, s))}
     out: list[str] = []
@@ -78,7 +149,9 @@ def problems(cfg: PipelineConfig) -> list[str]:
     d = cfg.data
     if d.kind == "voc" and todo & {"finetune-backbone", "materialise-features"}:
         _exists(out, "data.voc_root", d.voc_root, kind="dir")
-    if d.kind != "synthetic":
+    if d.kind == "coco":
+        _coco(out, cfg, todo)
+    if d.kind == "voc":
         needs = {"train": todo & {"train-full"}, "val": todo & {"evaluate"}}
         for split, stages in needs.items():
             if stages:

@@ -92,33 +92,79 @@ def _free_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def proxy_record(cfg, run, arch: str, *, epochs: int | None = None, resume: dict | None = None, keep_state=None) -> dict:
+    """``arch`` trained and scored on the proxy task (``nasfcos.proxy.evaluate_arch``) on
+    a device slot, with this process's cached features: the search's evaluations and the
+    baselines' proxy rewards (train-full) are computed alike. ``epochs`` (default
+    ``proxy.epochs``), ``resume``, ``keep_state``: a rung of successive halving."""
+    from nasfcos.proxy import ProxyConfig, evaluate_arch
+
+    p, ex = cfg.proxy, cfg.execution
+    epochs = p.epochs if epochs is None else epochs
+    pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
+    with device_slot(ex, shared=True) as device:
+        train, val, k = _splits((str(run.features), device, p.size_range_scale, ex.feature_residency, ex.stage_features))
+        return evaluate_arch(arch, train, val, num_classes=k, cfg=pc, device_shared=ex.slots_per_device > 1, resume=resume, keep_state=keep_state)
+
+
+def _cost(cfg, run):
+    """arch -> (params, MACs) of its decoder at the proxy geometry (the feature store's C2..C5
+    maps, ``proxy.width``): what the cost constraint compares with its limits."""
+    from nasfcos.backbones import LEVELS
+    from nasfcos.complexity import decoder_cost
+    from storage.features import FeatureStore
+
+    store = FeatureStore.open(run.features)
+    chw = [store.levels[lv] for lv in LEVELS]
+    geometry = dict(in_channels=[c for c, _, _ in chw], sizes=[(h, w) for _, h, w in chw], width=cfg.proxy.width, num_classes=int(store.attrs["num_classes"]))
+
+    def cost(arch):
+        c = decoder_cost(arch, **geometry)
+        return c.params, c.macs
+
+    return cost
+
+
 @task(task_run_name="evaluate {arch_id}")
-def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: int) -> dict:
+def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: int, rung: int = 0, history: list[float] | None = None) -> dict:
     """Train one decoder on the cached features, append its row to results.parquet, return it.
 
     The task appends the row itself so that a finished evaluation is durable the
     moment it ends, whatever happens to the flow process afterwards; a retry finds
-    that row and returns it instead of training the arch again.
+    that row and returns it instead of training the arch again. Under successive halving
+    (``search.rungs``) it trains the arch to ``rung`` from the state its lower rung kept
+    (``storage.rungs``; ``history``: the rewards of the rungs below) and keeps its own
+    state for the next rung before writing the row.
     """
     from prefect.runtime import task_run
 
-    from nasfcos.proxy import ProxyConfig, evaluate_arch
+    from nasfcos.halving import pack_state, unpack_state
     from nasfcos.search import make_row
     from storage.results import ResultsTable
+    from storage.rungs import RungStates
 
     cfg, run, _, _ = open_stage(config, STAGE)
     table = ResultsTable(run.root)
-    if task_run.run_count > 1 and (row := table.get(arch_id)) is not None:
+    if task_run.run_count > 1 and (row := table.get(arch_id)) is not None and max(len(row["rung_epochs"]), 1) > rung:
         return row  # the earlier attempt finished its row, then failed
-    p, ex = cfg.proxy, cfg.execution
-    pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=p.epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
-    with device_slot(ex, shared=True) as device:
-        train, val, k = _splits((str(run.features), device, p.size_range_scale, ex.feature_residency, ex.stage_features))
-        record = evaluate_arch(arch, train, val, num_classes=k, cfg=pc, device_shared=ex.slots_per_device > 1)
-    row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty)
+    rungs, fidelity, states = cfg.search.rungs, {}, RungStates(run.root)
+    if rungs:
+        epochs = rungs[rung]
+        data = states.read(arch_id, rungs[rung - 1]) if rung else None
+        if rung and data is None:
+            get_run_logger().warning("%s: no state of %d epochs to resume; training %d epochs from scratch", arch_id, rungs[rung - 1], epochs)
+        keep = (lambda state: states.write(arch_id, epochs, pack_state(state))) if rung < len(rungs) - 1 else None
+        record = proxy_record(cfg, run, arch, epochs=epochs, resume=unpack_state(data) if data else None, keep_state=keep)
+        fidelity = {"rungs": rungs[: rung + 1], "history": history or ()}
+    else:
+        record = proxy_record(cfg, run, arch)
+    row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty, **fidelity)
     table.write_part([row])  # lock-free: only the flow compacts
+    if rungs and rung:
+        states.drop(arch_id, rungs[rung - 1])  # resumed from: its row and this one are written
     with open(run.root / "evaluations.log", "a") as f:  # audit trail: one line per finished evaluation
-        f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}\n")
+        at = f" epochs={record['epochs']}" if rungs else ""
+        f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}{at}\n")
     fault_point("search:row")
     get_run_logger().info("%s: %s reward %.4f (%.1f s)", arch_id, record["status"], record["reward"], record["train_seconds"])
     return row
@@ -128,6 +174,7 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
 def search(config: dict | str = "demo") -> dict:
     """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
     from nasfcos.controller import ControllerConfig, build_policy
+    from nasfcos.evolution import EvolutionConfig
     from nasfcos.search import SearchConfig, lost_record, run_search, run_search_async
     from storage.results import ResultsTable
 
@@ -138,9 +185,12 @@ def search(config: dict | str = "demo") -> dict:
     s = cfg.search
     results = ResultsTable(run.root)
     controller = ControllerConfig(lr=s.controller_lr, ppo_epochs=s.ppo_epochs, update=s.controller_update)
-    policy = build_policy(s.policy, seed=s.seed, config=controller, head=s.head)
+    # read only for a fresh search: a resumed one restores its population from controller.pt
+    warm = ResultsTable.of(s.warm_start).ok_rewards() if s.policy == "evolution" and s.warm_start and not run.controller.exists() else ()
+    evolution = EvolutionConfig(population=s.population, sample_size=s.sample_size)
+    policy = build_policy(s.policy, seed=s.seed, config=controller, head=s.head, evolution=evolution, warm_start=warm)
     progress = create_progress_artifact(
-        progress=100.0 * min(len(results), s.total_archs) / s.total_archs,
+        progress=100.0 * min(len(results) - results.count("over_budget"), s.total_archs) / s.total_archs,
         key=artifact_key(cfg, "search-progress"),
         description=f"archs evaluated out of {s.total_archs}",
     )
@@ -166,16 +216,24 @@ def search(config: dict | str = "demo") -> dict:
 
     def submit(job):
         with device_resources(cfg.execution, shared=True):
-            return task.submit(config=config, arch=str(job.arch), arch_id=job.arch.arch_id, step=job.step, sample=job.sample)
+            rung = {"rung": job.rung, "history": [float(v) for v in job.history]} if s.rungs else {}
+            return task.submit(config=config, arch=str(job.arch), arch_id=job.arch.arch_id, step=job.step, sample=job.sample, **rung)
 
     def on_step(info: dict) -> None:
         update_progress_artifact(progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
+        if s.plot_every and info["step"] % s.plot_every == 0:  # plots, archs/hour and ETA in the UI and runs/<id>/report/
+            from flows.report import stage_plots
 
+            plots = stage_plots(run.root, config, STAGE, logger=get_run_logger(), finished=False)
+            create_markdown_artifact(key=artifact_key(cfg, "search"), markdown=f"# {STAGE} (running, step {info['step']})" + plots, description="search progress: plots, archs/hour, ETA")
+
+    limited = s.max_decoder_params is not None or s.max_decoder_macs is not None
     loop = dict(
-        policy=policy, results=results, state_path=run.controller, on_step=on_step,
+        policy=policy, results=results, state_path=run.controller, on_step=on_step, cost=_cost(cfg, run) if limited else None,
         cfg=SearchConfig(
             total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty,
             max_consecutive_failures=s.max_consecutive_failures, lost_after_s=None if timeout is None else timeout + 120,
+            max_decoder_params=s.max_decoder_params, max_decoder_macs=s.max_decoder_macs, rungs=tuple(s.rungs or ()), eta=s.eta,
         ),
     )  # fmt: skip
     try:
@@ -186,12 +244,18 @@ def search(config: dict | str = "demo") -> dict:
             summary = run_search(evaluate=evaluate, **loop)
     finally:  # the cached features must not hold device memory during full training
         _free_cache()
+    if s.rungs:
+        from storage.rungs import RungStates
+
+        RungStates(run.root).clear()  # the search is over: nothing will be promoted again
     df = results.read()
+    from flows.report import stage_plots
+
     create_markdown_artifact(
         key=artifact_key(cfg, "search"),
         markdown=f"# {STAGE}\n\n{summary.unique_archs} unique archs ({int((df.status == 'failed').sum())} failed) in "
         f"{summary.steps} controller steps ({s.policy}, {s.mode}); best reward {summary.best_reward:.4f}:\n\n`{summary.best_arch}`\n\n"
-        f"Results: `{run.root / 'results.parquet'}`",
+        f"Results: `{run.root / 'results.parquet'}`" + stage_plots(run.root, config, STAGE, logger=get_run_logger()),
         description="search summary",
     )
     out = {"results": str(run.root / "results.parquet"), "unique_archs": summary.unique_archs, "best_reward": summary.best_reward, "best_arch": summary.best_arch}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.stages import artifact_key, open_stage, stage_flow
+from flows.stages import artifact_key, open_stage, portable, stage_flow
 from nasfcos.faults import fault_point
 
 STAGE = "select-top-k"
@@ -26,6 +26,8 @@ def select_top_k(config: dict | str = "demo") -> dict:
         get_run_logger().warning("only %d archs succeeded, fewer than select.top_k=%d: selecting them all", len(top), cfg.select.top_k)
     top = table.write_top_k(run.top_k, k=cfg.select.top_k)
     fault_point("select:written")
+    from flows.report import stage_plots
+
     create_table_artifact(
         key=artifact_key(cfg, "top-k"),
         table=[
@@ -38,7 +40,7 @@ def select_top_k(config: dict | str = "demo") -> dict:
     create_markdown_artifact(
         key=artifact_key(cfg, "select"),
         markdown=f"# {STAGE}\n\n{len(top)} unique architectures with the highest proxy reward "
-        f"(best {top.reward.max():.4f}) written to `{run.top_k}`.",
+        f"(best {top.reward.max():.4f}) written to `{run.top_k}`." + stage_plots(run.root, portable(cfg), STAGE, logger=get_run_logger()),
         description="selection summary",
     )
     out = {"top_k": str(run.top_k), "arch_ids": top.arch_id.tolist()}

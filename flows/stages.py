@@ -37,11 +37,18 @@ _UPSTREAM = {
 
 
 def _fields(cfg: PipelineConfig, stage: str, roles: tuple[str, ...]) -> dict[str, Any]:
-    """``section.field: value`` of ``stage``'s sections whose role (flows/config.py) is in ``roles``."""
+    """``section.field: value`` of ``stage``'s sections whose role (flows/config.py) is in ``roles``.
+
+    A field added to a section later (``_NEWER``) is left out while it holds its default:
+    a config that does not use it keeps the hashes and claims its run dirs were made with.
+    """
     out = {}
     for s in _STAGE_SECTIONS[stage]:
         section = getattr(cfg, s)
-        out.update({f"{s}.{k}": v for k, v in section.model_dump(mode="json").items() if role(type(section), k) in roles})
+        for k, v in section.model_dump(mode="json").items():
+            unused = (s, k) in _NEWER and getattr(section, k) == type(section).model_fields[k].default
+            if role(type(section), k) in roles and not unused:
+                out[f"{s}.{k}"] = v
     return out
 
 
@@ -60,7 +67,9 @@ def conflict_key(cfg: PipelineConfig, stage: str) -> str:
 
 
 # Fields added since roles were introduced: absent from the configs legacy keys were made of.
-_NEWER = {("search", "max_consecutive_failures")}
+_NEWER = {("search", "max_consecutive_failures"), ("search", "plot_every"), ("train_full", "baselines"),
+          ("search", "max_decoder_params"), ("search", "max_decoder_macs"), ("search", "population"), ("search", "sample_size"),
+          ("search", "warm_start"), ("search", "rungs"), ("search", "eta"), ("search", "ops")}
 
 
 def legacy_conflict_key(cfg: PipelineConfig, stage: str) -> str:
@@ -158,15 +167,20 @@ def task_options(cfg: PipelineConfig, stage: str, *, device_shared: bool = False
 def results_with_progress(cfg: PipelineConfig, what: str, futures: list, *, done: int = 0, total: int | None = None, description: str) -> list:
     """``f.result()`` of every future, in order, while a Prefect progress artifact
     (``<run_id>-<what>-progress``) follows them as they finish: a stage of hours or days
-    shows in the UI how far it is, as the search does."""
+    shows in the UI how far it is, as the search does (and on a terminal a bar, in a log
+    a line every 30 s with the rate and ETA)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from prefect.futures import as_completed
 
+    from nasfcos.progress import Progress
+
     total = max(total if total is not None else done + len(futures), 1)
     art = create_progress_artifact(progress=100.0 * done / total, key=artifact_key(cfg, f"{what}-progress"), description=description)
-    for _ in as_completed(futures):
-        done += 1
-        update_progress_artifact(art, 100.0 * min(done, total) / total)
+    with Progress(total, what, unit="task", initial=done, logger=get_run_logger()) as bar:  # the terminal's (or log's) view
+        for _ in as_completed(futures):
+            done += 1
+            bar.update(1)
+            update_progress_artifact(art, 100.0 * min(done, total) / total)
     return [f.result() for f in futures]
 
 

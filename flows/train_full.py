@@ -22,17 +22,53 @@ STAGE = "train-full"
 def initial_weights(cfg: PipelineConfig, run: RunDir) -> tuple[str | None, Path | None]:
     """(backbone weights, init checkpoint) of full training. Only ``train_full.weights``
     names backbone weights: ``finetune.weights`` (the paper's COCO-trained FCOS) must not
-    leak into COCO training."""
+    leak into COCO training. From the finetuned checkpoint only the backbone is taken:
+    its FPN-FCOS decoder would give the ``fpn-fcos`` baseline a trained decoder while
+    every searched decoder starts from scratch."""
     t = cfg.train_full
     if t.init_from_finetuned:
         return None, run.backbone / "checkpoint.pt"
     return t.weights, None
 
 
+def to_train(cfg: PipelineConfig, run: RunDir) -> pd.DataFrame:
+    """(arch_id, arch, kind) of what this stage trains: the first ``num_archs`` of
+    top_k.parquet, then the baselines (named by their preset name; one the search
+    also found is trained once, as a searched arch)."""
+    from nasfcos.space import PRESETS, resolve
+
+    top = pd.read_parquet(run.top_k).head(cfg.train_full.num_archs)[["arch_id", "arch"]].assign(kind="searched")
+    base = [(b if b in PRESETS else resolve(b).arch_id, str(resolve(b))) for b in cfg.train_full.baselines]
+    base = pd.DataFrame([(i, a, "baseline") for i, a in base if a not in set(top.arch)], columns=["arch_id", "arch", "kind"])
+    return pd.concat([top, base], ignore_index=True)
+
+
+def baseline_proxy(cfg: PipelineConfig, run: RunDir, arch: str, arch_id: str) -> dict:
+    """The baseline's proxy reward, params and MACs, scored as the search scores an arch
+    (so the leaderboard can set it against the searched ones); durable in
+    ``full/<arch_id>/proxy.json``."""
+    import json
+
+    from flows.search import _free_cache, proxy_record
+    from storage.runs import atomic_write_json
+
+    path = run.full(arch_id) / "proxy.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    try:
+        r = proxy_record(cfg, run, arch)
+    finally:  # the proxy features must not hold memory during full training
+        _free_cache()
+    out = {"proxy_reward": r["reward"] if r["status"] == "ok" else float("nan"), "params": r["params"], "macs": r["macs"]}
+    atomic_write_json(path, out)
+    return out
+
+
 @task(task_run_name="train {arch_id}", retries=1)
-def train_arch(config: dict, arch: str, arch_id: str) -> dict:
+def train_arch(config: dict, arch: str, arch_id: str, kind: str = "searched") -> dict:
     """Train one arch (resumable); a diverging arch (non-finite loss) or one that does not
-    fit its devices gives a ``failed`` record, so the other archs finish."""
+    fit its devices gives a ``failed`` record, so the other archs finish. A baseline is
+    first scored on the proxy task."""
     import torch
 
     from nasfcos.data import COCODetection, build_transforms
@@ -42,6 +78,7 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
 
     cfg, run, _, _ = open_stage(config, STAGE)
     t = cfg.train_full
+    info = {"arch_id": arch_id, "arch": arch, "kind": kind} | (baseline_proxy(cfg, run, arch, arch_id) if kind == "baseline" else {})
     tc = train_config(cfg.train_full)
     ann, images = coco_split(cfg, run, "train")
     dataset = COCODetection(ann, images, transforms=build_transforms(train=True, min_size=tc.min_size, max_size=tc.max_size), remove_empty=True)
@@ -50,13 +87,13 @@ def train_arch(config: dict, arch: str, arch_id: str) -> dict:
     weights, init = initial_weights(cfg, run)
     try:
         with device_group(cfg.execution, t.devices_per_arch) as devices:
-            result = train_on_devices(spec, dataset, tc, run.full(arch_id), devices=devices, backbone_weights=weights, init_checkpoint=init, meta=meta)
+            result = train_on_devices(spec, dataset, tc, run.full(arch_id), devices=devices, backbone_weights=weights, init_checkpoint=init, init_prefix="backbone.", meta=meta)
     except (FloatingPointError, torch.OutOfMemoryError) as e:  # the arch's fault (alone on its devices): a failed row
         error = one_line(e)
         get_run_logger().error("%s: training failed, the other archs go on: %s", arch_id, error)
-        return {"arch_id": arch_id, "arch": arch, "checkpoint": "", "iteration": -1, "status": "failed", "error": error}
+        return info | {"checkpoint": "", "iteration": -1, "status": "failed", "error": error}
     get_run_logger().info("%s: trained %d iterations, losses %s", arch_id, result.iteration, result.last_losses)
-    return {"arch_id": arch_id, "arch": arch, "checkpoint": str(result.checkpoint), "iteration": result.iteration, "status": "ok", "error": ""}
+    return info | {"checkpoint": str(result.checkpoint), "iteration": result.iteration, "status": "ok", "error": ""}
 
 
 @stage_flow(STAGE)
@@ -65,17 +102,22 @@ def train_full(config: dict | str = "demo") -> dict:
     if done:
         return run.manifest(STAGE)["outputs"]
     config = portable(cfg)
-    top = pd.read_parquet(run.top_k).head(cfg.train_full.num_archs)
+    todo = to_train(cfg, run)
     with device_resources(cfg.execution):  # on Dask: a whole GPU each
-        futures = train_arch.with_options(**task_options(cfg, "train_full")).map(config=unmapped(config), arch=top.arch.tolist(), arch_id=top.arch_id.tolist())
-    trained = results_with_progress(cfg, "train-full", futures, description=f"archs fully trained out of {len(top)}")
+        futures = train_arch.with_options(**task_options(cfg, "train_full")).map(
+            config=unmapped(config), arch=todo.arch.tolist(), arch_id=todo.arch_id.tolist(), kind=todo.kind.tolist()
+        )
+    trained = results_with_progress(cfg, "train-full", futures, description=f"archs fully trained out of {len(todo)} (baselines included)")
     failed = [t for t in trained if t["status"] != "ok"]
     if failed and len(failed) == len(trained):
         raise RuntimeError(f"train-full: every arch failed, e.g. {failed[0]['arch_id']}: {failed[0]['error']}")
+    from flows.report import stage_plots
+
     create_markdown_artifact(
         key=artifact_key(cfg, "train-full"),
         markdown=f"# {STAGE}\n\n"
-        + "\n".join(f"- `{t['arch_id']}`: {t['iteration']} iterations, `{t['checkpoint']}`" if t["status"] == "ok" else f"- `{t['arch_id']}`: **failed**: {t['error']}" for t in trained),
+        + "\n".join(f"- `{t['arch_id']}`: {t['iteration']} iterations, `{t['checkpoint']}`" if t["status"] == "ok" else f"- `{t['arch_id']}`: **failed**: {t['error']}" for t in trained)
+        + stage_plots(run.root, config, STAGE, logger=get_run_logger()),
         description="full training",
     )
     out = {"trained": trained}

@@ -40,7 +40,9 @@ What is not counted
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import nullcontext
+from dataclasses import dataclass
 from collections.abc import Sequence
 from math import prod
 
@@ -49,7 +51,9 @@ import torchvision.ops  # noqa: F401  (registers torch.ops.torchvision.*)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["complexity", "complexity_of", "count_call_macs", "count_macs", "count_params", "deform_conv2d_flop"]
+__all__ = [
+    "DecoderCost", "complexity", "complexity_of", "count_call_macs", "count_macs", "count_params", "decoder_cost", "deform_conv2d_flop",
+]  # fmt: skip
 
 
 def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
@@ -188,3 +192,115 @@ def complexity(
     with torch.device("meta") if torch.device(device).type == "meta" else nullcontext():
         model = build_detector(spec)
     return complexity_of(model, input_size, device=device)
+
+
+# --------------------------------------------------------------------------
+# Decoder cost per sampled arch (the search's cost constraint, benchmarks/strategies.py).
+#
+# Counting MACs by running a decoder costs ~0.3 s on CPU and ~1 s on the meta device
+# (meta kernels are Python) per arch: too slow for a flow thread that must sample a few
+# archs per second for 64 slots. Every op of the search space keeps its input's size and
+# has MACs linear in its pixel count, so a decoder's MACs are the sum over its op calls
+# of (MACs per pixel of that op) x (pixels it runs on); the per-pixel MACs and parameters
+# of each op are measured once by the counter above on a real module (not re-derived
+# here), and only the wiring (which op runs at which resolution, which layers are copied
+# per level) is followed here. tests/test_complexity.py checks it equals the counted
+# decoder on random archs of both head spaces.
+
+
+@dataclass(frozen=True)
+class DecoderCost:
+    """Parameters and MACs (one sample) of a decoder at one geometry."""
+
+    params: int
+    macs: int
+
+
+@functools.lru_cache(maxsize=None)
+def _unit(kind: str, name: str, width: int, norm: str) -> tuple[int, int]:
+    """(parameters, MACs per output pixel) of one op (``kind='op'``) or aggregation (``'agg'``)."""
+    from nasfcos.ops import build_agg, build_op
+
+    module = build_op(name, width, norm) if kind == "op" else build_agg(name, width, norm)
+    x = torch.zeros(1, width, 4, 4)
+    with torch.no_grad():
+        macs = count_call_macs(module.eval(), *((x,) if kind == "op" else (x, x)))
+    return count_params(module), macs // 16
+
+
+def _conv(cin: int, cout: int, k: int, *, bias: bool, groups: int = 1) -> tuple[int, int]:
+    """(parameters, MACs per output pixel) of a k x k convolution."""
+    per_pixel = cout * (cin // groups) * k * k
+    return per_pixel + (cout if bias else 0), per_pixel
+
+
+def _half(hw: tuple[int, int]) -> tuple[int, int]:
+    return ((hw[0] + 1) // 2, (hw[1] + 1) // 2)  # a 3x3 stride-2 conv with padding 1
+
+
+@functools.lru_cache(maxsize=65536)
+def _decoder_cost(arch_text: str, in_channels: tuple[int, ...], sizes: tuple[tuple[int, int], ...], width: int, num_classes: int) -> DecoderCost:
+    from nasfcos.space import AGGS, FPN_OPS, HEAD_OPS, NUM_BACKBONE_INPUTS, Arch, fpn_wiring
+
+    arch = Arch.parse(arch_text)
+    if arch.fpn is None or arch.head.kind == "fcos":  # not in the token spaces: count it
+        from nasfcos.decoder import build_decoder
+
+        with torch.device("meta"):
+            decoder = build_decoder(arch, in_channels=in_channels, num_classes=num_classes, width=width)
+            feats = [torch.zeros(1, c, *hw) for c, hw in zip(in_channels, sizes)]
+            with torch.no_grad():
+                return DecoderCost(count_params(decoder), count_call_macs(decoder.eval(), feats))
+    area = lambda hw: hw[0] * hw[1]  # noqa: E731
+    params = macs = 0
+    # FPN (nasfcos.decoder.SearchedFPN): 1x1 adapters for every C level (computed only where read)
+    read = {i for b in arch.fpn for i in (b.id1, b.id2)}
+    for i, (c, hw) in enumerate(zip(in_channels, sizes)):
+        p, m = _conv(c, width, 1, bias=False)
+        params += p + 2 * width  # + BatchNorm
+        macs += m * area(hw) if i in read else 0
+    pool = list(sizes)  # resolution of each pool entry
+    for b in arch.fpn:
+        for idx, op in ((b.id1, b.op1), (b.id2, b.op2)):
+            p, m = _unit("op", FPN_OPS[op], width, "bn")
+            params, macs = params + p, macs + m * area(pool[idx])
+        out = pool[b.id2] if area(pool[b.id1]) < area(pool[b.id2]) else pool[b.id1]  # nasfcos.ops.match_sizes
+        p, m = _unit("agg", AGGS[b.agg], width, "bn")
+        params, macs = params + p, macs + m * area(out)
+        pool.append(out)
+    assert len(pool) == NUM_BACKBONE_INPUTS + len(arch.fpn)
+    fpn_wiring(arch.fpn)  # P3-P5 are resized to C3-C5: no MACs
+    levels = list(sizes[1:])  # P3..P5, then P6, P7 (3x3 stride-2 convs with bias)
+    for _ in range(2):
+        levels.append(_half(levels[-1]))
+        p, m = _conv(width, width, 3, bias=True)
+        params, macs = params + p, macs + m * area(levels[-1])
+    # head (nasfcos.decoder.PredictionHead): two towers; layers before `share` are copied per level
+    h = arch.head
+    if h.kind == "seq":
+        layers = [[("op", HEAD_OPS[o])] for o in h.ops]
+    else:
+        layers = [[("op", HEAD_OPS[h.ops[0]])]] + [[("op", HEAD_OPS[b.op1]), ("op", HEAD_OPS[b.op2]), ("agg", AGGS[b.agg])] for b in h.blocks]
+    pixels = sum(area(hw) for hw in levels)
+    for k, layer in enumerate(layers):
+        p = sum(_unit(kind, name, width, "gn")[0] for kind, name in layer)
+        m = sum(_unit(kind, name, width, "gn")[1] for kind, name in layer)
+        params += 2 * p * (len(levels) if k < arch.share else 1)
+        macs += 2 * m * pixels
+    for cout in (num_classes, 4, 1):  # class logits, box regression, centerness
+        p, m = _conv(width, cout, 3, bias=True)
+        params, macs = params + p, macs + m * pixels
+    return DecoderCost(params, macs)
+
+
+def decoder_cost(
+    arch: "str | object", *, in_channels: Sequence[int], sizes: Sequence[Sequence[int]], width: int, num_classes: int
+) -> DecoderCost:
+    """Parameters and MACs of the decoder of ``arch`` on one sample whose C2..C5 maps have
+    ``in_channels`` channels and ``sizes`` (H, W): what the proxy's record counts
+    (``nasfcos.proxy.evaluate_arch``: ``params``, ``macs``), without building or running it.
+
+    About 0.1 ms per arch (cached: ~1 us for an arch seen before) against ~0.3-1 s for a
+    counted forward pass; archs outside the token spaces (the FCOS FPN or head) are counted.
+    """
+    return _decoder_cost(str(arch), tuple(int(c) for c in in_channels), tuple((int(h), int(w)) for h, w in sizes), int(width), int(num_classes))

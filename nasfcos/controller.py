@@ -28,18 +28,26 @@ closes 0.98 and finds the optimum in every seed, at ~1/200 of the controller com
 
 The entropy bonus 1e-4 is ours ([14] uses none).
 
+:func:`build_policy` also builds regularised evolution (``nasfcos.evolution``), a
+strategy beyond the paper, with the same interface.
+
 Letter legend: B sampled sequences, T tokens, A max choices per token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from nasfcos.space import DEFAULT_HEAD_SEARCH, Arch, TokenSpace, token_space
+
+if TYPE_CHECKING:
+    from nasfcos.evolution import EvolutionConfig, EvolutionPolicy
 
 UPDATES = ("batch", "buffer")
 
@@ -274,7 +282,7 @@ class PPOController:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        _check_kind(state, "ppo", self.space.head)
+        check_kind(state, "ppo", self.space.head)
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
@@ -310,11 +318,11 @@ class RandomPolicy:
         return {"kind": "random", "head": self.space.head, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_kind(state, "random", self.space.head)
+        check_kind(state, "random", self.space.head)
         self.rng.bit_generator.state = state["rng"]
 
 
-def _check_kind(state: dict, kind: str, head: str) -> None:
+def check_kind(state: dict, kind: str, head: str) -> None:
     if state.get("kind") != kind:
         raise ValueError(f"controller state is for a {state.get('kind')!r} policy, not {kind!r}")
     # states written before the seq head space existed searched the dag head
@@ -322,9 +330,29 @@ def _check_kind(state: dict, kind: str, head: str) -> None:
         raise ValueError(f"controller state searched the {state.get('head', 'dag')!r} head space, not {head!r} (search.head)")
 
 
-def build_policy(kind: str, *, seed: int = 0, config: ControllerConfig | None = None, head: str = DEFAULT_HEAD_SEARCH) -> PPOController | RandomPolicy:
+POLICIES = ("ppo", "random", "evolution")
+
+
+def build_policy(
+    kind: str,
+    *,
+    seed: int = 0,
+    config: ControllerConfig | None = None,
+    head: str = DEFAULT_HEAD_SEARCH,
+    ops: "Sequence[str] | None" = None,
+    evolution: "EvolutionConfig | None" = None,
+    warm_start: "Iterable[tuple[str, float]]" = (),
+) -> "PPOController | RandomPolicy | EvolutionPolicy":
+    """The search policy ``kind`` (``search.policy``) over head space ``head`` with only
+    ``ops`` allowed (``search.ops``; None: all): ``config`` is PPO's, ``evolution`` and
+    ``warm_start`` (arch string, reward) are regularised evolution's (``nasfcos.evolution``)."""
+    head = token_space(head, ops)  # the policies take a TokenSpace where they take a head name
     if kind == "ppo":
         return PPOController(config or ControllerConfig(), seed=seed, head=head)
     if kind == "random":
         return RandomPolicy(seed=seed, head=head)
-    raise ValueError(f"unknown policy {kind!r}; known: ppo, random")
+    if kind == "evolution":
+        from nasfcos.evolution import EvolutionConfig, EvolutionPolicy  # it builds on Sample: imported here, not at the top
+
+        return EvolutionPolicy(evolution or EvolutionConfig(), seed=seed, head=head, warm_start=warm_start)
+    raise ValueError(f"unknown policy {kind!r}; known: {', '.join(POLICIES)}")

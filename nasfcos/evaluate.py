@@ -10,10 +10,8 @@ import contextlib
 import copy
 import io
 import json
-import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from nasfcos.data.transforms import collate
+from nasfcos.progress import Progress
 
-log = logging.getLogger(__name__)
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -95,23 +93,21 @@ def predict_dataset(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     results: list[dict] = []
-    start, done = time.perf_counter(), 0
-    for images, targets in loader:
-        if any("crop" in t for t in targets):
-            raise ValueError("predict_dataset: the dataset's transforms crop the images; evaluate with build_transforms(..., crop=None)")
-        sizes = [tuple(int(v) for v in t["size"]) for t in targets]
-        dets = model.predict(images.to(device), sizes)
-        for det, t in zip(dets, targets):
-            scale = t.get("scale", torch.ones(2))
-            sy, sx = float(scale[0]), float(scale[1])
-            boxes = det["boxes"].cpu() / torch.tensor([sx, sy, sx, sy])
-            H, W = (int(v) for v in t["orig_size"])
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
-            results += to_coco_results(int(t["image_id"]), boxes, det["scores"].cpu(), det["labels"].cpu(), category_ids)
-        done += len(targets)
-        if done % (batch_size * 50) < batch_size:
-            log.info("predicted %d/%d images (%.1f img/s)", done, len(dataset), done / (time.perf_counter() - start))
+    with Progress(len(dataset), "predict", unit="img") as bar:
+        for images, targets in loader:
+            if any("crop" in t for t in targets):
+                raise ValueError("predict_dataset: the dataset's transforms crop the images; evaluate with build_transforms(..., crop=None)")
+            sizes = [tuple(int(v) for v in t["size"]) for t in targets]
+            dets = model.predict(images.to(device), sizes)
+            for det, t in zip(dets, targets):
+                scale = t.get("scale", torch.ones(2))
+                sy, sx = float(scale[0]), float(scale[1])
+                boxes = det["boxes"].cpu() / torch.tensor([sx, sy, sx, sy])
+                H, W = (int(v) for v in t["orig_size"])
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+                results += to_coco_results(int(t["image_id"]), boxes, det["scores"].cpu(), det["labels"].cpu(), category_ids)
+            bar.update(len(targets))
     return results
 
 

@@ -57,12 +57,15 @@ def scaled_size_ranges(strides: tuple[int, ...] = (8, 16, 32, 64, 128), scale: f
 class Points:
     """Locations of all pyramid cells, levels concatenated (y-major within a level).
 
-    xy: (P, 2) image coordinates; stride: (P,); level_sizes: points per level.
+    xy: (P, 2) image coordinates; stride: (P,); level_sizes: points per level;
+    level: (P,) each point's level index (an index, so per-level values are a gather:
+    no host-side sizes, no host sync).
     """
 
     xy: Tensor
     stride: Tensor
     level_sizes: tuple[int, ...]
+    level: Tensor
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class FCOS(nn.Module):
         pre_nms_top_n: candidates kept per level before NMS.
         nms_thresh: IoU threshold of the class-wise NMS.
         max_detections: detections kept per image.
+        sync_free: compute the box losses densely with masks instead of on the gathered
+            positives (no host sync in the loss; the same sums up to float summation order).
     """
 
     def __init__(
@@ -141,6 +146,7 @@ class FCOS(nn.Module):
         pre_nms_top_n: int = 1000,
         nms_thresh: float = 0.6,
         max_detections: int = 100,
+        sync_free: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -164,6 +170,7 @@ class FCOS(nn.Module):
         self.pre_nms_top_n = pre_nms_top_n
         self.nms_thresh = nms_thresh
         self.max_detections = max_detections
+        self.sync_free = sync_free
         if variant == "paper":
             self.scales = nn.Parameter(torch.ones(len(strides)))
         else:
@@ -174,14 +181,15 @@ class FCOS(nn.Module):
         """Cell centres ``(x*s + s//2, y*s + s//2)`` of each level's (H, W) map."""
         if len(shapes) != len(self.strides):
             raise ValueError(f"got {len(shapes)} feature levels, expected {len(self.strides)}")
-        xy, stride = [], []
-        for (H, W), s in zip(shapes, self.strides):
+        xy, stride, level = [], [], []
+        for i, ((H, W), s) in enumerate(zip(shapes, self.strides)):
             ys = torch.arange(H, device=device, dtype=torch.float32) * s + s // 2
             xs = torch.arange(W, device=device, dtype=torch.float32) * s + s // 2
             gy, gx = torch.meshgrid(ys, xs, indexing="ij")
             xy.append(torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1))  # (HW, 2)
             stride.append(torch.full((H * W,), float(s), device=device))
-        return Points(torch.cat(xy), torch.cat(stride), tuple(H * W for H, W in shapes))
+            level.append(torch.full((H * W,), i, dtype=torch.long, device=device))
+        return Points(torch.cat(xy), torch.cat(stride), tuple(H * W for H, W in shapes), torch.cat(level))
 
     def _per_point_ranges(self, points: Points) -> Tensor:
         ranges = [torch.tensor(r, device=points.xy.device).expand(n, 2) for r, n in zip(self.size_ranges, points.level_sizes)]
@@ -201,21 +209,22 @@ class FCOS(nn.Module):
         labels, ltrbs = [], []
         for t in targets:
             boxes, cls = t["boxes"].to(points.xy), t["labels"].to(points.xy.device)
-            if "ignore" in t:
-                keep = ~t["ignore"].to(points.xy.device)
-                boxes, cls = boxes[keep], cls[keep]
-            lab, ltrb = self._assign_image(points, ranges, boxes, cls)
+            # ignored boxes stay in place but match no point (a mask, not a filter: no host sync)
+            usable = ~t["ignore"].to(points.xy.device) if "ignore" in t else None
+            lab, ltrb = self._assign_image(points, ranges, boxes, cls, usable)
             labels.append(lab)
             ltrbs.append(ltrb)
         return Assigned(torch.stack(labels), torch.stack(ltrbs))
 
-    def _assign_image(self, points: Points, ranges: Tensor, boxes: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
+    def _assign_image(self, points: Points, ranges: Tensor, boxes: Tensor, cls: Tensor, usable: Tensor | None = None) -> tuple[Tensor, Tensor]:
         P, M = points.xy.shape[0], boxes.shape[0]
         if M == 0:
             return cls.new_full((P,), -1), points.xy.new_zeros((P, 4))
         x, y = points.xy[:, 0:1], points.xy[:, 1:2]  # (P, 1)
         ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], dim=2)  # (P, M, 4)
         match = ltrb.min(dim=2).values > 0  # inside the box
+        if usable is not None:
+            match &= usable[None, :]
         if self.center_sampling_radius > 0:
             centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # (M, 2)
             dist = (points.xy[:, None, :] - centres[None]).abs().max(dim=2).values  # (P, M)
@@ -229,20 +238,26 @@ class FCOS(nn.Module):
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (M,)
         cost = torch.where(match, area[None, :].expand(P, M), torch.full_like(max_dist, INF))
         min_area, idx = cost.min(dim=1)  # (P,)
-        labels = cls[idx].clone()
-        labels[min_area == INF] = -1
+        background = min_area == INF
+        labels = torch.where(background, torch.full_like(cls[idx], -1), cls[idx])  # (P,); where, not a masked write: no host sync
         matched = ltrb[torch.arange(P, device=idx.device), idx]  # (P, 4)
-        matched[labels < 0] = 0
+        matched = torch.where(background[:, None], torch.zeros_like(matched), matched)
         return labels, matched
 
     # ------------------------------------------------------------------ losses
-    def decode(self, reg: Tensor, points: Points) -> Tensor:
-        """(N, P, 4) raw regression -> (N, P, 4) ltrb distances in pixels."""
+    def decode(self, reg: Tensor, points: Points, index: Tensor | None = None) -> Tensor:
+        """(N, P, 4) raw regression -> (N, P, 4) ltrb distances in pixels; with ``index``
+        (R,), ``reg`` is (R, 4), the rows of the points ``index`` (post-processing decodes
+        only its candidates)."""
         reg = reg.float()
         if self.variant == "paper":
-            level_scale = torch.repeat_interleave(self.scales, torch.tensor(points.level_sizes, device=reg.device))
-            return torch.exp((reg * level_scale[None, :, None]).clamp(max=_MAX_LOG_DISTANCE))
-        return F.relu(reg) * points.stride[None, :, None]
+            # each level's scale expanded over its points: no sizes copied to the device, no
+            # host sync, and the backward is one sum per level
+            scale = torch.cat([self.scales[i].expand(n) for i, n in enumerate(points.level_sizes)])  # (P,)
+            scale = scale[None, :, None] if index is None else scale[index, None]
+            return torch.exp((reg * scale).clamp(max=_MAX_LOG_DISTANCE))
+        stride = points.stride[None, :, None] if index is None else points.stride[index, None]
+        return F.relu(reg) * stride
 
     def loss(self, outputs: LevelOutputs, targets: list[dict[str, Tensor]] | Assigned) -> dict[str, Tensor]:
         """Loss terms ``cls``, ``reg``, ``ctr`` for a decoder's level outputs.
@@ -274,9 +289,10 @@ class FCOS(nn.Module):
         cls, ctr = cls.float(), ctr.float()
         labels = assigned.labels
         pos = labels >= 0  # (N, P)
-        one_hot = torch.zeros_like(cls)
-        one_hot[pos, labels[pos]] = 1.0
+        one_hot = torch.zeros_like(cls).scatter_(2, labels.long().clamp(min=0)[..., None], pos[..., None].to(cls.dtype))  # (N, P, K)
         focal = sigmoid_focal_loss(cls, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
+        if self.sync_free:
+            return {"cls": focal, **self._box_sums_dense(reg, ctr, points, assigned, pos)}
 
         pred_ltrb = self.decode(reg, points)[pos]  # (Npos, 4)
         target_ltrb = assigned.ltrb[pos].float()  # (Npos, 4)
@@ -294,6 +310,27 @@ class FCOS(nn.Module):
             reg_sum = generalized_box_iou_loss(ltrb_to_boxes(xy, pred_ltrb), ltrb_to_boxes(xy, target_ltrb), reduction="sum")
             reg_norm = num_pos
         return {"cls": focal, "reg": reg_sum, "ctr": ctr_sum, "num_pos": num_pos, "cls_norm": cls_norm, "reg_norm": reg_norm}
+
+    def _box_sums_dense(self, reg: Tensor, ctr: Tensor, points: Points, assigned: Assigned, pos: Tensor) -> dict[str, Tensor]:
+        """The regression and centerness sums of :meth:`loss_sums` over every point, each
+        term weighted by ``pos``, instead of over the gathered positives: no boolean
+        indexing, so no host sync (``sync_free``). The same sums up to summation order;
+        background targets are 1s so every discarded term stays finite."""
+        posf = pos.float()  # (N, P)
+        target_ltrb = torch.where(pos[..., None], assigned.ltrb.float(), torch.ones_like(assigned.ltrb, dtype=torch.float32))  # (N, P, 4)
+        ctr_target = centerness_target(target_ltrb) * posf  # (N, P), 0 off the positives
+        ctr_sum = F.binary_cross_entropy_with_logits(ctr, ctr_target, weight=posf, reduction="sum")
+        pred_ltrb = self.decode(reg, points)  # (N, P, 4)
+        num_pos = posf.sum()
+        cls_norm = num_pos + pos.shape[0] if self.variant == "paper" else num_pos
+        if self.variant == "paper":
+            reg_sum = (iou_loss(pred_ltrb.reshape(-1, 4), target_ltrb.reshape(-1, 4)) * ctr_target.reshape(-1)).sum()
+            reg_norm = ctr_target.sum()
+        else:
+            xy = points.xy[None].expand_as(reg[..., :2])  # (N, P, 2)
+            giou = generalized_box_iou_loss(ltrb_to_boxes(xy, pred_ltrb), ltrb_to_boxes(xy, target_ltrb), reduction="none")
+            reg_sum, reg_norm = (giou * posf).sum(), num_pos
+        return {"reg": reg_sum, "ctr": ctr_sum, "num_pos": num_pos, "cls_norm": cls_norm, "reg_norm": reg_norm}
 
     @staticmethod
     def combine(sums: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -320,30 +357,28 @@ class FCOS(nn.Module):
         """
         points = self.points([o[0].shape[-2:] for o in outputs], outputs[0][0].device)
         cls, reg, ctr = flatten_outputs(outputs)
+        N, P, K = cls.shape
+        L = len(points.level_sizes)
+        # every candidate of every image and level at once (one nonzero, no Python loop over levels)
         prob = torch.sigmoid(cls.float())  # (N, P, K)
-        ctr_prob = torch.sigmoid(ctr.float())  # (N, P)
-        ltrb = self.decode(reg, points)  # (N, P, 4)
-        level_starts = [0]
-        for n in points.level_sizes:
-            level_starts.append(level_starts[-1] + n)
-        K = cls.shape[-1]
+        img, pt, label = torch.nonzero(prob > self.score_thresh).unbind(1)  # (C,) each, ordered by (image, point, class)
+        score = prob[img, pt, label] * torch.sigmoid(ctr[img, pt].float())  # (C,) cls * ctr, the ranking
+        # top pre_nms_top_n per (image, level): order by score (stable), then by group (stable),
+        # so each group's candidates are contiguous and best first; keep the first n of each
+        group = img * L + points.level[pt]  # (C,)
+        order = torch.sort(score, descending=True, stable=True).indices
+        order = order[torch.sort(group[order], stable=True).indices]
+        counts = torch.bincount(group, minlength=N * L)  # (N*L,)
+        rank = torch.arange(len(order), device=order.device) - (torch.cumsum(counts, 0) - counts)[group[order]]
+        keep = order[rank < self.pre_nms_top_n]  # (C',), grouped by image, then level
+        img, pt, label, score = img[keep], pt[keep], label[keep], score[keep]
+        boxes = ltrb_to_boxes(points.xy[pt], self.decode(reg[img, pt], points, index=pt))  # (C', 4)
+        hw = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[img]  # (C', 2) unpadded H, W
+        boxes = torch.minimum(boxes.clamp(min=0), hw[:, [1, 0, 1, 0]])
+        scores = score.sqrt()
         results = []
-        for i, (H, W) in enumerate(image_sizes):
-            boxes_i, scores_i, labels_i = [], [], []
-            for a, b in zip(level_starts[:-1], level_starts[1:]):
-                p = prob[i, a:b]  # (Pl, K)
-                combined = (p * ctr_prob[i, a:b, None]).flatten()  # (Pl*K,)
-                cand = torch.nonzero(p.flatten() > self.score_thresh).squeeze(1)
-                if cand.numel() > self.pre_nms_top_n:
-                    cand = cand[combined[cand].topk(self.pre_nms_top_n).indices]
-                point_idx, label = cand // K + a, cand % K
-                boxes = ltrb_to_boxes(points.xy[point_idx], ltrb[i, point_idx])
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
-                boxes_i.append(boxes)
-                scores_i.append(combined[cand].sqrt())
-                labels_i.append(label)
-            boxes, scores, labels = torch.cat(boxes_i), torch.cat(scores_i), torch.cat(labels_i)
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.max_detections]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        per_image = torch.bincount(img, minlength=N).tolist()  # the one host sync (NMS is per image)
+        for b, s, l in zip(boxes.split(per_image), scores.split(per_image), label.split(per_image)):
+            nms = batched_nms(b, s, l, self.nms_thresh)[: self.max_detections]
+            results.append({"boxes": b[nms], "scores": s[nms], "labels": l[nms]})
         return results

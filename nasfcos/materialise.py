@@ -40,6 +40,26 @@ def meta_split(n: int, *, train_size: int = 4000, val_size: int | None = None, s
     return np.sort(perm[:train_size]), np.sort(perm[train_size : train_size + val_size])
 
 
+def fit_split(n: int, train_size: int = 4000, val_size: int | None = None) -> tuple[int, int]:
+    """(meta-train, meta-val) sizes for a dataset of ``n`` images: the requested sizes
+    when they fit (``val_size`` None: all the rest), else both scaled down to ``n`` in the
+    requested proportion (``val_size`` None and no rest left: the paper's 4000:1715).
+
+    >>> fit_split(5715, 4000, 1715), fit_split(100, 4000, 1715), fit_split(100, 4000)
+    ((4000, 1715), (70, 30), (70, 30))
+    """
+    if n < 2:
+        raise ValueError(f"a meta-train/meta-val split needs at least 2 images, got {n}")
+    if val_size is None:
+        if train_size < n:
+            return train_size, n - train_size
+        val_size = train_size * 1715 / 4000
+    if train_size + val_size <= n:
+        return train_size, int(val_size)
+    train = min(n - 1, max(1, round(n * train_size / (train_size + val_size))))
+    return train, n - train
+
+
 def proxy_transforms(size: int = PROXY_SIZE):
     """Short side ``size`` (no long-side cap), random ``size`` x ``size`` crop, normalise."""
     return build_transforms(train=False, min_size=size, max_size=None, crop=size, flip=False)

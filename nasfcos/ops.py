@@ -78,7 +78,14 @@ class SepConv(nn.Sequential):
 class ModulatedDeformConv(nn.Module):
     """DCNv2 (Zhu et al. 2019) via ``torchvision.ops.deform_conv2d``: a 3x3 conv
     predicts offsets and masks (zero-initialised, so it starts as a plain conv
-    with mask 0.5) for ``deformable_groups`` channel groups."""
+    with mask 0.5) for ``deformable_groups`` channel groups.
+
+    ``compute_dtype`` (None: the input's; see :func:`set_deform_dtype`) runs the
+    deformable conv itself in that dtype: torchvision's kernel is not cuDNN and under
+    autocast runs in fp32, which made it most of a searched decoder's time. The output
+    is cast back to the input's dtype, as torchvision's autocast wrapper does."""
+
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, channels: int, kernel: int = 3, deformable_groups: int = 2) -> None:
         super().__init__()
@@ -94,7 +101,27 @@ class ModulatedDeformConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         o1, o2, mask = torch.chunk(self.offset_mask(x), 3, dim=1)  # 2 x (N, dg*k*k, H, W) offsets, mask
         offset = torch.cat([o1, o2], dim=1)  # (N, 2*dg*k*k, H, W)
-        return deform_conv2d(x, offset, self.weight, self.bias, padding=self.kernel // 2, mask=torch.sigmoid(mask))
+        dt = self.compute_dtype
+        if dt is None:
+            return deform_conv2d(x, offset, self.weight, self.bias, padding=self.kernel // 2, mask=torch.sigmoid(mask))
+        with torch.autocast(device_type=x.device.type, enabled=False):  # torchvision's autocast would cast to fp32
+            out = deform_conv2d(x.to(dt), offset.to(dt), self.weight.to(dt), self.bias.to(dt), padding=self.kernel // 2, mask=torch.sigmoid(mask).to(dt))
+        return out.to(x.dtype)
+
+
+DEFORM_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def set_deform_dtype(module: nn.Module, dtype: str) -> int:
+    """Run every deformable conv in ``module`` in ``dtype`` (a key of :data:`DEFORM_DTYPES`;
+    ``float32`` = the input's dtype, the default). torchvision's CPU kernel (0.29) takes
+    float16 but not bfloat16. Returns how many convs were set."""
+    if dtype not in DEFORM_DTYPES:
+        raise ValueError(f"deformable conv dtype must be one of {', '.join(DEFORM_DTYPES)}, got {dtype!r}")
+    convs = [m for m in module.modules() if isinstance(m, ModulatedDeformConv)]
+    for m in convs:
+        m.compute_dtype = DEFORM_DTYPES[dtype]
+    return len(convs)
 
 
 class DeformConvNormReLU(nn.Sequential):

@@ -20,8 +20,11 @@ correspondingly"), the ranges are scaled by crop/800 (0-31-61-123-246-inf at 384
 unless a ``size_range_scale`` is given (1.0 = unscaled).
 
 Speed: features and per-point targets live on the device, batches are index
-gathers of a device-side permutation, bf16 autocast and channels_last on GPU,
-and nothing reads a value back to the host until training has finished. When the
+gathers of a device-side permutation, bf16 autocast and channels_last on GPU.
+With ``sync_free`` nothing reads a value back to the host until training has
+finished (without it, the loss's boolean indexing of the positives and
+AveragedModel's update count sync every step); ``deform_dtype`` and ``compile``
+are the other speed switches of ``ProxyConfig`` (issue #15). When the
 features do not fit the device (~50 GB fp16 for VOC at 384x384), a split made with
 ``stream=True`` keeps them in host memory: a background thread gathers the next batch
 into pinned memory while the device trains on the current one, then copies it
@@ -32,10 +35,11 @@ Letter legend: N samples, C channels, H/W map size, P points, K classes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from dataclasses import dataclass
@@ -49,6 +53,7 @@ from nasfcos.complexity import count_call_macs
 from nasfcos.decoder import build_decoder
 from nasfcos.failures import is_infrastructure, one_line
 from nasfcos.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs, scaled_size_ranges
+from nasfcos.ops import DEFORM_DTYPES, set_deform_dtype
 from nasfcos.space import Arch, resolve
 from nasfcos.train import SEED_LOCK
 
@@ -72,6 +77,10 @@ class ProxyConfig:
     seed: int = 0
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
+    # Speed switches (issue #15; off by default until a GPU run says they keep the ranking):
+    deform_dtype: str = "float32"  # deformable convs in float16/bfloat16 (nasfcos.ops.set_deform_dtype)
+    sync_free: bool = False  # no host sync per step: dense box losses, EMA counted on the host
+    compile: str = ""  # torch.compile backend of the training forward ("inductor"); "" = eager
 
     def __post_init__(self) -> None:
         for f in ("width", "batch_size", "eval_batch_size"):
@@ -81,6 +90,8 @@ class ProxyConfig:
             raise ValueError(f"proxy config: epochs must be >= 0, got {self.epochs}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"proxy config: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.deform_dtype not in DEFORM_DTYPES:
+            raise ValueError(f"proxy config: deform_dtype must be one of {', '.join(DEFORM_DTYPES)}, got {self.deform_dtype!r}")
 
 
 @dataclass
@@ -203,15 +214,17 @@ class ProxyModel(nn.Module):
     def __init__(self, arch: Arch, *, in_channels: tuple[int, ...], num_classes: int, cfg: ProxyConfig) -> None:
         super().__init__()
         self.decoder = build_decoder(arch, in_channels=tuple(in_channels), num_classes=num_classes, width=cfg.width)
-        self.fcos = FCOS(num_classes=num_classes, variant=cfg.loss_variant)
+        self.fcos = FCOS(num_classes=num_classes, variant=cfg.loss_variant, sync_free=cfg.sync_free)
+        set_deform_dtype(self.decoder, cfg.deform_dtype)
 
     def forward(self, feats: list[Tensor]) -> LevelOutputs:
         return self.decoder(feats)
 
 
-def _batch_sums(model: ProxyModel, split: ProxySplit, idx: Tensor, feats: list[Tensor], autocast: bool) -> dict[str, Tensor]:
+def _batch_sums(model: ProxyModel, split: ProxySplit, idx: Tensor, feats: list[Tensor], autocast: bool, forward=None) -> dict[str, Tensor]:
+    """FCOS loss sums of one batch; ``forward`` replaces ``model``'s (a compiled one)."""
     with torch.autocast(device_type=feats[0].device.type, dtype=torch.bfloat16, enabled=autocast):
-        outs = model([f.float() if not autocast else f for f in feats])
+        outs = (model if forward is None else forward)([f.float() if not autocast else f for f in feats])
     cls, reg, ctr = flatten_outputs(outs)
     assigned = Assigned(split.assigned.labels[idx].long(), split.assigned.ltrb[idx])
     return model.fcos.loss_sums(cls, reg, ctr, split.points, assigned)
@@ -228,24 +241,78 @@ def validation_losses(model: ProxyModel, split: ProxySplit, *, batch_size: int, 
     return FCOS.combine(total)
 
 
-def train_proxy(model: ProxyModel, split: ProxySplit, cfg: ProxyConfig) -> AveragedModel:
-    """Adam + EMA over ``cfg.epochs`` epochs; returns the averaged model."""
+class EMA(nn.Module):
+    """Polyak averaging as ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+    use_buffers=True)`` computes it (the same ops), with the update count kept on the host:
+    AveragedModel copies its count to the device on every update, a host sync per step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]))
+        if self.updates == 0:
+            for e, c in pairs:
+                e.copy_(c)
+        else:
+            floats = [(e, c) for e, c in pairs if e.is_floating_point()]
+            if floats:
+                torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1 - self.decay)
+            for e, c in pairs:
+                if not e.is_floating_point():  # e.g. BatchNorm's num_batches_tracked, as get_ema_multi_avg_fn does
+                    e.copy_(e * self.decay + c * (1 - self.decay))
+        self.updates += 1
+
+
+def train_proxy(
+    model: ProxyModel, split: ProxySplit, cfg: ProxyConfig, *, resume: dict | None = None, keep: Callable[[dict], None] | None = None
+) -> nn.Module:
+    """Adam + EMA over ``cfg.epochs`` epochs; returns the averaged model (its ``.module``).
+
+    Successive halving (``nasfcos.halving``): ``resume`` is the state ``keep`` was given
+    by an earlier call for the same arch and seed at fewer epochs (weights, EMA, Adam,
+    data-order generator); training goes on from its epoch to ``cfg.epochs`` and ends
+    with the weights of training ``cfg.epochs`` at once. ``keep`` receives the state after
+    training."""
     device = split.device
     autocast = cfg.amp and device.type == "cuda"
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    if cfg.sync_free:
+        ema: nn.Module = EMA(model, cfg.ema_decay)
+    else:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    # compiled forward for training only: the EMA copy and the state dict stay plain modules
+    forward = torch.compile(model, backend=cfg.compile, dynamic=False) if cfg.compile else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        if resume["ema_updates"] is not None:
+            ema.updates = resume["ema_updates"]
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        start = resume["epochs"]
+        if start > cfg.epochs:
+            raise ValueError(f"proxy: cannot resume a state of {start} epochs to train {cfg.epochs}")
     model.train()
     n = len(split)
-    for _ in range(cfg.epochs):
+    for _ in range(start, cfg.epochs):
         perm = torch.randperm(n, generator=gen, device=device)
         for idx, feats in split.batches(perm, cfg.batch_size):
-            sums = _batch_sums(model, split, idx, feats, autocast)
+            sums = _batch_sums(model, split, idx, feats, autocast, forward)
             loss = sum(FCOS.combine(sums).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             ema.update_parameters(model)
+    if keep is not None:
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
+        keep({**state, "ema_updates": getattr(ema, "updates", None), "generator": gen.get_state(), "epochs": cfg.epochs})
     return ema
 
 
@@ -257,8 +324,13 @@ def evaluate_arch(
     num_classes: int,
     cfg: ProxyConfig = ProxyConfig(),
     device_shared: bool = False,
+    resume: dict | None = None,
+    keep_state: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train ``arch`` on ``train`` and return its record (reward, losses, cost, status).
+
+    ``resume`` / ``keep_state``: successive halving's training state, as ``train_proxy``'s
+    ``resume`` / ``keep``; the record's ``epochs`` is ``cfg.epochs`` either way.
 
     Never raises for a bad architecture: NaN/inf losses, out-of-memory alone on the
     device and any other arch failure give ``status='failed'`` with the error text,
@@ -282,6 +354,7 @@ def evaluate_arch(
         "peak_mem_mb": 0.0,
         "device": _device_name(device),
         "seed": cfg.seed,
+        "epochs": cfg.epochs,
         "status": "failed",
         "error": "",
         "started_at": datetime.now(timezone.utc),
@@ -300,7 +373,7 @@ def evaluate_arch(
         with torch.no_grad():  # MACs of the decoder on one sample at the proxy geometry
             record["macs"] = count_call_macs(model.decoder.eval(), [f[:1].to(device).float() for f in train.feats])
         t0 = _now(device)
-        ema = train_proxy(model, train, cfg)
+        ema = train_proxy(model, train, cfg, resume=resume, keep=keep_state)
         t1 = _now(device)
         losses = validation_losses(ema.module, val, batch_size=cfg.eval_batch_size, autocast=cfg.amp and device.type == "cuda")
         values = {k: float(v) for k, v in losses.items()}  # the one host sync

@@ -254,10 +254,21 @@ class TokenSpace:
     head ``seq[5,1,5,0,4,4]`` was found in). Both end with the sharing index.
     """
 
-    def __init__(self, head: str = DEFAULT_HEAD_SEARCH) -> None:
+    def __init__(self, head: str = DEFAULT_HEAD_SEARCH, ops: Sequence[str] | None = None) -> None:
         if head not in HEAD_SEARCH_SPACES:
             raise ValueError(f"head search space {head!r} is not one of {HEAD_SEARCH_SPACES}")
         self.head = head
+        # ``ops``: the op names that may be chosen (None: all of Table 1 and the head ops);
+        # e.g. without def_conv_3x3 for a CPU search, whose deformable convs are slow there
+        self.ops = None if ops is None else tuple(ops)
+        if self.ops is not None:
+            unknown = sorted(set(self.ops) - set(FPN_OPS) - set(HEAD_OPS))
+            if unknown:
+                raise ValueError(f"ops: {', '.join(unknown)} not among {', '.join(dict.fromkeys(FPN_OPS + HEAD_OPS))}")
+            for where, table in (("FPN", FPN_OPS), ("head", HEAD_OPS)):
+                if not set(table) & set(self.ops):
+                    raise ValueError(f"ops: none of the {where} ops ({', '.join(table)}) is allowed")
+        self._allowed = {part: np.array([self.ops is None or o in self.ops for o in table]) for part, table in (("fpn", FPN_OPS), ("head", HEAD_OPS))}
         toks: list[Token] = []
         for b in range(NUM_FPN_BLOCKS):
             pool = NUM_BACKBONE_INPUTS + b
@@ -281,13 +292,15 @@ class TokenSpace:
         """Valid choices (bool, length ``max_choices``) for the token after ``prefix``.
 
         FPN id tokens may not make later blocks read a 5th distinct block output
-        (at least 3 must stay unread for P3-P5); every other token allows all of
-        its choices.
+        (at least 3 must stay unread for P3-P5); op tokens allow the space's ``ops``;
+        every other token allows all of its choices.
         """
         i = len(prefix)
         tok = self.tokens[i]
         mask = np.zeros(self.max_choices, dtype=bool)
         mask[: tok.choices] = True
+        if self.ops is not None and re.search(r"\.op\d$", tok.name):
+            mask[: tok.choices] = self._allowed["fpn" if tok.name.startswith("fpn") else "head"]
         if tok.name.startswith("fpn") and tok.name.endswith((".id1", ".id2")):
             read = {v for k, v in enumerate(prefix) if self.tokens[k].name.startswith("fpn") and self.tokens[k].name.endswith((".id1", ".id2")) and v >= NUM_BACKBONE_INPUTS}
             if len(read) >= MAX_READ_BLOCK_OUTPUTS:
@@ -331,8 +344,13 @@ TOKEN_SPACES: dict[str, TokenSpace] = {h: TokenSpace(h) for h in HEAD_SEARCH_SPA
 TOKEN_SPACE = TOKEN_SPACES[DEFAULT_HEAD_SEARCH]
 
 
-def token_space(head: str) -> TokenSpace:
-    """The token space of head search space ``head`` (``dag`` or ``seq``)."""
+def token_space(head: "str | TokenSpace", ops: Sequence[str] | None = None) -> TokenSpace:
+    """The token space of head search space ``head`` (``dag`` or ``seq``), with only
+    ``ops`` allowed when given; a TokenSpace is returned as it is."""
+    if isinstance(head, TokenSpace):
+        return head
+    if ops is not None:
+        return TokenSpace(head, ops)
     if head not in TOKEN_SPACES:
         raise ValueError(f"head search space {head!r} is not one of {HEAD_SEARCH_SPACES}")
     return TOKEN_SPACES[head]

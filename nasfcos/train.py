@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import os
 import random
 import tempfile
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from nasfcos.data.transforms import collate
 from nasfcos.detector import Detector, DetectorSpec, build_detector
 from nasfcos.faults import fault_point
+from nasfcos.progress import Progress, fmt_eta
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ CHECKPOINT = "checkpoint.pt"
 # slots in one process) cannot interleave their draws.
 SEED_LOCK = threading.RLock()
 # Fields that may change when a run is resumed (they do not change what was computed).
-_RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "log_every", "num_workers")
+_RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "log_every", "num_workers", "channels_last", "sync_free")
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,13 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     num_workers: int = 4
+    # Speed switches (issue #15), off by default: bfloat16 autocast needs no GradScaler (whose
+    # step reads its inf check back to the host every iteration); channels_last memory
+    # format; sync_free: dense box losses, pinned targets copied without waiting, the
+    # non-finite-loss check made at log/checkpoint iterations (naming the first bad one).
+    amp_dtype: str = "float16"
+    channels_last: bool = False
+    sync_free: bool = False
 
     def __post_init__(self) -> None:
         for f in ("iterations", "batch_size", "checkpoint_every", "log_every"):
@@ -85,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"train config: base_lr must be > 0, got {self.base_lr}")
         if list(self.steps) != sorted(self.steps):
             raise ValueError(f"train config: steps must be increasing, got {self.steps}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"train config: amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -253,6 +263,9 @@ def detector_from_checkpoint(path: str | Path) -> tuple[Detector, dict]:
     return model, ckpt
 
 
+_DEFAULTS = asdict(TrainConfig())
+
+
 class LossSums(nn.Module):
     """Detector forward + FCOS loss sums as one module: what data-parallel training wraps.
 
@@ -263,12 +276,12 @@ class LossSums(nn.Module):
     detector only; losses are fp32.
     """
 
-    def __init__(self, model: Detector, *, amp: bool) -> None:
+    def __init__(self, model: Detector, *, amp: bool, amp_dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
-        self.model, self.amp = model, amp
+        self.model, self.amp, self.amp_dtype = model, amp, amp_dtype
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        with torch.autocast(device_type=images.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.autocast(device_type=images.device.type, dtype=self.amp_dtype, enabled=self.amp):
             outputs = self.model(images)
         return self.model.fcos.level_loss_sums([tuple(o.float() for o in lvl) for lvl in outputs], targets)
 
@@ -311,6 +324,7 @@ def train(
     device: str | torch.device = "cpu",
     backbone_weights: str | Path | None = None,
     init_checkpoint: str | Path | None = None,
+    init_prefix: str = "",
     meta: dict | None = None,
     stop_at: int | None = None,
     rank: int = 0,
@@ -321,7 +335,8 @@ def train(
     Resumes from ``out_dir/checkpoint.pt`` when it exists. ``init_checkpoint``
     initialises the weights of a fresh run from another nasfcos checkpoint
     (e.g. the VOC-finetuned backbone); keys that do not match in shape (the
-    class logits of a different dataset) are skipped and logged. ``meta`` is
+    class logits of a different dataset) are skipped and logged; with ``init_prefix``
+    (e.g. ``"backbone."``) only the tensors whose names start with it. ``meta`` is
     stored in the checkpoint (classes, category ids, input sizes). ``stop_at``
     ends the run early after that iteration, as if killed there (tests).
     ``backbone_weights`` is a local file or a torchvision weight name (see
@@ -350,9 +365,13 @@ def train(
         # tensors, so gloo ranks on CPU (tests) keep per-rank BatchNorm
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.fcos.sync_free = cfg.sync_free
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.base_lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    # bf16 has fp32's range: no loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp_dtype == "float16")
 
     start = 0
     if ckpt_path.exists():
@@ -361,7 +380,8 @@ def train(
             raise ValueError(f"{ckpt_path}: checkpoint is for {ckpt['spec']}, not {spec.to_dict()}; use another out dir")
         old = {k: v for k, v in ckpt["train_config"].items() if k not in _RESUMABLE_FIELDS}
         new = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
-        changed = sorted(k for k in new if old.get(k) != new[k])
+        # a field missing from an older checkpoint had its default's behaviour
+        changed = sorted(k for k in new if old.get(k, _DEFAULTS[k]) != new[k])
         if changed:
             raise ValueError(f"{ckpt_path}: checkpoint was trained with other settings ({', '.join(changed)}); use another out dir")
         model.load_state_dict(ckpt["model"])
@@ -372,9 +392,10 @@ def train(
         start = int(ckpt["iteration"])
         log.info("resuming %s at iteration %d/%d", ckpt_path, start, cfg.iterations)
     elif init_checkpoint is not None:
-        _init_from(model, load_checkpoint(init_checkpoint)["model"], init_checkpoint)
+        state = load_checkpoint(init_checkpoint)["model"]
+        _init_from(model, {k: v for k, v in state.items() if k.startswith(init_prefix)}, init_checkpoint)
 
-    step: nn.Module = LossSums(model, amp=use_amp)
+    step: nn.Module = LossSums(model, amp=use_amp, amp_dtype=AMP_DTYPES[cfg.amp_dtype])
     if world_size > 1:  # after loading: every rank starts from the same weights
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
 
@@ -415,45 +436,62 @@ def train(
     t0 = tick = time.perf_counter()
     losses: dict[str, float] = {}
     it = start
-    for it, (images, targets) in enumerate(loader, start=start + 1):
-        images = images.to(device, non_blocking=True)
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        sums = step(images, targets)
-        parts = model.fcos.combine(global_normalisers(sums) if world_size > 1 else sums)
-        # this rank's share of the global-batch loss; x N because DDP averages the gradients
-        loss = sum(parts.values()) * world_size
-        parts = _summed_over_ranks(parts, world_size)  # the same on every rank: all raise together
-        if not torch.isfinite(sum(parts.values())):
-            raise FloatingPointError(
-                f"non-finite loss at iteration {it}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]  # this update's lr, logged (the step below sets the next one's)
-        scheduler.step()
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # sync_free: first non-finite iteration, 0 = none
+    # a bar on a terminal; elsewhere the log lines below are the progress
+    with Progress(cfg.iterations, "train", initial=start, log_lines=False, terminal=None if is_main else False) as bar:
+        for it, (images, targets) in enumerate(loader, start=start + 1):
+            images = images.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = [{k: v.to(device, non_blocking=cfg.sync_free) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            sums = step(images, targets)
+            parts = model.fcos.combine(global_normalisers(sums) if world_size > 1 else sums)
+            # this rank's share of the global-batch loss; x N because DDP averages the gradients
+            loss = sum(parts.values()) * world_size
+            parts = _summed_over_ranks(parts, world_size)  # the same on every rank: all raise together
+            if cfg.sync_free:  # remember the first bad iteration on the device; raised below
+                first_bad = torch.where(torch.isfinite(sum(parts.values())) | (first_bad > 0), first_bad, it)
+                if it % cfg.log_every == 0 or it % cfg.checkpoint_every == 0 or it == end:
+                    _raise_if_non_finite(int(first_bad), it)
+            elif not torch.isfinite(sum(parts.values())):
+                raise FloatingPointError(
+                    f"non-finite loss at iteration {it}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]  # this update's lr, logged (the step below sets the next one's)
+            scheduler.step()
 
-        if it % cfg.log_every == 0 or it == end:
-            losses = {k: v.item() for k, v in parts.items()}
-            now = time.perf_counter()
-            per_it = (now - tick) / min(cfg.log_every, it - start)
-            tick = now
-            eta = per_it * (cfg.iterations - it)
-            (log.info if is_main else log.debug)(
-                "iter %d/%d  loss %.4f (%s)  lr %.5f  %.3f s/it  eta %s",
-                it, cfg.iterations, sum(losses.values()),
-                " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
-                lr, per_it, _fmt_eta(eta),
-            )  # fmt: skip
-        if it % cfg.checkpoint_every == 0 or it == end:
-            save(it, {k: v.item() for k, v in parts.items()})
+            if it % cfg.log_every == 0 or it == end:
+                losses = {k: v.item() for k, v in parts.items()}
+                now = time.perf_counter()
+                per_it = (now - tick) / min(cfg.log_every, it - start)
+                tick = now
+                eta = per_it * (cfg.iterations - it)
+                (log.info if is_main else log.debug)(
+                    "iter %d/%d  loss %.4f (%s)  lr %.5f  %.3f s/it  eta %s",
+                    it, cfg.iterations, sum(losses.values()),
+                    " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
+                    lr, per_it, fmt_eta(eta),
+                )  # fmt: skip
+            bar.update(1, **({"loss": sum(losses.values())} if it % cfg.log_every == 0 and losses else {}))
+            if it % cfg.checkpoint_every == 0 or it == end:
+                save(it, {k: v.item() for k, v in parts.items()})
     if it == start and not ckpt_path.exists():  # nothing to train (iterations already done)
         save(it, losses)
     return TrainResult(checkpoint=ckpt_path, iteration=it, seconds=time.perf_counter() - t0, last_losses=losses)
+
+
+def _raise_if_non_finite(first_bad: int, it: int) -> None:
+    """sync_free's deferred check: before any log line or checkpoint, so a run that
+    diverged raises without saving the weights the bad iterations updated."""
+    if first_bad:
+        raise FloatingPointError(f"non-finite loss at iteration {first_bad} (sync_free: noticed at iteration {it})")
 
 
 def _load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
@@ -474,11 +512,3 @@ def _init_from(model: nn.Module, state: dict, source: str | Path) -> None:
     skipped = sorted(set(state) - set(usable))
     model.load_state_dict(usable, strict=False)
     log.info("initialised %d tensors from %s (skipped %d: %s)", len(usable), source, len(skipped), ", ".join(skipped[:5]))
-
-
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -31,17 +31,20 @@ parts, deduplicated. ``pandas.read_parquet(run_dir / "results.parquet")``
 alone sees every row only after :meth:`ResultsTable.compact` (the search loop
 compacts at the end of each step).
 
-**Dedup rule** (one row per ``arch_id``). The rows of an arch are ordered by
-content - ``(step, sample, finished_at, started_at, seed, device, reward_used,
-error)`` - never by file order, so the answer does not depend on which
-process appended first or on when compaction ran:
+**Dedup rule** (one row per ``arch_id``). Only the arch's rows that reached the
+most rungs count (successive halving writes a row per rung, each with the rewards
+of the rungs below: the table keeps the highest fidelity; rows without rungs count
+as one). Those are ordered by content - ``(step, sample, finished_at, started_at,
+seed, device, reward_used, error)`` - never by file order, so the answer does not
+depend on which process appended first or on when compaction ran:
 
 - if any row is ``ok``, the *first* ``ok`` row is kept (a result, once
   obtained, is never overwritten, and a failed row is replaced by any ok row);
-- otherwise the *last* ``failed`` row is kept (the latest attempt's error).
+- otherwise the *last* row is kept (``failed``: the latest attempt's error;
+  ``over_budget``: an arch the cost constraint kept from being evaluated).
 
-``append`` also skips a row whose arch already has an ``ok`` row (in the table
-or earlier in the same batch), checked under the lock; ``write_part`` does not
+``append`` also skips a row whose arch already has an ``ok`` row of as many rungs
+(in the table or earlier in the same batch), checked under the lock; ``write_part`` does not
 check (it takes no lock), so an arch evaluated twice by a retried task may have
 two rows on disk, and the content order above picks the same one at every read.
 
@@ -109,7 +112,7 @@ CAT_AGG = "cat"
 # from the canonical arch string by decode_arch_fields (given ones must agree).
 
 _STR, _INT, _FLOAT, _TS = pa.string(), pa.int64(), pa.float64(), pa.timestamp("us", tz="UTC")
-_STR_LIST, _INT_LIST = pa.list_(pa.string()), pa.list_(pa.int64())
+_STR_LIST, _INT_LIST, _FLOAT_LIST = pa.list_(pa.string()), pa.list_(pa.int64()), pa.list_(pa.float64())
 
 _DECODED: list[tuple[str, pa.DataType, str]] = [
     ("fpn_kind", _STR, "'fcos' (hand-designed FPN of FCOS) or 'searched' (7 blocks)"),
@@ -132,7 +135,7 @@ _DECODED: list[tuple[str, pa.DataType, str]] = [
 _RECORD_AFTER: list[tuple[str, pa.DataType, str]] = [
     ("step", _INT, "search step (controller update index)"),
     ("sample", _INT, "index of the arch within its step"),
-    ("status", _STR, "'ok' or 'failed'"),
+    ("status", _STR, "'ok', 'failed' (its evaluation failed) or 'over_budget' (above search.max_decoder_macs/params: never evaluated)"),
     ("reward", _FLOAT, "proxy-task reward (negative validation loss); NaN when failed"),
     ("reward_used", _FLOAT, "reward fed to the controller (the penalty for failed archs); finite"),
     ("loss_cls", _FLOAT, "proxy validation focal loss (NaN if unknown)"),
@@ -148,18 +151,25 @@ _RECORD_AFTER: list[tuple[str, pa.DataType, str]] = [
     ("error", _STR, "'' when ok, else the error message"),
     ("started_at", _TS, "UTC start time"),
     ("finished_at", _TS, "UTC finish time"),
+    # schema 2 (successive halving); optional in rows, defaults for rows written before
+    ("epochs", _INT, "proxy epochs behind reward: the highest rung reached (-1 if unknown)"),
+    ("rung_epochs", _INT_LIST, "proxy epochs of each rung the arch completed, ascending ([epochs] without successive halving)"),
+    ("rung_rewards", _FLOAT_LIST, "its reward at each of those rungs (NaN where that evaluation failed); the last is reward"),
 ]
+# Fields a row may leave out, with the value it then gets (also for files of schema 1).
+OPTIONAL_DEFAULTS: dict[str, Any] = {"epochs": -1, "rung_epochs": [], "rung_rewards": []}
 _FIELDS = [("arch_id", _STR, "12-hex sha1 of arch"), ("arch", _STR, "canonical arch string")] + _DECODED + _RECORD_AFTER
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 SCHEMA: pa.Schema = pa.schema(
     [pa.field(n, t, nullable=False, metadata={"doc": d}) for n, t, d in _FIELDS],
     metadata={"nasfcos.results.schema_version": SCHEMA_VERSION},
 )
 DECODED_FIELDS: tuple[str, ...] = tuple(n for n, _, _ in _DECODED)
-RECORD_FIELDS: tuple[str, ...] = ("arch_id", "arch") + tuple(n for n, _, _ in _RECORD_AFTER)
+RECORD_FIELDS: tuple[str, ...] = ("arch_id", "arch") + tuple(n for n, _, _ in _RECORD_AFTER if n not in OPTIONAL_DEFAULTS)
+OPTIONAL_FIELDS: tuple[str, ...] = tuple(OPTIONAL_DEFAULTS)
 FIELD_DOCS: dict[str, str] = {n: d for n, _, d in _FIELDS}
-STATUSES = ("ok", "failed")
+STATUSES = ("ok", "failed", "over_budget")
 
 # Content order of an arch's rows for the dedup rule (see module docstring).
 _ORDER_KEYS = ["step", "sample", "finished_at", "started_at", "seed", "device", "reward_used", "error"]
@@ -272,14 +282,15 @@ def validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """Check a row dict and return it normalised, with the decoded fields filled in.
 
     ``row`` must hold exactly :data:`RECORD_FIELDS`, optionally plus any of
-    :data:`DECODED_FIELDS` (which must then equal the decoding of ``arch``).
+    :data:`DECODED_FIELDS` (which must then equal the decoding of ``arch``) and of
+    :data:`OPTIONAL_FIELDS` (else :data:`OPTIONAL_DEFAULTS`).
     Ints accept Python/NumPy integers, floats also accept integers, timestamps
     must be timezone-aware ``datetime``s (stored in UTC). Raises ``ValueError``
     naming the first bad field.
     """
     if not isinstance(row, Mapping):
         raise ValueError(f"row: expected a dict, got {type(row).__name__}")
-    unknown = sorted(set(row) - set(RECORD_FIELDS) - set(DECODED_FIELDS))
+    unknown = sorted(set(row) - set(RECORD_FIELDS) - set(DECODED_FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown field (known: {', '.join(RECORD_FIELDS)})")
     missing = [f for f in RECORD_FIELDS if f not in row]
@@ -289,6 +300,8 @@ def validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in RECORD_FIELDS:
         out[f] = _coerce(f, SCHEMA.field(f).type, row[f])
+    for f, default in OPTIONAL_DEFAULTS.items():
+        out[f] = _coerce(f, SCHEMA.field(f).type, row.get(f, default))
 
     decoded = decode_arch_fields(out["arch"])
     for f, v in decoded.items():
@@ -315,6 +328,13 @@ def validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
     for f in ("step", "sample"):
         if out[f] < 0:
             raise ValueError(f"{f}: {out[f]} must be >= 0")
+    rungs, rewards = out["rung_epochs"], out["rung_rewards"]
+    if len(rungs) != len(rewards):
+        raise ValueError(f"rung_rewards: {len(rewards)} rewards for {len(rungs)} rung_epochs")
+    if rungs and (rungs != sorted(set(rungs)) or out["epochs"] != rungs[-1]):
+        raise ValueError(f"rung_epochs: {rungs} must increase and end at epochs ({out['epochs']})")
+    if rungs and out["status"] == "ok" and rewards[-1] != out["reward"]:
+        raise ValueError(f"rung_rewards: the last ({rewards[-1]!r}) must be the reward ({out['reward']!r})")
     out.update(decoded)
     return {f: out[f] for f in SCHEMA.names}
 
@@ -332,6 +352,10 @@ def _coerce(f: str, t: pa.DataType, v: Any) -> Any:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise ValueError(f"{f}: expected float, got {type(v).__name__} {v!r}")
         return float(v)
+    if t in (_INT_LIST, _FLOAT_LIST):
+        if not isinstance(v, (list, tuple, np.ndarray)):
+            raise ValueError(f"{f}: expected a list, got {type(v).__name__} {v!r}")
+        return [_coerce(f, t.value_type, x) for x in v]
     if t == _TS:
         if not isinstance(v, datetime) or v is pd.NaT:
             raise ValueError(f"{f}: expected a timezone-aware datetime, got {type(v).__name__} {v!r}")
@@ -435,11 +459,21 @@ class ResultsTable:
         self.path = self.run_dir / "results.parquet"
         self.parts_dir = self.run_dir / "results.parts"
         self.lock_path = self.run_dir / "results.lock"
-        self._ok_cache: dict[tuple, frozenset[str]] = {}  # see _ok_ids
+        self._ok_cache: dict[tuple, dict[str, int]] = {}  # see _ok_ids
         self._lock_key = str(self.lock_path.resolve())  # this process's lock for the run dir
 
     def __repr__(self) -> str:
         return f"ResultsTable({str(self.run_dir)!r})"
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "ResultsTable":
+        """The table of an existing run: ``path`` is its ``results.parquet`` or its run directory."""
+        path = Path(path)
+        run_dir = path.parent if path.name == "results.parquet" else path
+        table = cls(run_dir)
+        if not table.path.exists() and not table._part_paths():
+            raise FileNotFoundError(f"{path}: no results.parquet (nor uncompacted parts) there")
+        return table
 
     # ------------------------------------------------------------- writing
     def write_part(self, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -458,8 +492,9 @@ class ResultsTable:
     def append(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Validate ``rows`` and add them as one atomic part file; return how many were written.
 
-        A row is skipped when its arch already has an ``ok`` row (in the table
-        or earlier in ``rows``); a failed arch may be appended again. All rows
+        A row is skipped when its arch already has an ``ok`` row of as many rungs
+        (in the table or earlier in ``rows``); a failed arch may be appended again, and
+        an arch promoted by successive halving gets its row of the higher rung. All rows
         are validated before anything is written, so a bad row writes none.
         """
         table = _rows_table(rows)
@@ -468,12 +503,13 @@ class ResultsTable:
         with self._lock():
             done = self._ok_ids()
             keep = []
-            for i, (aid, st) in enumerate(zip(table.column("arch_id").to_pylist(), table.column("status").to_pylist())):
-                if aid in done:
+            ids, statuses, rungs = table.column("arch_id").to_pylist(), table.column("status").to_pylist(), _rungs(table).to_pylist()
+            for i, (aid, st, n) in enumerate(zip(ids, statuses, rungs)):
+                if done.get(aid, 0) >= n:
                     continue
                 keep.append(i)
                 if st == "ok":
-                    done.add(aid)
+                    done[aid] = n
             if not keep:
                 return 0
             self._write_part(table.take(keep))
@@ -536,6 +572,11 @@ class ResultsTable:
     def __len__(self) -> int:
         return self.table().num_rows
 
+    def count(self, status: str) -> int:
+        """Rows of ``status`` (e.g. ``over_budget``: archs the cost constraint kept from being evaluated)."""
+        t = self.table()
+        return int(pc.sum(pc.equal(t.column("status"), status)).as_py() or 0)
+
     def contains(self, arch_id: str, *, ok_only: bool = False) -> bool:
         """Whether ``arch_id`` has a row (with ``ok_only``: an ``ok`` row, i.e. needs no retry)."""
         row = self.get(arch_id)
@@ -548,14 +589,16 @@ class ResultsTable:
         return hit.to_pylist()[0] if hit.num_rows else None
 
     def history(self) -> pd.DataFrame:
-        """Per search step: samples, ok samples, mean/max reward and the best reward so far.
+        """Per search step: evaluated samples, ok samples, mean/max reward and the best reward so far.
 
         Columns: ``step, n, n_ok, mean_reward, max_reward, best_reward,
         mean_reward_used``. Rewards are over ``ok`` rows (NaN for a step with
         none; ``best_reward`` carries the previous best); ``mean_reward_used``
-        includes the penalties of failed ones.
+        includes the penalties of failed ones; ``over_budget`` rows (never
+        evaluated) are left out.
         """
         df = self.read()
+        df = df[df["status"] != "over_budget"]
         cols = ["step", "n", "n_ok", "mean_reward", "max_reward", "best_reward", "mean_reward_used"]
         if df.empty:
             return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("step", "n", "n_ok") else "float64") for c in cols})
@@ -574,13 +617,26 @@ class ResultsTable:
         out["best_reward"] = out["max_reward"].cummax().ffill()
         return out.reset_index()[cols]
 
+    def ok_rewards(self) -> list[tuple[str, float]]:
+        """(arch, reward_used) of every ``ok`` row, oldest first (by step, sample): what an
+        evolution search warm-starts its population from (``search.warm_start``)."""
+        df = self.read()
+        df = df[df["status"] == "ok"]
+        return list(zip(df["arch"].tolist(), df["reward_used"].astype(float).tolist()))
+
     def top_k(self, k: int = 20) -> pd.DataFrame:
-        """The ``k`` best ``ok`` archs by reward (descending; ties by arch_id ascending), with ``rank`` 1..k."""
+        """The ``k`` best ``ok`` archs by reward (descending; ties by arch_id ascending), with ``rank`` 1..k.
+
+        Under successive halving archs that reached more rungs rank first (ASHA's answer is the
+        best at the highest fidelity: a 3-epoch reward is not comparable with a 15-epoch one)."""
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
             raise ValueError(f"k: expected an int >= 0, got {k!r}")
         df = self.read()
-        df = df[df["status"] == "ok"].sort_values(["reward", "arch_id"], ascending=[False, True], kind="stable")
-        df = df.head(int(k)).reset_index(drop=True)
+        df = df[df["status"] == "ok"]
+        df = df.assign(_rungs=[max(len(r), 1) for r in df["rung_epochs"]]).sort_values(
+            ["_rungs", "reward", "arch_id"], ascending=[False, False, True], kind="stable"
+        )
+        df = df.drop(columns="_rungs").head(int(k)).reset_index(drop=True)
         df.insert(0, "rank", np.arange(1, len(df) + 1, dtype="int64"))
         return df
 
@@ -617,14 +673,15 @@ class ResultsTable:
             return []
         return sorted(p for p in self.parts_dir.glob("*.parquet") if not p.name.startswith("."))
 
-    def _ok_ids(self) -> set[str]:
-        """Arch ids with an ok row; call under the lock (the table does not change meanwhile).
+    def _ok_ids(self) -> dict[str, int]:
+        """Arch id -> the most rungs of its ok rows, for archs with one; call under the lock
+        (the table does not change meanwhile).
 
         Each file's ids are remembered by (name, mtime, size): parts never change once
         renamed in, and the table only by compaction, so the flow's append per finished
         evaluation reads only the files that are new since its last one.
         """
-        ids: set[str] = set()
+        ids: dict[str, int] = {}
         seen = {}
         for p in self._part_paths() + ([self.path] if self.path.exists() else []):
             try:
@@ -635,15 +692,23 @@ class ResultsTable:
             if key not in self._ok_cache:
                 try:
                     with open(p, "rb") as f:
-                        t = pq.read_table(f, columns=["arch_id", "status"], page_checksum_verification=True)
+                        names = pq.read_schema(f).names
+                        t = pq.read_table(f, columns=[c for c in ("arch_id", "status", "rung_epochs") if c in names], page_checksum_verification=True)
                 except FileNotFoundError:
                     continue
                 except (pa.ArrowException, OSError):
                     self._read_or_quarantine(p)  # names it, moves it away
                     continue
-                self._ok_cache[key] = frozenset(t.column("arch_id").filter(pc.equal(t.column("status"), "ok")).to_pylist())
+                if "rung_epochs" not in t.column_names:  # schema 1
+                    t = t.append_column("rung_epochs", pa.array([[]] * t.num_rows, type=_INT_LIST))
+                t = t.filter(pc.equal(t.column("status"), "ok"))
+                file_ids: dict[str, int] = {}
+                for aid, n in zip(t.column("arch_id").to_pylist(), _rungs(t).to_pylist()):
+                    file_ids[aid] = max(n, file_ids.get(aid, 0))
+                self._ok_cache[key] = file_ids
             seen[key] = self._ok_cache[key]
-            ids |= seen[key]
+            for aid, n in seen[key].items():
+                ids[aid] = max(n, ids.get(aid, 0))
         self._ok_cache = seen
         return ids
 
@@ -670,6 +735,9 @@ class ResultsTable:
         with open(path, "rb") as f:
             t = pq.read_table(f, page_checksum_verification=True)
         if not t.schema.equals(SCHEMA, check_metadata=False):
+            for name, default in OPTIONAL_DEFAULTS.items():  # a file of schema 1
+                if name not in t.schema.names:
+                    t = t.append_column(SCHEMA.field(name), pa.array([default] * t.num_rows, type=SCHEMA.field(name).type))
             for field in SCHEMA:
                 if field.name not in t.schema.names:
                     raise ValueError(f"{path}: missing field {field.name!r} (schema version {SCHEMA_VERSION})")
@@ -699,17 +767,25 @@ def _delete_parts(parts: list[Path]) -> None:
         _unlink(p)
 
 
+def _rungs(table: pa.Table) -> pa.Array:
+    """Rungs each row reached, at least 1 (rows of schema 1 and single-fidelity rows are alike)."""
+    return pc.max_element_wise(pc.list_value_length(table.column("rung_epochs")).fill_null(0), pa.scalar(1, pa.int32()))
+
+
 def _dedup(table: pa.Table) -> pa.Table:
-    """One row per arch_id by the dedup rule (first ok, else last failed), sorted by step, sample, arch_id."""
+    """One row per arch_id by the dedup rule (of its rows that reached the most rungs: the first
+    ok, else the last), sorted by step, sample, arch_id."""
     if table.num_rows == 0:
         return table
-    order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in ["arch_id"] + _ORDER_KEYS]).to_pylist()
+    keyed = table.append_column("_rungs", _rungs(table))
+    order = pc.sort_indices(keyed, sort_keys=[("arch_id", "ascending"), ("_rungs", "descending")] + [(k, "ascending") for k in _ORDER_KEYS]).to_pylist()
     ids = table.column("arch_id").to_pylist()
     ok = [s == "ok" for s in table.column("status").to_pylist()]
+    rungs = keyed.column("_rungs").to_pylist()
     keep: dict[str, int] = {}
-    for i in order:  # rows of one arch are consecutive, in content order
+    for i in order:  # rows of one arch are consecutive: most rungs first, then in content order
         j = keep.get(ids[i])
-        if j is None or not ok[j]:  # an ok row is final; a failed one yields to any later row
+        if j is None or (not ok[j] and rungs[i] == rungs[j]):  # an ok row is final; a failed one yields to a later row of its rung
             keep[ids[i]] = i
     kept = table.take(pa.array(sorted(keep.values()), type=pa.int64()))
     return kept.take(pc.sort_indices(kept, sort_keys=[("step", "ascending"), ("sample", "ascending"), ("arch_id", "ascending")]))

@@ -211,3 +211,37 @@ def test_atomic_save_leaves_no_temp_and_orphans_are_removed(tmp_path):
     remove_orphans(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "other.pt.tmp"]
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))
+
+
+def test_the_paper_preset_keeps_its_hashes_as_search_strategies_are_added():
+    """Fields added to a section later (flows.stages._NEWER: evolution, successive halving, cost
+    limits, ...) are left out of hashes and claims at their defaults: the paper preset still has
+    the stage hashes and claim keys of nasfcos b73b858, so its run dirs resume and finished
+    stages stay finished; it still searches with the paper's PPO, one fidelity, no cost limit."""
+    from flows.stages import conflict_key, stage_hash
+    from storage.runs import STAGES
+
+    cfg = load_config("paper")
+    assert [stage_hash(cfg, s) for s in STAGES] == [
+        "308f4022fd0ddf38", "875c7c20ddfa6322", "6991910171f75fd1", "778a77f4f80506d3", "02aa08371420a805", "1ffc24959c74def1",
+    ]  # fmt: skip
+    assert conflict_key(cfg, "evaluate") == "c8afe19761f41470"
+    s = cfg.search
+    assert (s.policy, s.controller_update, s.rungs, s.max_decoder_macs, s.max_decoder_params, s.warm_start) == ("ppo", "batch", None, None, None, None)
+    # a new field set away from its default is part of the search's identity
+    assert stage_hash(load_config("paper", {"search.max_decoder_macs": 10**9}), "search") != stage_hash(cfg, "search")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"search.policy": "evolution", "search.sample_size": 100}, "search.sample_size 100 is larger than search.population 64"),
+        ({"search.warm_start": "runs/x/results.parquet"}, "search.warm_start is for policy evolution, not ppo"),
+        ({"search.rungs": [2, 1]}, r"search.rungs \[2, 1\]: need at least 2 strictly increasing"),
+        ({"search.rungs": [1, 3]}, r"search.rungs \[1, 3\] must end at proxy.epochs \(2\)"),
+        ({"search.rungs": [1, 2], "search.mode": "sync"}, r"search.rungs \(successive halving\) needs search.mode async"),
+    ],
+)
+def test_search_strategy_settings_are_checked_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=f"demo.yaml: {message}"):
+        load_config("demo", overrides)

@@ -8,8 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 pytest.importorskip("prefect")
 
@@ -30,6 +32,12 @@ def finished_run(prefect_server, tmp_path_factory):
     return state, runs / "t1", tiny("t1", runs)
 
 
+def _searched(run):
+    """The leaderboard's searched archs (the baseline rows left out), best AP first."""
+    board = pd.read_parquet(run / "leaderboard.parquet")
+    return board[board.kind == "searched"]
+
+
 def test_pipeline_runs_all_six_stages(finished_run):
     state, run, _ = finished_run
     assert state.is_completed(), state
@@ -38,8 +46,13 @@ def test_pipeline_runs_all_six_stages(finished_run):
     results = pd.read_parquet(run / "results.parquet")
     assert len(results) == results.arch_id.nunique() == 4
     board = pd.read_parquet(run / "leaderboard.parquet")
-    assert len(board) == 1 and {"AP", "AP50", "proxy_reward"} <= set(board.columns)
-    assert (run / "full" / board.arch_id.iloc[0] / "val_metrics.json").exists()
+    assert sorted(board.kind) == ["baseline", "searched"] and {"AP", "AP50", "proxy_reward", "params", "macs"} <= set(board.columns)
+    for arch_id in board.arch_id:
+        assert (run / "full" / arch_id / "val_metrics.json").exists()
+    # the baseline: trained with the same budget, scored on the proxy as the search scores an arch
+    base = board[board.kind == "baseline"].iloc[0]
+    assert base.arch_id == "fpn-fcos" and base.arch == "fpn=fcos;head=fcos;share=0" and np.isfinite(base.proxy_reward) and base.params > 0
+    assert torch.load(run / "full" / "fpn-fcos" / "checkpoint.pt", weights_only=False)["iteration"] == 2
     for stage in ("finetune-backbone", "materialise-features", "search", "select-top-k", "train-full", "evaluate"):
         assert (run / "manifests" / f"{stage}.json").exists(), stage
 
@@ -122,17 +135,17 @@ def test_top_k_and_num_archs_grow_and_shrink_keeping_trained_archs(finished_run,
     from flows.nas_search import nas_search
 
     run, overrides = _copy_run(finished_run, tmp_path)
-    first = pd.read_parquet(run / "leaderboard.parquet").arch_id.iloc[0]
+    first = _searched(run).arch_id.iloc[0]
     kept = {k: v for k, v in _mtimes(run).items() if k.startswith(f"full/{first}/")}
     state = nas_search(config="tiny", overrides={**overrides, "select.top_k": 3, "train_full.num_archs": 2}, return_state=True)
     assert state.is_completed(), state.message
     assert len(pd.read_parquet(run / "top_k.parquet")) == 3
-    board = pd.read_parquet(run / "leaderboard.parquet")
+    board = _searched(run)
     assert len(board) == 2 and first in set(board.arch_id)
     assert {k: v for k, v in _mtimes(run).items() if k in kept} == kept  # neither retrained nor re-evaluated
     state = nas_search(config="tiny", overrides={**overrides, "select.top_k": 2, "train_full.num_archs": 1}, return_state=True)
     assert state.is_completed(), state.message
-    assert pd.read_parquet(run / "leaderboard.parquet").arch_id.tolist() == [first]
+    assert _searched(run).arch_id.tolist() == [first]
 
 
 def test_search_loads_streamed_features_from_a_node_local_copy(finished_run, tmp_path):
@@ -291,18 +304,18 @@ def test_one_diverging_arch_gets_a_failed_leaderboard_row_and_the_others_finish(
     from flows.nas_search import nas_search
 
     run, overrides = _copy_run(finished_run, tmp_path)
-    first = pd.read_parquet(run / "leaderboard.parquet").arch_id.iloc[0]
+    first = _searched(run).arch_id.iloc[0]
     real = nasfcos.distributed.train_on_devices
 
     def diverging(spec, dataset, cfg, out_dir, **kw):
-        if out_dir.name != first:
+        if out_dir.name not in (first, "fpn-fcos"):
             raise FloatingPointError("non-finite loss at iteration 1: cls=nan")
         return real(spec, dataset, cfg, out_dir, **kw)
 
     monkeypatch.setattr(nasfcos.distributed, "train_on_devices", diverging)
     state = nas_search(config="tiny", overrides={**overrides, "train_full.num_archs": 2}, return_state=True)
     assert state.is_completed(), state.message
-    board = pd.read_parquet(run / "leaderboard.parquet")
+    board = _searched(run)
     assert board.status.tolist() == ["ok", "failed"] and board.arch_id.iloc[0] == first
     assert board.AP.notna().tolist() == [True, False] and "FloatingPointError: non-finite loss" in board.error.iloc[1]
 
@@ -351,3 +364,94 @@ def test_a_retried_evaluation_returns_the_durable_row_instead_of_training_again(
     copy, out = _search_on_copy(finished_run, tmp_path, "durable", {"search.total_archs": 2, "execution.retry_delay_s": 0})
     assert out["unique_archs"] == 2 and len(failed_once) == 2
     assert set(calls.values()) == {1}  # each arch trained once; the retry found its row
+
+
+# ---------------------------------------------------------------- plots and the report
+
+
+def _png_artifacts(key: str) -> list[str]:
+    """The markdown of every version of the artifact ``key`` (newest first)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC)
+    assert arts and all(a.type == "markdown" for a in arts), (key, arts)
+    return [a.data for a in arts]
+
+
+def test_stage_summaries_in_the_prefect_api_carry_their_plots(finished_run):
+    """The summary artifacts of search, select, train-full and evaluate embed PNGs as data
+    URIs (the UI shows them), each one not blank; the run's report holds the same plots."""
+    import base64
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from flows.report import STAGE_PLOTS
+    from test_report import check_report
+
+    _, run, _ = finished_run
+    required = {"search": {"reward", "choices", "complexity", "best_arch"}, "select-top-k": {"complexity", "best_arch"},
+                "train-full": {"complexity"}, "evaluate": {"proxy_vs_ap"}}  # fmt: skip
+    for stage, names in required.items():
+        markdown = _png_artifacts(f"t1-{stage.removesuffix('-top-k')}")[0]
+        images = re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)
+        assert names <= {name for name, _ in images} <= set(STAGE_PLOTS[stage]), (stage, [name for name, _ in images])
+        for name, data in images:
+            pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"), dtype=float)
+            assert pixels.var() > 0, (stage, name)
+    assert "archs/hour" in _png_artifacts("t1-search")[0]
+    page = check_report(run)  # what the stages left in runs/<id>/report/
+    assert {"reward", "choices", "complexity", "proxy_vs_ap", "best_arch"} <= set(page.images)
+
+
+def test_search_redraws_its_plots_every_plot_every_steps(finished_run, tmp_path, monkeypatch):
+    import nasfcos.proxy
+
+    monkeypatch.setattr(nasfcos.proxy, "evaluate_arch", _fake_evaluate({}, lambda aid, n: None))  # instant evaluations
+    _search_on_copy(finished_run, tmp_path, "plotted", {"search.total_archs": 2, "search.archs_per_step": 2, "search.plot_every": 1})
+    versions = _png_artifacts("plotted-search")
+    assert len(versions) >= 2 and "(running, step 1)" in versions[-1] and "data:image/png;base64," in versions[-1]
+    assert "search finished" in versions[0] and (tmp_path / "plotted" / "report" / "report.html").exists()
+
+
+def test_search_strategies_run_in_the_flow(finished_run, tmp_path, monkeypatch):
+    """Evolution warm-started from the finished run's results, successive halving over 1 and 2
+    proxy epochs (promoted archs resume from the state storage kept) and a MACs limit, in the
+    search stage on two cpu slots."""
+    import torch
+
+    from flows.config import load_config
+    from flows.search import _cost
+    from nasfcos.space import Arch
+    from storage.runs import RunDir
+
+    _, run, overrides = finished_run
+    price = _cost(load_config("tiny", overrides), RunDir(run))
+    limit = sorted(price(a)[1] for a in pd.read_parquet(run / "results.parquet").arch)[-1]  # the finished run's archs fit
+    settings = {
+        "search.policy": "evolution", "search.population": 4, "search.sample_size": 2, "search.warm_start": str(run / "results.parquet"),
+        "search.rungs": [1, 2], "proxy.epochs": 2, "search.total_archs": 4, "search.mode": "async", "search.max_decoder_macs": limit,
+    }  # fmt: skip
+    from storage.rungs import RungStates
+
+    reads, read = [], RungStates.read
+    monkeypatch.setattr(RungStates, "read", lambda self, *a: reads.append(read(self, *a)) or reads[-1])
+    copy, out = _search_on_copy(finished_run, tmp_path, "strategies", settings)
+    df = pd.read_parquet(copy / "results.parquet")
+    evaluated = df[df.status != "over_budget"]
+    assert out["unique_archs"] == len(evaluated) == 4 and (evaluated.status == "ok").all(), df.error.tolist()
+    assert all(price(Arch.parse(a))[1] <= limit for a in evaluated.arch)
+    assert (df[df.status == "over_budget"].macs > limit).all()
+    log = [line.split() for line in (copy / "evaluations.log").read_text().splitlines()]
+    assert sorted((x[1], x[-1]) for x in log) == sorted((a, f"epochs={e}") for a, r in zip(evaluated.arch_id, evaluated.rung_epochs) for e in r)
+    promoted = evaluated[evaluated.rung_epochs.map(len) == 2]
+    assert len(promoted) == 1 and promoted.reward_used.iloc[0] == promoted.rung_rewards.iloc[0][1]  # floor(4/3) = 1 went on to 2 epochs
+    assert len(reads) == 1 and reads[0]  # the promotion resumed from the 1-epoch state
+    assert not (copy / "rungs").exists()  # the states are dropped when the search ends
+    state = torch.load(copy / "controller.pt", weights_only=True)["policy"]
+    assert state["kind"] == "evolution" and len(state["members"]) == 4

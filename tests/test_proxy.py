@@ -6,7 +6,7 @@ import torch
 
 from nasfcos.backbones import build_backbone
 from nasfcos.data import COCODetection
-from nasfcos.materialise import FeatureComputer, meta_split, proxy_transforms
+from nasfcos.materialise import FeatureComputer, fit_split, meta_split, proxy_transforms
 from nasfcos.proxy import ProxyConfig, evaluate_arch, prepare_split
 from nasfcos.space import Arch
 
@@ -33,6 +33,16 @@ def test_meta_split_is_seeded_and_disjoint():
     assert np.array_equal(tr, meta_split(5715, seed=0)[0]) and not np.array_equal(tr, meta_split(5715, seed=1)[0])
     with pytest.raises(ValueError, match="meta-train size"):
         meta_split(10, train_size=10)
+
+
+def test_fit_split_keeps_sizes_that_fit_and_scales_down_in_proportion_otherwise():
+    assert fit_split(5715, 4000, 1715) == (4000, 1715) and fit_split(6000, 4000, 1715) == (4000, 1715)
+    assert fit_split(5715, 4000) == (4000, 1715) and fit_split(4001, 4000) == (4000, 1)  # None: the rest
+    # 23 images for 16 + 8: 23 * 16/24 = 15.3 -> 15 + 8; too few for 4000 + the rest: the paper's 70:30
+    assert fit_split(23, 16, 8) == (15, 8) and fit_split(100, 4000, 1715) == fit_split(100, 4000) == (70, 30)
+    assert fit_split(2, 4000, 1715) == (1, 1) and fit_split(3, 1, 5) == (1, 2)  # never an empty split
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):
+        fit_split(1, 4000, 1715)
 
 
 def test_paper_defaults():
@@ -108,3 +118,26 @@ def test_size_ranges_scaled_to_the_proxy_crop():
         return int((split.assigned.labels[0, start:] >= 0).sum())
 
     assert p7_positives(scaled) > 0 and p7_positives(unscaled) == 0
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_resumed_proxy_run_equals_one_trained_at_once(proxy_splits, sync_free):
+    """Successive halving's resume: 1 epoch, its state kept (packed to bytes, as storage keeps
+    it), then resumed to 3 epochs gives bit for bit the reward of 3 epochs trained at once
+    (weights, EMA, Adam moments and the data order all continue), with both EMA variants."""
+    from nasfcos.halving import pack_state, unpack_state
+
+    train, val = proxy_splits
+    arch = "fpn=[2,3,0,3,0][1,4,1,0,1][3,5,2,0,0][4,2,0,3,1][6,7,0,0,1][5,3,3,0,0][0,1,1,2,0];head=seq[2,1,4,0,3,2];share=2"
+    cfg = lambda epochs: ProxyConfig(epochs=epochs, batch_size=8, sync_free=sync_free)  # noqa: E731
+    kept, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: a second thread only waits (10x slower on a loaded 2-core machine)
+    try:
+        short = evaluate_arch(arch, train, val, num_classes=3, cfg=cfg(1), keep_state=kept.append)
+        resumed = evaluate_arch(arch, train, val, num_classes=3, cfg=cfg(3), resume=unpack_state(pack_state(kept[0])))
+        straight = evaluate_arch(arch, train, val, num_classes=3, cfg=cfg(3))
+    finally:
+        torch.set_num_threads(threads)
+    assert short["status"] == resumed["status"] == straight["status"] == "ok", (short["error"], resumed["error"])
+    assert (short["epochs"], resumed["epochs"]) == (1, 3) and short["reward"] != straight["reward"]
+    assert resumed["reward"] == straight["reward"]

@@ -631,3 +631,68 @@ def test_a_damaged_part_file_is_quarantined_naming_it_and_appends_go_on(tmp_path
     # the compacted table itself damaged (e.g. truncated): quarantined too, later writes go on
     (tmp_path / "results.parquet").write_bytes((tmp_path / "results.parquet").read_bytes()[:100])
     assert len(table) == 0 and table.append([rows[0]]) == 1 and table.compact() == 1
+
+
+# ---------------------------------------------------------------- schema 2: fidelities, over_budget
+
+
+def test_rows_of_more_rungs_replace_fewer_and_a_failed_top_rung_wins(tmp_path):
+    """Successive halving writes a row per rung (each with the rewards below): the table keeps
+    the row of the most rungs, in any file order and across compaction; a failed higher rung
+    replaces an ok lower one; append skips a row of as many rungs as an ok one it has."""
+    a, b = _archs(2)
+    r0 = make_row(a, reward=-2.0, epochs=3, rung_epochs=[3], rung_rewards=[-2.0])
+    r1 = make_row(a, reward=-1.5, epochs=7, rung_epochs=[3, 7], rung_rewards=[-2.0, -1.5])
+    t = ResultsTable(tmp_path)
+    t.write_part([r1])
+    t.write_part([r0])  # a late lower-rung row (a retried task) does not win
+    assert t.get(a.arch_id)["rung_rewards"] == [-2.0, -1.5] and t.compact() == 1 and t.get(a.arch_id)["epochs"] == 7
+    assert t.append([r0]) == 0 and t.append([make_row(a, reward=-1.0, epochs=15, rung_epochs=[3, 7, 15], rung_rewards=[-2.0, -1.5, -1.0])]) == 1
+    f0 = make_row(b, reward=-2.2, epochs=3, rung_epochs=[3], rung_rewards=[-2.2])
+    f1 = make_row(b, status="failed", epochs=7, rung_epochs=[3, 7], rung_rewards=[-2.2, math.nan])
+    t.append([f0, f1])
+    row = t.get(b.arch_id)
+    assert row["status"] == "failed" and row["reward_used"] == PENALTY and row["rung_rewards"][0] == -2.2 and math.isnan(row["rung_rewards"][1])
+    assert t.top_k(2).arch_id.tolist() == [a.arch_id]
+    with pytest.raises(ValueError, match="rung_rewards: 1 rewards for 2 rung_epochs"):
+        t.append([make_row(b, epochs=7, rung_epochs=[3, 7], rung_rewards=[-2.0])])
+    with pytest.raises(ValueError, match="must increase and end at epochs"):
+        t.append([make_row(b, epochs=7, rung_epochs=[7, 3], rung_rewards=[-2.0, -2.0])])
+    with pytest.raises(ValueError, match="the last .* must be the reward"):
+        t.append([make_row(b, reward=-1.0, epochs=7, rung_epochs=[3, 7], rung_rewards=[-2.0, -2.0])])
+
+
+def test_top_k_ranks_archs_of_more_rungs_first(tmp_path):
+    a, b, c = _archs(3)
+    t = ResultsTable(tmp_path)
+    t.append([
+        make_row(a, reward=-0.5, epochs=1, rung_epochs=[1], rung_rewards=[-0.5]),  # a short run's loss is not comparable
+        make_row(b, reward=-1.0, epochs=3, rung_epochs=[1, 3], rung_rewards=[-1.2, -1.0]),
+        make_row(c, reward=-0.9, epochs=3, rung_epochs=[1, 3], rung_rewards=[-1.1, -0.9]),
+    ])  # fmt: skip
+    assert t.top_k(3).arch_id.tolist() == [c.arch_id, b.arch_id, a.arch_id]
+
+
+def test_a_schema_1_file_reads_with_default_fidelity_columns(tmp_path):
+    """Run dirs written before schema 2 keep working: their rows get epochs -1 and empty rung
+    lists, count as one rung, and a new row of the same arch does not replace an ok one."""
+    a, b = _archs(2)
+    t = ResultsTable(tmp_path)
+    t.append([make_row(a, reward=-2.0)])
+    t.compact()
+    old = pq.read_table(t.path).drop_columns(["epochs", "rung_epochs", "rung_rewards"])
+    pq.write_table(old, t.path)
+    row = t.get(a.arch_id)
+    assert (row["epochs"], row["rung_epochs"], row["rung_rewards"]) == (-1, [], [])
+    assert t.append([make_row(a, reward=-1.0, epochs=15, rung_epochs=[15], rung_rewards=[-1.0])]) == 0
+    assert t.append([make_row(b, reward=-1.0)]) == 1 and t.compact() == 2 and t.get(a.arch_id)["reward"] == -2.0
+
+
+def test_over_budget_rows_need_a_reason_and_stay_out_of_history(tmp_path):
+    a, b = _archs(2)
+    t = ResultsTable(tmp_path)
+    with pytest.raises(ValueError, match="error: a failed row needs an error message"):
+        t.append([make_row(a, status="over_budget", error="")])
+    t.append([make_row(a, status="over_budget", error="decoder MACs 9 > search.max_decoder_macs 5"), make_row(b, reward=-1.0)])
+    assert t.get(a.arch_id)["status"] == "over_budget" and t.history().n.tolist() == [1] and t.count("over_budget") == 1
+    assert t.top_k(5).arch_id.tolist() == [b.arch_id]

@@ -336,3 +336,52 @@ def test_async_loop_appends_rows_unless_the_evaluator_wrote_them(tmp_path):
         run = tmp_path / str(writes)
         summary = run_search_async(policy=RandomPolicy(seed=0), submit=submit, slots=2, results=ResultsTable(run), state_path=run / "c.pt", cfg=cfg, evaluator_writes_rows=writes)
         assert summary.evaluated_now == 4 and len(ResultsTable(run)) == expected
+
+
+# ---------------------------------------------------------------- cost constraint
+
+
+def test_the_cost_constraint_keeps_over_budget_archs_from_the_evaluator(tmp_path):
+    """Archs above search.max_decoder_macs are written once as over_budget rows and resampled:
+    the evaluator never sees one, they do not count as evaluated archs, the policy learns
+    only from evaluated ones; in both loops."""
+    from functools import partial
+
+    from nasfcos.complexity import decoder_cost
+    from nasfcos.space import Arch
+
+    cost = partial(decoder_cost, in_channels=(16, 32, 64, 128), sizes=((16, 16), (8, 8), (4, 4), (2, 2)), width=64, num_classes=3)
+
+    def price(arch):
+        c = cost(arch)
+        return c.params, c.macs
+
+    limit = int(np.median([price(Arch.random(np.random.default_rng(i)))[1] for i in range(40)]))  # about half are over
+    cfg = SearchConfig(total_archs=12, archs_per_step=4, max_decoder_macs=limit)
+
+    class Seen(RandomPolicy):
+        def update(self, samples, rewards):
+            self.updated = getattr(self, "updated", []) + [s.arch for s in samples]
+            return {}
+
+    for mode in ("sync", "async"):
+        run, policy = tmp_path / mode, Seen(seed=0)
+        if mode == "sync":
+            ev = Evaluator()
+            summary = run_search(policy=policy, evaluate=ev, results=ResultsTable(run), state_path=run / "c.pt", cfg=cfg, cost=price)
+            calls = ev.calls
+        else:
+            pool = Pool(run, 2)
+            with pool.executor:
+                summary = run_search_async(policy=policy, submit=pool.submit, slots=2, results=ResultsTable(run), state_path=run / "c.pt", cfg=cfg, cost=price)
+            calls = pool.calls
+        df = ResultsTable(run).read()
+        over = df[df.status == "over_budget"]
+        assert len(over) > 0 and (over.macs > limit).all() and over.error.str.contains("search.max_decoder_macs").all()
+        assert set(calls) == set(df.arch_id[df.status == "ok"]) and not set(calls) & set(over.arch_id)
+        assert all(price(Arch.parse(a))[1] <= limit for a in df.arch[df.status == "ok"])
+        assert summary.unique_archs == len(calls) == 12 and not set(a.arch_id for a in policy.updated) & set(over.arch_id)
+        assert load_state(run / "c.pt", RandomPolicy()).rejected >= len(over)
+        assert len(df) == df.arch_id.nunique() and not df.duplicated(["step", "sample"]).any()
+    with pytest.raises(ValueError, match="no cost function"):
+        run_search(policy=RandomPolicy(), evaluate=Evaluator(), results=ResultsTable(tmp_path / "x"), state_path=tmp_path / "x/c.pt", cfg=cfg)

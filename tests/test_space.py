@@ -153,3 +153,20 @@ def test_head_dag_and_share_validation():
         Arch(fpn=a.fpn, head=a.head, share=7)
     with pytest.raises(ArchError, match="token sequence"):
         PRESETS["fpn-fcos"].tokens()
+
+
+def test_search_ops_restrict_every_policy_and_mutation():
+    """search.ops (the CPU demo's space without deformable convs): no policy, PPO after
+    updates and evolution after mutations included, ever picks a left-out op."""
+    from nasfcos.controller import build_policy
+    from nasfcos.space import FPN_OPS, HEAD_OPS
+
+    ops = tuple(o for o in dict.fromkeys(FPN_OPS + HEAD_OPS) if o != "def_conv_3x3")
+    for kind in ("random", "ppo", "evolution"):
+        policy = build_policy(kind, seed=1, head="seq", ops=ops)
+        for _ in range(2):
+            samples = policy.sample(8)
+            for s in samples:
+                assert "def_conv" not in " ".join(FPN_OPS[o] for b in s.arch.fpn for o in (b.op1, b.op2)), (kind, s.arch)
+                assert "def_conv" not in " ".join(HEAD_OPS[o] for o in s.arch.head.ops), (kind, s.arch)
+            policy.update(samples, [float(i) for i in range(len(samples))])
