@@ -192,7 +192,9 @@ class FCOS(nn.Module):
         return Points(torch.cat(xy), torch.cat(stride), tuple(H * W for H, W in shapes), torch.cat(level))
 
     def _per_point_ranges(self, points: Points) -> Tensor:
-        ranges = [torch.tensor(r, device=points.xy.device).expand(n, 2) for r, n in zip(self.size_ranges, points.level_sizes)]
+        # filled on the device: a tensor from a Python list would be a host-to-device copy (a sync)
+        dev = points.xy.device
+        ranges = [torch.stack([torch.full((n,), lo, device=dev), torch.full((n,), hi, device=dev)], 1) for (lo, hi), n in zip(self.size_ranges, points.level_sizes)]
         return torch.cat(ranges)  # (P, 2)
 
     # ----------------------------------------------------------------- targets
