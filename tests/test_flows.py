@@ -251,7 +251,7 @@ def _fake_evaluate(calls, raise_for):
 
     from nasfcos.space import resolve
 
-    def evaluate(arch, train, val, *, num_classes, cfg, device_shared=False):
+    def evaluate(arch, train, val, *, num_classes, cfg, device_shared=False, **_):
         a = resolve(arch)
         calls[a.arch_id] = calls.get(a.arch_id, 0) + 1
         error = raise_for(a.arch_id, calls[a.arch_id])

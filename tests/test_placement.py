@@ -116,7 +116,7 @@ def test_search_on_four_fake_gpus_with_two_slots_each(prefect_server, tmp_path, 
         time.sleep(0.2)  # the device's second slot starts meanwhile and must wait for this copy
         return ("meta_train", device), ("meta_val", device), 3
 
-    def evaluate(arch, train, val, *, num_classes, cfg, device_shared=False):
+    def evaluate(arch, train, val, *, num_classes, cfg, device_shared=False, **_):
         device, started = train[1], datetime.now(timezone.utc)
         t0 = time.perf_counter()
         with cond:
