@@ -91,26 +91,11 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b (ties in either ranking corrected); NaN under 3 pairs."""
-    n = len(x)
-    if n < 3:
-        return float("nan")
-    concordant = discordant = tx = ty = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            a, b = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-            if a == 0 and b == 0:
-                continue
-            if a == 0:
-                tx += 1
-            elif b == 0:
-                ty += 1
-            elif a == b:
-                concordant += 1
-            else:
-                discordant += 1
-    denom = math.sqrt((concordant + discordant + tx) * (concordant + discordant + ty))
-    return (concordant - discordant) / denom if denom else float("nan")
+    """Kendall's tau-b (ties in either ranking corrected; flows.plots computes it for the
+    report too); NaN under 3 pairs."""
+    from flows.plots import kendall_tau as tau_b
+
+    return float("nan") if len(x) < 3 else tau_b(x, y)
 
 
 class Memory:
