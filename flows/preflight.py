@@ -55,6 +55,16 @@ def _weights(problems: list[str], field: str, value: str | None) -> None:
         problems.append(f"{field}: {e}")
 
 
+def _warm_start(problems: list[str], value: str) -> None:
+    """The run evolution warm-starts from has results (read only when the search starts)."""
+    from storage.results import ResultsTable
+
+    try:
+        ResultsTable.of(Path(value).expanduser())
+    except FileNotFoundError as e:
+        problems.append(f"search.warm_start: {e}")
+
+
 def _devices(problems: list[str], cfg: PipelineConfig) -> None:
     ex = cfg.execution
     if ex.dask_address:  # the workers' devices are theirs to check
@@ -162,6 +172,8 @@ def problems(cfg: PipelineConfig) -> list[str]:
             _exists(out, "data.coco_testdev_images", d.coco_testdev_images, kind="dir")
     if "finetune-backbone" in todo:
         _weights(out, "finetune.weights", cfg.finetune.weights)
+    if "search" in todo and cfg.search.warm_start and not run.controller.exists():
+        _warm_start(out, cfg.search.warm_start)
     if "train-full" in todo and not cfg.train_full.init_from_finetuned:
         _weights(out, "train_full.weights", cfg.train_full.weights)
     if cfg.execution.stage_features:

@@ -107,6 +107,13 @@ def proxy_record(cfg, run, arch: str, *, epochs: int | None = None, resume: dict
         return evaluate_arch(arch, train, val, num_classes=k, cfg=pc, device_shared=ex.slots_per_device > 1, resume=resume, keep_state=keep_state)
 
 
+def over_budget_note(df, s) -> str:
+    """', N over budget (never evaluated)' when a cost limit resampled archs, else ''."""
+    n = int((df.status == "over_budget").sum())
+    limits = [f"{k} {v:,}" for k, v in (("params", s.max_decoder_params), ("MACs", s.max_decoder_macs)) if v is not None]
+    return f"; {n} over the {' / '.join(limits)} limit, never evaluated" if limits else ""
+
+
 def _cost(cfg, run):
     """arch -> (params, MACs) of its decoder at the proxy geometry (the feature store's C2..C5
     maps, ``proxy.width``): what the cost constraint compares with its limits."""
@@ -188,7 +195,7 @@ def search(config: dict | str = "demo") -> dict:
     # read only for a fresh search: a resumed one restores its population from controller.pt
     warm = ResultsTable.of(s.warm_start).ok_rewards() if s.policy == "evolution" and s.warm_start and not run.controller.exists() else ()
     evolution = EvolutionConfig(population=s.population, sample_size=s.sample_size)
-    policy = build_policy(s.policy, seed=s.seed, config=controller, head=s.head, evolution=evolution, warm_start=warm)
+    policy = build_policy(s.policy, seed=s.seed, config=controller, head=s.head, ops=s.ops, evolution=evolution, warm_start=warm)
     progress = create_progress_artifact(
         progress=100.0 * min(len(results) - results.count("over_budget"), s.total_archs) / s.total_archs,
         key=artifact_key(cfg, "search-progress"),
@@ -253,7 +260,8 @@ def search(config: dict | str = "demo") -> dict:
 
     create_markdown_artifact(
         key=artifact_key(cfg, "search"),
-        markdown=f"# {STAGE}\n\n{summary.unique_archs} unique archs ({int((df.status == 'failed').sum())} failed) in "
+        markdown=f"# {STAGE}\n\n{summary.unique_archs} unique archs ({int((df.status == 'failed').sum())} failed"
+        f"{over_budget_note(df, s)}) in "
         f"{summary.steps} controller steps ({s.policy}, {s.mode}); best reward {summary.best_reward:.4f}:\n\n`{summary.best_arch}`\n\n"
         f"Results: `{run.root / 'results.parquet'}`" + stage_plots(run.root, config, STAGE, logger=get_run_logger()),
         description="search summary",

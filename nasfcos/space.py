@@ -320,6 +320,10 @@ class TokenSpace:
         else:
             seq += list(h.ops)
         seq.append(arch.share)
+        if self.ops is not None:  # e.g. an evolution warm start from a run over all ops
+            for k, tok in enumerate(self.tokens):
+                if not self.mask(seq[:k])[seq[k]]:
+                    raise ArchError(f"{arch}: {tok.name}={seq[k]} is outside this space (ops {', '.join(self.ops)})")
         return seq
 
     def decode(self, tokens: Sequence[int]) -> "Arch":

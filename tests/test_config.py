@@ -191,6 +191,16 @@ def test_preflight_lists_every_missing_path_and_device_in_one_line(tmp_path):
     preflight(load_config("demo", {"runs_dir": str(tmp_path)}))  # the demo needs nothing outside
 
 
+def test_preflight_checks_the_evolution_warm_start_run(tmp_path):
+    """A warm_start path with no results failed only when the search stage started, after
+    finetuning and materialising; preflight names it first."""
+    from flows.preflight import PreflightError, preflight
+
+    cfg = load_config("demo", {"runs_dir": str(tmp_path), "search.policy": "evolution", "search.warm_start": str(tmp_path / "old")})
+    with pytest.raises(PreflightError, match=r"search.warm_start: .*old: no results.parquet"):
+        preflight(cfg)
+
+
 def test_load_config_leaves_the_callers_dict_alone():
     base = load_config("tiny").model_dump(mode="json")
     before = json.dumps(base, sort_keys=True)

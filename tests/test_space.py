@@ -170,3 +170,24 @@ def test_search_ops_restrict_every_policy_and_mutation():
                 assert "def_conv" not in " ".join(FPN_OPS[o] for b in s.arch.fpn for o in (b.op1, b.op2)), (kind, s.arch)
                 assert "def_conv" not in " ".join(HEAD_OPS[o] for o in s.arch.head.ops), (kind, s.arch)
             policy.update(samples, [float(i) for i in range(len(samples))])
+
+
+def test_an_evolution_warm_start_keeps_only_archs_of_the_restricted_space():
+    """Warm-starting the demo's space (no def_conv_3x3) from a run over all ops: members that
+    use a left-out op are skipped, or their children would be sampled outside search.ops."""
+    import numpy as np
+
+    from nasfcos.controller import build_policy
+    from nasfcos.space import FPN_OPS, HEAD_OPS, ArchError, token_space
+
+    ops = tuple(o for o in dict.fromkeys(FPN_OPS + HEAD_OPS) if o != "def_conv_3x3")
+    rng = np.random.default_rng(0)
+    restricted = build_policy("random", seed=0, head="seq", ops=ops).sample(20)
+    archs = [a for pair in zip([s.arch for s in restricted], [Arch.random(rng, head="seq") for _ in range(20)]) for a in pair]
+    uses = ["def_conv_3x3" in [FPN_OPS[o] for b in a.fpn for o in (b.op1, b.op2)] + [HEAD_OPS[o] for o in a.head.ops] for a in archs]
+    assert any(uses) and not all(uses)
+    with pytest.raises(ArchError, match="outside this space"):
+        token_space("seq", ops).encode(archs[uses.index(True)])
+    policy = build_policy("evolution", seed=0, head="seq", ops=ops, warm_start=[(str(a), -float(i)) for i, a in enumerate(archs)])
+    kept = {str(token_space("seq", ops).decode(m)) for m in policy.members}
+    assert kept and kept <= {str(a) for a, u in zip(archs, uses) if not u}
