@@ -237,7 +237,7 @@ def run(policy: str, sh: bool, seed: int, setting: dict) -> dict:
     # a policy that only draws archs it has seen spends nothing: stop it after twice the draws the budget pays for
     max_samples = int(2 * setting["budget"] * full / (rungs[0] if sh else full))
     cfg = SearchConfig(total_archs=10**6, archs_per_step=8, rungs=rungs, eta=setting["eta"], max_samples=max_samples)
-    pol = build_policy(policy, seed=seed, head=setting["head"])
+    pol = build_policy(policy, seed=seed, head=setting["head"], ops=setting.get("ops"))
     try:
         run_search_async(policy=pol, submit=submit, slots=1, results=Memory(), state_path=os.path.join(work, "c.pt"), cfg=cfg)
     except Exhausted:
@@ -277,10 +277,15 @@ def run(policy: str, sh: bool, seed: int, setting: dict) -> dict:
 def unit_macs(setting: dict) -> float:
     """Mean decoder MACs of random archs at the setting's geometry (the budget unit)."""
     from nasfcos.complexity import decoder_cost
+    from nasfcos.controller import build_policy
+
     from nasfcos.space import Arch
 
-    rng = np.random.default_rng(12345)
-    archs = [Arch.random(rng, head=setting["head"]) for _ in range(200)]
+    if setting.get("ops"):
+        archs = [x.arch for x in build_policy("random", seed=12345, head=setting["head"], ops=setting["ops"]).sample(200)]
+    else:
+        rng = np.random.default_rng(12345)
+        archs = [Arch.random(rng, head=setting["head"]) for _ in range(200)]
     if setting["real"]:
         from nasfcos.backbones import LEVELS
         from storage.features import FeatureStore
@@ -291,6 +296,13 @@ def unit_macs(setting: dict) -> float:
     else:
         geometry = PAPER_GEOMETRY
     return float(np.mean([decoder_cost(a, **geometry).macs for a in archs]))
+
+
+def demo_ops() -> list[str] | None:
+    """The demo preset's ``search.ops`` (its CPU-cheap space), read without importing flows/."""
+    import yaml
+
+    return (yaml.safe_load((ROOT / "flows/configs/demo.yaml").read_text()).get("search") or {}).get("ops")
 
 
 def small_feature_store(path: Path) -> Path:
@@ -330,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--features", default=str(ROOT / "runs/demo/features.zarr"), help="real: a feature store (built in a temp dir when absent)")
     p.add_argument("--batch-size", type=int, default=16, help="real: proxy batch size (the demo's)")
     p.add_argument("--head", default="seq", choices=("seq", "dag"))
+    p.add_argument("--ops", nargs="+", default=None, help="ops the searches may use (search.ops; default: toy all, real the demo's)")
     p.add_argument("--jobs", type=int, default=2, help="processes (one thread each)")
     p.add_argument("--rows", default=None, help="finished runs, one JSON line each (default benchmarks/strategies[_real].jsonl; --small: a temp file)")
     a = p.parse_args(argv)
@@ -344,7 +357,10 @@ def main(argv: list[str] | None = None) -> None:
     if real and not Path(features, "zarr.json").exists():
         features = str(small_feature_store(Path(tempfile.gettempdir()) / "nasfcos-strategies" / "features.zarr"))
         print(f"no feature store at {a.features}: built a small one at {features}", flush=True)
+    ops = a.ops or (demo_ops() if real else None)
     setting = {"real": real, "budget": budget, "epochs": epochs, "rungs": rungs, "eta": a.eta, "head": a.head, "small": a.small}
+    if ops:
+        setting["ops"] = list(ops)
     if real:
         setting.update(features=os.path.abspath(features), batch_size=a.batch_size)
     setting["unit_macs"] = unit_macs(setting)
@@ -371,6 +387,7 @@ def report(rows: list[dict], setting: dict, strategies: list[str]) -> None:
     print(
         f"\n{'real CPU proxy' if setting['real'] else 'toy reward'}: budget {setting['budget']:g} full evals "
         f"(x {setting['epochs']} epochs x {setting['unit_macs'] / 1e6:.1f} M MACs), rungs {setting['rungs']} eta {setting['eta']}, head {setting['head']}"
+        + (f", ops {', '.join(setting['ops'])}" if setting.get("ops") else "")
     )
     print(f"metric: {what}; mean ± 95% CI over seeds")
     head = "| strategy | seeds | " + " | ".join(f"{int(f * 100)}% budget" for f in FRACTIONS) + " | archs | full evals spent | s/run | Kendall tau (rung vs top) |"

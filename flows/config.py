@@ -92,6 +92,9 @@ class FinetuneConfig(_Section):
     clip_grad: float = identity(0.0)
     checkpoint_every: int = tuning(2500, ge=1)
     num_workers: int = tuning(4)
+    # data-parallel over the first N of execution.devices (nasfcos/distributed.py), the
+    # global batch unchanged: e.g. 8 GPUs, or [cpu, cpu] on 2 cores (two 1-thread ranks)
+    devices: int = tuning(1, ge=1)
 
 
 class FeaturesConfig(_Section):
@@ -304,6 +307,19 @@ class PipelineConfig(_Section):
                 raise ValueError(f"search.rungs {list(s.rungs)} must end at proxy.epochs ({self.proxy.epochs}): the top rung is the full proxy task")
             if s.mode != "async":
                 raise ValueError("search.rungs (successive halving) needs search.mode async: its promotions are asynchronous (ASHA)")
+        return self
+
+    @model_validator(mode="after")
+    def _finetune_devices(self) -> "PipelineConfig":
+        n, devices = self.finetune.devices, self.execution.devices
+        if n == 1:
+            return self
+        if self.execution.task_runner != "thread":
+            raise ValueError("finetune.devices > 1 needs execution.task_runner 'thread' (a Dask worker owns one device)")
+        if n > len(devices):
+            raise ValueError(f"finetune.devices {n} is more than the {len(devices)} execution.devices")
+        if self.finetune.batch_size % n:
+            raise ValueError(f"finetune.batch_size {self.finetune.batch_size} is not divisible by finetune.devices {n}")
         return self
 
     @model_validator(mode="after")

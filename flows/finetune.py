@@ -25,7 +25,7 @@ def prepare_data(config: dict) -> None:
 def train_backbone(config: dict) -> dict:
     from nasfcos.data import build_transforms
     from nasfcos.detector import DetectorSpec
-    from nasfcos.train import train
+    from nasfcos.distributed import train_on_devices
 
     cfg, run, _, _ = open_stage(config, STAGE)
     f = cfg.finetune
@@ -34,7 +34,8 @@ def train_backbone(config: dict) -> dict:
     dataset = search_dataset(cfg, run, tf)
     spec = DetectorSpec(num_classes=len(dataset.classes), backbone=f.backbone, width=f.width)
     meta = {"classes": list(dataset.classes), "category_ids": list(dataset.category_ids)}
-    result = train(spec, dataset, tc, run.backbone, device=cfg.execution.devices[0], backbone_weights=f.weights, meta=meta)
+    devices = cfg.execution.devices[: f.devices]
+    result = train_on_devices(spec, dataset, tc, run.backbone, devices=devices, backbone_weights=f.weights, meta=meta)
     return {"checkpoint": str(result.checkpoint), "iteration": result.iteration, "losses": result.last_losses, "classes": meta["classes"]}
 
 

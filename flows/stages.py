@@ -69,7 +69,7 @@ def conflict_key(cfg: PipelineConfig, stage: str) -> str:
 # Fields added since roles were introduced: absent from the configs legacy keys were made of.
 _NEWER = {("search", "max_consecutive_failures"), ("search", "plot_every"), ("train_full", "baselines"),
           ("search", "max_decoder_params"), ("search", "max_decoder_macs"), ("search", "population"), ("search", "sample_size"),
-          ("search", "warm_start"), ("search", "rungs"), ("search", "eta"), ("search", "ops")}
+          ("search", "warm_start"), ("search", "rungs"), ("search", "eta"), ("search", "ops"), ("finetune", "devices")}
 
 
 def legacy_conflict_key(cfg: PipelineConfig, stage: str) -> str:

@@ -16,8 +16,13 @@ def test_presets_carry_the_papers_numbers():
     assert (paper.finetune.iterations, paper.finetune.batch_size, paper.finetune.steps) == (30000, 24, (18000, 24000))
     assert (paper.train_full.iterations, paper.train_full.batch_size, paper.train_full.steps) == (90000, 16, (60000, 80000))
     demo = load_config("demo")
-    assert demo.data.kind == "synthetic" and demo.execution.devices == ("cpu",)
-    assert demo.search.total_archs >= 32 and demo.train_full.num_archs >= 2
+    assert demo.data.kind == "synthetic" and demo.execution.devices == ("cpu", "cpu")
+    assert demo.search.total_archs >= 16 and demo.train_full.num_archs >= 1 and demo.train_full.baselines == ("fpn-fcos",)
+    assert load_config("paper").finetune.devices == 1
+    with pytest.raises(ValueError, match="finetune.devices 3 is more than the 2 execution.devices"):
+        load_config("demo", {"finetune.devices": 3})
+    with pytest.raises(ValueError, match="finetune.batch_size 15 is not divisible by finetune.devices 2"):
+        load_config("demo", {"finetune.devices": 2, "finetune.batch_size": 15})
 
 
 def test_overrides_and_errors_name_the_field(tmp_path):
@@ -58,7 +63,7 @@ def test_a_run_dir_refuses_files_from_another_config(tmp_path):
 
     a = load_config("demo", {"runs_dir": str(tmp_path)})
     more = load_config("demo", {"runs_dir": str(tmp_path), "search.total_archs": 64})
-    other = load_config("demo", {"runs_dir": str(tmp_path), "proxy.epochs": 5})
+    other = load_config("demo", {"runs_dir": str(tmp_path), "proxy.epochs": 7})
     # a bigger budget re-runs the search (new stage hash) but may extend its files (same key)
     assert stage_hash(a, "search") != stage_hash(more, "search")
     assert conflict_key(a, "search") == conflict_key(more, "search")
@@ -67,7 +72,7 @@ def test_a_run_dir_refuses_files_from_another_config(tmp_path):
     run = RunDir.at(tmp_path, "demo")
     run.claim("search", conflict_fields(a, "search"))
     run.claim("search", conflict_fields(more, "search"))
-    with pytest.raises(ValueError, match=r"stage search has files made with another config \(proxy.epochs 2 -> 5\); change them back"):
+    with pytest.raises(ValueError, match=r"stage search has files made with another config \(proxy.epochs 4 -> 7\); change them back"):
         run.claim("search", conflict_fields(other, "search"))
 
 
@@ -248,8 +253,8 @@ def test_the_paper_preset_keeps_its_hashes_as_search_strategies_are_added():
         ({"search.policy": "evolution", "search.sample_size": 100}, "search.sample_size 100 is larger than search.population 64"),
         ({"search.warm_start": "runs/x/results.parquet"}, "search.warm_start is for policy evolution, not ppo"),
         ({"search.rungs": [2, 1]}, r"search.rungs \[2, 1\]: need at least 2 strictly increasing"),
-        ({"search.rungs": [1, 3]}, r"search.rungs \[1, 3\] must end at proxy.epochs \(2\)"),
-        ({"search.rungs": [1, 2], "search.mode": "sync"}, r"search.rungs \(successive halving\) needs search.mode async"),
+        ({"search.rungs": [1, 3]}, r"search.rungs \[1, 3\] must end at proxy.epochs \(4\)"),
+        ({"search.rungs": [1, 4], "search.mode": "sync"}, r"search.rungs \(successive halving\) needs search.mode async"),
     ],
 )
 def test_search_strategy_settings_are_checked_in_one_line(overrides, message):

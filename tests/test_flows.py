@@ -166,6 +166,19 @@ def test_search_loads_streamed_features_from_a_node_local_copy(finished_run, tmp
         assert all(torch.equal(x, y) for x, y in zip(a.feats, b.feats)) and torch.equal(a.assigned.ltrb, b.assigned.ltrb)
 
 
+def test_finetune_trains_data_parallel_over_the_cpu_devices(prefect_server, tmp_path):
+    """finetune.devices 2 on execution.devices [cpu, cpu] (the demo's): two ranks finetune
+    the backbone, the global batch unchanged (nasfcos/distributed.py)."""
+    from flows.config import load_config
+    from flows.finetune import finetune_backbone
+    from nasfcos.train import load_checkpoint
+
+    cfg = load_config("tiny", tiny("dp", tmp_path, **{"execution.devices": ["cpu", "cpu"], "finetune.devices": 2}))
+    finetune_backbone(cfg.model_dump(mode="json"))
+    ckpt = load_checkpoint(tmp_path / "dp" / "backbone" / "checkpoint.pt")
+    assert (ckpt["world_size"], ckpt["iteration"]) == (2, cfg.finetune.iterations)
+
+
 def test_sigkilled_search_resumes_without_evaluating_twice(prefect_server, tmp_path):
     from prefect.settings import PREFECT_API_URL
 

@@ -39,6 +39,32 @@ def test_slot_pool_spreads_over_devices_and_whole_device_tasks_get_one_each(monk
         assert {a, b} == {"cuda:0", "cuda:1"}  # full training etc.: one task per device
 
 
+def test_cpu_slots_side_by_side_share_the_cores(monkeypatch):
+    """Two cpu slots in one process: each task's torch ops get half the cores (torch's
+    threads are per process; two tasks with all of them oversubscribe the CPU), unless
+    OMP_NUM_THREADS says otherwise; one cpu slot keeps torch's default."""
+    import torch
+
+    monkeypatch.setattr(placement, "_SLOTS", {})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with placement.device_slot(_execution(devices=["cpu"])):
+            assert torch.get_num_threads() == 3
+        with placement.device_slot(_execution(devices=["cpu", "cpu"])):
+            assert torch.get_num_threads() == 4
+        with placement.device_slot(_execution(devices=["cpu", "cpu"], slots_per_device=2), shared=True):
+            assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        with placement.device_slot(_execution(devices=["cpu", "cpu"])):
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_device_groups_are_disjoint_and_one_task_holds_each(monkeypatch):
     monkeypatch.setattr(placement, "_SLOTS", {})
     ex = _execution(devices=[f"cuda:{i}" for i in range(4)])
