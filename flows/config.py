@@ -310,29 +310,25 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _finetune_devices(self) -> "PipelineConfig":
-        n, devices = self.finetune.devices, self.execution.devices
-        if n == 1:
-            return self
-        if self.execution.task_runner != "thread":
-            raise ValueError("finetune.devices > 1 needs execution.task_runner 'thread' (a Dask worker owns one device)")
-        if n > len(devices):
-            raise ValueError(f"finetune.devices {n} is more than the {len(devices)} execution.devices")
-        if self.finetune.batch_size % n:
-            raise ValueError(f"finetune.batch_size {self.finetune.batch_size} is not divisible by finetune.devices {n}")
-        return self
-
-    @model_validator(mode="after")
-    def _device_groups(self) -> "PipelineConfig":
-        n, devices = self.train_full.devices_per_arch, self.execution.devices
-        if n == 1:
-            return self
-        if self.execution.task_runner != "thread":
-            raise ValueError("train_full.devices_per_arch > 1 needs execution.task_runner 'thread' (a Dask worker owns one device)")
-        if len(devices) % n:
-            raise ValueError(f"train_full.devices_per_arch {n} does not divide the {len(devices)} execution.devices")
-        if self.train_full.batch_size % n:
-            raise ValueError(f"train_full.batch_size {self.train_full.batch_size} is not divisible by train_full.devices_per_arch {n}")
+    def _data_parallel(self) -> "PipelineConfig":
+        """finetune.devices and train_full.devices_per_arch are the ranks of one training:
+        the thread runner (a Dask worker owns one device), devices that fit, a batch they split."""
+        devices = self.execution.devices
+        checks = (
+            ("finetune.devices", self.finetune.devices, "finetune.batch_size", self.finetune.batch_size,
+             lambda n: "" if n <= len(devices) else f"is more than the {len(devices)} execution.devices"),
+            ("train_full.devices_per_arch", self.train_full.devices_per_arch, "train_full.batch_size", self.train_full.batch_size,
+             lambda n: "" if len(devices) % n == 0 else f"does not divide the {len(devices)} execution.devices"),
+        )  # fmt: skip
+        for field, n, batch_field, batch, misfit in checks:
+            if n == 1:
+                continue
+            if self.execution.task_runner != "thread":
+                raise ValueError(f"{field} > 1 needs execution.task_runner 'thread' (a Dask worker owns one device)")
+            if why := misfit(n):
+                raise ValueError(f"{field} {n} {why}")
+            if batch % n:
+                raise ValueError(f"{batch_field} {batch} is not divisible by {field} {n}")
         return self
 
 
