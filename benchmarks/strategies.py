@@ -278,7 +278,6 @@ def unit_macs(setting: dict) -> float:
     """Mean decoder MACs of random archs at the setting's geometry (the budget unit)."""
     from nasfcos.complexity import decoder_cost
     from nasfcos.controller import build_policy
-
     from nasfcos.space import Arch
 
     if setting.get("ops"):

@@ -108,7 +108,7 @@ def proxy_record(cfg, run, arch: str, *, epochs: int | None = None, resume: dict
 
 
 def over_budget_note(df, s) -> str:
-    """', N over budget (never evaluated)' when a cost limit resampled archs, else ''."""
+    """'; N over the <limits> limit, never evaluated' when a cost limit is set, else ''."""
     n = int((df.status == "over_budget").sum())
     limits = [f"{k} {v:,}" for k, v in (("params", s.max_decoder_params), ("MACs", s.max_decoder_macs)) if v is not None]
     return f"; {n} over the {' / '.join(limits)} limit, never evaluated" if limits else ""
