@@ -36,7 +36,8 @@ fi
   || { cat .prefect/deploy.log >&2; exit 1; }
 if ! running .prefect/worker.pid; then
   echo "starting a worker on pool 'local' (log: .prefect/worker.log)"
-  nohup "$BIN/prefect" worker start --pool local > .prefect/worker.log 2>&1 &
+  # polls every 2 s instead of 10: the demo's run starts as soon as it is scheduled
+  PREFECT_WORKER_QUERY_SECONDS=2 nohup "$BIN/prefect" worker start --pool local > .prefect/worker.log 2>&1 &
   echo $! > .prefect/worker.pid
 fi
 "$BIN/prefect" deployment run nas-search/demo --watch --watch-timeout 1800
