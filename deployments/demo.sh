@@ -31,15 +31,18 @@ if ! healthy; then
   for _ in $(seq 1 180); do healthy && break; sleep 1; done
   healthy || { echo "the Prefect server did not start; see .prefect/server.log" >&2; exit 1; }
 fi
-"$BIN/prefect" work-pool inspect local > /dev/null 2>&1 || "$BIN/prefect" work-pool create local --type process
-"$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml > .prefect/deploy.log 2>&1 \
-  || { cat .prefect/deploy.log >&2; exit 1; }
 if ! running .prefect/worker.pid; then
   echo "starting a worker on pool 'local' (log: .prefect/worker.log)"
-  # polls every 2 s instead of 10: the demo's run starts as soon as it is scheduled
-  PREFECT_WORKER_QUERY_SECONDS=2 nohup "$BIN/prefect" worker start --pool local > .prefect/worker.log 2>&1 &
+  # --type process: the worker creates the pool when it is missing (one CLI start less);
+  # it polls every 2 s instead of 10, so the demo's run starts as soon as it is scheduled
+  PREFECT_WORKER_QUERY_SECONDS=2 nohup "$BIN/prefect" worker start --pool local --type process > .prefect/worker.log 2>&1 &
   echo $! > .prefect/worker.pid
 fi
+pool() { "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/work_pools/local', timeout=2)" "$PREFECT_API_URL" 2>/dev/null; }
+for _ in $(seq 1 120); do pool && break; sleep 0.5; done
+pool || { echo "work pool 'local' does not exist and the worker did not create it; see .prefect/worker.log" >&2; exit 1; }
+"$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml > .prefect/deploy.log 2>&1 \
+  || { cat .prefect/deploy.log >&2; exit 1; }
 "$BIN/prefect" deployment run nas-search/demo --watch --watch-timeout 1800
 RUN="$PWD/runs/demo"
 echo
