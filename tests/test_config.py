@@ -17,7 +17,7 @@ def test_presets_carry_the_papers_numbers():
     assert (paper.train_full.iterations, paper.train_full.batch_size, paper.train_full.steps) == (90000, 16, (60000, 80000))
     demo = load_config("demo")
     assert demo.data.kind == "synthetic" and demo.execution.devices == ("cpu", "cpu")
-    assert demo.search.total_archs >= 12 and demo.train_full.num_archs >= 1 and demo.train_full.baselines == ("fpn-fcos",)
+    assert demo.search.total_archs >= 16 and demo.train_full.num_archs >= 1 and demo.train_full.baselines == ("fpn-fcos",)
     assert load_config("paper").finetune.devices == 1
     with pytest.raises(ValueError, match="finetune.devices 3 is more than the 2 execution.devices"):
         load_config("demo", {"finetune.devices": 3})
