@@ -12,7 +12,8 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXT
 mkdir -p .prefect
 set -m  # background jobs get their own process group and keep SIGINT, so `make stop` can end them cleanly
 
-healthy() { "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" "$PREFECT_API_URL" 2>/dev/null; }
+api() { "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + sys.argv[2], timeout=2)" "$PREFECT_API_URL" "$1" 2>/dev/null; }  # GET answers 2xx
+healthy() { api /health; }
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 if [ "${DB:-sqlite}" = postgres ]; then  # `make demo DB=postgres`: the server's database in a local PostgreSQL
@@ -26,7 +27,7 @@ if [ "${DB:-sqlite}" = postgres ]; then  # `make demo DB=postgres`: the server's
 fi
 # The Makefile installs without byte-compiling; compile the venv at the lowest priority on the
 # core that the server's start (one thread) leaves idle, so later first imports find .pyc files.
-nice -n 19 "$BIN/python" -m compileall -q -j 0 "$(ls -d .venv/lib/python3*/site-packages)" > /dev/null 2>&1 &
+nice -n 19 "$BIN/python" -m compileall -q -j 0 "$(ls -d "${BIN%/bin}"/lib/python3*/site-packages)" > /dev/null 2>&1 &
 if ! healthy; then
   echo "starting the Prefect server on ${PREFECT_API_URL%/api} (log: .prefect/server.log)"
   nohup "$BIN/prefect" server start --host 127.0.0.1 --port "${PREFECT_PORT:-4200}" > .prefect/server.log 2>&1 &
@@ -41,9 +42,8 @@ if ! running .prefect/worker.pid; then
   PREFECT_WORKER_QUERY_SECONDS=2 nohup "$BIN/prefect" worker start --pool local --type process > .prefect/worker.log 2>&1 &
   echo $! > .prefect/worker.pid
 fi
-pool() { "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/work_pools/local', timeout=2)" "$PREFECT_API_URL" 2>/dev/null; }
-for _ in $(seq 1 120); do pool && break; sleep 0.5; done
-pool || { echo "work pool 'local' does not exist and the worker did not create it; see .prefect/worker.log" >&2; exit 1; }
+for _ in $(seq 1 120); do api /work_pools/local && break; sleep 0.5; done
+api /work_pools/local || { echo "work pool 'local' does not exist and the worker did not create it; see .prefect/worker.log" >&2; exit 1; }
 "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml > .prefect/deploy.log 2>&1 \
   || { cat .prefect/deploy.log >&2; exit 1; }
 "$BIN/prefect" deployment run nas-search/demo --watch --watch-timeout 1800
