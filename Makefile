@@ -25,9 +25,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Two pytest workers (pytest-xdist), a test file per worker so that a file's shared
-# pipeline run is built once. Fresh clone, 2 idle cores: pytest 12.7 min instead of 17.8
-# (8.7 min on a second run); most tests wait on servers and subprocesses as much as they
-# compute. TEST_WORKERS=0 runs them in one process.
+# pipeline run is built once; most tests wait on servers and subprocesses as much as they
+# compute (timings: benchmarks/RESULTS.md, "Test suite"). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
