@@ -33,8 +33,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 import torch
 
-from nasfcos.controller import ControllerConfig, PPOController, RandomPolicy
-from nasfcos.space import DEFAULT_HEAD_SEARCH, Arch
+from nasfcos.search.controller import ControllerConfig, PPOController
+from nasfcos.search.policies import RandomPolicy
+from nasfcos.arch import DEFAULT_HEAD_SEARCH, Arch
 
 BASE, SPREAD, NOISE = -2.3, 0.1, 0.02
 
@@ -114,7 +115,7 @@ def main() -> None:
         r = [x for x in rows if x["update"] == u]
         if not r:
             continue
-        cell = lambda k: f"{np.mean([x[k] for x in r]):.3f} ± {np.std([x[k] for x in r]):.3f}"  # noqa: E731
+        cell = lambda k, r=r: f"{np.mean([x[k] for x in r]):.3f} ± {np.std([x[k] for x in r]):.3f}"  # noqa: E731
         print(f"{u:8} {len(r):5d} {cell('last100_gap_closed'):>22} {cell('best_gap_closed'):>18} {cell('first_half_gap_closed'):>22} {np.mean([x['seconds'] for x in r]):7.0f}")
 
 

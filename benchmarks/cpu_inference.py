@@ -15,7 +15,7 @@ called on the raw [0, 1] image (its transform normalises and resizes, 800 -> 800
 without weights torchvision builds it with trainable ``nn.BatchNorm2d``, which in eval
 mode is one fused kernel; ``--peer frozen`` builds it as it is with pretrained weights
 (``FrozenBatchNorm2d``, 3 trainable stages, like ours). Train step = forward + loss +
-backward + SGD step on one image with 3 random boxes (ours: ``nasfcos.train.LossSums``
+backward + SGD step on one image with 3 random boxes (ours: ``nasfcos.engine.train.LossSums``
 as ``train`` runs it, fp32 on CPU). Both have ``--classes`` classes (80). No prefect.
 ``--channels-last`` converts both models and the images to the channels_last memory format
 (oneDNN then skips its per-conv layout reorders). ``--before`` also times our detector as it was before issue #15 (torchvision's
@@ -39,8 +39,8 @@ if __package__ in (None, ""):  # python benchmarks/cpu_inference.py from the rep
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nasfcos.data.transforms import Normalize
-from nasfcos.detector import DetectorSpec, build_detector
-from nasfcos.train import LossSums, TrainConfig, param_groups
+from nasfcos.model.detector import DetectorSpec, build_detector
+from nasfcos.engine.train import LossSums, TrainConfig, param_groups
 
 
 def torchvision_fcos(num_classes: int, peer: str, h: int, w: int) -> torch.nn.Module:

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nasfcos.backbones import LEVELS, build_backbone  # noqa: E402
+from nasfcos.model.backbones import LEVELS, build_backbone  # noqa: E402
 from nasfcos.data import SHAPES, VOCDetection, build_transforms, make_synthetic  # noqa: E402
 from storage.features import CODECS, FeatureStore, materialise  # noqa: E402
 
@@ -103,7 +103,7 @@ def bench_write(data: dict, codec: str, workdir: Path, shard_size: int, repeats:
     n = len(data["image_id"])
     levels = {level: values.shape[1:] for level, values in data["features"].items()}
     seconds = []
-    for r in range(repeats):
+    for _ in range(repeats):
         path = workdir / f"{codec}.zarr"
         shutil.rmtree(path, ignore_errors=True)
         store = FeatureStore.create(path, splits={"bench": n}, levels=levels, shard_size=shard_size, codec=codec, attrs={})

@@ -73,13 +73,13 @@ if __package__ in (None, ""):  # python benchmarks/gpu_suite.py from the reposit
 
 from torchvision.ops import batched_nms
 
-from nasfcos.decoder import build_decoder
-from nasfcos.detector import DetectorSpec, build_detector
-from nasfcos.fcos import FCOS, flatten_outputs, ltrb_to_boxes
-from nasfcos.ops import ModulatedDeformConv, set_deform_dtype
-from nasfcos.proxy import ProxyConfig, ProxyModel, evaluate_arch, prepare_split, stream_features, train_proxy
-from nasfcos.space import Arch, resolve
-from nasfcos.train import AMP_DTYPES, LossSums, TrainConfig, param_groups
+from nasfcos.model.decoder import build_decoder
+from nasfcos.model.detector import DetectorSpec, build_detector
+from nasfcos.model.fcos import FCOS, flatten_outputs, ltrb_to_boxes
+from nasfcos.model.ops import ModulatedDeformConv, set_deform_dtype
+from nasfcos.engine.proxy import ProxyConfig, ProxyModel, evaluate_arch, prepare_split, stream_features, train_proxy
+from nasfcos.arch import Arch, resolve
+from nasfcos.engine.train import AMP_DTYPES, LossSums, TrainConfig, param_groups
 
 SECTIONS = ("deform", "proxy", "train", "infer", "data")
 PAPER_EPOCHS = 15
@@ -178,7 +178,8 @@ def archs(randoms: int) -> list[tuple[str, str]]:
 
 def reference_postprocess(fcos: FCOS, outputs, image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
     """FCOS.postprocess as it was before issue #15: a Python loop over images and levels,
-    every point decoded. Kept for the ablation and as the tests' reference."""
+    every point decoded, timed beside the vectorised one (tests/test_speed_switches.py holds the
+copy the tests check against)."""
     points = fcos.points([o[0].shape[-2:] for o in outputs], outputs[0][0].device)
     cls, reg, ctr = flatten_outputs(outputs)
     prob = torch.sigmoid(cls.float())  # (N, P, K)
@@ -234,7 +235,7 @@ def torchvision_fcos(backbone: str, num_classes: int, size: tuple[int, int], pee
 
     sizes = dict(min_size=min(size), max_size=max(size))
     if backbone != "resnet50":
-        from nasfcos.backbones import build_backbone
+        from nasfcos.model.backbones import build_backbone
 
         return TVFCOS(_TVBody(build_backbone(backbone), 64), num_classes, **sizes)
     if peer == "default":
@@ -268,7 +269,7 @@ def run_deform(S: dict, device: torch.device, budget: Budget) -> dict:
         for op, dt in cases:
             t = {k: v.to(device, dt).requires_grad_(k != "mask") for k, v in base.items()}
 
-            def step():
+            def step(op=op, t=t):
                 if op == "deform_conv2d":
                     out = deform_conv2d(t["x"], t["offset"], t["weight"], t["bias"], padding=1, mask=t["mask"])
                 else:
@@ -514,7 +515,7 @@ def run_proxy(S: dict, device: torch.device, budget: Budget, args, out: dict, sa
             except Exception as e:  # noqa: BLE001
                 res["compile"].append(dict(arch=name, backend=backend, error=short(e)))
             save()
-    del train, val, raw_train
+    train = val = raw_train = None  # the device memory goes before the next section (evaluate() is not called again)
     return res
 
 
@@ -549,7 +550,7 @@ def model_specs(T: dict) -> list[tuple[str, DetectorSpec | None]]:
 
 
 def our_train_step(spec: DetectorSpec, device: torch.device, *, amp_dtype="float16", channels_last=False, sync_free=False, deform_dtype="float32"):
-    """One iteration as ``nasfcos.train.train`` runs it (LossSums, combine, finite check, scaler, SGD)."""
+    """One iteration as ``nasfcos.engine.train.train`` runs it (LossSums, combine, finite check, scaler, SGD)."""
     torch.manual_seed(0)
     model = build_detector(spec).to(device)
     if channels_last:
@@ -656,7 +657,7 @@ def run_train(S: dict, device: torch.device, budget: Budget, args, out: dict, sa
         if budget.left() < 3 * T["iters"] * base.get("s_per_iter", 1.0) + 30:
             res["ablation"].append(dict(model=name, switch=label, note="skipped (budget)"))
             continue
-        row = dict(model=name, switch=label, **train_throughput(lambda: our_train_step(specs[name], device, **kw), T, device))
+        row = dict(model=name, switch=label, **train_throughput(lambda name=name, kw=kw: our_train_step(specs[name], device, **kw), T, device))
         if "images_per_s" in row and "images_per_s" in base:
             row["x default"] = row["images_per_s"] / base["images_per_s"]
         res["ablation"].append(row)

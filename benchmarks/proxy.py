@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from nasfcos.proxy import ProxyConfig, evaluate_arch, prepare_split
-from nasfcos.space import Arch
+from nasfcos.engine.proxy import ProxyConfig, evaluate_arch, prepare_split
+from nasfcos.arch import Arch
 
 SETTINGS = {
     # channels of C2..C5, crop size, meta-train / meta-val sizes, batch, epochs
     "paper": dict(channels=(256, 512, 1024, 2048), size=384, n_train=4000, n_val=1715, batch=200, epochs=15),
     # CPU-sized: the tiny backbone's channels at 96x96, 100 / 30 samples (deformable convs are
-    # ~30x slower than plain convs on CPU, see README)
+    # ~30x slower than plain convs on CPU, see docs/user-guide.md)
     "cpu": dict(channels=(16, 32, 64, 128), size=96, n_train=100, n_val=30, batch=25, epochs=15),
 }
 

@@ -4,7 +4,7 @@ Everything but the decoder training is the product's: the Prefect ``search`` flo
 Prefect server, its tasks on the thread runner or a 2-process Dask ``LocalCluster``,
 each task's part-file append and audit line, the flow's results appends, compactions,
 controller checkpoints and PPO updates (default controller). Only
-``nasfcos.proxy.evaluate_arch`` is replaced by a sleep whose length comes from a per-arch
+``nasfcos.engine.proxy.evaluate_arch`` is replaced by a sleep whose length comes from a per-arch
 cost model fitted to ``benchmarks/proxy.py``'s CPU table (RESULTS.md, "Proxy task"):
 
     seconds = 5.0 + 6.23 * deformable convs in the FPN + 11.13 * in the head + 5.15 * cat aggregations
@@ -56,23 +56,23 @@ _SCALE = {"mean": 4.0}  # set by main / by a Dask worker's preload from the envi
 
 
 def raw_cost(arch: str) -> float:
-    from storage.results import decode_arch_fields
+    from nasfcos.arch import Arch
 
-    d = decode_arch_fields(arch)
+    d = Arch.parse(arch).columns()
     return COST["base"] + COST["deform_fpn"] * d["n_deform_fpn"] + COST["deform_head"] * d["n_deform_head"] + COST["cat"] * (d["n_cat_fpn"] + d["n_cat_head"])
 
 
 def cost_scale(mean: float, head: str, n: int = 4000) -> float:
     """Factor that makes the mean cost of random archs ``mean`` seconds."""
-    from nasfcos.space import Arch
+    from nasfcos.arch import Arch
 
     rng = np.random.default_rng(0)
     return mean / float(np.mean([raw_cost(str(Arch.random(rng, head=head))) for _ in range(n)]))
 
 
 def simulated_evaluate_arch(arch, train, val, *, num_classes, cfg, device=None, **_) -> dict:
-    """``nasfcos.proxy.evaluate_arch``'s record after sleeping the arch's modelled cost."""
-    from nasfcos.space import Arch
+    """``nasfcos.engine.proxy.evaluate_arch``'s record after sleeping the arch's modelled cost."""
+    from nasfcos.arch import Arch
 
     a = Arch.parse(arch) if isinstance(arch, str) else arch
     seconds = raw_cost(str(a)) * float(os.environ["NASFCOS_SIM_SCALE"])
@@ -88,11 +88,11 @@ def simulated_evaluate_arch(arch, train, val, *, num_classes, cfg, device=None, 
 
 def install() -> None:
     """Swap the proxy training for the simulation in this process (the flow's and each worker's)."""
-    import flows.search
-    import nasfcos.proxy
+    import flows.feature_cache
+    import nasfcos.engine.proxy
 
-    nasfcos.proxy.evaluate_arch = simulated_evaluate_arch
-    flows.search._splits = lambda key: (key[1], None, 20)  # no features to load
+    nasfcos.engine.proxy.evaluate_arch = simulated_evaluate_arch
+    flows.feature_cache.splits = lambda key: (key[1], None, 20)  # no features to load
 
 
 def dask_setup(worker) -> None:  # noqa: ARG001 - Dask preload hook, runs in each worker process
@@ -125,21 +125,23 @@ class TimedPolicy:
 
 SUBMITTED: dict[str, float] = {}  # arch id -> when the flow submitted it
 CLOCK: dict[str, float] = {}  # seconds the flow thread spent, by kind of work
+INSTRUMENTED = False  # instrument() patches once per process
 
 
 def instrument() -> None:
     """Record into SUBMITTED and CLOCK when the flow submits each arch and how long the
     controller and the flow thread's other work take (patches once per process)."""
-    import nasfcos.controller
-    import nasfcos.search
+    import nasfcos.search.loop
+    import nasfcos.search.policies
 
-    if getattr(nasfcos.search, "_instrumented", False):
+    global INSTRUMENTED
+    if INSTRUMENTED:
         return
-    nasfcos.search._instrumented = True
+    INSTRUMENTED = True
     submitted, clock = SUBMITTED, CLOCK
 
-    build, run_sync, run_async = nasfcos.controller.build_policy, nasfcos.search.run_search, nasfcos.search.run_search_async
-    nasfcos.controller.build_policy = lambda *a, **k: TimedPolicy(build(*a, **k), clock)
+    build, run_sync, run_async = nasfcos.search.policies.build_policy, nasfcos.search.loop.run_search, nasfcos.search.loop.run_search_async
+    nasfcos.search.policies.build_policy = lambda *a, **k: TimedPolicy(build(*a, **k), clock)
 
     def sync(*, evaluate, **kw):
         def timed(jobs):
@@ -161,11 +163,11 @@ def instrument() -> None:
 
         return run_async(submit=timed, **kw)
 
-    nasfcos.search.run_search, nasfcos.search.run_search_async = sync, async_
+    nasfcos.search.loop.run_search, nasfcos.search.loop.run_search_async = sync, async_
     # the flow thread's other work per arch: its results appends, compactions, checkpoints
     from storage.results import ResultsTable
 
-    for owner, name, key in ((ResultsTable, "append", "append"), (ResultsTable, "compact", "compact"), (nasfcos.search, "save_state", "checkpoint")):
+    for owner, name, key in ((ResultsTable, "append", "append"), (ResultsTable, "compact", "compact"), (nasfcos.search.loop, "save_state", "checkpoint")):
         setattr(owner, name, _timed(getattr(owner, name), clock, key))
 
 
@@ -183,8 +185,8 @@ def _timed(fn, clock: dict, key: str):
 
 def prefill(run_dir: Path, head: str) -> set[str]:
     """2,800 rows of distinct random archs, compacted, as a long search leaves them."""
-    from nasfcos.search import make_row
-    from nasfcos.space import Arch
+    from nasfcos.search.loop import make_row
+    from nasfcos.arch import Arch
     from storage.results import ResultsTable
 
     rng, rows, seen = np.random.default_rng(1), [], set()

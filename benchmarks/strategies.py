@@ -1,6 +1,6 @@
 """Search strategies compared at equal budget (issue #14): ppo, random and evolution, each
 with and without successive halving (``+sh``), all driven by the product's search loop
-(``nasfcos.search.run_search_async``, one slot, so every run is reproducible).
+(``nasfcos.search.loop.run_search_async``, one slot, so every run is reproducible).
 
 Budget: proxy epochs x decoder MACs summed over the evaluations (a promoted arch resumes
 from its lower rung, so it costs only the extra epochs), counted in "full evals": the cost
@@ -8,7 +8,7 @@ of one full proxy evaluation of an average random arch. A run stops before the e
 that would start past its budget. Wall seconds are reported too (noisy on a shared machine).
 
 Metric, at 10/25/50/100 % of the budget: the arch the search would select then (ok rows,
-the most rungs first, then the reward: ``nasfcos.search``'s rule and ``top_k``'s), scored
+the most rungs first, then the reward: ``nasfcos.search.loop``'s rule and ``top_k``'s), scored
   toy   by its noise-free full-fidelity reward, as the share of the random -> optimum gap
         it closes;
   real  by its full-fidelity reward ("best reward found"; none before one arch reaches
@@ -25,13 +25,13 @@ toy  (default) the reward of ``benchmarks/controller_schedule.py`` (agreement wi
      standardised score is rho(e) z + sqrt(1 - rho(e)^2) u (u: a per-arch bias of short
      training, rho(e) = (e/15)^(1/3): Kendall's tau 0.40 at 3 epochs, 0.56 at 7, by
      construction) and the loss is higher by 0.5 (1 - e/15). MACs from
-     ``nasfcos.complexity.decoder_cost`` at the paper's proxy geometry (R-50 C2-C5 of a
+     ``nasfcos.model.complexity.decoder_cost`` at the paper's proxy geometry (R-50 C2-C5 of a
      384 crop, width 64, 20 classes). Rungs 3, 7, 15 epochs, eta 3.
-real (``--real``) the CPU proxy task (``nasfcos.proxy.evaluate_arch``) on the demo's
+real (``--real``) the CPU proxy task (``nasfcos.engine.proxy.evaluate_arch``) on the demo's
      features (``runs/demo/features.zarr`` when present, else a small store built here
      from the synthetic dataset with a random tiny backbone), ``--epochs`` full epochs
      (default 4) and rungs ``--rungs`` (1, 2, 4), eta 3; promoted archs resume from states
-     kept by ``storage.rungs`` in a temporary directory. A full evaluation takes ~20 s of
+     kept by ``storage.rung_states`` in a temporary directory. A full evaluation takes ~20 s of
      one CPU core (deformable convs: several times that), so the default 16 full evals
      per run x 6 strategies x 5 seeds is about an hour on 2 idle cores.
 
@@ -91,9 +91,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b (ties in either ranking corrected; flows.plots computes it for the
+    """Kendall's tau-b (ties in either ranking corrected; flows.report.plots computes it for the
     report too); NaN under 3 pairs."""
-    from flows.plots import kendall_tau as tau_b
+    from flows.report.plots import kendall_tau as tau_b
 
     return float("nan") if len(x) < 3 else tau_b(x, y)
 
@@ -141,7 +141,7 @@ class ToyEvaluator:
     """The toy reward with fidelities (module docstring) and the paper-geometry MACs."""
 
     def __init__(self, seed: int, head: str, full: int, standardise_over: int = 4000) -> None:
-        from nasfcos.complexity import decoder_cost
+        from nasfcos.model.complexity import decoder_cost
 
         self.toy, self.full, self.seed = _toy(seed, head, standardise_over), full, seed
         self.cost = lambda arch: decoder_cost(arch, **PAPER_GEOMETRY)
@@ -169,15 +169,15 @@ class ToyEvaluator:
 
 
 class RealEvaluator:
-    """The CPU proxy task on a small feature store; states of promoted archs in ``storage.rungs``."""
+    """The CPU proxy task on a small feature store; states of promoted archs in ``storage.rung_states``."""
 
     def __init__(self, features: str, states_dir: str, full: int, batch_size: int) -> None:
         import torch
 
-        from nasfcos.backbones import LEVELS
-        from nasfcos.proxy import ProxyConfig, prepare_split
+        from nasfcos.model.backbones import LEVELS
+        from nasfcos.engine.proxy import ProxyConfig, prepare_split
         from storage.features import FeatureStore
-        from storage.rungs import RungStates
+        from storage.rung_states import RungStates
 
         store = FeatureStore.open(features)
         self.k = int(store.attrs["num_classes"])
@@ -193,8 +193,8 @@ class RealEvaluator:
         return float("nan")  # unknown: the real metric is the observed full-fidelity reward
 
     def __call__(self, arch, epochs: int, resume_from: int) -> tuple[dict, int]:
-        from nasfcos.halving import pack_state, unpack_state
-        from nasfcos.proxy import evaluate_arch
+        from nasfcos.search.halving import pack_state, unpack_state
+        from nasfcos.engine.proxy import evaluate_arch
 
         data = self.states.read(arch.arch_id, resume_from) if resume_from else None
         keep = (lambda s: self.states.write(arch.arch_id, epochs, pack_state(s))) if epochs < self.full else None
@@ -208,8 +208,8 @@ def run(policy: str, sh: bool, seed: int, setting: dict) -> dict:
     """One search at one budget; returns the trace summary (see the module docstring)."""
     import torch
 
-    from nasfcos.controller import build_policy
-    from nasfcos.search import SearchConfig, run_search_async
+    from nasfcos.search.policies import build_policy
+    from nasfcos.search.loop import SearchConfig, run_search_async
 
     torch.set_num_threads(1)
     full, rungs = setting["epochs"], tuple(setting["rungs"]) if sh else ()
@@ -276,9 +276,9 @@ def run(policy: str, sh: bool, seed: int, setting: dict) -> dict:
 
 def unit_macs(setting: dict) -> float:
     """Mean decoder MACs of random archs at the setting's geometry (the budget unit)."""
-    from nasfcos.complexity import decoder_cost
-    from nasfcos.controller import build_policy
-    from nasfcos.space import Arch
+    from nasfcos.model.complexity import decoder_cost
+    from nasfcos.search.policies import build_policy
+    from nasfcos.arch import Arch
 
     if setting.get("ops"):
         archs = [x.arch for x in build_policy("random", seed=12345, head=setting["head"], ops=setting["ops"]).sample(200)]
@@ -286,7 +286,7 @@ def unit_macs(setting: dict) -> float:
         rng = np.random.default_rng(12345)
         archs = [Arch.random(rng, head=setting["head"]) for _ in range(200)]
     if setting["real"]:
-        from nasfcos.backbones import LEVELS
+        from nasfcos.model.backbones import LEVELS
         from storage.features import FeatureStore
 
         store = FeatureStore.open(setting["features"])
@@ -309,9 +309,9 @@ def small_feature_store(path: Path) -> Path:
     dataset and a random tiny backbone, for a clone without ``runs/demo``."""
     import torch
 
-    from nasfcos.backbones import build_backbone
+    from nasfcos.model.backbones import build_backbone
     from nasfcos.data import COCODetection, make_synthetic
-    from nasfcos.materialise import FeatureComputer, meta_split, proxy_transforms
+    from nasfcos.engine.materialise import FeatureComputer, meta_split, proxy_transforms
     from storage.features import FeatureStore, materialise
 
     if (path / "zarr.json").exists():

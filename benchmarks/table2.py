@@ -2,7 +2,7 @@
 
 The paper's "FLOPs" are multiply-accumulates (MACs) of one forward pass at 1088x800
 (W x H) with 80 COCO classes; its "Params" are millions of parameters. Ours come from
-``nasfcos.complexity`` (what is and is not counted is in its docstring):
+``nasfcos.model.complexity`` (what is and is not counted is in its docstring):
 
 - params: every parameter of the detector (``count_params``);
 - trainable: without the frozen stem and res2 (``freeze_at=2``), the paper's convention;
@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nasfcos.complexity import complexity  # noqa: E402
+from nasfcos.model.complexity import complexity  # noqa: E402
 
 
 
@@ -79,7 +79,7 @@ ROWS: tuple[Row, ...] = (
 
 
 def count(row: Row, preset: str, backbone: str, *, num_classes: int, size: tuple[int, int], device: str) -> dict:
-    """nasfcos.complexity's counts for one (row, preset, backbone)."""
+    """nasfcos.model.complexity's counts for one (row, preset, backbone)."""
     return complexity(
         preset, backbone=backbone, width=row.width, head_width=row.head_width,
         num_classes=num_classes, input_size=size, device=device,

@@ -2,7 +2,7 @@
 "All corrections applied").
 
 ``benchmarks/table2.py`` counts our models as they are. This script takes the same
-models (``nasfcos.detector.build_detector``) and applies the counting differences of
+models (``nasfcos.model.detector.build_detector``) and applies the counting differences of
 the RESULTS.md analysis, each a hypothesis about the paper's counters, not a change to
 the networks:
 
@@ -43,11 +43,11 @@ from torchvision.ops import deform_conv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nasfcos.backbones import build_backbone  # noqa: E402
-from nasfcos.complexity import count_call_macs, count_macs, count_params  # noqa: E402
-from nasfcos.decoder import P6P7, SearchedFPN  # noqa: E402
-from nasfcos.detector import Detector, DetectorSpec, build_detector  # noqa: E402
-from nasfcos.ops import ModulatedDeformConv  # noqa: E402
+from nasfcos.model.backbones import build_backbone  # noqa: E402
+from nasfcos.model.complexity import count_call_macs, count_macs, count_params  # noqa: E402
+from nasfcos.model.decoder import P6P7, SearchedFPN  # noqa: E402
+from nasfcos.model.detector import Detector, DetectorSpec, build_detector  # noqa: E402
+from nasfcos.model.ops import ModulatedDeformConv  # noqa: E402
 from table2 import ROWS, Row, _rel  # noqa: E402  (same directory)
 
 INPUT_SIZE = (800, 1088)  # (H, W): the paper's "1088x800"

@@ -79,7 +79,7 @@ def _state(env: dict, flow_run_id: str, *, message: bool = False) -> str:
 
 def _second_run_refused(env: dict, overrides: dict, run: Path) -> str:
     """While a run owns ``run``, a second deployment run of it must fail at once with the
-    lock's one-line error (README "One run directory, one owner")."""
+    lock's one-line error (docs/operations.md "One run directory, one owner")."""
     while _holder_pid(run) is None:
         time.sleep(0.5)
     second = _trigger(env, overrides)
@@ -104,7 +104,7 @@ def _holder_pid(run: Path) -> int | None:
 
 
 def _stage_at(run: Path) -> str:
-    from storage.runs import STAGES
+    from storage.run_dir import STAGES
 
     done = [s for s in STAGES if (run / "manifests" / f"{s}.json").exists()]
     return STAGES[len(done)] if len(done) < len(STAGES) else "done"

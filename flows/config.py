@@ -138,9 +138,9 @@ class SearchSettings(_Section):
     # population) start the population instead of random archs; None: random start
     warm_start: str | None = identity(None)
     # head search space: seq (the released code's, where the published nas-fcos head was
-    # found; default) or dag (the paper text's §3.2.2); README "Deviations" says why
+    # found; default) or dag (the paper text's §3.2.2); docs/fidelity.md says why
     head: Literal["seq", "dag"] = identity("seq")
-    # the op names the search may choose (nasfcos.space FPN_OPS / HEAD_OPS); None: all (the
+    # the op names the search may choose (nasfcos.arch FPN_OPS / HEAD_OPS); None: all (the
     # paper's). The CPU demo leaves out def_conv_3x3: torchvision's deformable conv is slow on CPU
     ops: tuple[str, ...] | None = identity(None)
     seed: int = identity(0)
@@ -151,7 +151,7 @@ class SearchSettings(_Section):
     controller_update: Literal["batch", "buffer"] = identity("batch")
     ppo_epochs: int = identity(4, ge=1)
     # async (default): every device slot busy, a new arch the moment one finishes, an update
-    # every K results; sync: K archs per step, update, repeat (bit-reproducible). README and
+    # every K results; sync: K archs per step, update, repeat (bit-reproducible). docs/user-guide.md and
     # benchmarks/search_scaling.py say why async is the default
     mode: Literal["async", "sync"] = identity("async")
     # cost constraint (MnasNet-style, beyond the paper): archs whose decoder at the proxy
@@ -175,7 +175,7 @@ class SearchSettings(_Section):
     @field_validator("ops")
     @classmethod
     def _known_ops(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        from nasfcos.space import TokenSpace
+        from nasfcos.arch import TokenSpace
 
         if v is not None:
             TokenSpace("seq", v)  # its ValueError names unknown ops, or a part left without one
@@ -191,7 +191,7 @@ class TrainFullConfig(_Section):
 
     num_archs: int = extendable(20, ge=1)  # how many of top_k.parquet to train
     # hand-designed decoders trained beside them with the same budget and seed, the
-    # leaderboard's yardstick (a name of nasfcos.space.PRESETS or an arch string)
+    # leaderboard's yardstick (a name of nasfcos.arch.PRESETS or an arch string)
     baselines: tuple[str, ...] = extendable(("fpn-fcos",))
     # initialise the backbone from the finetuned detector instead of train_full.weights (decoders
     # start from scratch); the paper starts from ImageNet weights (False), the demo has none (True)
@@ -219,7 +219,7 @@ class TrainFullConfig(_Section):
     @field_validator("baselines")
     @classmethod
     def _known_baselines(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from nasfcos.space import resolve
+        from nasfcos.arch import resolve
 
         for arch in v:
             resolve(arch)  # an ArchError (ValueError) says what is wrong with it

@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from prefect import get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import task, unmapped
+from prefect.artifacts import create_table_artifact
 
 from flows.inputs import coco_split
 from flows.placement import device_resources, device_slot
-from flows.stages import artifact_key, open_stage, portable, stage_flow, stage_hash, task_options
-from nasfcos.faults import fault_point
-from storage.runs import atomic_write_json
+from flows.stages import artifact_key, open_stage, publish_summary, stage_flow, stage_hash, task_options
+from nasfcos.fault_injection import fault_point
+import atomicio
 
 STAGE = "evaluate"
 
@@ -30,8 +30,8 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
     ``evaluated.json`` says this very checkpoint was evaluated (a rerun after a kill,
     or after top_k / num_archs changed, evaluates only what is new)."""
     from nasfcos.data import COCODetection, build_transforms
-    from nasfcos.evaluate import coco_evaluate, predict_dataset, save_results
-    from nasfcos.train import detector_from_checkpoint
+    from nasfcos.evaluation.coco import coco_evaluate, predict_dataset, save_results
+    from nasfcos.engine.checkpoint import detector_from_checkpoint
 
     cfg, run, _, _ = open_stage(config, STAGE)
     marker = run.full(arch_id) / "evaluated.json"
@@ -55,26 +55,23 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
         dets = predict_dataset(model, val, category_ids=category_ids, device=device, batch_size=cfg.evaluate.batch_size)
         save_results(dets, out_dir / "detections_val.json")
         metrics = coco_evaluate(val.coco_gt(), dets)
-        atomic_write_json(out_dir / "val_metrics.json", metrics)
+        atomicio.write_json(out_dir / "val_metrics.json", metrics)
         row.update(metrics)
         testdev = coco_split(cfg, run, "testdev")
         if testdev is not None:
             td = COCODetection(testdev[0], testdev[1], transforms=tf)
             path = save_results(predict_dataset(model, td, category_ids=category_ids, device=device, batch_size=cfg.evaluate.batch_size), out_dir / "detections_test-dev.json")
             row["testdev_results"] = str(path)
-    atomic_write_json(marker, {"stamp": _stamp(checkpoint), "row": row})
+    atomicio.write_json(marker, {"stamp": _stamp(checkpoint), "row": row})
     fault_point("evaluate:arch")
     return row
 
 
 @stage_flow(STAGE)
-def evaluate(config: dict | str = "demo") -> dict:
-    from storage.results import atomic_write_parquet
+def evaluate(cfg, run, config: dict) -> dict:
+    """COCO val AP of every fully trained arch (pycocotools), test-dev detections, the leaderboard."""
+    from storage.results import write_parquet
 
-    cfg, run, h, done = open_stage(config, STAGE)
-    if done:
-        return run.manifest(STAGE)["outputs"]
-    config = portable(cfg)
     upstream = run.manifest("train-full")
     if upstream is None or upstream["config_hash"] != stage_hash(cfg, "train-full"):
         raise ValueError(f"{run.root}: train-full has not finished for this config; run it (or nas-search) first")
@@ -91,23 +88,13 @@ def evaluate(config: dict | str = "demo") -> dict:
     metrics = pd.DataFrame(rows + failed, columns=list(dict.fromkeys(columns + [k for r in rows for k in r])))
     # a failed arch keeps its row (status, error; no AP), after the evaluated ones
     board = info.merge(metrics, on="arch_id").sort_values("AP", ascending=False, na_position="last")
-    atomic_write_parquet(board, run.leaderboard)
+    write_parquet(board, run.leaderboard)
     create_table_artifact(
         key=artifact_key(cfg, "leaderboard"),
         table=board[["arch_id", "kind", "AP", "AP50", "AP75", "proxy_reward", "params", "status"]].round(4).to_dict("records"),
         description="COCO val AP of the fully trained architectures",
     )
-    from flows.report import stage_plots
-
-    summary = (
-        f"best `{board.iloc[0].arch_id}`: AP {board.iloc[0].AP:.3f}, AP50 {board.iloc[0].AP50:.3f}" if len(board) else "nothing was trained"
-    )
-    create_markdown_artifact(
-        key=artifact_key(cfg, "evaluate"),
-        markdown=f"# {STAGE}\n\n{len(board)} fully trained architectures evaluated with pycocotools; {summary}. "
-        f"Leaderboard: `{run.leaderboard}`." + stage_plots(run.root, config, STAGE, logger=get_run_logger()),
-        description="evaluation summary",
-    )
-    out = {"leaderboard": str(run.leaderboard), "best_AP": float(board.AP.max()) if len(board) else float("nan")}
-    run.finish(STAGE, h, out)
-    return out
+    best = f"best `{board.iloc[0].arch_id}`: AP {board.iloc[0].AP:.3f}, AP50 {board.iloc[0].AP50:.3f}" if len(board) else "nothing was trained"
+    text = f"{len(board)} fully trained architectures evaluated with pycocotools; {best}. Leaderboard: `{run.leaderboard}`."
+    publish_summary(cfg, run, STAGE, "evaluate", text, "evaluation summary")
+    return {"leaderboard": str(run.leaderboard), "best_AP": float(board.AP.max()) if len(board) else float("nan")}

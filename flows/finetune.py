@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.inputs import ensure_data, search_dataset, train_config
-from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
+from flows.stages import artifact_key, open_stage, stage_flow, task_options
 
 STAGE = "finetune-backbone"
 
@@ -24,8 +24,8 @@ def prepare_data(config: dict) -> None:
 @task(task_run_name="train backbone + FPN-FCOS", retries=1)
 def train_backbone(config: dict) -> dict:
     from nasfcos.data import build_transforms
-    from nasfcos.detector import DetectorSpec
-    from nasfcos.distributed import train_on_devices
+    from nasfcos.model.detector import DetectorSpec
+    from nasfcos.engine.distributed import train_on_devices
 
     cfg, run, _, _ = open_stage(config, STAGE)
     f = cfg.finetune
@@ -40,13 +40,9 @@ def train_backbone(config: dict) -> dict:
 
 
 @stage_flow(STAGE)
-def finetune_backbone(config: dict | str = "demo") -> dict:
+def finetune_backbone(cfg, run, config: dict) -> dict:
     """Finetune the backbone (with an FPN-FCOS decoder) on the search's training set
     (VOC, the synthetic set, or with ``data.kind: coco`` the COCO train json)."""
-    cfg, run, h, done = open_stage(config, STAGE)
-    if done:
-        return run.manifest(STAGE)["outputs"]
-    config = portable(cfg)
     prepare_data.with_options(**task_options(cfg, "finetune"))(config)
     out = train_backbone.with_options(**task_options(cfg, "finetune"))(config)
     get_run_logger().info("backbone checkpoint %s (iteration %d)", out["checkpoint"], out["iteration"])
@@ -56,5 +52,4 @@ def finetune_backbone(config: dict | str = "demo") -> dict:
         f"{out['iteration']} iterations on {cfg.data.kind} data.\n\nFinal losses: {out['losses']}\n\nCheckpoint: `{out['checkpoint']}`",
         description="backbone finetuning",
     )
-    run.finish(STAGE, h, out)
     return out

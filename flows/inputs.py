@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from flows.config import PipelineConfig
-from storage.runs import RunDir
+from storage.run_dir import RunDir
 
 
 def train_config(section: Any):
-    """A ``nasfcos.train.TrainConfig`` from the ``finetune`` or ``train_full`` config section."""
-    from nasfcos.train import TrainConfig
+    """A ``nasfcos.engine.train.TrainConfig`` from the ``finetune`` or ``train_full`` config section."""
+    from nasfcos.engine.train import TrainConfig
 
     return TrainConfig(
         iterations=section.iterations, batch_size=section.batch_size, base_lr=section.lr, steps=section.steps,

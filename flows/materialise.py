@@ -8,8 +8,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.inputs import search_dataset
 from flows.placement import device_resources, device_slot
-from flows.stages import artifact_key, open_stage, portable, results_with_progress, stage_flow, task_options
-from nasfcos.faults import fault_point
+from flows.stages import artifact_key, open_stage, results_with_progress, stage_flow, task_options
+from nasfcos.fault_injection import fault_point
 
 STAGE = "materialise-features"
 SPLITS = ("meta_train", "meta_val")
@@ -18,8 +18,8 @@ STRIDES = (4, 8, 16, 32)
 
 def _split_indices(cfg, n: int):
     """Dataset indices of meta-train and meta-val: ``features.train_size``/``val_size``,
-    scaled down in proportion when the dataset has fewer images (``nasfcos.materialise.fit_split``)."""
-    from nasfcos.materialise import fit_split, meta_split
+    scaled down in proportion when the dataset has fewer images (``nasfcos.engine.materialise.fit_split``)."""
+    from nasfcos.engine.materialise import fit_split, meta_split
 
     train_size, val_size = fit_split(n, cfg.features.train_size, cfg.features.val_size)
     return dict(zip(SPLITS, meta_split(n, train_size=train_size, val_size=val_size, seed=cfg.features.seed)))
@@ -27,8 +27,8 @@ def _split_indices(cfg, n: int):
 
 @task(task_run_name="create store")
 def create_store(config: dict) -> dict:
-    from nasfcos.backbones import build_backbone
-    from nasfcos.materialise import file_sha256
+    from nasfcos.model.backbones import build_backbone
+    from nasfcos.engine.materialise import file_sha256
     from storage.features import FeatureStore
 
     cfg, run, _, _ = open_stage(config, STAGE)
@@ -59,8 +59,8 @@ def create_store(config: dict) -> dict:
 
 @task(task_run_name="materialise {split} shard {shard}", retries=1)
 def materialise_shard(config: dict, split: str, shard: int) -> int:
-    from nasfcos.backbones import build_backbone
-    from nasfcos.materialise import FeatureComputer, proxy_transforms
+    from nasfcos.model.backbones import build_backbone
+    from nasfcos.engine.materialise import FeatureComputer, proxy_transforms
     from storage.features import FeatureStore, materialise
 
     cfg, run, _, _ = open_stage(config, STAGE)
@@ -74,19 +74,22 @@ def materialise_shard(config: dict, split: str, shard: int) -> int:
     return shard
 
 
-@stage_flow(STAGE)
-def materialise_features(config: dict | str = "demo") -> dict:
+def _damaged(cfg, run) -> bool:
+    """A finished store with shards found damaged on read since (storage/features.py): they are recomputed."""
+    from storage.features import FeatureStore
+
+    store = FeatureStore.open(run.features)
+    damaged = {split: p for split in SPLITS if (p := store.pending(split))}
+    if damaged:
+        get_run_logger().warning("%s: shards %s were found damaged and are recomputed", run.features, damaged)
+    return bool(damaged)
+
+
+@stage_flow(STAGE, redo=_damaged)
+def materialise_features(cfg, run, config: dict) -> dict:
     """Compute C2..C5 at the proxy geometry for both splits, shard by shard in parallel."""
     from storage.features import FeatureStore
 
-    cfg, run, h, done = open_stage(config, STAGE)
-    if done:  # a shard found damaged on read since (storage/features.py) is recomputed
-        store = FeatureStore.open(run.features)
-        damaged = {split: p for split in SPLITS if (p := store.pending(split))}
-        if not damaged:
-            return run.manifest(STAGE)["outputs"]
-        get_run_logger().warning("%s: shards %s were found damaged and are recomputed", run.features, damaged)
-    config = portable(cfg)
     pending = create_store.with_options(**task_options(cfg, "materialise"))(config)
     futures = []
     for split in SPLITS:
@@ -105,5 +108,4 @@ def materialise_features(config: dict | str = "demo") -> dict:
         f"{len(written)} shards written in this run, codec {cfg.features.codec}.",
         description="feature store",
     )
-    run.finish(STAGE, h, out)
     return out

@@ -27,9 +27,9 @@ from flows.stages import owner, portable
 from flows.search import search
 from flows.select import select_top_k
 from flows.train_full import train_full
-from nasfcos.failures import one_line
-from storage.runlock import RunLocked, run_lock
-from storage.runs import RunDir
+from nasfcos.errors import one_line
+from storage.run_lock import RunLocked, run_lock
+from storage.run_dir import RunDir
 
 
 def _run_name() -> str:

@@ -171,7 +171,7 @@ def share_cpu_threads(pool: Sequence[str]) -> None:
     """Several ``cpu`` slots in this process: give each task's torch ops an equal share of
     the cores. torch's intra-op threads are per process, so tasks side by side would each
     use all cores; on 2 cores two 1-thread trainings ran 1.9x the iterations of one 2-thread
-    training (README, "The demo's sizes, and why"). ``OMP_NUM_THREADS``, when set, rules."""
+    training (docs/fidelity.md, "The demo's sizes, and why"). ``OMP_NUM_THREADS``, when set, rules."""
     cpus = sum(d == "cpu" for d in pool)
     if cpus < 2 or os.environ.get("OMP_NUM_THREADS"):
         return

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flows.config import PipelineConfig
 from flows.stages import stage_hash
-from storage.runs import STAGES, RunDir
+from storage.run_dir import STAGES, RunDir
 
 
 class PreflightError(ValueError):
@@ -43,14 +43,14 @@ def _writable(problems: list[str], field: str, value: str) -> None:
 def _weights(problems: list[str], field: str, value: str | None) -> None:
     if not value:
         return
-    from nasfcos.backbones import _get_weight, weight_name
+    from nasfcos.model.weights import get_weight, weight_name
 
     name = weight_name(value)
     if name is None:
         _exists(problems, field, value)
         return
     try:
-        _get_weight(name)
+        get_weight(name)
     except ValueError as e:
         problems.append(f"{field}: {e}")
 

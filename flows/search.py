@@ -1,7 +1,7 @@
 """Stage 3, ``search`` (paper §3.3): the controller samples decoders, each is scored on the
 proxy task by a parallel Prefect task (one per device slot), PPO updates the controller.
 
-The loop itself is ``nasfcos.search.run_search`` (``search.mode: sync``: a step's
+The loop itself is ``nasfcos.search.loop.run_search`` (``search.mode: sync``: a step's
 archs mapped onto tasks) or ``run_search_async`` (``async``: one task submitted per
 freed device slot); this flow only turns its evaluations into tasks and reports
 progress. Every record lands in
@@ -12,98 +12,40 @@ resumable after a crash without evaluating any arch twice.
 from __future__ import annotations
 
 import os
-import threading
 from datetime import datetime, timezone
 
 from prefect import get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from flows.placement import device_resources, device_slot, evaluation_slots, run_logger
-from flows.stages import artifact_key, open_stage, portable, stage_flow, task_options
-from nasfcos.faults import fault_point
+from flows import feature_cache
+from flows.placement import device_resources, device_slot, evaluation_slots
+from flows.stages import artifact_key, open_stage, publish_summary, stage_flow, task_options
+from nasfcos.fault_injection import fault_point
 
 STAGE = "search"
-_Key = tuple[str, str, float | None, str, str | None]  # (feature store, device, size_range_scale, residency, staging dir)
-_CACHE: dict[_Key, tuple] = {}
-_LOADING: dict[_Key, threading.Lock] = {}  # one lock per key: a load never waits for another device's
-_CACHE_LOCK = threading.Lock()
 
 
-def _load_splits(key: _Key) -> tuple:
-    """(meta_train, meta_val, num_classes): both proxy splits read from the store (or this
-    machine's staged copy of it) onto ``device``, or into host memory to be streamed.
-    A damaged staged copy is dropped and the shared store read instead (which repairs
-    nothing if it is sound, and names its own damage if not)."""
-    import shutil
-
-    from storage.features import DamagedShard
-    from storage.staging import stage_store
-
-    features, device, size_range_scale, residency, stage_dir = key
-    if not stage_dir:
-        return _read_splits(features, device, size_range_scale, residency)
-    local = stage_store(features, stage_dir)
-    try:
-        return _read_splits(str(local), device, size_range_scale, residency)
-    except DamagedShard as e:
-        run_logger().warning("staged copy %s is damaged (%s); removed, reading %s", local, e, features)
-        shutil.rmtree(local, ignore_errors=True)
-        return _read_splits(features, device, size_range_scale, residency)
 
 
-def _read_splits(path: str, device: str, size_range_scale: float | None, residency: str) -> tuple:
-    import torch
-
-    from nasfcos.proxy import LEVELS, prepare_split, stream_features
-    from storage.features import FeatureStore
-
-    store = FeatureStore.open(path)
-    k = int(store.attrs["num_classes"])
-    splits = ("meta_train", "meta_val")
-    stream = stream_features(sum(store.nbytes(s, LEVELS) for s in splits), device, residency)
-    out = []
-    for split in splits:
-        d = store.read_split(split, levels=list(LEVELS))
-        feats = {lv: torch.from_numpy(d["features"][lv]) for lv in LEVELS}
-        out.append(prepare_split(feats, d["boxes"], d["labels"], num_classes=k, device=device, size_range_scale=size_range_scale, stream=stream))
-    return (*out, k)
 
 
-def _splits(key: _Key) -> tuple:
-    """Both proxy splits for one device, loaded once per process and device: the
-    slots of one device share this copy, and a slot that starts while another is
-    loading it waits for that load instead of loading a second copy."""
-    with _CACHE_LOCK:
-        lock = _LOADING.setdefault(key, threading.Lock())
-    with lock:
-        if key not in _CACHE:
-            _CACHE[key] = _load_splits(key)
-        return _CACHE[key]
 
 
-def _free_cache() -> None:
-    import torch
-
-    with _CACHE_LOCK:
-        _CACHE.clear()
-        _LOADING.clear()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def proxy_record(cfg, run, arch: str, *, epochs: int | None = None, resume: dict | None = None, keep_state=None) -> dict:
-    """``arch`` trained and scored on the proxy task (``nasfcos.proxy.evaluate_arch``) on
+    """``arch`` trained and scored on the proxy task (``nasfcos.engine.proxy.evaluate_arch``) on
     a device slot, with this process's cached features: the search's evaluations and the
     baselines' proxy rewards (train-full) are computed alike. ``epochs`` (default
     ``proxy.epochs``), ``resume``, ``keep_state``: a rung of successive halving."""
-    from nasfcos.proxy import ProxyConfig, evaluate_arch
+    from nasfcos.engine.proxy import ProxyConfig, evaluate_arch
 
     p, ex = cfg.proxy, cfg.execution
     epochs = p.epochs if epochs is None else epochs
     pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
     with device_slot(ex, shared=True) as device:
-        train, val, k = _splits((str(run.features), device, p.size_range_scale, ex.feature_residency, ex.stage_features))
+        train, val, k = feature_cache.splits((str(run.features), device, p.size_range_scale, ex.feature_residency, ex.stage_features))
         return evaluate_arch(arch, train, val, num_classes=k, cfg=pc, device_shared=ex.slots_per_device > 1, resume=resume, keep_state=keep_state)
 
 
@@ -117,8 +59,8 @@ def over_budget_note(df, s) -> str:
 def _cost(cfg, run):
     """arch -> (params, MACs) of its decoder at the proxy geometry (the feature store's C2..C5
     maps, ``proxy.width``): what the cost constraint compares with its limits."""
-    from nasfcos.backbones import LEVELS
-    from nasfcos.complexity import decoder_cost
+    from nasfcos.model.backbones import LEVELS
+    from nasfcos.model.complexity import decoder_cost
     from storage.features import FeatureStore
 
     store = FeatureStore.open(run.features)
@@ -140,15 +82,15 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
     moment it ends, whatever happens to the flow process afterwards; a retry finds
     that row and returns it instead of training the arch again. Under successive halving
     (``search.rungs``) it trains the arch to ``rung`` from the state its lower rung kept
-    (``storage.rungs``; ``history``: the rewards of the rungs below) and keeps its own
+    (``storage.rung_states``; ``history``: the rewards of the rungs below) and keeps its own
     state for the next rung before writing the row.
     """
     from prefect.runtime import task_run
 
-    from nasfcos.halving import pack_state, unpack_state
-    from nasfcos.search import make_row
+    from nasfcos.search.halving import pack_state, unpack_state
+    from nasfcos.search.loop import make_row
     from storage.results import ResultsTable
-    from storage.rungs import RungStates
+    from storage.rung_states import RungStates
 
     cfg, run, _, _ = open_stage(config, STAGE)
     table = ResultsTable(run.root)
@@ -178,17 +120,14 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
 
 
 @stage_flow(STAGE)
-def search(config: dict | str = "demo") -> dict:
+def search(cfg, run, config: dict) -> dict:
     """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
-    from nasfcos.controller import ControllerConfig, build_policy
-    from nasfcos.evolution import EvolutionConfig
-    from nasfcos.search import SearchConfig, lost_record, run_search, run_search_async
+    from nasfcos.search.controller import ControllerConfig
+    from nasfcos.search.policies import build_policy
+    from nasfcos.search.evolution import EvolutionConfig
+    from nasfcos.search.loop import SearchConfig, lost_record, run_search, run_search_async
     from storage.results import ResultsTable
 
-    cfg, run, h, done = open_stage(config, STAGE)
-    if done:
-        return run.manifest(STAGE)["outputs"]
-    config = portable(cfg)
     s = cfg.search
     results = ResultsTable(run.root)
     controller = ControllerConfig(lr=s.controller_lr, ppo_epochs=s.ppo_epochs, update=s.controller_update)
@@ -229,7 +168,7 @@ def search(config: dict | str = "demo") -> dict:
     def on_step(info: dict) -> None:
         update_progress_artifact(progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
         if s.plot_every and info["step"] % s.plot_every == 0:  # plots, archs/hour and ETA in the UI and runs/<id>/report/
-            from flows.report import stage_plots
+            from flows.report.page import stage_plots
 
             plots = stage_plots(run.root, config, STAGE, logger=get_run_logger(), finished=False)
             create_markdown_artifact(key=artifact_key(cfg, "search"), markdown=f"# {STAGE} (running, step {info['step']})" + plots, description="search progress: plots, archs/hour, ETA")
@@ -250,22 +189,16 @@ def search(config: dict | str = "demo") -> dict:
         else:
             summary = run_search(evaluate=evaluate, **loop)
     finally:  # the cached features must not hold device memory during full training
-        _free_cache()
+        feature_cache.free()
     if s.rungs:
-        from storage.rungs import RungStates
+        from storage.rung_states import RungStates
 
         RungStates(run.root).clear()  # the search is over: nothing will be promoted again
     df = results.read()
-    from flows.report import stage_plots
-
-    create_markdown_artifact(
-        key=artifact_key(cfg, "search"),
-        markdown=f"# {STAGE}\n\n{summary.unique_archs} unique archs ({int((df.status == 'failed').sum())} failed"
-        f"{over_budget_note(df, s)}) in "
+    text = (
+        f"{summary.unique_archs} unique archs ({int((df.status == 'failed').sum())} failed{over_budget_note(df, s)}) in "
         f"{summary.steps} controller steps ({s.policy}, {s.mode}); best reward {summary.best_reward:.4f}:\n\n`{summary.best_arch}`\n\n"
-        f"Results: `{run.root / 'results.parquet'}`" + stage_plots(run.root, config, STAGE, logger=get_run_logger()),
-        description="search summary",
+        f"Results: `{run.root / 'results.parquet'}`"
     )
-    out = {"results": str(run.root / "results.parquet"), "unique_archs": summary.unique_archs, "best_reward": summary.best_reward, "best_arch": summary.best_arch}
-    run.finish(STAGE, h, out)
-    return out
+    publish_summary(cfg, run, STAGE, "search", text, "search summary")
+    return {"results": str(run.root / "results.parquet"), "unique_archs": summary.unique_archs, "best_reward": summary.best_reward, "best_arch": summary.best_arch}

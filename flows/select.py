@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 
-from flows.stages import artifact_key, open_stage, portable, stage_flow
-from nasfcos.faults import fault_point
+from flows.stages import artifact_key, publish_summary, stage_flow
+from nasfcos.fault_injection import fault_point
 
 STAGE = "select-top-k"
 
 
 @stage_flow(STAGE)
-def select_top_k(config: dict | str = "demo") -> dict:
+def select_top_k(cfg, run, config: dict) -> dict:
     from storage.results import ResultsTable
 
-    cfg, run, h, done = open_stage(config, STAGE)
-    if done:
-        return run.manifest(STAGE)["outputs"]
     table = ResultsTable(run.root)
     top = table.top_k(cfg.select.top_k)
     if top.empty:
@@ -26,8 +23,6 @@ def select_top_k(config: dict | str = "demo") -> dict:
         get_run_logger().warning("only %d archs succeeded, fewer than select.top_k=%d: selecting them all", len(top), cfg.select.top_k)
     top = table.write_top_k(run.top_k, k=cfg.select.top_k)
     fault_point("select:written")
-    from flows.report import stage_plots
-
     create_table_artifact(
         key=artifact_key(cfg, "top-k"),
         table=[
@@ -37,12 +32,6 @@ def select_top_k(config: dict | str = "demo") -> dict:
         ],  # fmt: skip
         description=f"top {cfg.select.top_k} architectures by proxy reward",
     )
-    create_markdown_artifact(
-        key=artifact_key(cfg, "select"),
-        markdown=f"# {STAGE}\n\n{len(top)} unique architectures with the highest proxy reward "
-        f"(best {top.reward.max():.4f}) written to `{run.top_k}`." + stage_plots(run.root, portable(cfg), STAGE, logger=get_run_logger()),
-        description="selection summary",
-    )
-    out = {"top_k": str(run.top_k), "arch_ids": top.arch_id.tolist()}
-    run.finish(STAGE, h, out)
-    return out
+    text = f"{len(top)} unique architectures with the highest proxy reward (best {top.reward.max():.4f}) written to `{run.top_k}`."
+    publish_summary(cfg, run, STAGE, "select", text, "selection summary")
+    return {"top_k": str(run.top_k), "arch_ids": top.arch_id.tolist()}

@@ -3,7 +3,6 @@ skipping stages in a run directory, run names, artifact keys, portable task para
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -13,9 +12,9 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config, role
-from nasfcos.faults import fault_point
-from storage.runlock import run_lock
-from storage.runs import RunDir, config_hash
+from nasfcos.fault_injection import fault_point
+from storage.run_lock import run_lock
+from storage.run_dir import RunDir, config_hash
 
 
 # Which config sections each stage depends on; a stage's hash also covers its upstream stage.
@@ -122,31 +121,55 @@ def _check_versions(cfg: PipelineConfig, run: RunDir, stage: str) -> None:
         get_run_logger().warning("stage %s resumes under other versions (%s): allowed by execution.allow_version_change", stage, "; ".join(mine))
 
 
-def stage_flow(stage: str) -> Callable:
-    """``@flow`` for a stage, holding the run lock while it runs: a stage started on its
-    own owns the run directory; as a subflow of ``nas-search`` it re-enters its parent's lock."""
+def stage_flow(stage: str, *, redo: Callable[[PipelineConfig, RunDir], bool] | None = None) -> Callable:
+    """``@flow`` for a stage: the opening and closing every stage shares, written once.
 
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
+    The decorated body ``(cfg, run, config) -> outputs`` runs with the run lock held
+    (a stage started on its own owns the run directory; as a subflow of ``nas-search`` it
+    re-enters its parent's lock), the versions checked and the stage claimed, and only
+    when the stage is not done: its manifest does not match the config, or ``redo(cfg,
+    run)`` finds its outputs damaged. ``config`` is ``portable(cfg)``, what tasks take.
+    What the body returns is written to the stage's manifest and returned."""
+
+    def wrap(body: Callable[[PipelineConfig, RunDir, dict], dict]) -> Callable:
         def owned(config: dict | str = "demo") -> dict:
             cfg = load_config(config) if isinstance(config, str) else PipelineConfig.model_validate(config)
             run = RunDir.at(cfg.runs_dir, cfg.run_id)
             with run_lock(run.root, owner()):
                 fault_point(f"stage:{stage}")
                 _check_versions(cfg, run, stage)
-                return fn(config)
+                h, done = _open(cfg, run, stage)
+                if done and not (redo is not None and redo(cfg, run)):
+                    return run.manifest(stage)["outputs"]
+                out = body(cfg, run, portable(cfg))
+                run.finish(stage, h, out)
+                return out
 
+        # the flow's parameters are owned's (config), its name and docs the body's
+        owned.__name__ = owned.__qualname__ = body.__name__
+        owned.__doc__, owned.__module__ = body.__doc__, body.__module__
         return flow(name=stage, flow_run_name=run_name(stage), log_prints=True)(owned)
 
     return wrap
 
 
+def publish_summary(cfg: PipelineConfig, run: RunDir, stage: str, what: str, text: str, description: str) -> None:
+    """The stage's summary in the UI: markdown artifact ``<run_id>-<what>``, the text and
+    the plots the stage changed (drawn into ``runs/<id>/report/`` too)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.report.page import stage_plots
+
+    plots = stage_plots(run.root, portable(cfg), stage, logger=get_run_logger())
+    create_markdown_artifact(key=artifact_key(cfg, what), markdown=f"# {stage}\n\n{text}" + plots, description=description)
+
+
 def retry_if_infrastructure(device_shared: bool) -> Callable:
     """A Prefect ``retry_condition_fn`` that retries infrastructure failures only
-    (``nasfcos.failures``); an arch failure or a bug fails the task at once."""
+    (``nasfcos.errors``); an arch failure or a bug fails the task at once."""
 
     def retry(task, task_run, state) -> bool:
-        from nasfcos.failures import is_infrastructure
+        from nasfcos.errors import is_infrastructure
 
         return isinstance(state.data, BaseException) and is_infrastructure(state.data, device_shared=device_shared)
 
@@ -194,13 +217,18 @@ def open_stage(config: dict | str, stage: str) -> tuple[PipelineConfig, RunDir, 
     deployments), open the run dir and tell whether ``stage`` is already done."""
     cfg = load_config(config) if isinstance(config, str) else PipelineConfig.model_validate(config)
     run = RunDir.at(cfg.runs_dir, cfg.run_id)
+    return (cfg, run, *_open(cfg, run, stage))
+
+
+def _open(cfg: PipelineConfig, run: RunDir, stage: str) -> tuple[str, bool]:
+    """(stage hash, done); a stage not done is claimed for this config."""
     h = stage_hash(cfg, stage)
     done = run.is_done(stage, h)
     if done:
         get_run_logger().info("%s: manifest %s matches config hash %s, skipping", stage, run.manifest_path(stage), h)
     else:
         run.claim(stage, conflict_fields(cfg, stage), legacy=legacy_conflict_key(cfg, stage))
-    return cfg, run, h, done
+    return h, done
 
 
 def portable(cfg: PipelineConfig) -> dict:

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact
 
 from flows.config import PipelineConfig
 from flows.inputs import coco_split, train_config
 from flows.placement import device_group, device_resources
-from flows.stages import artifact_key, open_stage, portable, results_with_progress, stage_flow, task_options
-from storage.runs import RunDir
+from flows.stages import open_stage, publish_summary, results_with_progress, stage_flow, task_options
+from storage.run_dir import RunDir
 
 STAGE = "train-full"
 
@@ -35,7 +34,7 @@ def to_train(cfg: PipelineConfig, run: RunDir) -> pd.DataFrame:
     """(arch_id, arch, kind) of what this stage trains: the first ``num_archs`` of
     top_k.parquet, then the baselines (named by their preset name; one the search
     also found is trained once, as a searched arch)."""
-    from nasfcos.space import PRESETS, resolve
+    from nasfcos.arch import PRESETS, resolve
 
     top = pd.read_parquet(run.top_k).head(cfg.train_full.num_archs)[["arch_id", "arch"]].assign(kind="searched")
     base = [(b if b in PRESETS else resolve(b).arch_id, str(resolve(b))) for b in cfg.train_full.baselines]
@@ -49,8 +48,9 @@ def baseline_proxy(cfg: PipelineConfig, run: RunDir, arch: str, arch_id: str) ->
     ``full/<arch_id>/proxy.json``."""
     import json
 
-    from flows.search import _free_cache, proxy_record
-    from storage.runs import atomic_write_json
+    from flows import feature_cache
+    from flows.search import proxy_record
+    import atomicio
 
     path = run.full(arch_id) / "proxy.json"
     if path.exists():
@@ -58,9 +58,9 @@ def baseline_proxy(cfg: PipelineConfig, run: RunDir, arch: str, arch_id: str) ->
     try:
         r = proxy_record(cfg, run, arch)
     finally:  # the proxy features must not hold memory during full training
-        _free_cache()
+        feature_cache.free()
     out = {"proxy_reward": r["reward"] if r["status"] == "ok" else float("nan"), "params": r["params"], "macs": r["macs"]}
-    atomic_write_json(path, out)
+    atomicio.write_json(path, out)
     return out
 
 
@@ -72,9 +72,9 @@ def train_arch(config: dict, arch: str, arch_id: str, kind: str = "searched") ->
     import torch
 
     from nasfcos.data import COCODetection, build_transforms
-    from nasfcos.detector import DetectorSpec
-    from nasfcos.distributed import train_on_devices
-    from nasfcos.failures import one_line
+    from nasfcos.model.detector import DetectorSpec
+    from nasfcos.engine.distributed import train_on_devices
+    from nasfcos.errors import one_line
 
     cfg, run, _, _ = open_stage(config, STAGE)
     t = cfg.train_full
@@ -97,11 +97,8 @@ def train_arch(config: dict, arch: str, arch_id: str, kind: str = "searched") ->
 
 
 @stage_flow(STAGE)
-def train_full(config: dict | str = "demo") -> dict:
-    cfg, run, h, done = open_stage(config, STAGE)
-    if done:
-        return run.manifest(STAGE)["outputs"]
-    config = portable(cfg)
+def train_full(cfg, run, config: dict) -> dict:
+    """Train the top-k archs (and the baselines) in full, one task per arch, resumable."""
     todo = to_train(cfg, run)
     with device_resources(cfg.execution):  # on Dask: a whole GPU each
         futures = train_arch.with_options(**task_options(cfg, "train_full")).map(
@@ -111,15 +108,6 @@ def train_full(config: dict | str = "demo") -> dict:
     failed = [t for t in trained if t["status"] != "ok"]
     if failed and len(failed) == len(trained):
         raise RuntimeError(f"train-full: every arch failed, e.g. {failed[0]['arch_id']}: {failed[0]['error']}")
-    from flows.report import stage_plots
-
-    create_markdown_artifact(
-        key=artifact_key(cfg, "train-full"),
-        markdown=f"# {STAGE}\n\n"
-        + "\n".join(f"- `{t['arch_id']}`: {t['iteration']} iterations, `{t['checkpoint']}`" if t["status"] == "ok" else f"- `{t['arch_id']}`: **failed**: {t['error']}" for t in trained)
-        + stage_plots(run.root, config, STAGE, logger=get_run_logger()),
-        description="full training",
-    )
-    out = {"trained": trained}
-    run.finish(STAGE, h, out)
-    return out
+    lines = [f"- `{t['arch_id']}`: {t['iteration']} iterations, `{t['checkpoint']}`" if t["status"] == "ok" else f"- `{t['arch_id']}`: **failed**: {t['error']}" for t in trained]
+    publish_summary(cfg, run, STAGE, "train-full", "\n".join(lines), "full training")
+    return {"trained": trained}

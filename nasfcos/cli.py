@@ -15,9 +15,10 @@ import torch
 
 from nasfcos.data import COCODetection, VOCDetection, make_synthetic
 from nasfcos.data.transforms import build_transforms
-from nasfcos.fcos import VARIANTS
+from nasfcos.errors import one_line
+from nasfcos.model.fcos import VARIANTS
 
-from nasfcos.backbones import BACKBONE_NAMES as BACKBONES
+from nasfcos.model.backbones import BACKBONE_NAMES as BACKBONES
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -56,9 +57,9 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nasfcos.detector import DetectorSpec
-    from nasfcos.distributed import rank_devices, train_on_devices
-    from nasfcos.train import SCHEDULES, TrainConfig
+    from nasfcos.model.detector import DetectorSpec
+    from nasfcos.engine.distributed import rank_devices, train_on_devices
+    from nasfcos.engine.train import SCHEDULES, TrainConfig
 
     base = SCHEDULES[args.schedule]
     overrides = {
@@ -128,9 +129,9 @@ def _voc_use_07(args: argparse.Namespace) -> bool | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from nasfcos.evaluate import coco_evaluate, predict_dataset, save_results
-    from nasfcos.train import detector_from_checkpoint
-    from nasfcos.voc_eval import voc_evaluate
+    from nasfcos.evaluation.coco import coco_evaluate, predict_dataset, save_results
+    from nasfcos.engine.checkpoint import detector_from_checkpoint
+    from nasfcos.evaluation.voc import voc_evaluate
 
     use_07 = _voc_use_07(args)
     device = _device(args.device)
@@ -171,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_complexity(args: argparse.Namespace) -> int:
-    from nasfcos.complexity import complexity
+    from nasfcos.model.complexity import complexity
 
     c = complexity(
         args.arch,
@@ -291,14 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip()
-    if "Original Traceback" in msg:  # an error raised in a DataLoader worker: keep its last line
-        msg = msg.splitlines()[-1]
-        msg = msg.split(": ", 1)[1] if ": " in msg else msg
-    return msg.splitlines()[0] if msg else type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -307,11 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"nasfcos {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"nasfcos {args.command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if "Original Traceback" in str(e) or "DataLoader worker" in str(e):
-            print(f"nasfcos {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            print(f"nasfcos {args.command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
             return 2
         raise
 

@@ -23,7 +23,7 @@ evaluation ends and a shared filesystem needs no working ``flock``. Only the
 search flow's process calls :meth:`~ResultsTable.append` and
 :meth:`~ResultsTable.compact`; their lock serialises that process's threads and any
 second local process (a user compacting by hand). What the filesystem must give:
-``os.replace`` within a directory is atomic, and a file renamed into place is
+a rename within a directory is atomic, and a file renamed into place is
 complete when others see it (POSIX local disks, NFSv3/v4, Lustre, GPFS, CephFS).
 
 **Reading.** :meth:`ResultsTable.read` returns the compacted file plus all
@@ -49,12 +49,12 @@ check (it takes no lock), so an arch evaluated twice by a retried task may have
 two rows on disk, and the content order above picks the same one at every read.
 
 **Crash safety.** Each file is written to a temporary name, fsynced and
-``os.replace``-d into place, so readers never see a partial file. ``compact``
+renamed into place, so readers never see a partial file. ``compact``
 writes the merge of the table and the parts it listed, renames it over
 ``results.parquet`` and only then deletes those parts (a part written meanwhile
 is not among them and stays). A crash before the rename leaves the old table
 and the parts (nothing lost; the orphan temp file is removed by a later compact
-once it is :data:`ORPHAN_AGE_S` old, since a lock-free writer may still be
+once it is ``atomicio.ORPHAN_AGE_S`` old, since a lock-free writer may still be
 writing a young one); a crash after it leaves rows both in the table and in
 parts, which the dedup rule above collapses to the same row (nothing
 duplicated) and the next compact deletes. Readers take no lock: they read the
@@ -76,9 +76,7 @@ import math
 import os
 import re
 import socket
-import tempfile
 import threading
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,26 +88,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import atomicio
+
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------
-# Op-name tables: copies of nasfcos.space's (tests/test_results.py checks they
-# are equal) because storage must not import nasfcos.
-FPN_OPS: tuple[str, ...] = ("sep_conv_3x3", "sep_conv_3x3_dil3", "sep_conv_5x5_dil6", "skip_connect", "def_conv_3x3")
-HEAD_OPS: tuple[str, ...] = ("conv1x1", "conv3x3", "sep_conv_3x3", "sep_conv_3x3_dil3", "skip_connect", "def_conv_3x3")
-AGGS: tuple[str, ...] = ("psum", "cat")
-NUM_BACKBONE_INPUTS = 4  # C2..C5 are FPN pool ids 0-3
-NUM_FPN_BLOCKS = 7
-NUM_HEAD_BLOCKS = 5
-FCOS_HEAD_LAYERS = 4
-
-DEFORM_OP = "def_conv_3x3"
-SKIP_OP = "skip_connect"
-CAT_AGG = "cat"
-
-# --------------------------------------------------------------------------
-# Schema. RECORD_FIELDS are given by the caller; DECODED_FIELDS are derived
-# from the canonical arch string by decode_arch_fields (given ones must agree).
+# Schema. Every row holds RECORD_FIELDS and DECODED_FIELDS; the latter are the arch
+# string's analysis columns, decoded by the caller (nasfcos.arch.Arch.columns): storage
+# does not know the search space, it stores what it is given.
 
 _STR, _INT, _FLOAT, _TS = pa.string(), pa.int64(), pa.float64(), pa.timestamp("us", tz="UTC")
 _STR_LIST, _INT_LIST, _FLOAT_LIST = pa.list_(pa.string()), pa.list_(pa.int64()), pa.list_(pa.float64())
@@ -174,103 +160,8 @@ STATUSES = ("ok", "failed", "over_budget")
 # Content order of an arch's rows for the dedup rule (see module docstring).
 _ORDER_KEYS = ["step", "sample", "finished_at", "started_at", "seed", "device", "reward_used", "error"]
 
-# --------------------------------------------------------------------------
-# Canonical arch string -> analysis columns.
-
-_BLOCK = r"\[\d+,\d+,\d+,\d+,\d+\]"
-_ARCH_RE = re.compile(
-    rf"fpn=(?P<fpn>fcos|(?:{_BLOCK}){{{NUM_FPN_BLOCKS}}});"
-    rf"head=(?P<head>fcos|seq\[\d+(?:,\d+)*\]|dag\[\d+\](?:{_BLOCK}){{{NUM_HEAD_BLOCKS}}});"
-    r"share=(?P<share>\d+)"
-)
-_INTS = re.compile(r"\d+")
-
-
-def decode_arch_fields(canonical: str) -> dict[str, Any]:
-    """Canonical arch string (``fpn=...;head=...;share=N``) -> the :data:`DECODED_FIELDS`.
-
-    Parses the string itself (see ``nasfcos.space`` for the format), so that
-    storage does not depend on the model library. Raises ``ValueError``
-    naming ``arch`` and the bad token on anything that is not canonical.
-
-    >>> d = decode_arch_fields("fpn=fcos;head=seq[5,1,5,0,4,4];share=0")
-    >>> d["head_ops"][:2], d["n_deform_head"], d["fpn_kind"]
-    (['def_conv_3x3', 'conv3x3'], 2, 'fcos')
-    """
-    if not isinstance(canonical, str):
-        raise ValueError(f"arch: expected a canonical arch string, got {type(canonical).__name__}")
-    m = _ARCH_RE.fullmatch(canonical)
-    if m is None:
-        raise ValueError(f"arch: {canonical!r} is not a canonical arch string fpn=...;head=...;share=N")
-
-    def name(table: tuple[str, ...], i: int, where: str) -> str:
-        if i >= len(table):
-            raise ValueError(f"arch: {where} index {i} not in 0..{len(table) - 1} ({', '.join(table)}) in {canonical!r}")
-        return table[i]
-
-    def blocks(text: str, first_pool: int, pool_step: int, ops: tuple[str, ...], where: str):
-        ins: list[int] = []
-        opn: list[str] = []
-        aggs: list[str] = []
-        for b, blk in enumerate(re.findall(_BLOCK, text)):
-            id1, id2, op1, op2, agg = map(int, _INTS.findall(blk))
-            pool = first_pool + pool_step * b
-            for k, i in (("id1", id1), ("id2", id2)):
-                if i >= pool:
-                    raise ValueError(f"arch: {where} block {b} {k} {i} not in 0..{pool - 1} in {canonical!r}")
-            ins += [id1, id2]
-            opn += [name(ops, op1, f"{where} block {b} op1"), name(ops, op2, f"{where} block {b} op2")]
-            aggs.append(name(AGGS, agg, f"{where} block {b} agg"))
-        return ins, opn, aggs
-
-    if m["fpn"] == "fcos":
-        fpn_kind, fpn_inputs, fpn_ops, fpn_aggs = "fcos", [], [], []
-    else:
-        fpn_kind = "searched"
-        fpn_inputs, fpn_ops, fpn_aggs = blocks(m["fpn"], NUM_BACKBONE_INPUTS, 1, FPN_OPS, "fpn")
-
-    head = m["head"]
-    head_inputs: list[int] = []
-    head_aggs: list[str] = []
-    if head == "fcos":
-        head_kind, head_ops, head_layers = "fcos", [], FCOS_HEAD_LAYERS
-    elif head.startswith("seq"):
-        head_kind = "seq"
-        head_ops = [name(HEAD_OPS, int(v), f"head op {i}") for i, v in enumerate(_INTS.findall(head))]
-        head_layers = len(head_ops)
-    else:
-        head_kind = "dag"
-        op0_text, rest = head[len("dag[") :].split("]", 1)
-        # pool 0 = p, 1 = op0's output; block t adds its two op outputs and the aggregation.
-        head_inputs, block_ops, head_aggs = blocks(rest, 2, 3, HEAD_OPS, "head")
-        head_ops = [name(HEAD_OPS, int(op0_text), "head op 0")] + block_ops
-        head_layers = 1 + NUM_HEAD_BLOCKS
-
-    share = int(m["share"])
-    if share > head_layers:
-        raise ValueError(f"arch: share {share} not in 0..{head_layers} for a {head_kind} head in {canonical!r}")
-    return {
-        "fpn_kind": fpn_kind,
-        "fpn_ops": fpn_ops,
-        "fpn_aggs": fpn_aggs,
-        "fpn_inputs": fpn_inputs,
-        "head_kind": head_kind,
-        "head_ops": head_ops,
-        "head_aggs": head_aggs,
-        "head_inputs": head_inputs,
-        "head_layers": head_layers,
-        "share": share,
-        "n_deform_fpn": fpn_ops.count(DEFORM_OP),
-        "n_skip_fpn": fpn_ops.count(SKIP_OP),
-        "n_cat_fpn": fpn_aggs.count(CAT_AGG),
-        "n_deform_head": head_ops.count(DEFORM_OP),
-        "n_skip_head": head_ops.count(SKIP_OP),
-        "n_cat_head": head_aggs.count(CAT_AGG),
-    }
-
-
 def arch_id_of(canonical: str) -> str:
-    """The 12-hex-digit id of a canonical arch string (same hash as ``nasfcos.space.Arch.arch_id``)."""
+    """The 12-hex-digit id of a canonical arch string (same hash as ``nasfcos.arch.Arch.arch_id``)."""
     return hashlib.sha1(canonical.encode()).hexdigest()[:12]
 
 
@@ -279,11 +170,11 @@ def arch_id_of(canonical: str) -> str:
 
 
 def validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a row dict and return it normalised, with the decoded fields filled in.
+    """Check a row dict and return it normalised, in schema order.
 
-    ``row`` must hold exactly :data:`RECORD_FIELDS`, optionally plus any of
-    :data:`DECODED_FIELDS` (which must then equal the decoding of ``arch``) and of
-    :data:`OPTIONAL_FIELDS` (else :data:`OPTIONAL_DEFAULTS`).
+    ``row`` must hold exactly :data:`RECORD_FIELDS` and :data:`DECODED_FIELDS`
+    (``nasfcos.arch.Arch.columns``), optionally plus any of :data:`OPTIONAL_FIELDS`
+    (else :data:`OPTIONAL_DEFAULTS`).
     Ints accept Python/NumPy integers, floats also accept integers, timestamps
     must be timezone-aware ``datetime``s (stored in UTC). Raises ``ValueError``
     naming the first bad field.
@@ -293,23 +184,18 @@ def validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(row) - set(RECORD_FIELDS) - set(DECODED_FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown field (known: {', '.join(RECORD_FIELDS)})")
-    missing = [f for f in RECORD_FIELDS if f not in row]
+    missing = [f for f in (*RECORD_FIELDS, *DECODED_FIELDS) if f not in row]
     if missing:
         raise ValueError(f"{missing[0]}: missing field")
 
     out: dict[str, Any] = {}
-    for f in RECORD_FIELDS:
+    for f in (*RECORD_FIELDS, *DECODED_FIELDS):
         out[f] = _coerce(f, SCHEMA.field(f).type, row[f])
     for f, default in OPTIONAL_DEFAULTS.items():
         out[f] = _coerce(f, SCHEMA.field(f).type, row.get(f, default))
 
-    decoded = decode_arch_fields(out["arch"])
-    for f, v in decoded.items():
-        if f in row:
-            given = row[f]
-            same = list(given) == v if isinstance(v, list) and not isinstance(given, str) else given == v
-            if not same:
-                raise ValueError(f"{f}: {given!r} disagrees with the arch string ({v!r})")
+    if not out["arch"].startswith("fpn="):  # e.g. a preset name: rows hold the canonical string
+        raise ValueError(f"arch: {out['arch']!r} is not a canonical arch string fpn=...;head=...;share=N")
     expected_id = arch_id_of(out["arch"])
     if out["arch_id"] != expected_id:
         raise ValueError(f"arch_id: {out['arch_id']!r} is not the id of arch {out['arch']!r} ({expected_id})")
@@ -335,7 +221,6 @@ def validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"rung_epochs: {rungs} must increase and end at epochs ({out['epochs']})")
     if rungs and out["status"] == "ok" and rewards[-1] != out["reward"]:
         raise ValueError(f"rung_rewards: the last ({rewards[-1]!r}) must be the reward ({out['reward']!r})")
-    out.update(decoded)
     return {f: out[f] for f in SCHEMA.names}
 
 
@@ -352,7 +237,7 @@ def _coerce(f: str, t: pa.DataType, v: Any) -> Any:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise ValueError(f"{f}: expected float, got {type(v).__name__} {v!r}")
         return float(v)
-    if t in (_INT_LIST, _FLOAT_LIST):
+    if t in (_STR_LIST, _INT_LIST, _FLOAT_LIST):
         if not isinstance(v, (list, tuple, np.ndarray)):
             raise ValueError(f"{f}: expected a list, got {type(v).__name__} {v!r}")
         return [_coerce(f, t.value_type, x) for x in v]
@@ -372,59 +257,14 @@ def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
 
 
 # --------------------------------------------------------------------------
-# Atomic writes.
+# Files.
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, rename."""
-    path = Path(path)
-    _commit(_write_temp(path, data), path)
-
-
-def atomic_write_parquet(data: pa.Table | pd.DataFrame, path: str | os.PathLike) -> None:
+def write_parquet(data: pa.Table | pd.DataFrame, path: str | os.PathLike) -> None:
     """Write a table (or DataFrame, without its index) to ``path`` as parquet, atomically."""
     if isinstance(data, pd.DataFrame):
         data = pa.Table.from_pandas(data, preserve_index=False)
-    buf = io.BytesIO()
-    pq.write_table(data, buf, write_page_checksum=True)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-_TMP_PREFIX = ".tmp-"
-ORPHAN_AGE_S = 3600.0  # a temp file this old has no writer left (see compact)
-_PROCESS_LOCKS: dict[str, threading.Lock] = {}
-_PROCESS_LOCKS_LOCK = threading.Lock()
-
-
-def _write_temp(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a fresh hidden temp file beside ``path`` and fsync it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """Atomically move ``tmp`` onto ``path`` and make the rename durable."""
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomicio.write_bytes(path, _table_bytes(data))
 
 
 def _unlink(path: Path) -> None:
@@ -440,6 +280,10 @@ def _table_bytes(table: pa.Table) -> bytes:
 
 # --------------------------------------------------------------------------
 # The table.
+
+# The in-process half of ResultsTable._lock, per run dir; it holds alone where flock(2) is missing.
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_LOCK = threading.Lock()
 
 
 class ResultsTable:
@@ -519,7 +363,7 @@ class ResultsTable:
         """A new part, named by time, host, pid and a random id: unique across machines."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
-        atomic_write_bytes(self.parts_dir / f"{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex}.parquet", _table_bytes(table))
+        atomicio.write_bytes(self.parts_dir / f"{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex}.parquet", _table_bytes(table))
 
     def compact(self) -> int:
         """Merge all parts into ``results.parquet`` (deduplicated, sorted); return the row count.
@@ -531,13 +375,8 @@ class ResultsTable:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
             # Lock-free writers may be writing a young temp file; an old one is an orphan.
-            cutoff = time.time() - ORPHAN_AGE_S
             for d in (self.run_dir, self.parts_dir):
-                if d.is_dir():
-                    for tmp in d.glob(_TMP_PREFIX + "*"):
-                        with contextlib.suppress(FileNotFoundError):
-                            if tmp.stat().st_mtime < cutoff:
-                                _unlink(tmp)
+                atomicio.remove_orphans(d)
             parts = self._part_paths()
             if not parts and self.path.exists():
                 return pq.read_metadata(self.path).num_rows
@@ -545,7 +384,7 @@ class ResultsTable:
             if self.path.exists() and (t := self._read_or_quarantine(self.path)) is not None:
                 tables.append(t)
             merged = _dedup(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
-            _commit(_write_temp(self.path, _table_bytes(merged)), self.path)
+            atomicio.write_bytes(self.path, _table_bytes(merged))
             # Only after the rename: the merged parts' rows are now in the table.
             _delete_parts(parts)
             return merged.num_rows
@@ -644,7 +483,7 @@ class ResultsTable:
         """Write :meth:`top_k` to ``path`` (``top_k.parquet``) atomically and return it."""
         df = self.top_k(k)
         schema = pa.schema([pa.field("rank", _INT, nullable=False)] + list(SCHEMA), metadata=SCHEMA.metadata)
-        atomic_write_parquet(pa.Table.from_pandas(df, schema=schema, preserve_index=False), path)
+        write_parquet(pa.Table.from_pandas(df, schema=schema, preserve_index=False), path)
         return df
 
     # ------------------------------------------------------------- internals
@@ -725,13 +564,13 @@ class ResultsTable:
             dest = self.run_dir / "quarantine" / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{path.name}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):  # another reader may have moved it first
-                os.replace(path, dest)
+                path.rename(dest)
                 log.warning("%s: damaged (%s); moved to %s, its rows count as not evaluated", path, " ".join(str(e).split())[:200], dest)
             return None
 
     @staticmethod
     def _read_file(path: Path) -> pa.Table:
-        # One open file: a concurrent os.replace cannot mix two versions.
+        # One open file: a concurrent rename cannot mix two versions.
         with open(path, "rb") as f:
             t = pq.read_table(f, page_checksum_verification=True)
         if not t.schema.equals(SCHEMA, check_metadata=False):

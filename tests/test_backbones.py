@@ -1,4 +1,4 @@
-"""Tests for nasfcos.backbones: pyramid shapes, FCOS freezing, and weight loading.
+"""Tests for nasfcos.model.backbones: pyramid shapes, FCOS freezing, and weight loading.
 
 All models are randomly initialised (weights=None); nothing is downloaded: tests of
 torchvision weight names use a tmp TORCH_HOME holding fabricated state dicts, and a
@@ -18,7 +18,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from nasfcos.backbones import BACKBONE_NAMES, Backbone, build_backbone, torch_cache_path, weight_name
+from nasfcos.model.backbones import BACKBONE_NAMES, Backbone, build_backbone
+from nasfcos.model.weights import torch_cache_path, weight_name
 
 RESNETS = ("resnet50", "resnet101", "resnext101_32x4d")
 EXPECTED_CHANNELS = {
@@ -501,7 +502,7 @@ def test_weight_name_tells_names_from_files(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_weight_table_names_torchvision_enums() -> None:
-    from nasfcos.backbones import _TORCHVISION_WEIGHTS
+    from nasfcos.model.weights import _TORCHVISION_WEIGHTS
 
     for backbone, classes in _TORCHVISION_WEIGHTS.items():
         assert backbone in BACKBONE_NAMES

@@ -108,7 +108,7 @@ def test_missing_checkpoint_is_one_line_error(capsys, tmp_path, synthetic_small)
 
 def test_eval_on_voc_tree_also_prints_voc_map(capsys, tmp_path, synthetic_small):
     from nasfcos.data import VOCDetection
-    from nasfcos.voc_eval import voc_evaluate
+    from nasfcos.evaluation.voc import voc_evaluate
 
     voc12 = synthetic_small["voc_root"]  # .../VOCdevkit/VOC2012
     voc07 = tmp_path / "VOCdevkit" / "VOC2007"
@@ -146,8 +146,9 @@ def test_train_drops_coco_images_without_boxes_and_eval_keeps_them(capsys, caplo
 
     import torch
 
-    import nasfcos.evaluate
-    import nasfcos.train
+    import nasfcos.engine.checkpoint
+    import nasfcos.engine.train
+    import nasfcos.evaluation.coco
 
     data = json.loads(open(synthetic_small["train_json"]).read())
     ids = [img["id"] for img in data["images"]]
@@ -163,15 +164,15 @@ def test_train_drops_coco_images_without_boxes_and_eval_keeps_them(capsys, caplo
 
     def fake_train(spec, dataset, cfg, out, **kw):
         seen["train"] = list(dataset.image_ids)
-        return nasfcos.train.TrainResult(checkpoint=tmp_path / "ckpt.pt", iteration=0, seconds=0.0)
+        return nasfcos.engine.train.TrainResult(checkpoint=tmp_path / "ckpt.pt", iteration=0, seconds=0.0)
 
     def fake_predict(model, dataset, **kw):
         seen["eval"] = list(dataset.image_ids)
         return []
 
-    monkeypatch.setattr(nasfcos.train, "train", fake_train)
-    monkeypatch.setattr(nasfcos.train, "detector_from_checkpoint", lambda path: (torch.nn.Identity(), {"meta": {}}))
-    monkeypatch.setattr(nasfcos.evaluate, "predict_dataset", fake_predict)
+    monkeypatch.setattr(nasfcos.engine.train, "train", fake_train)
+    monkeypatch.setattr(nasfcos.engine.checkpoint, "detector_from_checkpoint", lambda path: (torch.nn.Identity(), {"meta": {}}))
+    monkeypatch.setattr(nasfcos.evaluation.coco, "predict_dataset", fake_predict)
     caplog.set_level(logging.INFO)
     code, _, err = _run(capsys, "train", *args, "--out", tmp_path / "o", "--backbone", "tiny", "--device", "cpu")
     assert code == 0, err

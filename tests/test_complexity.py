@@ -1,4 +1,4 @@
-"""Parameter and MAC counting (nasfcos.complexity), checked against hand-computed
+"""Parameter and MAC counting (nasfcos.model.complexity), checked against hand-computed
 values, torchvision's FCOS and the paper's Table 2."""
 
 import pytest
@@ -8,9 +8,9 @@ from torchvision.models.detection import fcos_resnet50_fpn
 from torchvision.ops import FrozenBatchNorm2d, deform_conv2d
 
 from nasfcos.cli import main
-from nasfcos.complexity import complexity, count_call_macs, count_macs, count_params
-from nasfcos.detector import DetectorSpec, build_detector
-from nasfcos.ops import ModulatedDeformConv
+from nasfcos.model.complexity import complexity, count_call_macs, count_macs, count_params
+from nasfcos.model.detector import DetectorSpec, build_detector
+from nasfcos.model.ops import ModulatedDeformConv
 
 
 class _Deform(nn.Module):
@@ -50,7 +50,7 @@ def test_deform_conv_counts_as_conv_of_same_size_plus_offset_conv():
 
 
 def test_project_deform_conv_module_is_counted():
-    # nasfcos.ops.ModulatedDeformConv(16) on (1, 16, 6, 7): 2 deformable groups, so the
+    # nasfcos.model.ops.ModulatedDeformConv(16) on (1, 16, 6, 7): 2 deformable groups, so the
     # offset/mask conv is 16 -> 2*3*9 = 54: 54 * 42 * 16 * 9 = 326,592; the deformable
     # conv 16 -> 16: 16 * 42 * 16 * 9 = 96,768.
     with torch.no_grad():
@@ -136,9 +136,9 @@ def test_decoder_cost_equals_the_counted_decoder_and_is_cheap():
     """decoder_cost follows the wiring with per-op units instead of running the decoder; it must
     give the counted params and MACs of the built decoder (random archs of both head spaces,
     sizes that halve to odd maps, the presets), fast enough to call for every sampled arch."""
-    from nasfcos.complexity import decoder_cost
-    from nasfcos.decoder import build_decoder
-    from nasfcos.space import PRESETS, Arch
+    from nasfcos.model.complexity import decoder_cost
+    from nasfcos.model.decoder import build_decoder
+    from nasfcos.arch import PRESETS, Arch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convs: a second thread only waits (seconds on a loaded machine)

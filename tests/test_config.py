@@ -5,7 +5,7 @@ import json
 import pytest
 
 from flows.config import ConfigError, load_config
-from storage.runs import RunDir, config_hash
+from storage.run_dir import RunDir, config_hash
 
 
 def test_presets_carry_the_papers_numbers():
@@ -160,17 +160,17 @@ def test_a_run_dir_claimed_before_fields_had_roles_still_resumes(tmp_path):
     """Older claims hold only the key over every field (bar total_archs, devices_per_arch):
     the same config resumes (and is re-claimed with its fields), another is refused."""
     from flows.stages import conflict_fields, legacy_conflict_key
-    from storage.runs import atomic_write_json
+    import atomicio
 
     # the key nasfcos 815f556 claimed the default config's evaluate stage with: a field added
     # to a section since must join flows.stages._NEWER, or older runs stop resuming
     assert legacy_conflict_key(load_config({"run_id": "x"}), "evaluate") == "a8ad76921ef70f7b"
     cfg = load_config("demo", {"runs_dir": str(tmp_path)})
     run = RunDir.at(tmp_path, "demo")
-    atomic_write_json(run.root / "manifests" / "search.claim.json", {"stage": "search", "key": legacy_conflict_key(cfg, "search")})
+    atomicio.write_json(run.root / "manifests" / "search.claim.json", {"stage": "search", "key": legacy_conflict_key(cfg, "search")})
     run.claim("search", conflict_fields(cfg, "search"), legacy=legacy_conflict_key(cfg, "search"))
     assert "fields" in json.loads((run.root / "manifests" / "search.claim.json").read_text())
-    atomic_write_json(run.root / "manifests" / "search.claim.json", {"stage": "search", "key": "0123456789abcdef"})
+    atomicio.write_json(run.root / "manifests" / "search.claim.json", {"stage": "search", "key": "0123456789abcdef"})
     other = load_config("demo", {"runs_dir": str(tmp_path), "proxy.epochs": 9})
     with pytest.raises(ValueError, match="stage search has files from another config"):
         run.claim("search", conflict_fields(other, "search"), legacy=legacy_conflict_key(other, "search"))
@@ -216,15 +216,15 @@ def test_load_config_leaves_the_callers_dict_alone():
 def test_atomic_save_leaves_no_temp_and_orphans_are_removed(tmp_path):
     import torch
 
-    from nasfcos.train import atomic_save, remove_orphans
+    from nasfcos.engine.checkpoint import remove_orphans, save_checkpoint
 
     path = tmp_path / "checkpoint.pt"
-    atomic_save({"x": torch.ones(2)}, path)
-    (tmp_path / "checkpoint.ptab12cd.tmp").write_bytes(b"half a checkpoint")  # a process killed mid-save
-    (tmp_path / "other.pt.tmp").write_bytes(b"not ours")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.ptab12cd.tmp", "other.pt.tmp"]
-    remove_orphans(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "other.pt.tmp"]
+    save_checkpoint({"x": torch.ones(2)}, path)
+    (tmp_path / ".tmp-checkpoint.pt.ab12cd").write_bytes(b"half a checkpoint")  # a process killed mid-save
+    (tmp_path / ".tmp-checkpoint.pt2.ab12cd").write_bytes(b"not ours")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-checkpoint.pt.ab12cd", ".tmp-checkpoint.pt2.ab12cd", "checkpoint.pt"]
+    remove_orphans(path)  # the checkpoint's one writer starts again: its temp files go, however young
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-checkpoint.pt2.ab12cd", "checkpoint.pt"]
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))
 
 
@@ -234,7 +234,7 @@ def test_the_paper_preset_keeps_its_hashes_as_search_strategies_are_added():
     the stage hashes and claim keys of nasfcos b73b858, so its run dirs resume and finished
     stages stay finished; it still searches with the paper's PPO, one fidelity, no cost limit."""
     from flows.stages import conflict_key, stage_hash
-    from storage.runs import STAGES
+    from storage.run_dir import STAGES
 
     cfg = load_config("paper")
     assert [stage_hash(cfg, s) for s in STAGES] == [
@@ -245,6 +245,19 @@ def test_the_paper_preset_keeps_its_hashes_as_search_strategies_are_added():
     assert (s.policy, s.controller_update, s.rungs, s.max_decoder_macs, s.max_decoder_params, s.warm_start) == ("ppo", "batch", None, None, None, None)
     # a new field set away from its default is part of the search's identity
     assert stage_hash(load_config("paper", {"search.max_decoder_macs": 10**9}), "search") != stage_hash(cfg, "search")
+
+
+def test_the_demo_preset_keeps_its_hashes():
+    """The demo's stage hashes and claim key as of nasfcos 24a6c26 (before the package
+    redesign): a `make demo` run dir made before an upgrade is still finished after it."""
+    from flows.stages import conflict_key, stage_hash
+    from storage.run_dir import STAGES
+
+    cfg = load_config("demo")
+    assert [stage_hash(cfg, s) for s in STAGES] == [
+        "33d56c6477c56bf9", "067a8de3235b4c48", "b3e902cc66c8a5a3", "071f54751fade910", "ad43e0257c21dd40", "da01a5b26d0a3840",
+    ]  # fmt: skip
+    assert conflict_key(cfg, "evaluate") == "90fb2166de02c865"
 
 
 @pytest.mark.parametrize(
@@ -260,3 +273,39 @@ def test_the_paper_preset_keeps_its_hashes_as_search_strategies_are_added():
 def test_search_strategy_settings_are_checked_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=f"demo.yaml: {message}"):
         load_config("demo", overrides)
+
+
+def test_pipeline_defaults_are_the_library_defaults():
+    """The paper's numbers live twice, in the pipeline's config sections (flows/config.py) and
+    in the nasfcos dataclasses a stage builds from them, so that the library is usable
+    without the pipeline; this test ties each pair, so one changed alone fails here."""
+    import dataclasses
+    import inspect
+
+    from flows.config import FeaturesConfig, ProxySettings, SearchSettings, TrainFullConfig
+    from nasfcos.engine.materialise import PROXY_SIZE, meta_split
+    from nasfcos.engine.proxy import ProxyConfig
+    from nasfcos.engine.train import TrainConfig
+    from nasfcos.search.controller import ControllerConfig
+    from nasfcos.search.evolution import EvolutionConfig
+    from nasfcos.search.loop import SearchConfig
+
+    same = [  # (config section, library dataclass, {section field: dataclass field})
+        (ProxySettings, ProxyConfig, {f: f for f in ("width", "lr", "batch_size", "epochs", "ema_decay", "seed")}),
+        (SearchSettings, SearchConfig, {f: f for f in ("total_archs", "archs_per_step", "failure_penalty", "max_consecutive_failures", "max_decoder_params", "max_decoder_macs", "eta")}),
+        (SearchSettings, ControllerConfig, {"controller_lr": "lr", "ppo_epochs": "ppo_epochs", "controller_update": "update"}),
+        (SearchSettings, EvolutionConfig, {"population": "population", "sample_size": "sample_size"}),
+        (TrainFullConfig, TrainConfig, {"iterations": "iterations", "batch_size": "batch_size", "lr": "base_lr", "steps": "steps", "warmup": "warmup_iters",
+                                        "min_size": "min_size", "max_size": "max_size", "clip_grad": "clip_grad_norm", "checkpoint_every": "checkpoint_every",
+                                        "num_workers": "num_workers"}),
+    ]  # fmt: skip
+    checked = 0
+    for section, lib, pairs in same:
+        defaults = {f.name: f.default for f in dataclasses.fields(lib)}
+        for ours, theirs in pairs.items():
+            assert section.model_fields[ours].default == defaults[theirs], f"{section.__name__}.{ours} vs {lib.__name__}.{theirs}"
+            checked += 1
+    assert checked == 28
+    assert SearchSettings.model_fields["rungs"].default is None and SearchConfig().rungs == ()  # both: one fidelity
+    assert FeaturesConfig.model_fields["crop"].default == PROXY_SIZE == 384
+    assert FeaturesConfig.model_fields["train_size"].default == inspect.signature(meta_split).parameters["train_size"].default == 4000

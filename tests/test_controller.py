@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from nasfcos.controller import ControllerConfig, PPOController, RandomPolicy, Sample, build_policy
-from nasfcos.space import PRESETS, TOKEN_SPACES, Arch
+from nasfcos.search.controller import ControllerConfig, PPOController
+from nasfcos.search.policies import RandomPolicy, build_policy
+from nasfcos.search.sample import Sample
+from nasfcos.arch import PRESETS, TOKEN_SPACES, Arch
 
 
 def test_inherited_defaults():

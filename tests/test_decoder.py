@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from nasfcos.decoder import Decoder, Tower, _layer_modules
-from nasfcos.ops import OPS, ConcatReduce, ModulatedDeformConv, ParamSum
-from nasfcos.space import PRESETS, Arch, Head
+from nasfcos.model.decoder import Decoder, Tower, _layer_modules
+from nasfcos.model.ops import OPS, ConcatReduce, ModulatedDeformConv, ParamSum
+from nasfcos.arch import PRESETS, Arch, Head
 
 IN_CHANNELS = (8, 16, 24, 32)
 
@@ -124,11 +124,11 @@ def test_nas_fcos_parameter_count_at_256_for_resnet50():
                      + P6/P7 2*(9C^2 + C) (1,180,160)
     head   4,368,941 = 2 towers * (2 deformable + conv3x3 9C^2 + 2C + conv1x1 C^2 + 2C)
                        (2*2,086,508) + cls 9*C*80 + 80 + box 9*C*4 + 4 + ctr 9*C + 1
-    ``benchmarks/table2.py``'s "decoder params" (nasfcos.complexity: detector minus
+    ``benchmarks/table2.py``'s "decoder params" (nasfcos.model.complexity: detector minus
     backbone) adds the 5 FCOS regression scales: 15,125,690, printed as 15.13 M.
     """
-    from nasfcos.complexity import complexity, count_params
-    from nasfcos.decoder import build_decoder
+    from nasfcos.model.complexity import complexity, count_params
+    from nasfcos.model.decoder import build_decoder
 
     with torch.device("meta"):  # shapes only: no memory, no init
         dec = build_decoder("nas-fcos", in_channels=(256, 512, 1024, 2048), num_classes=80, width=256)

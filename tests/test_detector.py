@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchvision.models.detection import fcos_resnet50_fpn
 
-from nasfcos.decoder import build_decoder
-from nasfcos.detector import DetectorSpec, build_detector
+from nasfcos.model.decoder import build_decoder
+from nasfcos.model.detector import DetectorSpec, build_detector
 
 
 def _count(m):

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from nasfcos.data import COCODetection, build_transforms
-from nasfcos.detector import DetectorSpec, build_detector
-from nasfcos.distributed import backend_for, rank_devices, train_on_devices
-from nasfcos.train import PositionSampler, TrainConfig, load_checkpoint, train
+from nasfcos.model.detector import DetectorSpec, build_detector
+from nasfcos.engine.distributed import backend_for, rank_devices, train_on_devices
+from nasfcos.engine.sampling import PositionSampler
+from nasfcos.engine.train import TrainConfig, train
+from nasfcos.engine.checkpoint import load_checkpoint
 
 SPEC = DetectorSpec(num_classes=3, backbone="tiny", width=32)  # GroupNorm only: per-image maths
 # 5 updates through warm-up and a step; batch 4 = 2 images per rank

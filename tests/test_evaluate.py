@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nasfcos.data import COCODetection, build_transforms
-from nasfcos.evaluate import coco_evaluate, predict_dataset, to_coco_results
+from nasfcos.evaluation.coco import coco_evaluate, predict_dataset, to_coco_results
 
 GT = {
     "images": [{"id": 1, "width": 200, "height": 100}, {"id": 7, "width": 120, "height": 120}],

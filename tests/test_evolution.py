@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from nasfcos.controller import RandomPolicy, build_policy
-from nasfcos.evolution import EvolutionConfig, EvolutionPolicy, mutate
-from nasfcos.search import SearchConfig, run_search
-from nasfcos.space import PRESETS, TOKEN_SPACES, Arch
+from nasfcos.search.policies import RandomPolicy, build_policy
+from nasfcos.search.evolution import EvolutionConfig, EvolutionPolicy, mutate
+from nasfcos.search.loop import SearchConfig, run_search
+from nasfcos.arch import PRESETS, TOKEN_SPACES, Arch
 from storage.results import ResultsTable
 
 
@@ -141,7 +141,7 @@ def test_warm_start_takes_the_best_rows_of_a_results_table_in_age_order(tmp_path
     rows = [
         {"arch_id": a.arch_id, "arch": str(a), "status": "ok", "reward": r, "reward_used": r, "loss_cls": 0.1, "loss_reg": 0.1,
          "loss_ctr": 0.1, "params": 1, "macs": 1, "train_seconds": 0.0, "eval_seconds": 0.0, "peak_mem_mb": 0.0, "device": "cpu",
-         "seed": 0, "error": "", "started_at": now, "finished_at": now, "step": i, "sample": 0}
+         "seed": 0, "error": "", "started_at": now, "finished_at": now, "step": i, "sample": 0, **a.columns()}
         for i, (a, r) in enumerate(zip(archs, rewards))
     ]  # fmt: skip
     ResultsTable(tmp_path).append(rows)
@@ -156,7 +156,7 @@ def test_warm_start_takes_the_best_rows_of_a_results_table_in_age_order(tmp_path
 def test_both_search_loops_drive_evolution_and_resume_it_exactly(tmp_path):
     """Sync mode killed mid-step resumes to the same archs as an uninterrupted search; the
     async loop (one slot) runs it to the end with each arch evaluated once."""
-    from test_search import Evaluator, Pool, _async
+    from helpers import Evaluator, Pool, run_async
 
     cfg = SearchConfig(total_archs=24, archs_per_step=4)
     evo = lambda: EvolutionPolicy(EvolutionConfig(population=8, sample_size=3), seed=2)  # noqa: E731
@@ -169,5 +169,5 @@ def test_both_search_loops_drive_evolution_and_resume_it_exactly(tmp_path):
     a, b = ResultsTable(tmp_path / "a").read()[cols], ResultsTable(tmp_path / "b").read()[cols]
     assert a.values.tolist() == b.values.tolist() and len(a) == 24 and max(second.calls.values()) == 1
     pool = Pool(tmp_path / "c", 1)
-    summary = _async(tmp_path / "c", evo(), pool, cfg, slots=1)
+    summary = run_async(tmp_path / "c", evo(), pool, cfg, slots=1)
     assert summary.unique_archs == 24 and set(pool.calls.values()) == {1}

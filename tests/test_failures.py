@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_search import Evaluator, Pool, _async
+from helpers import Evaluator, Pool, run_async
 
-import nasfcos.proxy as proxy
-from nasfcos.controller import PPOController, RandomPolicy
-from nasfcos.failures import InfrastructureError, is_infrastructure
-from nasfcos.search import SearchConfig, SearchHalted, lost_record, run_search
+import nasfcos.engine.proxy as proxy
+from nasfcos.search.controller import PPOController
+from nasfcos.search.policies import RandomPolicy
+from nasfcos.errors import InfrastructureError, is_infrastructure
+from nasfcos.search.loop import SearchConfig, SearchHalted, lost_record, run_search
 from storage.results import ResultsTable
 
 
@@ -96,7 +97,7 @@ def test_async_resubmits_an_arch_whose_evaluation_failed_and_never_marks_it_fail
     first = RandomPolicy(seed=3).sample(2)
     flaky = {s.arch.arch_id for s in first}
     pool = FlakyPool(tmp_path, 2, flaky=flaky, times=2)
-    summary = _async(tmp_path, policy, pool, SearchConfig(total_archs=6, archs_per_step=2), slots=2)
+    summary = run_async(tmp_path, policy, pool, SearchConfig(total_archs=6, archs_per_step=2), slots=2)
     df = ResultsTable(tmp_path).read()
     assert summary.unique_archs == len(df) == 6 and (df.status == "ok").all()
     assert flaky <= set(df.arch_id) and all(pool.raised[a] == 2 for a in flaky)
@@ -107,12 +108,12 @@ def test_async_resubmits_an_arch_whose_evaluation_failed_and_never_marks_it_fail
 def test_the_circuit_breaker_stops_a_search_that_only_fails(tmp_path):
     pool = FlakyPool(tmp_path / "infra", 2, always=True)
     with pytest.raises(SearchHalted, match=r"search stopped: 5 evaluations in a row failed \(last: \w+: RuntimeError: CUDA error"):
-        _async(tmp_path / "infra", RandomPolicy(seed=0), pool, SearchConfig(total_archs=8, archs_per_step=2, max_consecutive_failures=5), slots=2)
+        run_async(tmp_path / "infra", RandomPolicy(seed=0), pool, SearchConfig(total_archs=8, archs_per_step=2, max_consecutive_failures=5), slots=2)
     # arch failures count too: a search whose every arch fails stops instead of ending Completed
     policy = RandomPolicy(seed=0)
     bad = {s.arch.arch_id for s in RandomPolicy(seed=0).sample(40)}
     with pytest.raises(SearchHalted, match="4 evaluations in a row failed"):
-        _async(tmp_path / "arch", policy, Pool(tmp_path / "arch", 2, fail=bad), SearchConfig(total_archs=30, archs_per_step=2, max_consecutive_failures=4), slots=2)
+        run_async(tmp_path / "arch", policy, Pool(tmp_path / "arch", 2, fail=bad), SearchConfig(total_archs=30, archs_per_step=2, max_consecutive_failures=4), slots=2)
     assert len(ResultsTable(tmp_path / "arch")) >= 4
 
 
@@ -120,7 +121,7 @@ def test_async_gives_up_on_a_hung_evaluation_and_resubmits_its_arch(tmp_path):
     hung = RandomPolicy(seed=5).sample(1)[0].arch.arch_id
     pool = FlakyPool(tmp_path, 2, hang=hung)
     try:
-        summary = _async(tmp_path, RandomPolicy(seed=5), pool, SearchConfig(total_archs=4, archs_per_step=2, lost_after_s=1.0), slots=2)
+        summary = run_async(tmp_path, RandomPolicy(seed=5), pool, SearchConfig(total_archs=4, archs_per_step=2, lost_after_s=1.0), slots=2)
     finally:
         pool.release.set()
     df = ResultsTable(tmp_path).read()

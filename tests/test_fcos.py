@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchvision.models.detection import FCOS as TorchvisionFCOS
 
-from nasfcos.fcos import FCOS, Assigned, centerness_target, flatten_outputs, iou_loss
+from nasfcos.model.fcos import FCOS, Assigned, centerness_target, flatten_outputs, iou_loss
 
 # A 128x128 input: P3..P7 maps of 16, 8, 4, 2, 1 cells.
 SHAPES_128 = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]

@@ -624,7 +624,7 @@ def test_tiny_backbone_features_round_trip(tmp_path: Path, synthetic_small: dict
     """The compute contract end to end: dataset → transforms → backbone → store → same numbers."""
     import torch
 
-    from nasfcos.backbones import build_backbone
+    from nasfcos.model.backbones import build_backbone
     from nasfcos.data import SHAPES, VOCDetection, build_transforms
 
     torch.manual_seed(0)

@@ -16,11 +16,9 @@ import torch
 pytest.importorskip("prefect")
 
 ROOT = Path(__file__).resolve().parents[1]
+from helpers import tiny
 
 
-def tiny(run_id: str, runs_dir: Path, **extra) -> dict:
-    """Overrides of the ``tiny`` preset (the demo shrunk to seconds per stage) for one run."""
-    return {"run_id": run_id, "runs_dir": str(runs_dir), **extra}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +26,11 @@ def finished_run(prefect_server, tmp_path_factory):
     from flows.nas_search import nas_search
 
     runs = tmp_path_factory.mktemp("runs")
-    state = nas_search(config="tiny", overrides=tiny("t1", runs), return_state=True)
+    umask = os.umask(0o022)  # a shared machine's usual umask: the team may read a run
+    try:
+        state = nas_search(config="tiny", overrides=tiny("t1", runs), return_state=True)
+    finally:
+        os.umask(umask)
     return state, runs / "t1", tiny("t1", runs)
 
 
@@ -55,6 +57,16 @@ def test_pipeline_runs_all_six_stages(finished_run):
     assert torch.load(run / "full" / "fpn-fcos" / "checkpoint.pt", weights_only=False)["iteration"] == 2
     for stage in ("finetune-backbone", "materialise-features", "search", "select-top-k", "train-full", "evaluate"):
         assert (run / "manifests" / f"{stage}.json").exists(), stage
+
+
+def test_every_file_of_a_run_is_readable_by_the_team(finished_run):
+    """Under umask 022 every file the pipeline wrote (atomic writes included, which mkstemp
+    would make 0600) is readable by group and others."""
+    _, run, _ = finished_run
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert len(files) > 20 and {"results.parquet", "top_k.parquet", "leaderboard.parquet", "checkpoint.pt", "controller.pt"} <= {p.name for p in files}
+    hidden = [str(p.relative_to(run)) for p in files if p.stat().st_mode & 0o044 != 0o044]
+    assert not hidden, hidden
 
 
 def test_long_stages_show_progress_artifacts(finished_run):
@@ -153,11 +165,11 @@ def test_search_loads_streamed_features_from_a_node_local_copy(finished_run, tmp
     machine's copy of the store, stay in host memory, and equal the resident ones."""
     import torch
 
-    from flows import search
+    from flows import feature_cache
 
     _, run, _ = finished_run
-    resident = search._load_splits((str(run / "features.zarr"), "cpu", None, "device", None))
-    streamed = search._load_splits((str(run / "features.zarr"), "cpu", None, "host", str(tmp_path / "local")))
+    resident = feature_cache._load_splits((str(run / "features.zarr"), "cpu", None, "device", None))
+    streamed = feature_cache._load_splits((str(run / "features.zarr"), "cpu", None, "host", str(tmp_path / "local")))
     copies = [p for p in (tmp_path / "local").iterdir() if p.is_dir()]
     assert len(copies) == 1 and copies[0].name.startswith("features.zarr-")
     assert resident[2] == streamed[2]
@@ -171,7 +183,7 @@ def test_finetune_trains_data_parallel_over_the_cpu_devices(prefect_server, tmp_
     the backbone, the global batch unchanged (nasfcos/distributed.py)."""
     from flows.config import load_config
     from flows.finetune import finetune_backbone
-    from nasfcos.train import load_checkpoint
+    from nasfcos.engine.checkpoint import load_checkpoint
 
     cfg = load_config("tiny", tiny("dp", tmp_path, **{"execution.devices": ["cpu", "cpu"], "finetune.devices": 2}))
     finetune_backbone(cfg.model_dump(mode="json"))
@@ -258,11 +270,11 @@ def test_async_search_flow_evaluates_each_arch_once(finished_run, tmp_path):
 
 
 def _fake_evaluate(calls, raise_for):
-    """nasfcos.proxy.evaluate_arch stand-in: ``raise_for(arch_id, attempt)`` returns an
+    """nasfcos.engine.proxy.evaluate_arch stand-in: ``raise_for(arch_id, attempt)`` returns an
     exception to raise or None (then an ok record)."""
     from datetime import datetime, timezone
 
-    from nasfcos.space import resolve
+    from nasfcos.arch import resolve
 
     def evaluate(arch, train, val, *, num_classes, cfg, device_shared=False, **_):
         a = resolve(arch)
@@ -283,10 +295,10 @@ def _fake_evaluate(calls, raise_for):
 def test_search_task_retries_an_infrastructure_failure_and_records_the_arch_once(finished_run, tmp_path, monkeypatch):
     """Today's failure: a CUDA error became a permanent 'failed' row with reward -10 and
     Prefect's retries never fired. Now the task raises, Prefect retries it, the row is ok."""
-    import nasfcos.proxy
+    import nasfcos.engine.proxy
 
     calls = {}
-    monkeypatch.setattr(nasfcos.proxy, "evaluate_arch", _fake_evaluate(calls, lambda aid, n: RuntimeError("CUDA error: an illegal memory access was encountered") if n == 1 else None))
+    monkeypatch.setattr(nasfcos.engine.proxy, "evaluate_arch", _fake_evaluate(calls, lambda aid, n: RuntimeError("CUDA error: an illegal memory access was encountered") if n == 1 else None))
     copy, out = _search_on_copy(finished_run, tmp_path, "retried", {"search.total_archs": 3, "execution.retry_delay_s": 0})
     df = pd.read_parquet(copy / "results.parquet")
     assert out["unique_archs"] == 3 and (df.status == "ok").all() and (df.reward > -10).all()
@@ -297,11 +309,11 @@ def test_search_task_retries_an_infrastructure_failure_and_records_the_arch_once
 
 def test_a_search_that_only_fails_stops_with_an_error_and_select_refuses_empty_results(finished_run, tmp_path, monkeypatch):
     """Today's failure: every evaluation failing ended Completed with an empty top-k."""
-    import nasfcos.proxy
+    import nasfcos.engine.proxy
     from flows.config import load_config
     from flows.select import select_top_k
 
-    monkeypatch.setattr(nasfcos.proxy, "evaluate_arch", _fake_evaluate({}, lambda aid, n: OSError(5, "Input/output error")))
+    monkeypatch.setattr(nasfcos.engine.proxy, "evaluate_arch", _fake_evaluate({}, lambda aid, n: OSError(5, "Input/output error")))
     with pytest.raises(Exception, match=r"search stopped: 3 evaluations in a row failed \(last: \w+: OSError"):
         _search_on_copy(finished_run, tmp_path, "broken", {"search.total_archs": 4, "execution.retries": 0, "search.max_consecutive_failures": 3})
     assert not (tmp_path / "broken" / "results.parquet").exists() or len(pd.read_parquet(tmp_path / "broken" / "results.parquet")) == 0
@@ -313,19 +325,19 @@ def test_a_search_that_only_fails_stops_with_an_error_and_select_refuses_empty_r
 
 def test_one_diverging_arch_gets_a_failed_leaderboard_row_and_the_others_finish(finished_run, tmp_path, monkeypatch):
     """Today's failure: one diverging arch failed train-full on every rerun."""
-    import nasfcos.distributed
+    import nasfcos.engine.distributed
     from flows.nas_search import nas_search
 
     run, overrides = _copy_run(finished_run, tmp_path)
     first = _searched(run).arch_id.iloc[0]
-    real = nasfcos.distributed.train_on_devices
+    real = nasfcos.engine.distributed.train_on_devices
 
     def diverging(spec, dataset, cfg, out_dir, **kw):
         if out_dir.name not in (first, "fpn-fcos"):
             raise FloatingPointError("non-finite loss at iteration 1: cls=nan")
         return real(spec, dataset, cfg, out_dir, **kw)
 
-    monkeypatch.setattr(nasfcos.distributed, "train_on_devices", diverging)
+    monkeypatch.setattr(nasfcos.engine.distributed, "train_on_devices", diverging)
     state = nas_search(config="tiny", overrides={**overrides, "train_full.num_archs": 2}, return_state=True)
     assert state.is_completed(), state.message
     board = _searched(run)
@@ -359,11 +371,11 @@ def test_a_damaged_feature_chunk_is_named_and_the_next_materialise_repairs_it(fi
 
 def test_a_retried_evaluation_returns_the_durable_row_instead_of_training_again(finished_run, tmp_path, monkeypatch):
     """Today's failure: a task that failed after its row was durable trained the arch again on retry."""
-    import nasfcos.proxy
+    import nasfcos.engine.proxy
     from storage.results import ResultsTable
 
     calls, failed_once = {}, set()
-    monkeypatch.setattr(nasfcos.proxy, "evaluate_arch", _fake_evaluate(calls, lambda aid, n: None))
+    monkeypatch.setattr(nasfcos.engine.proxy, "evaluate_arch", _fake_evaluate(calls, lambda aid, n: None))
     real = ResultsTable.write_part
 
     def write_then_fail(self, rows):
@@ -404,8 +416,8 @@ def test_stage_summaries_in_the_prefect_api_carry_their_plots(finished_run):
     import numpy as np
     from PIL import Image
 
-    from flows.report import STAGE_PLOTS
-    from test_report import check_report
+    from flows.report.page import STAGE_PLOTS
+    from helpers import check_report
 
     _, run, _ = finished_run
     required = {"search": {"reward", "choices", "complexity", "best_arch"}, "select-top-k": {"complexity", "best_arch"},
@@ -423,9 +435,9 @@ def test_stage_summaries_in_the_prefect_api_carry_their_plots(finished_run):
 
 
 def test_search_redraws_its_plots_every_plot_every_steps(finished_run, tmp_path, monkeypatch):
-    import nasfcos.proxy
+    import nasfcos.engine.proxy
 
-    monkeypatch.setattr(nasfcos.proxy, "evaluate_arch", _fake_evaluate({}, lambda aid, n: None))  # instant evaluations
+    monkeypatch.setattr(nasfcos.engine.proxy, "evaluate_arch", _fake_evaluate({}, lambda aid, n: None))  # instant evaluations
     _search_on_copy(finished_run, tmp_path, "plotted", {"search.total_archs": 2, "search.archs_per_step": 2, "search.plot_every": 1})
     versions = _png_artifacts("plotted-search")
     assert len(versions) >= 2 and "(running, step 1)" in versions[-1] and "data:image/png;base64," in versions[-1]
@@ -440,8 +452,8 @@ def test_search_strategies_run_in_the_flow(finished_run, tmp_path, monkeypatch):
 
     from flows.config import load_config
     from flows.search import _cost
-    from nasfcos.space import Arch
-    from storage.runs import RunDir
+    from nasfcos.arch import Arch
+    from storage.run_dir import RunDir
 
     _, run, overrides = finished_run
     price = _cost(load_config("tiny", overrides), RunDir(run))
@@ -451,7 +463,7 @@ def test_search_strategies_run_in_the_flow(finished_run, tmp_path, monkeypatch):
         "search.rungs": [1, 2], "proxy.epochs": 2, "search.total_archs": 4, "search.mode": "async", "search.max_decoder_macs": limit,
         "search.ops": ["sep_conv_3x3", "skip_connect", "conv1x1", "conv3x3"],
     }  # fmt: skip
-    from storage.rungs import RungStates
+    from storage.rung_states import RungStates
 
     reads, read = [], RungStates.read
     monkeypatch.setattr(RungStates, "read", lambda self, *a: reads.append(read(self, *a)) or reads[-1])

@@ -59,10 +59,10 @@ def _data(ds: dict, **changed) -> dict:
 
 
 def test_pipeline_on_own_coco_dataset_keeps_category_ids_and_drops_empty_images_only_in_training(prefect_server, coco_dataset, tmp_path, monkeypatch):
-    import nasfcos.fcos
+    import nasfcos.model.fcos
     from flows.nas_search import nas_search
     from nasfcos.data.common import DetectionDataset
-    from nasfcos.train import load_checkpoint
+    from nasfcos.engine.checkpoint import load_checkpoint
     from storage.features import FeatureStore
 
     loaded: set[tuple[str, int]] = set()  # (json, image id) of every image read, in any stage
@@ -73,7 +73,7 @@ def test_pipeline_on_own_coco_dataset_keeps_category_ids_and_drops_empty_images_
         return real(self, index)
 
     monkeypatch.setattr(DetectionDataset, "__getitem__", spy)
-    post = nasfcos.fcos.FCOS.postprocess
+    post = nasfcos.model.fcos.FCOS.postprocess
 
     def every_candidate(self, outputs, image_sizes):
         # a model trained 2 iterations scores every class below the 0.05 threshold (the
@@ -81,7 +81,7 @@ def test_pipeline_on_own_coco_dataset_keeps_category_ids_and_drops_empty_images_
         self.score_thresh = 0.0
         return post(self, outputs, image_sizes)
 
-    monkeypatch.setattr(nasfcos.fcos.FCOS, "postprocess", every_candidate)
+    monkeypatch.setattr(nasfcos.model.fcos.FCOS, "postprocess", every_candidate)
     overrides = {"run_id": "own", "runs_dir": str(tmp_path), **_data(coco_dataset)}
     state = nas_search(config="tiny", overrides=overrides, return_state=True)
     assert state.is_completed(), state.message
@@ -94,7 +94,7 @@ def test_pipeline_on_own_coco_dataset_keeps_category_ids_and_drops_empty_images_
     assert ("train.json", EMPTY["train"]) not in loaded
     assert {i for j, i in loaded if j == "train.json"} == {_image_id(p) for p in range(1, 25)} - {EMPTY["train"]}
     # the proxy's split is drawn from the 23 train images with boxes: 16 + 8 do not fit,
-    # scaled down in proportion (nasfcos.materialise.fit_split)
+    # scaled down in proportion (nasfcos.engine.materialise.fit_split)
     store = FeatureStore.open(run / "features.zarr")
     assert store.splits == {"meta_train": 15, "meta_val": 8}
     assert store.attrs["classes"] == ["circle", "square", "triangle"]

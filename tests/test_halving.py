@@ -17,16 +17,16 @@ import pandas as pd
 import pytest
 import torch
 
-from nasfcos.controller import RandomPolicy
-from nasfcos.halving import Ladder
-from nasfcos.search import SearchConfig, load_state, make_row, run_search, run_search_async
+from nasfcos.search.policies import RandomPolicy
+from nasfcos.search.halving import Ladder
+from nasfcos.search.loop import SearchConfig, load_state, make_row, run_search, run_search_async
 from storage.results import ResultsTable
 
 RUNGS, ETA = (1, 3, 9), 3
 
 
 def _record(arch, reward, status="ok"):
-    from test_search import _record as record
+    from helpers import record
 
     return record(arch, reward, status, "" if status == "ok" else "RuntimeError: boom")
 
@@ -126,7 +126,7 @@ def test_promotions_come_from_the_top_third_of_their_rung(tmp_path):
     submitted (Rungs.submit); in the end each rung's final top third has gone on; failed
     archs (the first at rung 0, the first promoted to rung 1) never go on, and the rung-1
     failure keeps its rung-0 reward."""
-    from nasfcos.space import Arch
+    from nasfcos.arch import Arch
 
     pool = Rungs(tmp_path, 4, fail=lambda job, failed: (job.step, job.sample) == (0, 0) or (job.rung == 1 and not any(r == 1 for _, r in failed)))
     summary = _search(tmp_path, pool)
@@ -174,8 +174,8 @@ def test_a_sigkilled_search_evaluates_no_arch_at_a_rung_twice(tmp_path):
 
 
 def test_rung_states_are_written_whole_read_back_and_dropped(tmp_path):
-    from nasfcos.halving import pack_state, unpack_state
-    from storage.rungs import RungStates
+    from nasfcos.search.halving import pack_state, unpack_state
+    from storage.rung_states import RungStates
 
     states = RungStates(tmp_path)
     state = {"model": {"w": torch.arange(6.0)}, "ema_updates": 3, "generator": torch.ByteTensor([1, 2]), "epochs": 3}

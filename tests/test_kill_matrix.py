@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_flows import tiny
+from helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 # (stage killed in, fault point inside it): nasfcos/faults.py; each kill happens in a
@@ -86,7 +86,7 @@ def test_each_kill_point_is_inside_its_stage(stage, point):
     """The points exist where the matrix says (a renamed point would make a kill a no-op)."""
     name = point.split("#")[0]
     sources = {
-        "train:checkpointed": "nasfcos/train.py", "materialise:shard": "flows/materialise.py", "search:row": "flows/search.py",
+        "train:checkpointed": "nasfcos/engine/train.py", "materialise:shard": "flows/materialise.py", "search:row": "flows/search.py",
         "select:written": "flows/select.py", "evaluate:arch": "flows/evaluate.py",
     }  # fmt: skip
     assert f'fault_point("{name}")' in (ROOT / sources[name]).read_text()

@@ -95,10 +95,10 @@ def test_dask_workers_own_one_device_and_gpu_tasks_ask_for_slots():
 
 
 def test_feature_cache_loads_once_per_device_and_never_waits_for_another_device(monkeypatch):
-    from flows import search
+    from flows import feature_cache
 
-    monkeypatch.setattr(search, "_CACHE", {})
-    monkeypatch.setattr(search, "_LOADING", {})
+    monkeypatch.setattr(feature_cache, "_CACHE", {})
+    monkeypatch.setattr(feature_cache, "_LOADING", {})
     calls, loading, release = Counter(), threading.Event(), threading.Event()
 
     def load(key):
@@ -109,11 +109,11 @@ def test_feature_cache_loads_once_per_device_and_never_waits_for_another_device(
             assert release.wait(5)
         return ("splits", device)
 
-    monkeypatch.setattr(search, "_load_splits", load)
+    monkeypatch.setattr(feature_cache, "_load_splits", load)
     with ThreadPoolExecutor(3) as pool:
-        slow = [pool.submit(search._splits, ("store", "cuda:0", None, "auto", None)) for _ in range(2)]  # two slots of one device
+        slow = [pool.submit(feature_cache.splits, ("store", "cuda:0", None, "auto", None)) for _ in range(2)]  # two slots of one device
         assert loading.wait(5)
-        other = pool.submit(search._splits, ("store", "cuda:1", None, "auto", None))
+        other = pool.submit(feature_cache.splits, ("store", "cuda:1", None, "auto", None))
         assert other.result(timeout=2) == ("splits", "cuda:1")  # not queued behind cuda:0's load
         release.set()
         assert [f.result(timeout=5) for f in slow] == [("splits", "cuda:0")] * 2
@@ -125,10 +125,10 @@ def test_search_on_four_fake_gpus_with_two_slots_each(prefect_server, tmp_path, 
     most (and at some point exactly) 2 evaluations at once per device, one feature load
     per device in this process. The loader and the evaluator are fakes that record
     where and when they ran; the devices are only names."""
-    import nasfcos.proxy
-    from flows import search as search_module
+    import nasfcos.engine.proxy
+    from flows import feature_cache
     from flows.search import search
-    from nasfcos.space import resolve
+    from nasfcos.arch import resolve
 
     devices = [f"cuda:{i}" for i in range(4)]
     loads, runs = [], []
@@ -160,8 +160,8 @@ def test_search_on_four_fake_gpus_with_two_slots_each(prefect_server, tmp_path, 
             "device": device, "seed": 0, "error": "", "started_at": started, "finished_at": datetime.now(timezone.utc),
         }  # fmt: skip
 
-    monkeypatch.setattr(search_module, "_load_splits", load)
-    monkeypatch.setattr(nasfcos.proxy, "evaluate_arch", evaluate)
+    monkeypatch.setattr(feature_cache, "_load_splits", load)
+    monkeypatch.setattr(nasfcos.engine.proxy, "evaluate_arch", evaluate)
     cfg = load_config("demo", {
         "run_id": "slots", "runs_dir": str(tmp_path), "search.policy": "random", "search.total_archs": 16,
         "search.archs_per_step": 16, "execution.devices": devices, "execution.slots_per_device": 2,
@@ -209,12 +209,12 @@ def test_train_full_trains_one_arch_per_device_group_at_once(prefect_server, tmp
 
     import pandas as pd
 
-    import nasfcos.distributed
+    import nasfcos.engine.distributed
     from flows.inputs import ensure_data
     from flows.train_full import train_full
-    from nasfcos.space import resolve
-    from nasfcos.train import TrainResult
-    from storage.runs import RunDir
+    from nasfcos.arch import resolve
+    from nasfcos.engine.train import TrainResult
+    from storage.run_dir import RunDir
 
     runs, cond, running = [], threading.Condition(), [0]
 
@@ -230,7 +230,7 @@ def test_train_full_trains_one_arch_per_device_group_at_once(prefect_server, tmp
         runs.append((tuple(devices), t0, time.perf_counter()))
         return TrainResult(checkpoint=Path(out_dir) / "checkpoint.pt", iteration=cfg.iterations, seconds=0.1)
 
-    monkeypatch.setattr(nasfcos.distributed, "train_on_devices", fake_train)
+    monkeypatch.setattr(nasfcos.engine.distributed, "train_on_devices", fake_train)
     monkeypatch.setattr(placement, "_SLOTS", {})
     cfg = load_config("demo", {
         "run_id": "groups", "runs_dir": str(tmp_path), "data.synthetic_num_train": 8, "data.synthetic_num_val": 4,

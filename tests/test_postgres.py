@@ -22,7 +22,7 @@ FLOW = """
 import sys
 from flows.config import load_config
 from flows.select import select_top_k
-from nasfcos.space import Arch
+from nasfcos.arch import Arch
 from storage.results import ResultsTable
 import numpy as np
 from datetime import datetime, timezone
@@ -34,7 +34,7 @@ for i in range(3):
     a = Arch.random(np.random.default_rng(i))
     rows.append({"arch_id": a.arch_id, "arch": str(a), "status": "ok", "reward": -1.0 - i, "loss_cls": 0.5, "loss_reg": 0.3,
                  "loss_ctr": 0.2, "params": 1, "macs": 1, "train_seconds": 0.0, "eval_seconds": 0.0, "peak_mem_mb": 0.0,
-                 "device": "cpu", "seed": 0, "error": "", "started_at": now, "finished_at": now, "step": 0, "sample": i, "reward_used": -1.0 - i})
+                 "device": "cpu", "seed": 0, "error": "", "started_at": now, "finished_at": now, "step": 0, "sample": i, "reward_used": -1.0 - i, **a.columns()})
 ResultsTable(f"{runs}/pg").append(rows)
 cfg = load_config("demo", {"run_id": "pg", "runs_dir": runs, "select.top_k": 2})
 print(select_top_k(cfg.model_dump(mode="json"))["arch_ids"])

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from nasfcos.backbones import build_backbone
+from nasfcos.model.backbones import build_backbone
 from nasfcos.data import COCODetection
-from nasfcos.materialise import FeatureComputer, fit_split, meta_split, proxy_transforms
-from nasfcos.proxy import ProxyConfig, evaluate_arch, prepare_split
-from nasfcos.space import Arch
+from nasfcos.engine.materialise import FeatureComputer, fit_split, meta_split, proxy_transforms
+from nasfcos.engine.proxy import ProxyConfig, evaluate_arch, prepare_split
+from nasfcos.arch import Arch
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_a_resumed_proxy_run_equals_one_trained_at_once(proxy_splits, sync_free)
     """Successive halving's resume: 1 epoch, its state kept (packed to bytes, as storage keeps
     it), then resumed to 3 epochs gives bit for bit the reward of 3 epochs trained at once
     (weights, EMA, Adam moments and the data order all continue), with both EMA variants."""
-    from nasfcos.halving import pack_state, unpack_state
+    from nasfcos.search.halving import pack_state, unpack_state
 
     train, val = proxy_splits
     arch = "fpn=[2,3,0,3,0][1,4,1,0,1][3,5,2,0,0][4,2,0,3,1][6,7,0,0,1][5,3,3,0,0][0,1,1,2,0];head=seq[2,1,4,0,3,2];share=2"

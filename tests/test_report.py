@@ -1,29 +1,28 @@
 """The run report (flows/report.py) and its plots (flows/plots.py), on run directories
 written here: a finished run with a baseline, one still searching, a bad path."""
 
-import base64
-import io
 import math
 import re
 from datetime import datetime, timedelta, timezone
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from flows import plots
-from flows.report import PLOTS, main, search_stats, write_report
+from flows.report import plots
+from flows.report.page import PLOTS, main, search_stats, write_report
 from storage.results import ResultsTable
-from storage.runs import RunDir, atomic_write_json
+from storage.run_dir import RunDir
+from helpers import check_report, png_array, report_table
+import atomicio
 
 T0 = datetime(2026, 11, 26, 6, 0, tzinfo=timezone.utc)
 
 
 def _rows(n: int, *, seed: int = 0, failed: tuple[int, ...] = ()) -> list[dict]:
     """``n`` distinct random archs, 4 per step, one finishing every 60 s from T0."""
-    from nasfcos.space import Arch
+    from nasfcos.arch import Arch
 
     rng = np.random.default_rng(seed)
     archs: dict[str, Arch] = {}
@@ -39,7 +38,7 @@ def _rows(n: int, *, seed: int = 0, failed: tuple[int, ...] = ()) -> list[dict]:
             "loss_cls": 1.0, "loss_reg": 1.0, "loss_ctr": 1.0, "params": int(rng.integers(10**5, 10**7)), "macs": int(rng.integers(10**7, 10**9)),
             "train_seconds": 5.0, "eval_seconds": 1.0, "peak_mem_mb": 10.0, "device": "cpu", "seed": 0,
             "error": "" if ok else "FloatingPointError: non-finite loss", "started_at": T0 + timedelta(seconds=60 * i - 6),
-            "finished_at": T0 + timedelta(seconds=60 * i),
+            "finished_at": T0 + timedelta(seconds=60 * i), **a.columns(),
         })  # fmt: skip
     for r in rows:  # a failed row's reward_used must be the penalty, an ok row's its reward
         if r["status"] == "ok":
@@ -70,100 +69,25 @@ def finished_run(root: Path) -> Path:
     return run.root
 
 
-class _Page(HTMLParser):
-    """Tables (by the preceding <h2>) and <img> sources of report.html."""
-
-    def __init__(self):
-        super().__init__()
-        self.tables, self.images, self._h2, self._cell, self._row = {}, {}, None, None, None
-        self._in_h2 = False
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "h2":
-            self._in_h2, self._h2 = True, ""
-        elif tag == "table":
-            self.tables[self._h2] = []
-        elif tag == "tr":
-            self._row = []
-        elif tag in ("td", "th"):
-            self._cell = ""
-        elif tag == "img":
-            self.images[a["alt"]] = a["src"]
-
-    def handle_endtag(self, tag):
-        if tag == "h2":
-            self._in_h2 = False
-        elif tag in ("td", "th"):
-            self._row.append(self._cell)
-            self._cell = None
-        elif tag == "tr":
-            self.tables[self._h2].append(self._row)
-
-    def handle_data(self, data):
-        if self._in_h2:
-            self._h2 += data
-        if self._cell is not None:
-            self._cell += data
 
 
-def _png_array(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=float)
 
 
-def _table(page: _Page, title: str) -> pd.DataFrame:
-    (key,) = [k for k in page.tables if k.startswith(title)]
-    header, *rows = page.tables[key]
-    return pd.DataFrame(rows, columns=header)
 
 
-def _same(cell: str, value) -> bool:
-    """A report cell shows the parquet value: ints exactly, floats to 4 decimals, NaN as '–'."""
-    if isinstance(value, (int, np.integer)):
-        return cell == str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return cell == "–" if math.isnan(value) else abs(float(cell) - float(value)) <= 5e-5
-    return cell == str(value)
 
 
-def check_report(run: Path) -> _Page:
-    """report.html embeds every plot file (each not blank), report.md links them, and
-    the top-k and leaderboard tables hold the parquet files' numbers."""
-    out = run / "report"
-    page = _Page()
-    page.feed((out / "report.html").read_text())
-    files = {p.stem for p in out.glob("*.png")}
-    assert files and files <= set(PLOTS) and set(page.images) == files, (files, set(page.images))
-    md = (out / "report.md").read_text()
-    for name, src in page.images.items():
-        assert src.startswith("data:image/png;base64,")
-        data = base64.b64decode(src.split(",", 1)[1])
-        assert data == (out / f"{name}.png").read_bytes()
-        assert len(data) < 80_000, (name, len(data))  # small: artifacts live in Prefect's database
-        assert _png_array(data).var() > 0, name  # not blank
-        assert f"![{name}]({name}.png)" in md
-    for title, path, cols in (("Top", run / "top_k.parquet", ["rank", "arch_id", "reward", "params", "macs"]),
-                              ("Leaderboard", run / "leaderboard.parquet", ["arch_id", "proxy_reward", "AP", "AP50", "AP75", "params"])):  # fmt: skip
-        if not path.exists():
-            continue
-        want, got = pd.read_parquet(path).reset_index(drop=True), _table(page, title)
-        assert len(got) == len(want)
-        for c in cols:
-            assert all(_same(g, w) for g, w in zip(got[c], want[c])), (title, c, list(got[c]), list(want[c]))
-    return page
 
 
 def test_report_of_a_finished_run_embeds_every_plot_and_the_parquet_numbers(tmp_path, capsys):
     run = finished_run(tmp_path)
     config = {"run_id": "r1", "runs_dir": str(tmp_path), "search": {"total_archs": 12, "policy": "ppo"}}
-    atomic_write_json(run / "report" / "config.json", config)  # as the stages keep it for the command
+    atomicio.write_json(run / "report" / "config.json", config)  # as the stages keep it for the command
     main([str(run)])
     assert "report.html" in capsys.readouterr().out
     page = check_report(run)
     assert set(page.images) == set(PLOTS)  # every plot has its data here (best AP != best reward)
-    board = _table(page, "Leaderboard")
+    board = report_table(page, "Leaderboard")
     base = board[board.kind == "baseline"].iloc[0]
     assert base.proxy_reward == "–" and base.AP == "0.3500"
     res = ResultsTable(run).read()
@@ -222,14 +146,14 @@ def test_search_stats_handle_empty_results_and_other_statuses():
 
 @pytest.mark.parametrize("arch", ["fpn-fcos", "nas-fcos", "dag"])
 def test_arch_drawing_of_each_head_kind_is_not_blank(arch):
-    from nasfcos.space import Arch
+    from nasfcos.arch import Arch
 
     a = Arch.random(np.random.default_rng(1), head="dag") if arch == "dag" else arch
-    assert _png_array(plots.png(plots.arch_drawing(a))).var() > 0
+    assert png_array(plots.png(plots.arch_drawing(a))).var() > 0
 
 
 def test_stage_plots_never_fail_a_stage(tmp_path, caplog):
-    from flows.report import stage_plots
+    from flows.report.page import stage_plots
 
     assert stage_plots(tmp_path / "missing", {}, "search") == ""
     assert "report of" in caplog.text and "not written" in caplog.text

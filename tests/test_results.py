@@ -1,4 +1,4 @@
-"""storage/results.py: schema, arch decoding, dedup rule, queries, concurrency and crash safety."""
+"""storage/results.py: schema, arch columns, dedup rule, queries, concurrency and crash safety."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import atomicio
 import storage.results as R
-from nasfcos import space
-from storage.results import DECODED_FIELDS, RECORD_FIELDS, SCHEMA, ResultsTable, decode_arch_fields
+from nasfcos import arch as space
+from nasfcos.arch import Arch
+from storage.results import DECODED_FIELDS, RECORD_FIELDS, SCHEMA, ResultsTable
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 PENALTY = -10.0
@@ -35,7 +39,7 @@ def _archs(n: int, seed: int = 0) -> list[space.Arch]:
 
 
 def make_row(arch, step=0, sample=0, status="ok", reward=0.5, **kw) -> dict:
-    """A valid record (RECORD_FIELDS only) for ``arch``; ``kw`` overrides fields."""
+    """A valid row (RECORD_FIELDS and the arch's columns) for ``arch``; ``kw`` overrides fields."""
     ok = status == "ok"
     start = T0 + timedelta(seconds=int(100 * step + sample))
     row = dict(
@@ -59,6 +63,7 @@ def make_row(arch, step=0, sample=0, status="ok", reward=0.5, **kw) -> dict:
         error="" if ok else "RuntimeError: CUDA out of memory",
         started_at=start,
         finished_at=start + timedelta(seconds=2),
+        **arch.columns(),
     )
     row.update(kw)
     return row
@@ -71,30 +76,27 @@ def _raw_rows(run_dir) -> int:
     return sum(pq.read_metadata(p).num_rows for p in files)
 
 
-# ------------------------------------------------------------------ decoding
+# ------------------------------------------------------------------ arch columns
 
 
-def test_op_tables_match_space():
-    # storage keeps copies (it must not import nasfcos); they must never drift.
-    assert R.FPN_OPS == space.FPN_OPS
-    assert R.HEAD_OPS == space.HEAD_OPS
-    assert R.AGGS == space.AGGS
-    assert (R.NUM_BACKBONE_INPUTS, R.NUM_FPN_BLOCKS, R.NUM_HEAD_BLOCKS, R.FCOS_HEAD_LAYERS) == (
-        space.NUM_BACKBONE_INPUTS,
-        space.NUM_FPN_BLOCKS,
-        space.NUM_HEAD_BLOCKS,
-        space.FCOS_HEAD_LAYERS,
-    )
+def test_rows_without_the_arch_columns_are_refused():
+    # storage does not know the search space: the writer decodes (Arch.columns), storage stores
+    row = make_row(_archs(1)[0])
+    for f in DECODED_FIELDS:
+        with pytest.raises(ValueError, match=f"^{f}: missing field"):
+            R.validate_row({k: v for k, v in row.items() if k != f})
+    with pytest.raises(ValueError, match="^fpn_ops: expected a list"):
+        R.validate_row({**row, "fpn_ops": "def_conv_3x3"})
 
 
-def test_decode_found_arch_by_hand():
+def test_columns_of_the_found_arch_by_hand():
     # The paper's found arch (Fig. 4 + released seq head):
     # FPN blocks [3,3,4,4,1][3,3,4,4,1][4,3,4,3,1][1,3,4,3,1][5,3,4,4,1][4,7,4,4,1][7,2,4,4,1]
     # ops 4 = def_conv_3x3, 3 = skip_connect: op pairs (4,4)(4,4)(4,3)(4,3)(4,4)(4,4)(4,4)
     #   -> 12 deformable, 2 skip; every agg is 1 = cat -> 7 concats.
     # head seq[5,1,5,0,4,4]: 5,5 = def_conv (2), 4,4 = skip (2), 6 layers, no aggs.
     a = space.PRESETS["nas-fcos"]
-    d = decode_arch_fields(str(a))
+    d = a.columns()
     assert d["fpn_kind"] == "searched"
     assert d["fpn_inputs"] == [3, 3, 3, 3, 4, 3, 1, 3, 5, 3, 4, 7, 7, 2]
     assert d["fpn_ops"][:6] == ["def_conv_3x3"] * 5 + ["skip_connect"]
@@ -105,18 +107,17 @@ def test_decode_found_arch_by_hand():
     assert (d["n_deform_head"], d["n_skip_head"], d["n_cat_head"], d["head_layers"], d["share"]) == (2, 2, 0, 6, 0)
     assert d["head_aggs"] == [] and d["head_inputs"] == []
 
-    d = decode_arch_fields(str(space.PRESETS["fpn-fcos"]))
+    d = space.PRESETS["fpn-fcos"].columns()
     assert (d["fpn_kind"], d["fpn_ops"], d["fpn_inputs"], d["head_kind"], d["head_ops"], d["head_layers"]) == (
         "fcos", [], [], "fcos", [], 4
     )
 
 
-def test_decode_matches_space_on_random_archs():
+def test_columns_match_the_arch_on_random_archs():
     for a in _archs(40, seed=1) + list(space.PRESETS.values()):
-        s = str(a)
-        d = decode_arch_fields(s)
+        d = a.columns()
         assert set(d) == set(DECODED_FIELDS)
-        assert R.arch_id_of(s) == a.arch_id
+        assert R.arch_id_of(str(a)) == a.arch_id
         if a.fpn is not None:
             assert d["fpn_inputs"] == [i for b in a.fpn for i in (b.id1, b.id2)]
             assert d["fpn_ops"] == [space.FPN_OPS[o] for b in a.fpn for o in (b.op1, b.op2)]
@@ -129,26 +130,40 @@ def test_decode_matches_space_on_random_archs():
             assert d["head_aggs"] == [space.AGGS[b.agg] for b in h.blocks]
             assert d["n_cat_head"] == sum(b.agg == 1 for b in h.blocks)
         assert d["n_deform_fpn"] == d["fpn_ops"].count("def_conv_3x3")
+        assert Arch.parse(str(a)).columns() == d  # the canonical string carries them all
+
+
+def test_the_search_writes_each_row_with_its_arch_columns():
+    # the one codec: rows made by the search loop carry Arch.columns() (storage no longer
+    # re-decodes the string, so a writer that disagreed with it would go unnoticed there)
+    from nasfcos.search.loop import make_row as search_row
+    from nasfcos.search.loop import over_budget_row
+
+    for a in _archs(5, seed=3) + list(space.PRESETS.values()):
+        record = {k: v for k, v in make_row(a).items() if k not in DECODED_FIELDS and k not in ("step", "sample", "reward_used")}
+        for row in (search_row(record, step=1, sample=2, penalty=PENALTY),
+                    over_budget_row(a, params=1, macs=2, reason="too big", step=1, sample=3, penalty=PENALTY)):  # fmt: skip
+            assert {f: row[f] for f in DECODED_FIELDS} == a.columns()
+            assert R.validate_row(row)["arch_id"] == a.arch_id
 
 
 @pytest.mark.parametrize(
     "text, token",
     [
-        ("nas-fcos", "canonical"),  # presets are resolved by nasfcos, not here
-        ("fpn=fcos; head=fcos;share=0", "canonical"),
-        ("fpn=fcos;head=fcos", "canonical"),
-        ("fpn=[0,0,0,0,0];head=fcos;share=0", "canonical"),  # 1 block, not 7
-        ("fpn=fcos;head=seq[6];share=0", "head op 0 index 6"),
-        ("fpn=fcos;head=fcos;share=5", "share 5"),
-        ("fpn=fcos;head=dag[0][2,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0];share=0", "head block 0 id1 2"),
+        ("fpn=fcos;head=fcos", "missing field"),
+        ("fpn=[0,0,0,0,0];head=fcos;share=0", "expected 7 blocks"),  # 1 block, not 7
+        ("fpn=fcos;head=seq[6];share=0", "head op 0: 6"),
+        ("fpn=fcos;head=fcos;share=5", "share: 5"),
+        ("fpn=fcos;head=dag[0][2,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0];share=0", "head block 0 id1: 2"),
         ("fpn=fcos;head=dag[0][0,0,0,0,2][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0];share=0", "head block 0 agg"),
         ("fpn=[0,0,5,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0];head=fcos;share=0", "fpn block 0 op1"),
         ("fpn=[0,4,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0][0,0,0,0,0];head=fcos;share=0", "fpn block 0 id2"),
     ],
 )
-def test_decode_rejects_non_canonical(text, token):
-    with pytest.raises(ValueError, match=r"^arch: ") as e:
-        decode_arch_fields(text)
+def test_a_bad_arch_string_never_reaches_a_row(text, token):
+    # the codec that makes a row's columns parses the string first, naming the bad token
+    with pytest.raises(space.ArchError) as e:
+        Arch.parse(text).columns()
     assert token in str(e.value)
 
 
@@ -175,9 +190,9 @@ def test_round_trip_lists_nan_and_timestamps(tmp_path):
     assert list(df["fpn_ops"].iloc[2])[:2] == ["def_conv_3x3", "def_conv_3x3"]
     assert df["n_deform_fpn"].iloc[2] == 12
 
-    for r in rows:  # get() returns exactly what went in, plus the decoded fields
+    for r in rows:  # get() returns exactly what went in
         got = t.get(r["arch_id"])
-        expect = {**r, **decode_arch_fields(r["arch"])}
+        expect = r
         assert set(got) == set(SCHEMA.names)
         for k, v in expect.items():
             if isinstance(v, float) and math.isnan(v):
@@ -204,10 +219,9 @@ def test_timestamps_are_stored_in_utc(tmp_path):
     assert t.read()["finished_at"].iloc[0] == pd.Timestamp("2026-03-01 11:00", tz="UTC")
 
 
-def test_numpy_scalars_and_given_decoded_fields_accepted(tmp_path):
+def test_numpy_scalars_and_tuples_accepted(tmp_path):
     a = _archs(1)[0]
     row = make_row(a, step=np.int64(2), reward=np.float32(0.5), params=np.int32(3))
-    row.update(decode_arch_fields(str(a)))  # a caller may pass the decoded fields too
     row["fpn_ops"] = tuple(row["fpn_ops"])
     assert R.validate_row(row)["step"] == 2
     t = ResultsTable(tmp_path)
@@ -231,8 +245,8 @@ _BAD = [
     ("started_at", datetime(2026, 1, 1)),  # naive
     ("finished_at", "2026-01-01T00:00:00Z"),
     ("finished_at", pd.NaT),
-    ("n_deform_fpn", 99),  # decoded field disagreeing with the arch string
-    ("fpn_ops", ["skip_connect"] * 14),
+    ("n_deform_fpn", 1.5),
+    ("fpn_ops", "skip_connect"),
 ]
 
 
@@ -306,8 +320,8 @@ def test_dedup_on_read_is_by_content_not_file_order(tmp_path):
     a = _archs(1)[0]
     t = ResultsTable(tmp_path)
     late, early = make_row(a, step=5, reward=0.9), make_row(a, step=1, reward=0.1)
-    R.atomic_write_parquet(R.rows_to_table([late]), t.parts_dir / "0-first.parquet")
-    R.atomic_write_parquet(R.rows_to_table([early]), t.parts_dir / "1-second.parquet")
+    R.write_parquet(R.rows_to_table([late]), t.parts_dir / "0-first.parquet")
+    R.write_parquet(R.rows_to_table([early]), t.parts_dir / "1-second.parquet")
     assert len(t) == 1 and t.get(a.arch_id)["step"] == 1
     t.compact()
     assert _raw_rows(tmp_path) == 1 and t.get(a.arch_id)["step"] == 1
@@ -375,15 +389,15 @@ def test_empty_table(tmp_path):
 def test_foreign_schema_file_is_named(tmp_path):
     t = ResultsTable(tmp_path)
     t.parts_dir.mkdir()
-    R.atomic_write_parquet(pd.DataFrame({"arch_id": ["x"], "reward": [1.0]}), t.parts_dir / "bad.parquet")
+    R.write_parquet(pd.DataFrame({"arch_id": ["x"], "reward": [1.0]}), t.parts_dir / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad\.parquet: missing field 'arch'"):
         t.read()
     good = R.rows_to_table([make_row(_archs(1)[0])])
     bad = good.set_column(good.schema.get_field_index("step"), "step", pa.array(["x"]))
-    R.atomic_write_parquet(bad, t.parts_dir / "bad.parquet")
+    R.write_parquet(bad, t.parts_dir / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad\.parquet: field 'step' is string, expected int64"):
         t.read()
-    R.atomic_write_parquet(pd.DataFrame(good.to_pylist()), t.parts_dir / "bad.parquet")  # pandas' large_string is fine
+    R.write_parquet(pd.DataFrame(good.to_pylist()), t.parts_dir / "bad.parquet")  # pandas' large_string is fine
     assert len(t) == 1
 
 
@@ -512,21 +526,28 @@ def _two_step_table(tmp_path):
     return t, t.read()
 
 
+def _killed_at_rename(monkeypatch, name: str = "") -> None:
+    """The writer of a file named ``name`` (any, when empty) dies after writing its temp file,
+    before the rename: the rename raises and nothing after it runs (the temp file stays)."""
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def replace(src, dst):
+        if Path(dst).name == name or not name:
+            raise KeyboardInterrupt("killed after writing the temp file")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", lambda p: None if Path(p).name.startswith(".tmp-") else real_unlink(p))
+
+
 def test_crash_before_rename_loses_nothing(tmp_path, monkeypatch):
     t, expect = _two_step_table(tmp_path)
-    real_commit = R._commit
-
-    def die_on_table(tmp, path):
-        if path.name == "results.parquet":
-            raise KeyboardInterrupt("killed after writing the merged temp file")
-        real_commit(tmp, path)
-
-    monkeypatch.setattr(R, "_commit", die_on_table)
-    with pytest.raises(KeyboardInterrupt):
-        t.compact()
+    with monkeypatch.context() as m:
+        _killed_at_rename(m, "results.parquet")
+        with pytest.raises(KeyboardInterrupt):
+            t.compact()
     (orphan,) = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-results.parquet")]
     pd.testing.assert_frame_equal(t.read(), expect)
-    monkeypatch.setattr(R, "_commit", real_commit)
     assert t.compact() == 5
     assert orphan.exists()  # young: a lock-free writer on another machine may own it
     _age(orphan)
@@ -563,14 +584,10 @@ def test_crash_after_rename_duplicates_nothing(tmp_path, monkeypatch, deleted_be
 
 def test_crash_during_append_writes_nothing(tmp_path, monkeypatch):
     t, expect = _two_step_table(tmp_path)
-
-    def die(tmp, path):
-        raise KeyboardInterrupt("killed before the part was renamed")
-
-    monkeypatch.setattr(R, "_commit", die)
-    with pytest.raises(KeyboardInterrupt):
-        t.append([make_row(_archs(6, seed=8)[0], step=2)])
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        _killed_at_rename(m)
+        with pytest.raises(KeyboardInterrupt):
+            t.append([make_row(_archs(6, seed=8)[0], step=2)])
     (orphan,) = [p for p in t.parts_dir.iterdir() if p.name.startswith(".tmp-")]  # ignored by readers
     pd.testing.assert_frame_equal(t.read(), expect)
     _age(orphan)
@@ -580,7 +597,7 @@ def test_crash_during_append_writes_nothing(tmp_path, monkeypatch):
 
 def _age(path) -> None:
     """Make a temp file look older than any live writer's."""
-    old = time.time() - R.ORPHAN_AGE_S - 60
+    old = time.time() - atomicio.ORPHAN_AGE_S - 60
     os.utime(path, (old, old))
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from storage.runlock import RunLocked, run_lock
+from storage.run_lock import RunLocked, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = "import sys, time; from storage.runlock import run_lock\nwith run_lock(sys.argv[1], 'holder-test'):\n    print('held', flush=True); time.sleep(60)"
+HOLD = "import sys, time; from storage.run_lock import run_lock\nwith run_lock(sys.argv[1], 'holder-test'):\n    print('held', flush=True); time.sleep(60)"
 
 
 def _holder(root: Path) -> subprocess.Popen:
@@ -68,7 +68,7 @@ def test_two_runs_of_one_directory_the_second_fails_in_one_line(prefect_server, 
     stage meanwhile, finishes unharmed with every arch trained once."""
     from prefect.settings import PREFECT_API_URL
 
-    from test_flows import tiny
+    from helpers import tiny
 
     args = ["--config", "tiny"]
     for k, v in tiny("twice", tmp_path, **{"search.total_archs": 4}).items():
@@ -114,7 +114,7 @@ def _select_run(tmp_path):
     import numpy as np
 
     from flows.config import load_config
-    from nasfcos.space import Arch
+    from nasfcos.arch import Arch
     from storage.results import ResultsTable
 
     now = datetime.now(timezone.utc)
@@ -125,7 +125,7 @@ def _select_run(tmp_path):
             "arch_id": a.arch_id, "arch": str(a), "status": "ok", "reward": -1.0 - i, "loss_cls": 0.5, "loss_reg": 0.3,
             "loss_ctr": 0.2, "params": 1, "macs": 1, "train_seconds": 0.0, "eval_seconds": 0.0, "peak_mem_mb": 0.0,
             "device": "cpu", "seed": 0, "error": "", "started_at": now, "finished_at": now, "step": 0, "sample": i,
-            "reward_used": -1.0 - i,
+            "reward_used": -1.0 - i, **a.columns(),
         })  # fmt: skip
     ResultsTable(tmp_path / "v").append(rows)
     return load_config("demo", {"run_id": "v", "runs_dir": str(tmp_path), "select.top_k": 2})
@@ -139,10 +139,11 @@ def test_a_stage_begun_under_other_versions_is_refused_unless_allowed(prefect_se
     cfg = _select_run(tmp_path)
     claim = tmp_path / "v" / "manifests" / "select-top-k.claim.json"
     from flows.stages import conflict_fields
-    from storage.runs import atomic_write_json, config_hash, versions
+    import atomicio
+    from storage.run_dir import config_hash, versions
 
     fields = conflict_fields(cfg, "select-top-k")
-    atomic_write_json(claim, {"stage": "select-top-k", "key": config_hash(fields), "fields": fields, "versions": {**versions(), "torch": "2.11.0"}})
+    atomicio.write_json(claim, {"stage": "select-top-k", "key": config_hash(fields), "fields": fields, "versions": {**versions(), "torch": "2.11.0"}})
     state = select_top_k(cfg.model_dump(mode="json"), return_state=True)
     assert state.is_failed() and f"torch 2.11.0 -> {versions()['torch']}" in state.message and "allow_version_change" in state.message
     allowed = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"allow_version_change": True})})
@@ -166,7 +167,7 @@ def test_a_stage_begun_under_other_versions_is_refused_unless_allowed(prefect_se
 
 
 def test_the_failed_run_automation_is_accepted_by_the_server(prefect_server, tmp_path):
-    """deployments/automations.yaml (README "Failure and recovery"): valid for Prefect's API,
+    """deployments/automations.yaml (docs/operations.md "Failure and recovery"): valid for Prefect's API,
     with a real notification block's id in place of the placeholder."""
     import uuid
 

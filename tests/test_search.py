@@ -4,52 +4,23 @@ the async loop: slots kept busy, duplicates, exact resubmission after a crash an
 import multiprocessing
 import os
 import signal
-import threading
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from nasfcos.controller import ControllerConfig, PPOController, RandomPolicy, Sample
-from nasfcos.search import SearchConfig, load_state, make_row, run_search, run_search_async
+from nasfcos.search.controller import ControllerConfig, PPOController
+from nasfcos.search.policies import RandomPolicy
+from nasfcos.search.sample import Sample
+from nasfcos.search.loop import SearchConfig, load_state, run_search, run_search_async
 from storage.results import ResultsTable
+from helpers import Evaluator, Pool, record, run_async, token_reward
 
 
-def _record(arch, reward, status="ok", error=""):
-    now = datetime.now(timezone.utc)
-    return {
-        "arch_id": arch.arch_id, "arch": str(arch), "status": status,
-        "reward": reward if status == "ok" else float("nan"),
-        "loss_cls": 0.1, "loss_reg": 0.2, "loss_ctr": 0.3, "params": 1000, "macs": 2000,
-        "train_seconds": 0.01, "eval_seconds": 0.01, "peak_mem_mb": 1.0, "device": "cpu", "seed": 0,
-        "error": error, "started_at": now, "finished_at": now,
-    }  # fmt: skip
 
 
-class Evaluator:
-    """Synthetic reward (token agreement with a fixed arch); counts calls per arch; can crash."""
-
-    def __init__(self, crash_after=None, fail=()):
-        self.calls = Counter()
-        self.crash_after = crash_after
-        self.fail = set(fail)
-        self.target = np.arange(42) % 3  # the seq head space: 42 tokens
-
-    def __call__(self, jobs):
-        for a in (j.arch for j in jobs):
-            if self.crash_after is not None and sum(self.calls.values()) >= self.crash_after:
-                raise KeyboardInterrupt("killed")  # not an Exception: nothing may swallow it
-            self.calls[a.arch_id] += 1
-            if a.arch_id in self.fail:
-                yield _record(a, 0.0, status="failed", error="RuntimeError: boom")
-            else:
-                yield _record(a, float(np.mean(np.asarray(a.tokens()) == self.target)))
 
 
 def test_killed_search_resumes_without_evaluating_twice(tmp_path):
@@ -118,10 +89,10 @@ def test_known_archs_reuse_stored_rewards_and_failures_get_the_penalty(tmp_path)
 
 def test_a_real_tiny_search_on_the_synthetic_feature_store(tmp_path, synthetic_small):
     """Materialise features into a Zarr store, then search 4 archs with PPO on the proxy task."""
-    from nasfcos.backbones import build_backbone
+    from nasfcos.model.backbones import build_backbone
     from nasfcos.data import COCODetection
-    from nasfcos.materialise import LEVELS, FeatureComputer, meta_split, proxy_transforms
-    from nasfcos.proxy import ProxyConfig, evaluate_arch, prepare_split
+    from nasfcos.engine.materialise import LEVELS, FeatureComputer, meta_split, proxy_transforms
+    from nasfcos.engine.proxy import ProxyConfig, evaluate_arch, prepare_split
     from storage.features import FeatureStore, materialise
 
     torch.manual_seed(0)
@@ -160,46 +131,8 @@ def test_a_real_tiny_search_on_the_synthetic_feature_store(tmp_path, synthetic_s
 # ---------------------------------------------------------------- async mode
 
 
-def _reward(arch):
-    return float(np.mean(np.asarray(arch.tokens()) == np.arange(42) % 3))  # as Evaluator
 
 
-class Pool:
-    """Simulated evaluations on a thread pool: each sleeps a per-arch time, appends its own
-    row and an audit line (as the Prefect task does), and counts calls and concurrency."""
-
-    def __init__(self, run_dir, slots, *, fail=(), crash_after=None, kill_after=None, together=None, seconds=0.03):
-        self.results, self.audit = ResultsTable(run_dir), Path(run_dir) / "evaluations.log"
-        self.executor = ThreadPoolExecutor(slots)
-        self.fail, self.crash_after, self.kill_after = set(fail), crash_after, kill_after
-        self.calls, self.submitted, self.seconds = Counter(), 0, seconds
-        self.lock = threading.Lock()
-        # together=n: each evaluation waits until n are running at once (a timeout breaks the test)
-        self.barrier = threading.Barrier(together) if together else None
-
-    def submit(self, job):
-        if self.crash_after is not None and self.submitted >= self.crash_after:
-            raise KeyboardInterrupt("killed")
-        self.submitted += 1
-        return self.executor.submit(self.evaluate, job)
-
-    def evaluate(self, job):
-        a = job.arch
-        if self.barrier is not None:
-            self.barrier.wait(timeout=20)
-        time.sleep(self.seconds * (0.2 + (int(a.arch_id[:4], 16) % 7) / 7))  # seeded by the arch: finish order varies
-        failed = a.arch_id in self.fail
-        record = _record(a, 0.0, "failed", "RuntimeError: boom") if failed else _record(a, _reward(a))
-        # The kill comes from a thread holding the lock, so this evaluator's own row + audit
-        # pair is never split (that window is the evaluator's; the loop is anywhere).
-        with self.lock:
-            self.calls[a.arch_id] += 1
-            self.results.append([make_row(record, step=job.step, sample=job.sample, penalty=-10.0)])
-            with open(self.audit, "a") as f:
-                f.write(f"{a.arch_id} {job.step} {job.sample} pid={os.getpid()}\n")
-            if self.kill_after is not None and sum(self.calls.values()) >= self.kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return record
 
 
 class CyclePolicy(RepeatPolicy):
@@ -214,9 +147,6 @@ class CyclePolicy(RepeatPolicy):
         return [self.fixed[i % 3] for i in range(self.drawn - n, self.drawn)]
 
 
-def _async(run_dir, policy, pool, cfg, slots):
-    with pool.executor:
-        return run_search_async(policy=policy, submit=pool.submit, slots=slots, results=ResultsTable(run_dir), state_path=Path(run_dir) / "c.pt", cfg=cfg)
 
 
 @pytest.fixture
@@ -232,15 +162,15 @@ def test_async_search_with_one_slot_is_reproducible_across_a_crash(tmp_path, one
     """One slot: sample, evaluate, update every K; a crash after a submission resubmits that job."""
     cfg = SearchConfig(total_archs=6, archs_per_step=4)
     ppo = ControllerConfig(hidden_size=16, num_layers=1)
-    a = _async(tmp_path / "a", PPOController(ppo, seed=1), Pool(tmp_path / "a", 1), cfg, slots=1)
+    a = run_async(tmp_path / "a", PPOController(ppo, seed=1), Pool(tmp_path / "a", 1), cfg, slots=1)
     with pytest.raises(KeyboardInterrupt):
-        _async(tmp_path / "b", PPOController(ppo, seed=1), Pool(tmp_path / "b", 1, crash_after=5), cfg, slots=1)
+        run_async(tmp_path / "b", PPOController(ppo, seed=1), Pool(tmp_path / "b", 1, crash_after=5), cfg, slots=1)
     state = load_state(tmp_path / "b/c.pt", PPOController(ppo, seed=1))
     # step 1 drew its 2 archs in one batch, on disk before either was submitted; the 5th ran,
     # the 6th was being submitted when killed
     assert state.step == 1 and len(state.queued) == 2 and not state.in_flight and len(ResultsTable(tmp_path / "b")) == 5
     pool = Pool(tmp_path / "b", 1)
-    b = _async(tmp_path / "b", PPOController(ppo, seed=1), pool, cfg, slots=1)
+    b = run_async(tmp_path / "b", PPOController(ppo, seed=1), pool, cfg, slots=1)
     assert list(pool.calls) == [Sample.from_dict(state.queued[1]["draw"]).arch.arch_id]  # exactly the unfinished one
     cols = ["arch_id", "step", "sample", "reward"]
     ra, rb = ResultsTable(tmp_path / "a").read()[cols], ResultsTable(tmp_path / "b").read()[cols]
@@ -258,7 +188,7 @@ def test_async_search_keeps_slots_busy_and_reuses_results_of_duplicates(tmp_path
     bad = policy.fixed[1].arch.arch_id
     pool = Pool(tmp_path, 4, fail={bad})
     cfg = SearchConfig(total_archs=5, archs_per_step=4, failure_penalty=-7.0, max_samples=14)
-    summary = _async(tmp_path, policy, pool, cfg, slots=4)
+    summary = run_async(tmp_path, policy, pool, cfg, slots=4)
     assert set(pool.calls.values()) == {1} and len(pool.calls) == 3
     assert summary.unique_archs == 3 and summary.issued == 14 and summary.steps == 4
     seen = [x for batch in policy.seen for x in batch]
@@ -269,7 +199,7 @@ def test_async_search_keeps_slots_busy_and_reuses_results_of_duplicates(tmp_path
 
     # distinct archs: 4 evaluations at once every time, else the barrier times out
     pool = Pool(tmp_path / "many", 4, together=4)
-    summary = _async(tmp_path / "many", RandomPolicy(seed=0), pool, SearchConfig(total_archs=16, archs_per_step=4), slots=4)
+    summary = run_async(tmp_path / "many", RandomPolicy(seed=0), pool, SearchConfig(total_archs=16, archs_per_step=4), slots=4)
     assert summary.unique_archs == summary.issued == 16 and summary.steps == 4
     df = ResultsTable(tmp_path / "many").read()
     assert len(df) == df.arch_id.nunique() == 16 and not df.duplicated(["step", "sample"]).any()
@@ -277,19 +207,19 @@ def test_async_search_keeps_slots_busy_and_reuses_results_of_duplicates(tmp_path
 
 def test_sync_and_async_checkpoints_are_not_mixed(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        _async(tmp_path / "a", RandomPolicy(), Pool(tmp_path / "a", 2, crash_after=2), SearchConfig(total_archs=4, archs_per_step=2), slots=2)
+        run_async(tmp_path / "a", RandomPolicy(), Pool(tmp_path / "a", 2, crash_after=2), SearchConfig(total_archs=4, archs_per_step=2), slots=2)
     with pytest.raises(ValueError, match="resume it with search.mode=async"):
         run_search(policy=RandomPolicy(), evaluate=Evaluator(), results=ResultsTable(tmp_path / "a"), state_path=tmp_path / "a/c.pt")
     with pytest.raises(KeyboardInterrupt):
         run_search(policy=RandomPolicy(), evaluate=Evaluator(crash_after=1), results=ResultsTable(tmp_path / "b"), state_path=tmp_path / "b/c.pt")
     with pytest.raises(ValueError, match="sync-mode step is pending"):
-        _async(tmp_path / "b", RandomPolicy(), Pool(tmp_path / "b", 1), SearchConfig(), slots=1)
+        run_async(tmp_path / "b", RandomPolicy(), Pool(tmp_path / "b", 1), SearchConfig(), slots=1)
 
 
 def _async_40(run_dir, kill_after=None):
     """The async search of the SIGKILL test: 40 archs, 8 evaluations in flight."""
     pool = Pool(run_dir, 8, kill_after=kill_after, seconds=0.5)  # slow enough for the loop to keep 8 in flight under load
-    _async(run_dir, RandomPolicy(seed=0), pool, SearchConfig(total_archs=40, archs_per_step=8), slots=8)
+    run_async(run_dir, RandomPolicy(seed=0), pool, SearchConfig(total_archs=40, archs_per_step=8), slots=8)
 
 
 def test_sigkilled_async_search_resumes_without_evaluating_twice(tmp_path):
@@ -328,7 +258,7 @@ def test_async_loop_appends_rows_unless_the_evaluator_wrote_them(tmp_path):
 
     def submit(job):
         f = CFuture()
-        f.set_result(_record(job.arch, _reward(job.arch)))  # a record, no row written
+        f.set_result(record(job.arch, token_reward(job.arch)))  # a record, no row written
         return f
 
     cfg = SearchConfig(total_archs=4, archs_per_step=2)
@@ -347,8 +277,8 @@ def test_the_cost_constraint_keeps_over_budget_archs_from_the_evaluator(tmp_path
     only from evaluated ones; in both loops."""
     from functools import partial
 
-    from nasfcos.complexity import decoder_cost
-    from nasfcos.space import Arch
+    from nasfcos.model.complexity import decoder_cost
+    from nasfcos.arch import Arch
 
     cost = partial(decoder_cost, in_channels=(16, 32, 64, 128), sizes=((16, 16), (8, 8), (4, 4), (2, 2)), width=64, num_classes=3)
 

@@ -3,20 +3,8 @@
 import numpy as np
 import pytest
 
-from nasfcos.ops import AGG_OPS, OPS
-from nasfcos.space import (
-    AGGS,
-    FPN_OPS,
-    HEAD_OPS,
-    PRESETS,
-    TOKEN_SPACE,
-    TOKEN_SPACES,
-    Arch,
-    ArchError,
-    Block,
-    Head,
-    resolve,
-)
+from nasfcos.model.ops import AGG_OPS, OPS
+from nasfcos.arch import AGGS, FPN_OPS, HEAD_OPS, PRESETS, TOKEN_SPACE, TOKEN_SPACES, Arch, ArchError, Block, Head, resolve
 
 
 def test_op_table_covers_the_space():
@@ -116,7 +104,7 @@ def test_token_space_masks_make_every_sample_valid():
     assert len(seq.tokens) == 7 * 5 + 6 + 1  # released head search: 6 op tokens + the share index
     assert [t.name for t in seq.tokens[35:]] == [f"head.op{i}" for i in range(6)] + ["share"]
     assert all(t.choices == 6 for t in seq.tokens[35:41]) and seq.tokens[-1].choices == 7  # share 0..6
-    assert TOKEN_SPACE is seq  # the default, see README "Deviations"
+    assert TOKEN_SPACE is seq  # the default, see docs/fidelity.md
     assert dag.tokens[0].name == "fpn0.id1" and dag.tokens[0].choices == 4
     assert dag.tokens[30].name == "fpn6.id1" and dag.tokens[30].choices == 10
     assert dag.tokens[-1].name == "share" and dag.tokens[-1].choices == 7
@@ -158,8 +146,8 @@ def test_head_dag_and_share_validation():
 def test_search_ops_restrict_every_policy_and_mutation():
     """search.ops (the CPU demo's space without deformable convs): no policy, PPO after
     updates and evolution after mutations included, ever picks a left-out op."""
-    from nasfcos.controller import build_policy
-    from nasfcos.space import FPN_OPS, HEAD_OPS
+    from nasfcos.search.policies import build_policy
+    from nasfcos.arch import FPN_OPS, HEAD_OPS
 
     ops = tuple(o for o in dict.fromkeys(FPN_OPS + HEAD_OPS) if o != "def_conv_3x3")
     for kind in ("random", "ppo", "evolution"):
@@ -177,8 +165,8 @@ def test_an_evolution_warm_start_keeps_only_archs_of_the_restricted_space():
     use a left-out op are skipped, or their children would be sampled outside search.ops."""
     import numpy as np
 
-    from nasfcos.controller import build_policy
-    from nasfcos.space import FPN_OPS, HEAD_OPS, ArchError, token_space
+    from nasfcos.search.policies import build_policy
+    from nasfcos.arch import FPN_OPS, HEAD_OPS, ArchError, token_space
 
     ops = tuple(o for o in dict.fromkeys(FPN_OPS + HEAD_OPS) if o != "def_conv_3x3")
     rng = np.random.default_rng(0)

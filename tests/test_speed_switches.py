@@ -6,7 +6,6 @@ half precision against fp32; the fused FrozenBatchNorm2d against torchvision's; 
 and training's switches end to end on tiny inputs.
 """
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,12 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from nasfcos.fcos import FCOS
-from nasfcos.ops import ModulatedDeformConv, set_deform_dtype
-from nasfcos.proxy import EMA, ProxyConfig, evaluate_arch, prepare_split
-from nasfcos.space import Arch
+from torchvision.ops import batched_nms
+
+from nasfcos.model.fcos import FCOS, flatten_outputs, ltrb_to_boxes
+from nasfcos.model.ops import ModulatedDeformConv, set_deform_dtype
+from nasfcos.engine.proxy import EMA, ProxyConfig, evaluate_arch, prepare_split
+from nasfcos.arch import Arch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,11 +33,39 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
-def _suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def per_level_postprocess(fcos: FCOS, outputs, image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    """FCOS.postprocess as it was before issue #15: a Python loop over images and levels,
+    every point decoded: the reference the vectorised one must equal (benchmarks/gpu_suite.py
+    keeps its own copy to time the two side by side)."""
+    points = fcos.points([o[0].shape[-2:] for o in outputs], outputs[0][0].device)
+    cls, reg, ctr = flatten_outputs(outputs)
+    prob = torch.sigmoid(cls.float())  # (N, P, K)
+    ctr_prob = torch.sigmoid(ctr.float())  # (N, P)
+    ltrb = fcos.decode(reg, points)  # (N, P, 4)
+    level_starts = [0]
+    for n in points.level_sizes:
+        level_starts.append(level_starts[-1] + n)
+    K = cls.shape[-1]
+    results = []
+    for i, (H, W) in enumerate(image_sizes):
+        boxes_i, scores_i, labels_i = [], [], []
+        for a, b in zip(level_starts[:-1], level_starts[1:]):
+            p = prob[i, a:b]  # (Pl, K)
+            combined = (p * ctr_prob[i, a:b, None]).flatten()  # (Pl*K,)
+            cand = torch.nonzero(p.flatten() > fcos.score_thresh).squeeze(1)
+            if cand.numel() > fcos.pre_nms_top_n:
+                cand = cand[combined[cand].topk(fcos.pre_nms_top_n).indices]
+            point_idx, label = cand // K + a, cand % K
+            boxes = ltrb_to_boxes(points.xy[point_idx], ltrb[i, point_idx])
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+            boxes_i.append(boxes)
+            scores_i.append(combined[cand].sqrt())
+            labels_i.append(label)
+        boxes, scores, labels = torch.cat(boxes_i), torch.cat(scores_i), torch.cat(labels_i)
+        keep = batched_nms(boxes, scores, labels, fcos.nms_thresh)[: fcos.max_detections]
+        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return results
 
 
 def _outputs(seed: int, N: int = 2, K: int = 3, shapes=((16, 20), (8, 10), (4, 5), (2, 3), (1, 2)), cls_shift: float = 0.0):
@@ -52,7 +81,7 @@ def _outputs(seed: int, N: int = 2, K: int = 3, shapes=((16, 20), (8, 10), (4, 5
 @pytest.mark.parametrize("variant", ["paper", "torchvision"])
 @pytest.mark.parametrize("top_n", [1000, 40])  # 40: levels P3/P4 have more candidates than that
 def test_postprocess_equals_the_per_level_loop_it_replaced(variant, top_n):
-    reference = _suite().reference_postprocess
+    reference = per_level_postprocess
     fcos = FCOS(num_classes=3, variant=variant, pre_nms_top_n=top_n)
     if fcos.scales is not None:
         with torch.no_grad():
@@ -71,7 +100,7 @@ def test_postprocess_equals_the_per_level_loop_it_replaced(variant, top_n):
 
 
 def test_postprocess_without_candidates_and_with_one_image_empty():
-    reference = _suite().reference_postprocess
+    reference = per_level_postprocess
     fcos = FCOS(num_classes=3)
     outs = _outputs(0, cls_shift=-20.0)  # no probability above 0.05
     assert [len(d["scores"]) for d in fcos.postprocess(outs, [(128, 160)] * 2)] == [0, 0]
@@ -173,7 +202,7 @@ def test_deformable_conv_in_half_is_close_to_fp32_and_returns_the_input_dtype():
 def test_fused_frozen_batch_norm_equals_torchvision():
     from torchvision.ops import FrozenBatchNorm2d as Reference
 
-    from nasfcos.backbones import FrozenBatchNorm2d
+    from nasfcos.model.frozen_bn import FrozenBatchNorm2d
 
     ref = Reference(8)
     g = torch.Generator().manual_seed(0)
@@ -192,7 +221,7 @@ def test_fused_frozen_batch_norm_equals_torchvision():
 
 
 def _random_frozen_stats(module, seed=0):
-    from nasfcos.backbones import FrozenBatchNorm2d
+    from nasfcos.model.frozen_bn import FrozenBatchNorm2d
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -203,7 +232,8 @@ def _random_frozen_stats(module, seed=0):
 
 
 def test_fold_frozen_bn_keeps_the_backbone_outputs():
-    from nasfcos.backbones import FrozenBatchNorm2d, MobileNetV2Backbone, ResNetBackbone, fold_frozen_bn
+    from nasfcos.model.frozen_bn import FrozenBatchNorm2d, fold_frozen_bn
+    from nasfcos.model.backbones import MobileNetV2Backbone, ResNetBackbone
 
     # a one-block-per-stage ResNet (stem + bottleneck convK/bnK pairs + downsample Sequential) and MobileNetV2 (Sequentials)
     for backbone in (ResNetBackbone(name="resnet50", layers=(1, 1, 1, 1)), MobileNetV2Backbone()):
@@ -218,8 +248,8 @@ def test_fold_frozen_bn_keeps_the_backbone_outputs():
 
 
 def test_predict_folds_frozen_batch_norm_with_the_same_detections():
-    from nasfcos.backbones import FrozenBatchNorm2d
-    from nasfcos.detector import DetectorSpec, build_detector
+    from nasfcos.model.frozen_bn import FrozenBatchNorm2d
+    from nasfcos.model.detector import DetectorSpec, build_detector
 
     torch.manual_seed(0)
     model = build_detector(DetectorSpec(num_classes=3, backbone="mobilenet_v2", width=64)).eval()
@@ -280,7 +310,7 @@ def test_proxy_compile_switch_keeps_the_reward():
 
 
 def _train_cfg(**kw):
-    from nasfcos.train import TrainConfig
+    from nasfcos.engine.train import TrainConfig
 
     return TrainConfig(**{**dict(iterations=3, batch_size=2, base_lr=0.01, warmup_iters=1, steps=(), checkpoint_every=3, log_every=3, num_workers=0), **kw})
 
@@ -295,8 +325,9 @@ SPEC_KW = dict(num_classes=3, backbone="tiny", width=32)
 
 
 def test_train_switches_keep_the_weights(synthetic_small, tmp_path):
-    from nasfcos.detector import DetectorSpec
-    from nasfcos.train import load_checkpoint, train
+    from nasfcos.model.detector import DetectorSpec
+    from nasfcos.engine.checkpoint import load_checkpoint
+    from nasfcos.engine.train import train
 
     spec, ds = DetectorSpec(**SPEC_KW), _dataset(synthetic_small)
     a = load_checkpoint(train(spec, ds, _train_cfg(), tmp_path / "a").checkpoint)["model"]
@@ -308,8 +339,8 @@ def test_train_switches_keep_the_weights(synthetic_small, tmp_path):
 
 
 def test_sync_free_training_still_stops_at_a_non_finite_loss(synthetic_small, tmp_path, monkeypatch):
-    from nasfcos.detector import DetectorSpec
-    from nasfcos.train import LossSums, train
+    from nasfcos.model.detector import DetectorSpec
+    from nasfcos.engine.train import LossSums, train
 
     calls = {"n": 0}
     forward = LossSums.forward
@@ -326,8 +357,9 @@ def test_sync_free_training_still_stops_at_a_non_finite_loss(synthetic_small, tm
 
 
 def test_a_checkpoint_from_before_the_switches_resumes(synthetic_small, tmp_path):
-    from nasfcos.detector import DetectorSpec
-    from nasfcos.train import load_checkpoint, train
+    from nasfcos.model.detector import DetectorSpec
+    from nasfcos.engine.checkpoint import load_checkpoint
+    from nasfcos.engine.train import train
 
     spec, ds = DetectorSpec(**SPEC_KW), _dataset(synthetic_small)
     out = tmp_path / "run"

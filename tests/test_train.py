@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from nasfcos.data import COCODetection, build_transforms
-from nasfcos.detector import DetectorSpec
-from nasfcos.train import SCHEDULES, PositionSampler, TrainConfig, load_checkpoint, lr_factor, train
+from nasfcos.model.detector import DetectorSpec
+from nasfcos.engine.train import SCHEDULES, TrainConfig, lr_factor, train
+from nasfcos.engine.sampling import PositionSampler
+from nasfcos.engine.checkpoint import load_checkpoint
 
 SPEC = DetectorSpec(num_classes=3, backbone="tiny", width=32)
 
@@ -118,7 +120,7 @@ def test_each_update_uses_and_logs_the_reference_lr(synthetic_small, tmp_path, m
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
-    caplog.set_level("INFO", logger="nasfcos.train")
+    caplog.set_level("INFO", logger="nasfcos.engine.train")
     cfg = TrainConfig(iterations=10, batch_size=2, warmup_iters=4, steps=(6, 8), checkpoint_every=10, log_every=1, num_workers=0)
     ds = _dataset(synthetic_small)
     train(SPEC, ds, cfg, tmp_path / "a")
@@ -154,14 +156,14 @@ def test_resume_with_amp_from_a_run_without_it_and_back(synthetic_small, tmp_pat
 
 def _named_groups(model, cfg):
     """param_groups(model, cfg) with parameter names in place of the tensors."""
-    from nasfcos.train import param_groups
+    from nasfcos.engine.train import param_groups
 
     names = {id(p): n for n, p in model.named_parameters()}
     return [{**g, "params": [names[id(p)] for p in g["params"]]} for g in param_groups(model, cfg)]
 
 
 def test_param_groups_double_bias_lr_no_bias_decay_frozen_left_out():
-    from nasfcos.detector import build_detector
+    from nasfcos.model.detector import build_detector
 
     # MobileNetV2 with freeze_at=2: the stem and res2 (features 0-3) are frozen, as in FCOS.
     model = build_detector(DetectorSpec(num_classes=3, backbone="mobilenet_v2", width=32))
@@ -183,8 +185,8 @@ def test_param_groups_double_bias_lr_no_bias_decay_frozen_left_out():
 
 
 def test_train_builds_sgd_with_momentum_and_the_param_groups(synthetic_small, tmp_path):
-    from nasfcos.detector import build_detector
-    from nasfcos.train import param_groups
+    from nasfcos.model.detector import build_detector
+    from nasfcos.engine.train import param_groups
 
     spec = DetectorSpec(num_classes=3, backbone="mobilenet_v2", width=32)
     cfg = TrainConfig(iterations=1, batch_size=2, checkpoint_every=1, num_workers=0)  # optimiser fields at their defaults

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from nasfcos.evaluate import coco_evaluate
-from nasfcos.voc_eval import average_precision, voc_evaluate
+from nasfcos.evaluation.coco import coco_evaluate
+from nasfcos.evaluation.voc import average_precision, voc_evaluate
 
 
 def _gt(*anns, categories=((1, "cat"),), images=(1,)):

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from nasfcos.data.common import DataError, DetectionDataset, ImageRecord, Transforms, empty_boxes, one_line
+from nasfcos.data.common import DataError, DetectionDataset, ImageRecord, Transforms, empty_boxes
+from nasfcos.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,9 @@ def load_json(json_path: Path) -> dict[str, Any]:
         with open(json_path, "rb") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"{json_path}: malformed JSON ({one_line(e)})") from e
+        raise DataError(f"{json_path}: malformed JSON ({one_line(e, with_type=False)})") from e
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{json_path}: cannot read ({one_line(e)})") from e
+        raise DataError(f"{json_path}: cannot read ({one_line(e, with_type=False)})") from e
     if not isinstance(data, dict):
         raise DataError(f"{json_path}: top level must be a JSON object, got {type(data).__name__}")
     return data

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from nasfcos.errors import one_line
+
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they still work and
 # are what torch 2.11 / torchvision 0.26 (the GPU machines) have, so silence the notice.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
@@ -32,13 +34,8 @@ class DataError(ValueError):
     """Bad input data; the message is one line starting with the offending file path.
 
     One line so a log grep or a Prefect failure summary shows the whole reason; multi-line
-    causes (libjpeg, json) go through :func:`one_line` first.
+    causes (libjpeg, json) go through ``nasfcos.errors.one_line`` first.
     """
-
-
-def one_line(reason: object) -> str:
-    """Collapse an exception text (libjpeg and json errors span lines) to one line."""
-    return " ".join(str(reason).split())
 
 
 def read_image(path: str | Path) -> Tensor:
@@ -54,7 +51,7 @@ def read_image(path: str | Path) -> Tensor:
         data = read_file(str(path))
         image = decode_image(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError, OSError) as e:
-        raise DataError(f"{path}: cannot decode image ({one_line(e) or type(e).__name__})") from e
+        raise DataError(f"{path}: cannot decode image ({one_line(e, with_type=False)})") from e
     if image.ndim != 3 or image.shape[0] != 3:
         raise DataError(f"{path}: cannot decode image (decoded shape {tuple(image.shape)}, expected (3, H, W))")
     return image

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from nasfcos.data.common import DataError, DetectionDataset, ImageRecord, Transforms, empty_boxes, one_line
+from nasfcos.data.common import DataError, DetectionDataset, ImageRecord, Transforms, empty_boxes
+from nasfcos.errors import one_line
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -27,7 +28,7 @@ def read_split(path: Path) -> list[str]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read split file ({one_line(e)})") from e
+        raise DataError(f"{path}: cannot read split file ({one_line(e, with_type=False)})") from e
     # First token: also accepts the per-class files ("2008_000008  1").
     names = [line.split()[0] for line in lines if line.strip()]
     if not names:
@@ -65,7 +66,7 @@ def parse_voc_xml(
     try:
         root = ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError) as e:
-        raise DataError(f"{xml_path}: malformed XML ({one_line(e)})") from e
+        raise DataError(f"{xml_path}: malformed XML ({one_line(e, with_type=False)})") from e
 
     size = root.find("size")
     if size is None:

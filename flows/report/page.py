@@ -1,0 +1,463 @@
+"""The report of one run: plots under ``runs/<id>/report/``, ``report.html`` and ``report.md``.
+
+    python -m flows.report runs/demo        # or: nasfcos-report runs/demo
+
+``report.html`` is self-contained (tables, plots embedded as base64 PNGs); ``report.md``
+links the PNG files beside it. Both hold the run summary (config, stages and their
+timings), search statistics (archs/hour, ETA), the top-k, the leaderboard with the
+baseline, and every plot whose data exists (``flows/plots.py``). Works on a finished
+run and on one still searching: every file but the results table may be missing.
+
+The stages redraw the report when they end (the search also every ``search.plot_every``
+steps) and embed their plots in their Prefect summary artifacts (:func:`stage_plots`).
+Reads the run directory only; imports no Prefect, so the command starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+import atomicio
+from flows.report import plots
+from storage.results import ResultsTable
+from storage.run_dir import STAGES
+
+log = logging.getLogger(__name__)
+
+# file stem -> caption, in report order
+PLOTS: dict[str, str] = {
+    "reward": "Reward of every sampled architecture in sampling order, the best so far and the mean of each "
+    "controller step (the shape of the paper's Fig. 8); archs without a reward (failed, over budget) as crosses on the bottom edge.",
+    "choices": "How often the controller chose each op, aggregation and input per FPN block and head "
+    "position, in the first and the second half of the search.",
+    "complexity": "Proxy reward against decoder MACs and parameters at the proxy width; the Pareto front "
+    "(no arch is both cheaper and better) in red, the selected top-k and the fully trained archs ringed.",
+    "proxy_vs_ap": "Proxy reward against COCO AP after full training, with Kendall's tau: how well the "
+    "proxy task ranks the archs it selected.",
+    "best_arch": "The decoder with the best proxy reward.",
+    "best_ap_arch": "The fully trained decoder with the best AP (when another than the best by proxy reward).",
+}
+# what each stage's Prefect summary artifact shows
+STAGE_PLOTS: dict[str, tuple[str, ...]] = {
+    "search": ("reward", "choices", "complexity", "best_arch"),
+    "select-top-k": ("complexity", "best_arch"),
+    "train-full": ("complexity",),
+    "evaluate": ("proxy_vs_ap", "best_ap_arch"),
+}
+_DPI = {"best_arch": 95, "best_ap_arch": 95}  # small text in the drawings
+CONFIG_FILE = "config.json"  # report/config.json: the config the stages last ran with
+
+
+class ReportError(ValueError):
+    """A path that is not a run directory; one line naming it."""
+
+
+@dataclass
+class RunData:
+    """What the report reads from a run directory (missing files: empty or None)."""
+
+    root: Path
+    results: pd.DataFrame
+    top_k: pd.DataFrame | None = None
+    board: pd.DataFrame | None = None
+    manifests: dict[str, dict] = field(default_factory=dict)  # finished stages
+    started: dict[str, datetime] = field(default_factory=dict)  # stage -> when it was first claimed
+    config: dict | None = None
+    trained: list[str] = field(default_factory=list)  # arch ids with full/<id>/checkpoint.pt
+    compare: dict[str, pd.DataFrame] = field(default_factory=dict)  # other runs' results, by label
+
+
+def check_run_dir(path: str | Path) -> Path:
+    """``path`` resolved, or :class:`ReportError` when it is not a run directory."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ReportError(f"{path}: no such run directory")
+    if not any((root / n).exists() for n in ("results.parquet", "results.parts", "manifests")):
+        raise ReportError(f"{path}: not a run directory (no results.parquet, results.parts/ or manifests/)")
+    return root.resolve()
+
+
+def _parquet(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        return None
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        out = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def policy_of(config: dict | None, fallback: str = "search") -> str:
+    return str(((config or {}).get("search") or {}).get("policy") or fallback)
+
+
+def load_run(path: str | Path, *, compare: Sequence[str | Path] = ()) -> RunData:
+    """Read everything the report shows; ``compare``: other run dirs whose reward curves
+    are drawn beside this one's (e.g. a random-search run beside a PPO run)."""
+    root = check_run_dir(path)
+    data = RunData(root=root, results=ResultsTable(root).read())
+    data.top_k = _parquet(root / "top_k.parquet")
+    data.board = _parquet(root / "leaderboard.parquet")
+    data.config = _json(root / "report" / CONFIG_FILE)
+    for stage in STAGES:
+        if (m := _json(root / "manifests" / f"{stage}.json")) is not None:
+            data.manifests[stage] = m
+        claim = root / "manifests" / f"{stage}.claim.json"
+        if (m or {}).get("started_at"):
+            data.started[stage] = pd.Timestamp(m["started_at"]).to_pydatetime()
+        elif claim.exists():
+            data.started[stage] = datetime.fromtimestamp(claim.stat().st_mtime, timezone.utc)
+    if len(data.results) and not (data.manifests.get("search") or {}).get("started_at"):
+        data.started["search"] = data.results["started_at"].min().to_pydatetime()  # the first evaluation: sharper than the claim
+    full = root / "full"
+    data.trained = sorted(p.name for p in full.iterdir() if (p / "checkpoint.pt").exists()) if full.is_dir() else []
+    for other in compare:
+        o = check_run_dir(other)
+        label = f"{policy_of(_json(o / 'report' / CONFIG_FILE), 'run')} ({o.name})"
+        data.compare[label] = ResultsTable(o).read()
+    return data
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def search_stats(results: pd.DataFrame, total_archs: int | None = None, *, window: int = 100, now: datetime | None = None) -> dict[str, Any]:
+    """Counts, best reward, throughput and ETA of a (possibly running) search.
+
+    Throughput is over the last ``window`` finished archs (finish times), so a resumed
+    run's pause does not count; the ETA is the archs left at that rate."""
+    n = len(results)
+    out: dict[str, Any] = {"archs": n, "total_archs": total_archs, "statuses": {}, "steps": 0}
+    if n == 0:
+        return out
+    out["statuses"] = {str(k): int(v) for k, v in results["status"].value_counts().sort_index().items()}
+    out["steps"] = int(results["step"].nunique())
+    ok = results[(results["status"] == "ok") & np.isfinite(results["reward"].astype(float))]
+    if len(ok):
+        best = ok.sort_values(["reward", "arch_id"], ascending=[False, True]).iloc[0]
+        out.update(best_reward=float(best["reward"]), best_arch_id=str(best["arch_id"]), best_arch=str(best["arch"]), mean_reward=float(ok["reward"].mean()))
+    secs = (results["train_seconds"] + results["eval_seconds"]).astype(float)
+    out["median_proxy_seconds"] = float(secs.median())
+    out["devices"] = sorted(map(str, results["device"].unique()))
+    fin = results["finished_at"].sort_values()
+    out["first_started"] = results["started_at"].min().to_pydatetime()
+    out["last_finished"] = fin.iloc[-1].to_pydatetime()
+    recent = fin.iloc[-window:]
+    span = (recent.iloc[-1] - recent.iloc[0]).total_seconds()
+    if len(recent) >= 2 and span > 0:
+        rate = (len(recent) - 1) / span * 3600.0
+        out["archs_per_hour"] = rate
+        if total_archs is not None:
+            left = max(total_archs - n, 0)
+            out["eta_seconds"] = left / rate * 3600.0
+            out["eta_at"] = (now or datetime.now(timezone.utc)) + pd.Timedelta(seconds=out["eta_seconds"]).to_pytimedelta() if left else None
+    return out
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min {s % 60:02d} s"
+    if s < 172800:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s / 86400:.1f} days"
+
+
+def search_lines(stats: dict[str, Any], *, finished: bool = False) -> list[str]:
+    """The search statistics as markdown list items (report and search artifact)."""
+    n, total = stats["archs"], stats.get("total_archs")
+    statuses = ", ".join(f"{v} {k}" for k, v in stats["statuses"].items()) or "none yet"
+    lines = [f"{n}{f' / {total}' if total else ''} archs evaluated ({statuses}) in {stats['steps']} controller steps"]
+    if "best_reward" in stats:
+        lines.append(f"best proxy reward {stats['best_reward']:.4f} (`{stats['best_arch_id']}`), mean {stats['mean_reward']:.4f}")
+    if n:
+        lines.append(f"median proxy time per arch {stats['median_proxy_seconds']:.1f} s on {', '.join(stats['devices'])}")
+        lines.append(f"first arch started {stats['first_started']:%Y-%m-%d %H:%M:%S} UTC, last finished {stats['last_finished']:%Y-%m-%d %H:%M:%S} UTC")
+    if "archs_per_hour" in stats:
+        lines.append(f"{stats['archs_per_hour']:.1f} archs/hour (over the last {min(n, 100)} archs)")
+    if finished or (total and n >= total):
+        lines.append("search finished")
+    elif stats.get("eta_seconds") is not None:
+        lines.append(f"ETA {_duration(stats['eta_seconds'])} ({stats['eta_at']:%Y-%m-%d %H:%M} UTC) for the {total - n} archs left")
+    elif total is None:
+        lines.append("ETA unknown: the search budget (search.total_archs) is not recorded in this run directory yet")
+    return [f"- {line}" for line in lines]
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def draw(data: RunData, names: Sequence[str] | None = None) -> dict[str, bytes | None]:
+    """PNG bytes of the plots ``names`` (default: all of :data:`PLOTS`) by file stem;
+    None for one whose data does not exist yet."""
+    res = data.results
+    stats = search_stats(res)
+
+    def reward():
+        curves = {str(p): d for p, d in res.groupby("policy")} if "policy" in res.columns else {policy_of(data.config): res}
+        return plots.reward_curve({**curves, **data.compare})
+
+    def complexity():
+        top = [] if data.top_k is None else data.top_k["arch_id"].tolist()
+        return plots.reward_vs_complexity(res, top_k=top, trained=data.trained)
+
+    def best_arch():
+        if "best_arch" not in stats:
+            return None
+        return plots.arch_drawing(stats["best_arch"], title=f"best proxy reward {stats['best_reward']:.4f}: {stats['best_arch_id']}  {stats['best_arch']}")
+
+    def proxy_vs_ap():
+        drawn = plots.reward_vs_ap(data.board) if data.board is not None and len(data.board) else None
+        return None if drawn is None else drawn[0]
+
+    def best_ap_arch():
+        board = data.board
+        if board is None or not len(board) or "arch" not in board.columns:
+            return None
+        ok = board[pd.to_numeric(board["AP"], errors="coerce").notna() & (plots.board_kind(board) == "searched")]
+        if ok.empty:
+            return None
+        best = ok.sort_values("AP", ascending=False).iloc[0]
+        if str(best["arch_id"]) == stats.get("best_arch_id"):
+            return None  # drawn as best_arch already
+        return plots.arch_drawing(str(best["arch"]), title=f"best AP {float(best['AP']):.4f}: {best['arch_id']}  {best['arch']}")
+
+    builders = {"reward": reward, "choices": lambda: plots.choice_frequencies(res), "complexity": complexity,
+                "proxy_vs_ap": proxy_vs_ap, "best_arch": best_arch, "best_ap_arch": best_ap_arch}  # fmt: skip
+    out: dict[str, bytes | None] = {}
+    for name in PLOTS if names is None else names:
+        fig = builders[name]()
+        out[name] = None if fig is None else plots.png(fig, dpi=_DPI.get(name, plots.DPI))
+    return out
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def markdown_images(pngs: dict[str, bytes], names: Sequence[str]) -> str:
+    """Markdown embedding ``names`` (those drawn) as data URIs: the Prefect UI shows them."""
+    return "\n\n".join(f"![{n}]({data_uri(pngs[n])})" for n in names if n in pngs)
+
+
+# --------------------------------------------------------------------- tables
+
+
+def _cell(v: Any) -> str:
+    """One table cell; the same text in report.md and report.html."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.4f}"
+    if isinstance(v, (pd.Timestamp, datetime)):
+        return f"{v:%Y-%m-%d %H:%M:%S}"
+    return str(v)
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    @classmethod
+    def of(cls, title: str, df: pd.DataFrame, columns: Sequence[str], note: str = "") -> "Table":
+        cols = [c for c in columns if c in df.columns]
+        return cls(title, cols, [[_cell(v) for v in r] for r in df[cols].itertuples(index=False)], note)
+
+    def markdown(self) -> str:
+        esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+        lines = [f"## {self.title}", ""] + ([self.note, ""] if self.note else [])
+        if not self.rows:
+            return "\n".join(lines if self.note else lines + ["(none yet)"])
+        lines += ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        e = _text
+        out = [f"<h2>{e(self.title)}</h2>"] + ([f"<p>{e(self.note)}</p>"] if self.note else [])
+        if not self.rows:
+            return "\n".join(out if self.note else out + ["<p>(none yet)</p>"])
+        out.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in self.columns) + "</tr>")
+        out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in self.rows]
+        return "\n".join(out + ["</table>"])
+
+
+def _text(s: str) -> str:
+    """HTML text (not attribute) content: quotes stay as they are."""
+    return html.escape(s, quote=False)
+
+
+def _short(v: Any, n: int = 70) -> str:
+    s = json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def stage_table(data: RunData) -> Table:
+    rows = []
+    for stage in STAGES:
+        m, started = data.manifests.get(stage), data.started.get(stage)
+        finished = pd.Timestamp(m["finished_at"]).to_pydatetime() if m and m.get("finished_at") else None
+        if started and finished and started > finished:  # a copied run dir: the claim's mtime is the copy's
+            started = None
+        state = "finished" if m else ("started, not finished" if started else "not started")
+        span = _duration((finished - started).total_seconds()) if finished and started and finished >= started else "–"
+        outputs = "; ".join(f"{k}: {len(v)} entries" if isinstance(v, (list, dict)) else f"{k}: {_short(v, 40)}" for k, v in (m or {}).get("outputs", {}).items())
+        rows.append([stage, state, _cell(started), _cell(finished), span, outputs or "–"])
+    note = ("started = when the stage first claimed the run directory (its manifests/<stage>.claim.json); "
+            "span = finished - started, resumes and extensions included; times UTC.")  # fmt: skip
+    return Table("Stages", ["stage", "state", "started", "finished", "span", "outputs"], rows, note)
+
+
+def config_table(data: RunData) -> Table:
+    c = data.config
+    if not c:
+        return Table("Config", ["field", "value"], [], "No report/config.json yet: the stages write it when they redraw the report.")
+    rows = [["run_id", str(c.get("run_id"))], ["runs_dir", str(c.get("runs_dir"))]]
+    for section, values in c.items():
+        if isinstance(values, dict):
+            rows += [[f"{section}.{k}", _short(v)] for k, v in values.items() if not isinstance(v, dict)]
+    return Table("Config", ["field", "value"], rows, "As the stages last ran it (report/config.json).")
+
+
+def tables(data: RunData) -> list[Table]:
+    res = data.results
+    out = [config_table(data), stage_table(data)]
+    if data.top_k is not None:
+        out.append(Table.of(f"Top {len(data.top_k)} by proxy reward (top_k.parquet)", data.top_k, ["rank", "arch_id", "reward", "params", "macs", "n_deform_fpn", "arch"]))
+    elif len(res):
+        ok = res[res["status"] == "ok"].sort_values(["reward", "arch_id"], ascending=[False, True]).head(10)
+        out.append(Table.of("Best 10 so far (results, not yet selected)", ok, ["arch_id", "step", "reward", "params", "macs", "n_deform_fpn", "arch"]))
+    if data.board is not None:
+        board = data.board.assign(kind=plots.board_kind(data.board))
+        cols = ["kind", "arch_id", "proxy_reward", "AP", "AP50", "AP75", "APs", "APm", "APl", "params", "macs", "status", "error", "arch"]
+        note = "COCO AP on val after full training; the baseline is trained with the same budget. -1: no objects of that size."
+        if (d := plots.reward_vs_ap(data.board)) is not None:
+            note += f" Kendall's tau of proxy reward against AP: {_cell(d[1])} over {d[2]} archs."
+        out.append(Table.of("Leaderboard (leaderboard.parquet)", board, cols, note))
+    failed = res[res["status"] != "ok"] if len(res) else res
+    if len(failed):
+        out.append(Table.of(f"Archs not ok ({len(failed)}; last 10)", failed.tail(10), ["arch_id", "step", "status", "error"]))
+    return out
+
+
+# --------------------------------------------------------------------- writing
+
+
+@dataclass
+class Report:
+    dir: Path
+    html: Path
+    markdown: Path
+    plots: dict[str, Path]
+    pngs: dict[str, bytes]
+    stats: dict[str, Any]
+
+
+def write_report(
+    path: str | Path, *, config: dict | None = None, compare: Sequence[str | Path] = (), total_archs: int | None = None, redraw: Sequence[str] | None = None
+) -> Report:
+    """Draw the plots and write ``report/report.html`` and ``report/report.md`` of the run
+    at ``path``; ``config`` (the stages pass theirs) is kept as ``report/config.json``.
+    ``redraw``: only these plots are drawn again, the others' files are reused (a stage
+    redraws what it changed, :data:`STAGE_PLOTS`); default all."""
+    root = check_run_dir(path)
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    atomicio.remove_orphans(out)  # left by a writer killed mid-write (a young one may be another writer's)
+    if config is not None:
+        atomicio.write_json(out / CONFIG_FILE, config)
+    data = load_run(root, compare=compare)
+    total = total_archs or ((data.config or {}).get("search") or {}).get("total_archs")
+    stats = search_stats(data.results, total)
+    fresh = draw(data, None if redraw is None else [n for n in PLOTS if n in redraw or not (out / f"{n}.png").exists()])
+    pngs, paths = {}, {}
+    for name in PLOTS:
+        p = out / f"{name}.png"
+        if name in fresh and fresh[name] is None:
+            p.unlink(missing_ok=True)  # e.g. best_ap_arch when the best by AP became the best by reward
+            continue
+        if name in fresh:
+            atomicio.write_bytes(p, fresh[name])
+        pngs[name], paths[name] = fresh.get(name) or p.read_bytes(), p
+    title = f"nasfcos run {(data.config or {}).get('run_id') or root.name}"
+    made = f"{root} · written {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+    # a search manifest from before search.total_archs was raised does not make it finished
+    search = search_lines(stats, finished="search" in data.manifests and (total is None or stats["archs"] >= total))
+    tabs = tables(data)
+    md = [f"# {title}", "", made, "", "## Search", "", *search, ""] + [t.markdown() + "\n" for t in tabs]
+    md += ["## Plots", ""] + [f"![{n}]({n}.png)\n\n{PLOTS[n]}\n" for n in pngs]
+    atomicio.write_text(out / "report.md", "\n".join(md))
+    e = _text
+    body = [f"<h1>{e(title)}</h1>", f"<p class=meta>{e(made)}</p>", "<h2>Search</h2>", "<ul>"]
+    body += [f"<li>{e(line[2:]).replace('`', '')}</li>" for line in search] + ["</ul>"]
+    body += [t.html() for t in tabs]
+    body.append("<h2>Plots</h2>")
+    body += [f'<figure id="{n}"><img alt="{n}" src="{data_uri(pngs[n])}"><figcaption>{e(PLOTS[n])}</figcaption></figure>' for n in pngs]
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;max-width:600px;overflow-wrap:anywhere}"
+             "th{background:#eee}img{max-width:100%}figcaption{color:#555;font-size:13px}.meta{color:#777}")  # fmt: skip
+    page = f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title><style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    atomicio.write_text(out / "report.html", page)
+    return Report(out, out / "report.html", out / "report.md", paths, pngs, stats)
+
+
+def stage_plots(path: str | Path, config: dict, stage: str, *, logger: logging.Logger | logging.LoggerAdapter | None = None, finished: bool = True) -> str:
+    """Redraw the run's report and return markdown for ``stage``'s Prefect summary artifact:
+    its plots (:data:`STAGE_PLOTS`) as data URIs, and for the search its statistics
+    (``finished``: the stage ends, no ETA). A report that cannot be drawn is logged and
+    gives '': a plot never fails a stage."""
+    try:
+        rep = write_report(path, config=config, redraw=STAGE_PLOTS.get(stage, ()))
+    except Exception as e:  # noqa: BLE001 - the report is a view; the stage's outputs are what count
+        (logger or log).warning("report of %s not written: %s: %s", path, type(e).__name__, e)
+        return ""
+    parts = ["\n".join(search_lines(rep.stats, finished=finished))] if stage == "search" else []
+    parts.append(markdown_images(rep.pngs, STAGE_PLOTS.get(stage, ())))
+    parts.append(f"Report: `{rep.html}`")
+    return "\n\n" + "\n\n".join(p for p in parts if p)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="nasfcos-report", description="Write report.html (self-contained) and report.md, with plots, into RUN_DIR/report/.")
+    ap.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/demo (finished or still searching)")
+    ap.add_argument("--compare", action="append", default=[], metavar="RUN_DIR", help="another run whose reward curve to draw beside (e.g. random search)")
+    ap.add_argument("--total-archs", type=int, default=None, help="search budget for the ETA when the run dir does not record it")
+    args = ap.parse_args(argv)
+    try:
+        rep = write_report(args.run_dir, compare=args.compare, total_archs=args.total_archs)
+    except ReportError as e:
+        sys.exit(f"nasfcos-report: {e}")
+    except (ValueError, OSError) as e:  # e.g. a results table of another schema version
+        sys.exit(f"nasfcos-report: {args.run_dir}: {type(e).__name__}: {' '.join(str(e).split())}")
+    print(f"{rep.html}\n{rep.markdown}\n{len(rep.plots)} plots: {', '.join(rep.plots) or 'none yet'}")
+
+
+if __name__ == "__main__":
+    main()

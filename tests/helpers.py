@@ -1,0 +1,193 @@
+"""What several test modules share (test modules never import each other): simulated
+evaluators for the search loop, run overrides of the ``tiny`` preset, and the check of
+a run's report pages."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flows.report.page import PLOTS
+from nasfcos.search.loop import make_row, run_search_async
+from storage.results import ResultsTable
+
+
+def record(arch, reward, status="ok", error=""):
+    now = datetime.now(timezone.utc)
+    return {
+        "arch_id": arch.arch_id, "arch": str(arch), "status": status,
+        "reward": reward if status == "ok" else float("nan"),
+        "loss_cls": 0.1, "loss_reg": 0.2, "loss_ctr": 0.3, "params": 1000, "macs": 2000,
+        "train_seconds": 0.01, "eval_seconds": 0.01, "peak_mem_mb": 1.0, "device": "cpu", "seed": 0,
+        "error": error, "started_at": now, "finished_at": now,
+    }  # fmt: skip
+
+
+class Evaluator:
+    """Synthetic reward (token agreement with a fixed arch); counts calls per arch; can crash."""
+
+    def __init__(self, crash_after=None, fail=()):
+        self.calls = Counter()
+        self.crash_after = crash_after
+        self.fail = set(fail)
+        self.target = np.arange(42) % 3  # the seq head space: 42 tokens
+
+    def __call__(self, jobs):
+        for a in (j.arch for j in jobs):
+            if self.crash_after is not None and sum(self.calls.values()) >= self.crash_after:
+                raise KeyboardInterrupt("killed")  # not an Exception: nothing may swallow it
+            self.calls[a.arch_id] += 1
+            if a.arch_id in self.fail:
+                yield record(a, 0.0, status="failed", error="RuntimeError: boom")
+            else:
+                yield record(a, float(np.mean(np.asarray(a.tokens()) == self.target)))
+
+
+def token_reward(arch):
+    return float(np.mean(np.asarray(arch.tokens()) == np.arange(42) % 3))  # as Evaluator
+
+
+class Pool:
+    """Simulated evaluations on a thread pool: each sleeps a per-arch time, appends its own
+    row and an audit line (as the Prefect task does), and counts calls and concurrency."""
+
+    def __init__(self, run_dir, slots, *, fail=(), crash_after=None, kill_after=None, together=None, seconds=0.03):
+        self.results, self.audit = ResultsTable(run_dir), Path(run_dir) / "evaluations.log"
+        self.executor = ThreadPoolExecutor(slots)
+        self.fail, self.crash_after, self.kill_after = set(fail), crash_after, kill_after
+        self.calls, self.submitted, self.seconds = Counter(), 0, seconds
+        self.lock = threading.Lock()
+        # together=n: each evaluation waits until n are running at once (a timeout breaks the test)
+        self.barrier = threading.Barrier(together) if together else None
+
+    def submit(self, job):
+        if self.crash_after is not None and self.submitted >= self.crash_after:
+            raise KeyboardInterrupt("killed")
+        self.submitted += 1
+        return self.executor.submit(self.evaluate, job)
+
+    def evaluate(self, job):
+        a = job.arch
+        if self.barrier is not None:
+            self.barrier.wait(timeout=20)
+        time.sleep(self.seconds * (0.2 + (int(a.arch_id[:4], 16) % 7) / 7))  # seeded by the arch: finish order varies
+        failed = a.arch_id in self.fail
+        rec = record(a, 0.0, "failed", "RuntimeError: boom") if failed else record(a, token_reward(a))
+        # The kill comes from a thread holding the lock, so this evaluator's own row + audit
+        # pair is never split (that window is the evaluator's; the loop is anywhere).
+        with self.lock:
+            self.calls[a.arch_id] += 1
+            self.results.append([make_row(rec, step=job.step, sample=job.sample, penalty=-10.0)])
+            with open(self.audit, "a") as f:
+                f.write(f"{a.arch_id} {job.step} {job.sample} pid={os.getpid()}\n")
+            if self.kill_after is not None and sum(self.calls.values()) >= self.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return rec
+
+
+def run_async(run_dir, policy, pool, cfg, slots):
+    with pool.executor:
+        return run_search_async(policy=policy, submit=pool.submit, slots=slots, results=ResultsTable(run_dir), state_path=Path(run_dir) / "c.pt", cfg=cfg)
+
+
+def tiny(run_id: str, runs_dir: Path, **extra) -> dict:
+    """Overrides of the ``tiny`` preset (the demo shrunk to seconds per stage) for one run."""
+    return {"run_id": run_id, "runs_dir": str(runs_dir), **extra}
+
+
+class ReportPage(HTMLParser):
+    """Tables (by the preceding <h2>) and <img> sources of report.html."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self._h2, self._cell, self._row = {}, {}, None, None, None
+        self._in_h2 = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "h2":
+            self._in_h2, self._h2 = True, ""
+        elif tag == "table":
+            self.tables[self._h2] = []
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.images[a["alt"]] = a["src"]
+
+    def handle_endtag(self, tag):
+        if tag == "h2":
+            self._in_h2 = False
+        elif tag in ("td", "th"):
+            self._row.append(self._cell)
+            self._cell = None
+        elif tag == "tr":
+            self.tables[self._h2].append(self._row)
+
+    def handle_data(self, data):
+        if self._in_h2:
+            self._h2 += data
+        if self._cell is not None:
+            self._cell += data
+
+
+def png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=float)
+
+
+def report_table(page: ReportPage, title: str) -> pd.DataFrame:
+    (key,) = [k for k in page.tables if k.startswith(title)]
+    header, *rows = page.tables[key]
+    return pd.DataFrame(rows, columns=header)
+
+
+def same_cell(cell: str, value) -> bool:
+    """A report cell shows the parquet value: ints exactly, floats to 4 decimals, NaN as '–'."""
+    if isinstance(value, (int, np.integer)):
+        return cell == str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return cell == "–" if math.isnan(value) else abs(float(cell) - float(value)) <= 5e-5
+    return cell == str(value)
+
+
+def check_report(run: Path) -> ReportPage:
+    """report.html embeds every plot file (each not blank), report.md links them, and
+    the top-k and leaderboard tables hold the parquet files' numbers."""
+    out = run / "report"
+    page = ReportPage()
+    page.feed((out / "report.html").read_text())
+    files = {p.stem for p in out.glob("*.png")}
+    assert files and files <= set(PLOTS) and set(page.images) == files, (files, set(page.images))
+    md = (out / "report.md").read_text()
+    for name, src in page.images.items():
+        assert src.startswith("data:image/png;base64,")
+        data = base64.b64decode(src.split(",", 1)[1])
+        assert data == (out / f"{name}.png").read_bytes()
+        assert len(data) < 80_000, (name, len(data))  # small: artifacts live in Prefect's database
+        assert png_array(data).var() > 0, name  # not blank
+        assert f"![{name}]({name}.png)" in md
+    for title, path, cols in (("Top", run / "top_k.parquet", ["rank", "arch_id", "reward", "params", "macs"]),
+                              ("Leaderboard", run / "leaderboard.parquet", ["arch_id", "proxy_reward", "AP", "AP50", "AP75", "params"])):  # fmt: skip
+        if not path.exists():
+            continue
+        want, got = pd.read_parquet(path).reset_index(drop=True), report_table(page, title)
+        assert len(got) == len(want)
+        for c in cols:
+            assert all(same_cell(g, w) for g, w in zip(got[c], want[c])), (title, c, list(got[c]), list(want[c]))
+    return page
