@@ -33,9 +33,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 import torch
 
+from nasfcos.arch import DEFAULT_HEAD_SEARCH, Arch
 from nasfcos.search.controller import ControllerConfig, PPOController
 from nasfcos.search.policies import RandomPolicy
-from nasfcos.arch import DEFAULT_HEAD_SEARCH, Arch
 
 BASE, SPREAD, NOISE = -2.3, 0.1, 0.02
 
@@ -94,7 +94,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=ControllerConfig().lr)
     p.add_argument("--updates", nargs="+", default=["buffer", "batch"])
     p.add_argument("--jobs", type=int, default=2, help="processes (one thread each)")
-    p.add_argument("--rows", default=os.path.join(os.path.dirname(__file__), "controller_schedule.jsonl"), help="finished runs, one JSON line each; runs already there are not repeated")
+    p.add_argument(
+        "--rows", default=os.path.join(os.path.dirname(__file__), "controller_schedule.jsonl"), help="finished runs, one JSON line each; runs already there are not repeated"
+    )
     a = p.parse_args()
     setting = {"archs": a.archs, "per_step": a.per_step, "head": a.head, "lr": a.lr}
     done = [json.loads(line) for line in open(a.rows)] if os.path.exists(a.rows) else []

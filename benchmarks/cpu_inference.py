@@ -39,8 +39,8 @@ if __package__ in (None, ""):  # python benchmarks/cpu_inference.py from the rep
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nasfcos.data.transforms import Normalize
-from nasfcos.model.detector import DetectorSpec, build_detector
 from nasfcos.engine.train import LossSums, TrainConfig, param_groups
+from nasfcos.model.detector import DetectorSpec, build_detector
 
 
 def torchvision_fcos(num_classes: int, peer: str, h: int, w: int) -> torch.nn.Module:
@@ -174,7 +174,8 @@ def measure(bench: Bench, *, repeats: int, warmup: int, train: bool) -> dict[str
 
 
 def profile(bench: Bench, rows: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     for name, fn in (("ours", bench.ours_infer), ("torchvision", bench.tv_infer)):
         fn()

@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nasfcos.model.backbones import LEVELS, build_backbone  # noqa: E402
 from nasfcos.data import SHAPES, VOCDetection, build_transforms, make_synthetic  # noqa: E402
+from nasfcos.model.backbones import LEVELS, build_backbone  # noqa: E402
 from storage.features import CODECS, FeatureStore, materialise  # noqa: E402
 
 CROP = 384
@@ -55,7 +55,7 @@ def compute_features(backbone_name: str, voc_root: str, num_images: int, batch_s
         for start in range(0, num_images, batch_size):
             samples = [dataset[i] for i in range(start, min(start + batch_size, num_images))]
             images = torch.stack([image for image, _ in samples])  # (B, 3, 384, 384)
-            for level, c in zip(LEVELS, backbone(images)):
+            for level, c in zip(LEVELS, backbone(images), strict=True):
                 features[level].append(c.to(torch.float16).numpy())
             for _, target in samples:
                 image_id.append(target["image_id"])
@@ -173,8 +173,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where stores are written (default: a temp dir)")
     args = parser.parse_args()
 
-    print(f"# machine: {os.cpu_count()} CPUs, {cpu_model()}, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
+    print(f"# machine: {os.cpu_count()} CPUs, {cpu_model()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at start")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         # Images larger than the crop on both sides after resizing, like VOC (~500x375).
@@ -184,8 +183,7 @@ def main() -> None:
             data = compute_features(name, paths["voc_root"], args.images, batch_size=8, seed=args.seed)
             shapes = ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in data["features"].items())
             zeros = np.mean([np.mean(v == 0) for v in data["features"].values()])
-            print(f"\n## {name}: {args.images} images, {shapes}; features computed in {time.perf_counter() - t:.1f} s; "
-                  f"{zeros:.0%} zeros (mean over levels)\n")
+            print(f"\n## {name}: {args.images} images, {shapes}; features computed in {time.perf_counter() - t:.1f} s; {zeros:.0%} zeros (mean over levels)\n")
             workdir = tmp / name
             workdir.mkdir()
             rows = bench_codecs(data, args.codecs, workdir, args)

@@ -73,20 +73,31 @@ if __package__ in (None, ""):  # python benchmarks/gpu_suite.py from the reposit
 
 from torchvision.ops import batched_nms
 
+from nasfcos.arch import Arch, resolve
+from nasfcos.engine.proxy import ProxyConfig, ProxyModel, evaluate_arch, prepare_split, stream_features, train_proxy
+from nasfcos.engine.train import AMP_DTYPES, LossSums, TrainConfig, param_groups
 from nasfcos.model.decoder import build_decoder
 from nasfcos.model.detector import DetectorSpec, build_detector
 from nasfcos.model.fcos import FCOS, flatten_outputs, ltrb_to_boxes
 from nasfcos.model.ops import ModulatedDeformConv, set_deform_dtype
-from nasfcos.engine.proxy import ProxyConfig, ProxyModel, evaluate_arch, prepare_split, stream_features, train_proxy
-from nasfcos.arch import Arch, resolve
-from nasfcos.engine.train import AMP_DTYPES, LossSums, TrainConfig, param_groups
 
 SECTIONS = ("deform", "proxy", "train", "infer", "data")
 PAPER_EPOCHS = 15
 
 FULL = dict(
-    proxy=dict(channels=(256, 512, 1024, 2048), size=384, n_train=4000, n_val=1715, batch=200, width=64, classes=20, randoms=5,
-               ablation_archs=("fpn-fcos", "nas-fcos"), accuracy_archs=5, accuracy_pick="most"),
+    proxy=dict(
+        channels=(256, 512, 1024, 2048),
+        size=384,
+        n_train=4000,
+        n_val=1715,
+        batch=200,
+        width=64,
+        classes=20,
+        randoms=5,
+        ablation_archs=("fpn-fcos", "nas-fcos"),
+        accuracy_archs=5,
+        accuracy_pick="most",
+    ),
     deform=dict(shapes=((200, 64, 48, 48), (200, 64, 24, 24), (200, 64, 12, 12)), warmup=2, iters=10),
     train=dict(backbone="resnet50", size=(800, 1333), batch=16, classes=80, warmup=3, iters=10, widths={128: 128, 256: 256}, half_deform=True),
     infer=dict(backbone="resnet50", size=(800, 1088), classes=80, warmup=10, iters=50),
@@ -95,8 +106,9 @@ FULL = dict(
 SMALL = dict(
     # widths >= 64: GroupNorm(32) needs 2 values per group on a 1x1 P7 at batch 1
     # (random0 has one deformable conv: the cheapest arch every switch applies to)
-    proxy=dict(channels=(16, 32, 64, 128), size=64, n_train=4, n_val=2, batch=2, width=64, classes=3, randoms=1,
-               ablation_archs=("random0",), accuracy_archs=1, accuracy_pick="fewest"),
+    proxy=dict(
+        channels=(16, 32, 64, 128), size=64, n_train=4, n_val=2, batch=2, width=64, classes=3, randoms=1, ablation_archs=("random0",), accuracy_archs=1, accuracy_pick="fewest"
+    ),
     deform=dict(shapes=((4, 32, 8, 8),), warmup=0, iters=1),
     # half_deform: torchvision's fp16 CPU deform kernel is slow; the proxy section covers the switch
     train=dict(backbone="tiny", size=(64, 96), batch=2, classes=3, warmup=0, iters=1, widths={128: 64, 256: 128}, half_deform=False),
@@ -178,8 +190,8 @@ def archs(randoms: int) -> list[tuple[str, str]]:
 
 def reference_postprocess(fcos: FCOS, outputs, image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
     """FCOS.postprocess as it was before issue #15: a Python loop over images and levels,
-    every point decoded, timed beside the vectorised one (tests/test_speed_switches.py holds the
-copy the tests check against)."""
+        every point decoded, timed beside the vectorised one (tests/test_speed_switches.py holds the
+    copy the tests check against)."""
     points = fcos.points([o[0].shape[-2:] for o in outputs], outputs[0][0].device)
     cls, reg, ctr = flatten_outputs(outputs)
     prob = torch.sigmoid(cls.float())  # (N, P, K)
@@ -192,7 +204,7 @@ copy the tests check against)."""
     results = []
     for i, (H, W) in enumerate(image_sizes):
         boxes_i, scores_i, labels_i = [], [], []
-        for a, b in zip(level_starts[:-1], level_starts[1:]):
+        for a, b in zip(level_starts[:-1], level_starts[1:], strict=True):
             p = prob[i, a:b]  # (Pl, K)
             combined = (p * ctr_prob[i, a:b, None]).flatten()  # (Pl*K,)
             cand = torch.nonzero(p.flatten() > fcos.score_thresh).squeeze(1)
@@ -231,7 +243,8 @@ class _TVBody(nn.Module):
 
 def torchvision_fcos(backbone: str, num_classes: int, size: tuple[int, int], peer: str) -> nn.Module:
     """torchvision FCOS R-50 with random weights, its transform at the image's own size (no rescale)."""
-    from torchvision.models.detection import FCOS as TVFCOS, fcos_resnet50_fpn
+    from torchvision.models.detection import FCOS as TVFCOS
+    from torchvision.models.detection import fcos_resnet50_fpn
 
     sizes = dict(min_size=min(size), max_size=max(size))
     if backbone != "resnet50":
@@ -297,7 +310,7 @@ def fake_features(n: int, S: dict, device: torch.device, *, stream: bool, seed: 
     1-5 random boxes each."""
     g = torch.Generator(device=device).manual_seed(seed)
     feats = {}
-    for i, (c, s) in enumerate(zip(S["channels"], (4, 8, 16, 32))):
+    for i, (c, s) in enumerate(zip(S["channels"], (4, 8, 16, 32), strict=True)):
         shape = (n, c, S["size"] // s, S["size"] // s)
         if not stream:
             feats[f"C{i + 2}"] = torch.randn(shape, generator=g, device=device, dtype=torch.float16)
@@ -335,7 +348,7 @@ def run_proxy(S: dict, device: torch.device, budget: Budget, args, out: dict, sa
     E = args.proxy_epochs
     res: dict = {"setting": {**{k: v for k, v in P.items()}, "measured_epochs": E, "paper_epochs": PAPER_EPOCHS}}
     out["proxy"] = res
-    nbytes = sum((P["n_train"] + P["n_val"]) * c * (P["size"] // s) ** 2 * 2 for c, s in zip(P["channels"], (4, 8, 16, 32)))
+    nbytes = sum((P["n_train"] + P["n_val"]) * c * (P["size"] // s) ** 2 * 2 for c, s in zip(P["channels"], (4, 8, 16, 32), strict=True))
     stream = stream_features(nbytes, device, "auto")
     res["setting"].update(feature_gb=nbytes / 1e9, streamed=stream)
     t = time.perf_counter()
@@ -386,7 +399,14 @@ def run_proxy(S: dict, device: torch.device, budget: Budget, args, out: dict, sa
             feats, boxes, labels = raw_train
             peak_reset(device)
             s = proxy_bench.torchvision_peer((feats, boxes, labels), setting, K, P["width"], device)
-            res["peer"] = dict(arch="torchvision FPN + FCOSHead", epochs=E, train_s=s, epoch_s=s / E, est_paper_train_s=PAPER_EPOCHS * s / E, peak_mb=None if base_mb is None else peak_mb(device) - base_mb)
+            res["peer"] = dict(
+                arch="torchvision FPN + FCOSHead",
+                epochs=E,
+                train_s=s,
+                epoch_s=s / E,
+                est_paper_train_s=PAPER_EPOCHS * s / E,
+                peak_mb=None if base_mb is None else peak_mb(device) - base_mb,
+            )
     except Exception as e:  # noqa: BLE001 - reported, the suite goes on
         res["peer"] = {"error": short(e)}
     save()
@@ -415,7 +435,9 @@ def run_proxy(S: dict, device: torch.device, budget: Budget, args, out: dict, sa
             single = sum(next(r["wall_s"] for r in res["rows"] if r["arch"] == row["arch"]) for row in rows)
             speedup = single / wall
             med = res["median_est_paper_s"] or float("nan")
-            res["concurrency"].append(dict(slots=k, wall_s=wall, sum_single_wall_s=single, speedup=speedup, archs_per_hour_est=speedup * 3600 / med, statuses=[r["status"] for r in rows]))
+            res["concurrency"].append(
+                dict(slots=k, wall_s=wall, sum_single_wall_s=single, speedup=speedup, archs_per_hour_est=speedup * 3600 / med, statuses=[r["status"] for r in rows])
+            )
         except Exception as e:  # noqa: BLE001
             res["concurrency"].append(dict(slots=k, error=short(e)))
         save()
@@ -489,7 +511,9 @@ def run_proxy(S: dict, device: torch.device, budget: Budget, args, out: dict, sa
         done = [x for x in rows if x.get("abs_delta") is not None]
         rank32 = np.argsort(np.argsort([-x["reward_fp32"] for x in done])).tolist()
         rankh = np.argsort(np.argsort([-x["reward_half"] for x in done])).tolist()
-        res["deform_accuracy"].append(dict(dtype=dt, archs=rows, rank_order_kept=rank32 == rankh if done else None, max_abs_delta=max((x["abs_delta"] for x in done), default=None)))
+        res["deform_accuracy"].append(
+            dict(dtype=dt, archs=rows, rank_order_kept=rank32 == rankh if done else None, max_abs_delta=max((x["abs_delta"] for x in done), default=None))
+        )
 
     # torch.compile of the training forward: compile seconds vs seconds saved per epoch
     res["compile"] = []
@@ -626,7 +650,9 @@ def train_throughput(make, T: dict, device: torch.device) -> dict:
 
 def run_train(S: dict, device: torch.device, budget: Budget, args, out: dict, save) -> dict:
     T = S["train"]
-    res: dict = {"setting": dict(size=T["size"], batch=T["batch"], backbone=T["backbone"], amp="fp16 autocast + GradScaler" if device.type == "cuda" else "off (CPU)", iters=T["iters"])}
+    res: dict = {
+        "setting": dict(size=T["size"], batch=T["batch"], backbone=T["backbone"], amp="fp16 autocast + GradScaler" if device.type == "cuda" else "off (CPU)", iters=T["iters"])
+    }
     out["train"] = res
     res["rows"] = []
     for name, spec in model_specs(T):
@@ -667,15 +693,15 @@ def run_train(S: dict, device: torch.device, budget: Budget, args, out: dict, sa
 
 # ------------------------------------------------------------------------------ section: infer
 def run_infer(S: dict, device: torch.device, budget: Budget, args, out: dict, save) -> dict:
-    I = S["infer"]
-    h, w = I["size"]
-    res: dict = {"setting": dict(size=I["size"], batch=1, iters=I["iters"], postprocess="loaded: class bias -2, every location a candidate")}
+    INF = S["infer"]
+    h, w = INF["size"]
+    res: dict = {"setting": dict(size=INF["size"], batch=1, iters=INF["iters"], postprocess="loaded: class bias -2, every location a candidate")}
     out["infer"] = res
     image = torch.rand(3, h, w, device=device)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(3, 1, 1)
     x = ((image - mean) / std)[None]
-    T = dict(S["train"], classes=I["classes"], backbone=I["backbone"], size=I["size"])
+    T = dict(S["train"], classes=INF["classes"], backbone=INF["backbone"], size=INF["size"])
     res["rows"], res["ablation"], res["postprocess"] = [], [], []
 
     def ours(spec, *, amp, channels_last=False, deform_dtype="float32", fold_bn=True):
@@ -696,7 +722,7 @@ def run_infer(S: dict, device: torch.device, budget: Budget, args, out: dict, sa
 
     def tv(*, amp):
         torch.manual_seed(0)
-        model = torchvision_fcos(I["backbone"], I["classes"], I["size"], args.tv_peer).to(device).eval()
+        model = torchvision_fcos(INF["backbone"], INF["classes"], INF["size"], args.tv_peer).to(device).eval()
         with torch.no_grad():
             model.head.classification_head.cls_logits.bias.fill_(-2.0)
 
@@ -709,7 +735,7 @@ def run_infer(S: dict, device: torch.device, budget: Budget, args, out: dict, sa
     def latency(fn) -> dict:
         try:
             free_memory(device)
-            ts = seconds(fn, device, warmup=I["warmup"], iters=I["iters"])
+            ts = seconds(fn, device, warmup=INF["warmup"], iters=INF["iters"])
             return dict(median_ms=1e3 * statistics.median(ts), p90_ms=1e3 * p90(ts), detections=len(fn()[0]["scores"]))
         except Exception as e:  # noqa: BLE001
             return dict(error=short(e))
@@ -773,7 +799,7 @@ def _tv_postprocess(outs, hw, device):
         "bbox_ctrness": [t.permute(0, 2, 3, 1).reshape(N, -1, 1) for _, _, t in outs],
     }
     anchors = []
-    for (c, _, _), s in zip(outs, (8, 16, 32, 64, 128)):
+    for (c, _, _), s in zip(outs, (8, 16, 32, 64, 128), strict=True):
         H, W = c.shape[-2:]
         ys, xs = torch.meshgrid(torch.arange(H, device=device) * s + s // 2, torch.arange(W, device=device) * s + s // 2, indexing="ij")
         ctr = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1).float()
@@ -800,7 +826,15 @@ def run_data(S: dict, device: torch.device, budget: Budget, args, out: dict, sav
 
     D = S["data"]
     workers = 0 if args.small else (os.cpu_count() or 1)
-    res: dict = {"setting": dict(images=D["images"], image_size=D["image_size"], batch=D["batch"], workers=workers, transforms=f"decode + resize {D['min_size']}/{D['max_size']} + flip + normalise + collate")}
+    res: dict = {
+        "setting": dict(
+            images=D["images"],
+            image_size=D["image_size"],
+            batch=D["batch"],
+            workers=workers,
+            transforms=f"decode + resize {D['min_size']}/{D['max_size']} + flip + normalise + collate",
+        )
+    }
     out["data"] = res
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -862,7 +896,10 @@ def markdown(res: dict) -> str:
         for d in p.get("deform_accuracy", []):
             md += [f"\n{d['dtype']}: rank order kept {fmt(d.get('rank_order_kept'))}, max |delta reward| {fmt(d.get('max_abs_delta'))}\n\n",
                    table(d.get("archs", []), ["arch", "deform_convs", "reward_fp32", "reward_half", "abs_delta", "wall_fp32_s", "wall_half_s", "status", "note"])]  # fmt: skip
-        md += ["\ntorch.compile:\n\n", table(p.get("compile", []), ["arch", "backend", "eager_epoch_s", "compiled_epoch_s", "compile_s", "saved_per_evaluation_s", "pays", "note", "error"])]
+        md += [
+            "\ntorch.compile:\n\n",
+            table(p.get("compile", []), ["arch", "backend", "eager_epoch_s", "compiled_epoch_s", "compile_s", "saved_per_evaluation_s", "pays", "note", "error"]),
+        ]
     if "train" in res:
         t = res["train"]
         md += [f"\n## Training throughput\n\nSetting: {t.get('setting')}\n\n", table(t.get("rows", []), ["model", "batch", "images_per_s", "x torchvision", "s_per_iter", "peak_mb", "error"]),
@@ -911,10 +948,18 @@ def main(argv: list[str] | None = None) -> int:
 
     res: dict = {
         "env": dict(
-            date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(), cpus=os.cpu_count(),
-            device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-            cuda=torch.version.cuda, small=args.small, sections=only, threads=torch.get_num_threads(),
+            date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            torch=torch.__version__,
+            torchvision=torchvision.__version__,
+            python=platform.python_version(),
+            cpus=os.cpu_count(),
+            device=str(device),
+            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            cuda=torch.version.cuda,
+            small=args.small,
+            sections=only,
+            threads=torch.get_num_threads(),
         ),  # fmt: skip
         "errors": [],
     }

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nasfcos.engine.proxy import ProxyConfig, evaluate_arch, prepare_split
 from nasfcos.arch import Arch
+from nasfcos.engine.proxy import ProxyConfig, evaluate_arch, prepare_split
 
 SETTINGS = {
     # channels of C2..C5, crop size, meta-train / meta-val sizes, batch, epochs
@@ -36,10 +36,7 @@ SETTINGS = {
 
 def fake_split(n: int, channels, size: int, num_classes: int, seed: int, device):
     g = torch.Generator().manual_seed(seed)
-    feats = {
-        f"C{i + 2}": torch.randn(n, c, size // s, size // s, generator=g).to(torch.float16)
-        for i, (c, s) in enumerate(zip(channels, (4, 8, 16, 32)))
-    }
+    feats = {f"C{i + 2}": torch.randn(n, c, size // s, size // s, generator=g).to(torch.float16) for i, (c, s) in enumerate(zip(channels, (4, 8, 16, 32), strict=True))}
     boxes, labels = [], []
     for _ in range(n):
         m = int(torch.randint(1, 6, (1,), generator=g))
@@ -59,7 +56,7 @@ def torchvision_peer(raw, setting: dict, num_classes: int, width: int, device) -
 
     feats, boxes, labels = raw
     maps = [feats[k].to(device) for k in ("C3", "C4", "C5")]
-    targets = [{"boxes": torch.as_tensor(b, device=device), "labels": torch.as_tensor(l, device=device)} for b, l in zip(boxes, labels)]
+    targets = [{"boxes": torch.as_tensor(b, device=device), "labels": torch.as_tensor(lab, device=device)} for b, lab in zip(boxes, labels, strict=True)]
     fpn = FeaturePyramidNetwork(list(setting["channels"][1:]), width, extra_blocks=LastLevelP6P7(width, width)).to(device)
     head = FCOSHead(width, 1, num_classes).to(device)
     body = nn.Identity()
@@ -79,7 +76,7 @@ def torchvision_peer(raw, setting: dict, num_classes: int, width: int, device) -
                 out = head(pyr)
             out = {k: v.float() for k, v in out.items()}
             anchors, sizes = [], []
-            for p, s in zip(pyr, (8, 16, 32, 64, 128)):
+            for p, s in zip(pyr, (8, 16, 32, 64, 128), strict=True):
                 H, W = p.shape[-2:]
                 ys, xs = torch.meshgrid(torch.arange(H, device=device) * s + s // 2, torch.arange(W, device=device) * s + s // 2, indexing="ij")
                 c = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1).float()
@@ -127,7 +124,10 @@ def main() -> None:
         t = time.perf_counter()
         rec = evaluate_arch(arch, train, val, num_classes=K, cfg=cfg)
         total = time.perf_counter() - t
-        print(f"| {name} | {total:.1f} | {rec['train_seconds']:.1f} | {rec['eval_seconds']:.1f} | {rec['reward']:.4f} | {rec['peak_mem_mb']:.0f} | {rec['status']} {rec['error']} |", flush=True)
+        print(
+            f"| {name} | {total:.1f} | {rec['train_seconds']:.1f} | {rec['eval_seconds']:.1f} | {rec['reward']:.4f} | {rec['peak_mem_mb']:.0f} | {rec['status']} {rec['error']} |",
+            flush=True,
+        )
     if not args.no_peer:
         s = torchvision_peer(raw, setting, K, cfg.width, device)
         print(f"| torchvision FPN+FCOSHead (peer, train only) | {s:.1f} | {s:.1f} | - | - | - | ok |")

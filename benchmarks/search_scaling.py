@@ -185,8 +185,8 @@ def _timed(fn, clock: dict, key: str):
 
 def prefill(run_dir: Path, head: str) -> set[str]:
     """2,800 rows of distinct random archs, compacted, as a long search leaves them."""
-    from nasfcos.search.loop import make_row
     from nasfcos.arch import Arch
+    from nasfcos.search.loop import make_row
     from storage.results import ResultsTable
 
     rng, rows, seen = np.random.default_rng(1), [], set()
@@ -319,13 +319,16 @@ def main() -> None:
                 done.append(row)
                 print(f"{runner} {mode} {slots}: util {row['utilisation']:.3f}, overhead {row['overhead_s']:.3f} s, {row['wall_s']:.0f} s", flush=True)
     rows = sorted(({**r, **figures(r)} for r in done if r.get("per_slot") == a.per_slot and r.get("mean") == a.mean), key=lambda r: (r["runner"], r["slots"], r["mode"]))
-    print("| runner | slots | mode | archs | start-up s | wall s | archs/h | utilisation | steady util. | submit->start s | end->durable s | flow thread s/arch: controller, submit, append, compact, checkpoint |")
+    print(
+        "| runner | slots | mode | archs | start-up s | wall s | archs/h | utilisation | steady util. | submit->start s | end->durable s | flow thread s/arch: controller, submit, append, compact, checkpoint |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(
             f"| {r['runner']}{' x' + str(r['processes']) if r['runner'] == 'dask' else ''} | {r['slots']} | {r['mode']} | {r['archs']} | {r['startup_s']:.1f} | {r['wall_s']:.0f} | "
             f"{r['archs_per_hour']:.0f} | {r['utilisation']:.3f} | {r['steady_utilisation']:.3f} | {r['submit_to_start_s']:.3f} | {r['end_to_durable_s']:.3f} | "
-            + ", ".join(f"{r.get(k + '_s_per_arch', float('nan')):.3f}" for k in ("controller", "submit", "append", "compact", "checkpoint")) + " |"
+            + ", ".join(f"{r.get(k + '_s_per_arch', float('nan')):.3f}" for k in ("controller", "submit", "append", "compact", "checkpoint"))
+            + " |"
         )
 
 

@@ -174,8 +174,8 @@ class RealEvaluator:
     def __init__(self, features: str, states_dir: str, full: int, batch_size: int) -> None:
         import torch
 
-        from nasfcos.model.backbones import LEVELS
         from nasfcos.engine.proxy import ProxyConfig, prepare_split
+        from nasfcos.model.backbones import LEVELS
         from storage.features import FeatureStore
         from storage.rung_states import RungStates
 
@@ -193,8 +193,8 @@ class RealEvaluator:
         return float("nan")  # unknown: the real metric is the observed full-fidelity reward
 
     def __call__(self, arch, epochs: int, resume_from: int) -> tuple[dict, int]:
-        from nasfcos.search.halving import pack_state, unpack_state
         from nasfcos.engine.proxy import evaluate_arch
+        from nasfcos.search.halving import pack_state, unpack_state
 
         data = self.states.read(arch.arch_id, resume_from) if resume_from else None
         keep = (lambda s: self.states.write(arch.arch_id, epochs, pack_state(s))) if epochs < self.full else None
@@ -208,8 +208,8 @@ def run(policy: str, sh: bool, seed: int, setting: dict) -> dict:
     """One search at one budget; returns the trace summary (see the module docstring)."""
     import torch
 
-    from nasfcos.search.policies import build_policy
     from nasfcos.search.loop import SearchConfig, run_search_async
+    from nasfcos.search.policies import build_policy
 
     torch.set_num_threads(1)
     full, rungs = setting["epochs"], tuple(setting["rungs"]) if sh else ()
@@ -276,9 +276,9 @@ def run(policy: str, sh: bool, seed: int, setting: dict) -> dict:
 
 def unit_macs(setting: dict) -> float:
     """Mean decoder MACs of random archs at the setting's geometry (the budget unit)."""
+    from nasfcos.arch import Arch
     from nasfcos.model.complexity import decoder_cost
     from nasfcos.search.policies import build_policy
-    from nasfcos.arch import Arch
 
     if setting.get("ops"):
         archs = [x.arch for x in build_policy("random", seed=12345, head=setting["head"], ops=setting["ops"]).sample(200)]
@@ -309,9 +309,9 @@ def small_feature_store(path: Path) -> Path:
     dataset and a random tiny backbone, for a clone without ``runs/demo``."""
     import torch
 
-    from nasfcos.model.backbones import build_backbone
     from nasfcos.data import COCODetection, make_synthetic
     from nasfcos.engine.materialise import FeatureComputer, meta_split, proxy_transforms
+    from nasfcos.model.backbones import build_backbone
     from storage.features import FeatureStore, materialise
 
     if (path / "zarr.json").exists():
@@ -400,9 +400,7 @@ def report(rows: list[dict], setting: dict, strategies: list[str]) -> None:
         for f in FRACTIONS:
             m, ci = mean_ci([x["best"][str(f)] for x in r])
             cells.append(f"{m:.3f} ± {ci:.3f}")
-        taus = ", ".join(
-            f"{k.split('_')[1]}ep {mean_ci([x[k] for x in r])[0]:.2f} (n {np.mean([x['n' + k[3:]] for x in r]):.0f})" for k in sorted(r[0]) if k.startswith("tau_")
-        )
+        taus = ", ".join(f"{k.split('_')[1]}ep {mean_ci([x[k] for x in r])[0]:.2f} (n {np.mean([x['n' + k[3:]] for x in r]):.0f})" for k in sorted(r[0]) if k.startswith("tau_"))
         print(
             f"| {s} | {len(r)} | " + " | ".join(cells) + f" | {np.mean([x['archs'] for x in r]):.0f} | {np.mean([x['spent_full_evals'] for x in r]):.0f} "
             f"| {np.mean([x['seconds'] for x in r]):.0f} | {taus or '-'} |"

@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nasfcos.model.complexity import complexity  # noqa: E402
 
 
-
 @dataclass(frozen=True)
 class Row:
     """One row of Table 2 and how we build it."""
@@ -86,7 +85,7 @@ def count(row: Row, preset: str, backbone: str, *, num_classes: int, size: tuple
     )  # fmt: skip
 
 
-def _rel(ours: float, paper: float) -> str:
+def rel(ours: float, paper: float) -> str:
     return f"{(ours - paper) / paper:+.1%}"
 
 
@@ -108,8 +107,8 @@ def table(rows: list[Row], *, num_classes: int, size: tuple[int, int], device: s
                 c = count(row, preset, backbone, num_classes=num_classes, size=size, device=device)
                 macs, params, trainable = c["macs"] / 1e9, c["params"] / 1e6, c["trainable_params"] / 1e6
                 lines.append(
-                    head + f"| `{preset}`, {backbone} | {paper[0]} | {macs:.1f} | {_rel(macs, paper[0])} "
-                    f"| {paper[1]} | {params:.2f} | {_rel(params, paper[1])} | {trainable:.2f} | {_rel(trainable, paper[1])} "
+                    head + f"| `{preset}`, {backbone} | {paper[0]} | {macs:.1f} | {rel(macs, paper[0])} "
+                    f"| {paper[1]} | {params:.2f} | {rel(params, paper[1])} | {trainable:.2f} | {rel(trainable, paper[1])} "
                     f"| {c['decoder_params'] / 1e6:.2f} | {c['decoder_macs'] / 1e9:.1f} |"
                 )
     return "\n".join(lines)
@@ -139,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     size = (args.size[0], args.size[1])
     print(table(select(args.rows), num_classes=args.num_classes, size=size, device=args.device))
-    print(
-        f"\ninput 1x3x{size[0]}x{size[1]}, {args.num_classes} classes, device {args.device}, "
-        f"torch {torch.__version__}, {time.perf_counter() - start:.0f} s"
-    )
+    print(f"\ninput 1x3x{size[0]}x{size[1]}, {args.num_classes} classes, device {args.device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -43,12 +43,13 @@ from torchvision.ops import deform_conv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from table2 import ROWS, Row, rel  # noqa: E402  (same directory)
+
 from nasfcos.model.backbones import build_backbone  # noqa: E402
 from nasfcos.model.complexity import count_call_macs, count_macs, count_params  # noqa: E402
 from nasfcos.model.decoder import P6P7, SearchedFPN  # noqa: E402
 from nasfcos.model.detector import Detector, DetectorSpec, build_detector  # noqa: E402
 from nasfcos.model.ops import ModulatedDeformConv  # noqa: E402
-from table2 import ROWS, Row, _rel  # noqa: E402  (same directory)
 
 INPUT_SIZE = (800, 1088)  # (H, W): the paper's "1088x800"
 NUM_CLASSES = 80
@@ -140,8 +141,8 @@ def table() -> str:
             with_c2 = moved + c2_adapter_macs(model)
             lines.append(
                 f"| {row.decoder} | {backbone} | {params / 1e6:.2f} | {trainable / 1e6:.2f} "
-                f"| {corrected / 1e6:.2f} ({_rel(corrected / 1e6, row.paper_params_m)}) | {row.paper_params_m} "
-                f"| {macs / 1e9:.1f} | {moved / 1e9:.1f} | {with_c2 / 1e9:.1f} ({_rel(with_c2 / 1e9, row.paper_gflops)}) | {row.paper_gflops} |"
+                f"| {corrected / 1e6:.2f} ({rel(corrected / 1e6, row.paper_params_m)}) | {row.paper_params_m} "
+                f"| {macs / 1e9:.1f} | {moved / 1e9:.1f} | {with_c2 / 1e9:.1f} ({rel(with_c2 / 1e9, row.paper_gflops)}) | {row.paper_gflops} |"
             )
     return "\n".join(lines)
 

@@ -53,8 +53,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the fingerprint JSON here (default: print it)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PREFECT_HOME": str(Path(tmp) / "prefect"), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}  # a fresh home migrates first
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(Path(tmp) / "prefect"),
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        }  # a fresh home migrates first
         cmd = [sys.executable, "-m", "flows.nas_search", "--config", "tiny", "--set", f"runs_dir={tmp}", "--set", "run_id=fingerprint"]
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         text = json.dumps(fingerprint(Path(tmp) / "fingerprint"), indent=1, sort_keys=True)

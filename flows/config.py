@@ -49,7 +49,7 @@ def role(section: type[BaseModel], name: str) -> str:
     return extra.get("role", "") if isinstance(extra, dict) else ""
 
 
-class DataConfig(_Section):
+class DataSection(_Section):
     """Where images come from. ``synthetic`` generates the built-in shapes dataset
     into the run directory and uses it for every stage; ``voc`` is the paper's (VOC for
     finetuning and the proxy task, the ``coco_*`` files for full training and evaluation);
@@ -73,7 +73,7 @@ class DataConfig(_Section):
     coco_testdev_images: str | None = identity(None)
 
 
-class FinetuneConfig(_Section):
+class FinetuneSection(_Section):
     """§4.1: R-50 + FPN-FCOS finetuned on VOC (30K its, batch 24, lr 0.01, /10 at 18K, 24K, crop 800)."""
 
     backbone: str = identity("resnet50")
@@ -92,12 +92,12 @@ class FinetuneConfig(_Section):
     clip_grad: float = identity(0.0)
     checkpoint_every: int = tuning(2500, ge=1)
     num_workers: int = tuning(4)
-    # data-parallel over the first N of execution.devices (nasfcos/distributed.py), the
+    # data-parallel over the first N of execution.devices (nasfcos/engine/distributed.py), the
     # global batch unchanged: e.g. 8 GPUs, or [cpu, cpu] on 2 cores (two 1-thread ranks)
     devices: int = tuning(1, ge=1)
 
 
-class FeaturesConfig(_Section):
+class FeaturesSection(_Section):
     """§4.1: meta-train 4,000 / meta-val the rest, short side 384 + random 384 crop."""
 
     train_size: int = identity(4000, ge=1)
@@ -109,7 +109,7 @@ class FeaturesConfig(_Section):
     batch_size: int = tuning(32, ge=1)
 
 
-class ProxySettings(_Section):
+class ProxySection(_Section):
     """§4.1: width 64, Adam 8e-4, batch 200, 15 epochs, Polyak 0.9."""
 
     width: int = identity(64)
@@ -123,13 +123,13 @@ class ProxySettings(_Section):
     size_range_scale: float | None = identity(None, gt=0)
 
 
-class SearchSettings(_Section):
+class SearchSection(_Section):
     """§3.3/§4.2: ~2,800 archs; controller hyper-parameters inherited from ref. [14]."""
 
     total_archs: int = extendable(2800, ge=1)
     archs_per_step: int = identity(8, ge=1)
     # ppo: the paper's LSTM controller; random: random search; evolution: regularised
-    # evolution (Real et al. AAAI'19, beyond the paper; nasfcos/evolution.py), whose population
+    # evolution (Real et al. AAAI'19, beyond the paper; nasfcos/search/evolution.py), whose population
     # P and tournament size S follow (benchmarks/strategies.py compares them)
     policy: Literal["ppo", "random", "evolution"] = identity("ppo")
     population: int = identity(64, ge=1)
@@ -182,11 +182,11 @@ class SearchSettings(_Section):
         return v
 
 
-class SelectConfig(_Section):
+class SelectSection(_Section):
     top_k: int = extendable(20, ge=1)
 
 
-class TrainFullConfig(_Section):
+class TrainFullSection(_Section):
     """§4.2: COCO, batch 16, 90K its, lr 0.01, /10 at 60K and 80K, 800/1333."""
 
     num_archs: int = extendable(20, ge=1)  # how many of top_k.parquet to train
@@ -211,10 +211,9 @@ class TrainFullConfig(_Section):
     clip_grad: float = identity(0.0)
     checkpoint_every: int = tuning(2500, ge=1)
     num_workers: int = tuning(4)
-    # data-parallel devices per arch (nasfcos/distributed.py): execution.devices split into
+    # data-parallel devices per arch (nasfcos/engine/distributed.py): execution.devices split into
     # disjoint groups of this size, one arch training on each group at once
     devices_per_arch: int = tuning(1, ge=1)
-
 
     @field_validator("baselines")
     @classmethod
@@ -227,11 +226,12 @@ class TrainFullConfig(_Section):
             raise ValueError(f"a baseline is listed twice: {list(v)}")
         return v
 
-class EvaluateConfig(_Section):
+
+class EvaluateSection(_Section):
     batch_size: int = tuning(8, ge=1)
 
 
-class TimeoutsConfig(_Section):
+class TimeoutsSection(_Section):
     """Seconds one task of each stage may run before it is failed and retried (an
     infrastructure failure); None: no limit. A search evaluation at the paper's geometry
     takes ~15 s on a GPU, up to ~27x that with deformable convs."""
@@ -243,7 +243,7 @@ class TimeoutsConfig(_Section):
     evaluate: float | None = tuning(None, gt=0)  # one arch
 
 
-class ExecutionConfig(_Section):
+class ExecutionSection(_Section):
     """Devices, how many proxy evaluations share one (``slots_per_device``), the task
     runner; ``flows/placement.py`` says where each task runs."""
 
@@ -251,7 +251,7 @@ class ExecutionConfig(_Section):
     slots_per_device: int = tuning(1, ge=1)  # proxy evaluations at once on one device
     task_runner: Literal["thread", "dask"] = tuning("thread")
     dask_address: str | None = tuning(None)  # a dask.distributed scheduler; None with "dask" = local cluster
-    retries: int = tuning(1, ge=0)  # task retries for infrastructure failures (nasfcos/failures.py)
+    retries: int = tuning(1, ge=0)  # task retries for infrastructure failures (nasfcos/errors.py)
     retry_delay_s: float = tuning(5.0, ge=0)
     # proxy features on the device, or in host memory with batches streamed to it;
     # auto: streamed when they take more than 70% of the device's free memory
@@ -259,12 +259,12 @@ class ExecutionConfig(_Section):
     # a local directory: each machine copies the run's feature store there once and
     # evaluations read that copy instead of the shared filesystem
     stage_features: str | None = tuning(None)
-    timeouts: TimeoutsConfig = tuning(TimeoutsConfig())
+    timeouts: TimeoutsSection = tuning(TimeoutsSection())
     # resume a stage begun under other versions of nasfcos/torch/torchvision (mixing their numbers)
     allow_version_change: bool = tuning(False)
 
     @model_validator(mode="after")
-    def _devices_for_dask(self) -> "ExecutionConfig":
+    def _devices_for_dask(self) -> "ExecutionSection":
         if self.task_runner != "dask":
             return self
         if self.dask_address:
@@ -283,15 +283,15 @@ class ExecutionConfig(_Section):
 class PipelineConfig(_Section):
     run_id: str = Field(..., min_length=1)
     runs_dir: str = "runs"
-    data: DataConfig = DataConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    features: FeaturesConfig = FeaturesConfig()
-    proxy: ProxySettings = ProxySettings()
-    search: SearchSettings = SearchSettings()
-    select: SelectConfig = SelectConfig()
-    train_full: TrainFullConfig = TrainFullConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    execution: ExecutionConfig = ExecutionConfig()
+    data: DataSection = DataSection()
+    finetune: FinetuneSection = FinetuneSection()
+    features: FeaturesSection = FeaturesSection()
+    proxy: ProxySection = ProxySection()
+    search: SearchSection = SearchSection()
+    select: SelectSection = SelectSection()
+    train_full: TrainFullSection = TrainFullSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    execution: ExecutionSection = ExecutionSection()
 
     @model_validator(mode="after")
     def _search_strategy(self) -> "PipelineConfig":

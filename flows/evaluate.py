@@ -10,11 +10,11 @@ import pandas as pd
 from prefect import task, unmapped
 from prefect.artifacts import create_table_artifact
 
+import atomicio
 from flows.inputs import coco_split
 from flows.placement import device_resources, device_slot
 from flows.stages import artifact_key, open_stage, publish_summary, stage_flow, stage_hash, task_options
 from nasfcos.fault_injection import fault_point
-import atomicio
 
 STAGE = "evaluate"
 
@@ -30,8 +30,8 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
     ``evaluated.json`` says this very checkpoint was evaluated (a rerun after a kill,
     or after top_k / num_archs changed, evaluates only what is new)."""
     from nasfcos.data import COCODetection, build_transforms
-    from nasfcos.evaluation.coco import coco_evaluate, predict_dataset, save_results
     from nasfcos.engine.checkpoint import detector_from_checkpoint
+    from nasfcos.evaluation.coco import coco_evaluate, predict_dataset, save_results
 
     cfg, run, _, _ = open_stage(config, STAGE)
     marker = run.full(arch_id) / "evaluated.json"
@@ -79,7 +79,9 @@ def evaluate(cfg, run, config: dict) -> dict:
     trained = [t for t in every if t.get("status", "ok") == "ok"]
     failed = [{"arch_id": t["arch_id"], "status": "failed", "error": t["error"]} for t in every if t.get("status", "ok") != "ok"]
     with device_resources(cfg.execution):  # on Dask: a whole GPU each
-        futures = evaluate_arch_full.with_options(**task_options(cfg, "evaluate")).map(config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained])
+        futures = evaluate_arch_full.with_options(**task_options(cfg, "evaluate")).map(
+            config=unmapped(config), arch_id=[t["arch_id"] for t in trained], checkpoint=[t["checkpoint"] for t in trained]
+        )
     rows = [{**f.result(), "status": "ok", "error": ""} for f in futures]
     top = pd.read_parquet(run.top_k)[["arch_id", "arch", "reward", "params", "macs"]].rename(columns={"reward": "proxy_reward"})
     base = pd.DataFrame([t for t in every if t.get("kind") == "baseline"], columns=["arch_id", "arch", "proxy_reward", "params", "macs"])

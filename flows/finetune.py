@@ -24,8 +24,8 @@ def prepare_data(config: dict) -> None:
 @task(task_run_name="train backbone + FPN-FCOS", retries=1)
 def train_backbone(config: dict) -> dict:
     from nasfcos.data import build_transforms
-    from nasfcos.model.detector import DetectorSpec
     from nasfcos.engine.distributed import train_on_devices
+    from nasfcos.model.detector import DetectorSpec
 
     cfg, run, _, _ = open_stage(config, STAGE)
     f = cfg.finetune

@@ -22,13 +22,13 @@ def _split_indices(cfg, n: int):
     from nasfcos.engine.materialise import fit_split, meta_split
 
     train_size, val_size = fit_split(n, cfg.features.train_size, cfg.features.val_size)
-    return dict(zip(SPLITS, meta_split(n, train_size=train_size, val_size=val_size, seed=cfg.features.seed)))
+    return dict(zip(SPLITS, meta_split(n, train_size=train_size, val_size=val_size, seed=cfg.features.seed), strict=True))
 
 
 @task(task_run_name="create store")
 def create_store(config: dict) -> dict:
-    from nasfcos.model.backbones import build_backbone
     from nasfcos.engine.materialise import file_sha256
+    from nasfcos.model.backbones import build_backbone
     from storage.features import FeatureStore
 
     cfg, run, _, _ = open_stage(config, STAGE)
@@ -45,22 +45,20 @@ def create_store(config: dict) -> dict:
             len(dataset), f.train_size, f.val_size if f.val_size is not None else "(the rest)", len(idx["meta_train"]), len(idx["meta_val"]),
         )  # fmt: skip
     channels = build_backbone(cfg.finetune.backbone, freeze_at=0).out_channels
-    levels = {f"C{i + 2}": (c, f.crop // s, f.crop // s) for i, (c, s) in enumerate(zip(channels, STRIDES))}
+    levels = {f"C{i + 2}": (c, f.crop // s, f.crop // s) for i, (c, s) in enumerate(zip(channels, STRIDES, strict=True))}
     ckpt = run.backbone / "checkpoint.pt"
     attrs = {
         "backbone": cfg.finetune.backbone, "backbone_sha256": file_sha256(ckpt), "split_seed": f.seed,
         "crop": f.crop, "classes": list(dataset.classes), "num_classes": len(dataset.classes),
     }  # fmt: skip
-    store = FeatureStore.create(
-        run.features, splits={k: len(v) for k, v in idx.items()}, levels=levels, shard_size=f.shard_size, codec=f.codec, attrs=attrs
-    )
+    store = FeatureStore.create(run.features, splits={k: len(v) for k, v in idx.items()}, levels=levels, shard_size=f.shard_size, codec=f.codec, attrs=attrs)
     return {s: store.pending(s) for s in SPLITS}
 
 
 @task(task_run_name="materialise {split} shard {shard}", retries=1)
 def materialise_shard(config: dict, split: str, shard: int) -> int:
-    from nasfcos.model.backbones import build_backbone
     from nasfcos.engine.materialise import FeatureComputer, proxy_transforms
+    from nasfcos.model.backbones import build_backbone
     from storage.features import FeatureStore, materialise
 
     cfg, run, _, _ = open_stage(config, STAGE)

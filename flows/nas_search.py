@@ -23,13 +23,13 @@ from flows.finetune import finetune_backbone
 from flows.materialise import materialise_features
 from flows.placement import task_runner
 from flows.preflight import PreflightError, preflight
-from flows.stages import owner, portable
 from flows.search import search
 from flows.select import select_top_k
+from flows.stages import owner, portable
 from flows.train_full import train_full
 from nasfcos.errors import one_line
-from storage.run_lock import RunLocked, run_lock
 from storage.run_dir import RunDir
+from storage.run_lock import RunLocked, run_lock
 
 
 def _run_name() -> str:

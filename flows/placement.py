@@ -31,7 +31,7 @@ from typing import ContextManager, Iterator, Sequence
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.config import ExecutionConfig, PipelineConfig
+from flows.config import ExecutionSection, PipelineConfig
 
 # A Dask worker resource counted in *slots* of one GPU: a worker declares
 # GPU=slots_per_device, an evaluation asks for 1, a whole-device task for all of them.
@@ -52,7 +52,7 @@ def task_runner(cfg: PipelineConfig):
     return ThreadPoolTaskRunner(max_workers=evaluation_slots(ex))
 
 
-def evaluation_slots(ex: ExecutionConfig) -> int:
+def evaluation_slots(ex: ExecutionSection) -> int:
     """How many proxy evaluations run at once: ``slots_per_device`` on each device, or
     on an external Dask cluster what its workers declare (:func:`cluster_slots`)."""
     if ex.task_runner == "dask" and ex.dask_address:
@@ -60,7 +60,7 @@ def evaluation_slots(ex: ExecutionConfig) -> int:
     return len(ex.devices) * ex.slots_per_device
 
 
-def cluster_slots(ex: ExecutionConfig, timeout: float = 60.0) -> int:
+def cluster_slots(ex: ExecutionSection, timeout: float = 60.0) -> int:
     """Evaluation slots of the workers connected to ``dask_address`` now: the sum of
     their ``GPU`` resources (GPU devices), else of their threads. Counted when the search
     starts: workers that join later take work, but the async search keeps only this
@@ -120,7 +120,7 @@ def run_logger():
         return logging.getLogger(__name__)
 
 
-def process_devices(ex: ExecutionConfig) -> tuple[str, ...]:
+def process_devices(ex: ExecutionSection) -> tuple[str, ...]:
     """The devices tasks in this process use, as this process names them.
 
     The thread runner's process uses all of ``devices``. A Dask worker owns one device:
@@ -132,7 +132,7 @@ def process_devices(ex: ExecutionConfig) -> tuple[str, ...]:
     return ("cuda:0",) if ex.devices[0].startswith("cuda") else ("cpu",)
 
 
-def device_resources(ex: ExecutionConfig, *, shared: bool = False) -> ContextManager:
+def device_resources(ex: ExecutionSection, *, shared: bool = False) -> ContextManager:
     """Around a ``.map``/``.submit``: on Dask with GPUs, the tasks submitted inside ask
     for one slot of a GPU (``shared``) or all of its slots; elsewhere nothing.
 
@@ -151,7 +151,7 @@ _SLOTS_LOCK = threading.Lock()
 
 
 @contextmanager
-def device_slot(ex: ExecutionConfig, *, shared: bool = False) -> Iterator[str]:
+def device_slot(ex: ExecutionSection, *, shared: bool = False) -> Iterator[str]:
     """Borrow a free slot of one of this process's devices; yields the device name.
 
     ``shared``: one of ``slots_per_device`` slots (proxy evaluations); otherwise the
@@ -181,7 +181,7 @@ def share_cpu_threads(pool: Sequence[str]) -> None:
 
 
 @contextmanager
-def device_group(ex: ExecutionConfig, size: int) -> Iterator[tuple[str, ...]]:
+def device_group(ex: ExecutionSection, size: int) -> Iterator[tuple[str, ...]]:
     """Borrow ``size`` devices for one data-parallel training (``train_full.devices_per_arch``).
 
     This process's devices split into disjoint consecutive groups (the config checks that

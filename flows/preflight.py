@@ -93,7 +93,7 @@ def _coco_contents(ann: str, images: str, stamp: tuple[int, int]) -> tuple[dict[
     ds = COCODetection(ann, images)
     with_boxes = sum(bool((~r.ignore).any()) for r in ds.records)
     missing = [str(r.path) for r in ds.records[:_SAMPLE] if not r.path.is_file()]
-    return dict(zip(ds.category_ids, ds.classes)), len(ds), with_boxes, missing
+    return dict(zip(ds.category_ids, ds.classes, strict=True)), len(ds), with_boxes, missing
 
 
 def _category_diff(mine: dict[int, str], train: dict[int, str]) -> str:

@@ -26,14 +26,6 @@ from nasfcos.fault_injection import fault_point
 STAGE = "search"
 
 
-
-
-
-
-
-
-
-
 def proxy_record(cfg, run, arch: str, *, epochs: int | None = None, resume: dict | None = None, keep_state=None) -> dict:
     """``arch`` trained and scored on the proxy task (``nasfcos.engine.proxy.evaluate_arch``) on
     a device slot, with this process's cached features: the search's evaluations and the
@@ -123,9 +115,9 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
 def search(cfg, run, config: dict) -> dict:
     """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
     from nasfcos.search.controller import ControllerConfig
-    from nasfcos.search.policies import build_policy
     from nasfcos.search.evolution import EvolutionConfig
     from nasfcos.search.loop import SearchConfig, lost_record, run_search, run_search_async
+    from nasfcos.search.policies import build_policy
     from storage.results import ResultsTable
 
     s = cfg.search
@@ -153,7 +145,7 @@ def search(cfg, run, config: dict) -> dict:
                 step=[j.step for j in jobs],
                 sample=[j.sample for j in jobs],
             )
-        ids = {id(f): j.arch.arch_id for f, j in zip(futures, jobs)}
+        ids = {id(f): j.arch.arch_id for f, j in zip(futures, jobs, strict=True)}
         for future in as_completed(futures):
             try:
                 yield future.result()
@@ -171,7 +163,9 @@ def search(cfg, run, config: dict) -> dict:
             from flows.report.page import stage_plots
 
             plots = stage_plots(run.root, config, STAGE, logger=get_run_logger(), finished=False)
-            create_markdown_artifact(key=artifact_key(cfg, "search"), markdown=f"# {STAGE} (running, step {info['step']})" + plots, description="search progress: plots, archs/hour, ETA")
+            create_markdown_artifact(
+                key=artifact_key(cfg, "search"), markdown=f"# {STAGE} (running, step {info['step']})" + plots, description="search progress: plots, archs/hour, ETA"
+            )
 
     limited = s.max_decoder_params is not None or s.max_decoder_macs is not None
     loop = dict(

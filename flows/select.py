@@ -26,8 +26,7 @@ def select_top_k(cfg, run, config: dict) -> dict:
     create_table_artifact(
         key=artifact_key(cfg, "top-k"),
         table=[
-            {"rank": int(r["rank"]), "arch_id": r["arch_id"], "reward": round(float(r["reward"]), 5),
-             "params": int(r["params"]), "macs": int(r["macs"]), "arch": r["arch"]}
+            {"rank": int(r["rank"]), "arch_id": r["arch_id"], "reward": round(float(r["reward"]), 5), "params": int(r["params"]), "macs": int(r["macs"]), "arch": r["arch"]}
             for r in top.to_dict("records")
         ],  # fmt: skip
         description=f"top {cfg.select.top_k} architectures by proxy reward",

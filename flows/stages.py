@@ -13,9 +13,8 @@ from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config, role
 from nasfcos.fault_injection import fault_point
-from storage.run_lock import run_lock
 from storage.run_dir import RunDir, config_hash
-
+from storage.run_lock import run_lock
 
 # Which config sections each stage depends on; a stage's hash also covers its upstream stage.
 _STAGE_SECTIONS = {
@@ -66,9 +65,20 @@ def conflict_key(cfg: PipelineConfig, stage: str) -> str:
 
 
 # Fields added since roles were introduced: absent from the configs legacy keys were made of.
-_NEWER = {("search", "max_consecutive_failures"), ("search", "plot_every"), ("train_full", "baselines"),
-          ("search", "max_decoder_params"), ("search", "max_decoder_macs"), ("search", "population"), ("search", "sample_size"),
-          ("search", "warm_start"), ("search", "rungs"), ("search", "eta"), ("search", "ops"), ("finetune", "devices")}
+_NEWER = {
+    ("search", "max_consecutive_failures"),
+    ("search", "plot_every"),
+    ("train_full", "baselines"),
+    ("search", "max_decoder_params"),
+    ("search", "max_decoder_macs"),
+    ("search", "population"),
+    ("search", "sample_size"),
+    ("search", "warm_start"),
+    ("search", "rungs"),
+    ("search", "eta"),
+    ("search", "ops"),
+    ("finetune", "devices"),
+}
 
 
 def legacy_conflict_key(cfg: PipelineConfig, stage: str) -> str:

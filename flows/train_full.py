@@ -48,9 +48,9 @@ def baseline_proxy(cfg: PipelineConfig, run: RunDir, arch: str, arch_id: str) ->
     ``full/<arch_id>/proxy.json``."""
     import json
 
+    import atomicio
     from flows import feature_cache
     from flows.search import proxy_record
-    import atomicio
 
     path = run.full(arch_id) / "proxy.json"
     if path.exists():
@@ -72,9 +72,9 @@ def train_arch(config: dict, arch: str, arch_id: str, kind: str = "searched") ->
     import torch
 
     from nasfcos.data import COCODetection, build_transforms
-    from nasfcos.model.detector import DetectorSpec
     from nasfcos.engine.distributed import train_on_devices
     from nasfcos.errors import one_line
+    from nasfcos.model.detector import DetectorSpec
 
     cfg, run, _, _ = open_stage(config, STAGE)
     t = cfg.train_full

@@ -192,10 +192,7 @@ class Arch:
                 _check_block(blk, f"fpn block {b}", NUM_BACKBONE_INPUTS + b, FPN_OPS)
             read = {i for blk in self.fpn for i in (blk.id1, blk.id2) if i >= NUM_BACKBONE_INPUTS}
             if len(read) > MAX_READ_BLOCK_OUTPUTS:
-                raise ArchError(
-                    f"fpn: only {NUM_FPN_BLOCKS - len(read)} block outputs are unread by later blocks; "
-                    "P3, P4 and P5 need at least 3"
-                )
+                raise ArchError(f"fpn: only {NUM_FPN_BLOCKS - len(read)} block outputs are unread by later blocks; P3, P4 and P5 need at least 3")
         h = self.head
         if h.kind == "fcos":
             if h.ops or h.blocks:
@@ -449,10 +446,7 @@ def _parse_head(text: str) -> Head:
 
 
 # §4.3 / released configs: the discovered FPN (Fig. 4) and sequential head.
-_NAS_FPN = tuple(
-    Block(*b)
-    for b in ([3, 3, 4, 4, 1], [3, 3, 4, 4, 1], [4, 3, 4, 3, 1], [1, 3, 4, 3, 1], [5, 3, 4, 4, 1], [4, 7, 4, 4, 1], [7, 2, 4, 4, 1])
-)
+_NAS_FPN = tuple(Block(*b) for b in ([3, 3, 4, 4, 1], [3, 3, 4, 4, 1], [4, 3, 4, 3, 1], [1, 3, 4, 3, 1], [5, 3, 4, 4, 1], [4, 7, 4, 4, 1], [7, 2, 4, 4, 1]))
 PRESETS: dict[str, Arch] = {
     "fpn-fcos": Arch(fpn=None, head=Head("fcos"), share=0),
     "nas-fcos-fpn": Arch(fpn=_NAS_FPN, head=Head("fcos"), share=0),

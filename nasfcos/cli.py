@@ -16,9 +16,8 @@ import torch
 from nasfcos.data import COCODetection, VOCDetection, make_synthetic
 from nasfcos.data.transforms import build_transforms
 from nasfcos.errors import one_line
-from nasfcos.model.fcos import VARIANTS
-
 from nasfcos.model.backbones import BACKBONE_NAMES as BACKBONES
+from nasfcos.model.fcos import VARIANTS
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -57,9 +56,9 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nasfcos.model.detector import DetectorSpec
     from nasfcos.engine.distributed import rank_devices, train_on_devices
     from nasfcos.engine.train import SCHEDULES, TrainConfig
+    from nasfcos.model.detector import DetectorSpec
 
     base = SCHEDULES[args.schedule]
     overrides = {
@@ -129,8 +128,8 @@ def _voc_use_07(args: argparse.Namespace) -> bool | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from nasfcos.evaluation.coco import coco_evaluate, predict_dataset, save_results
     from nasfcos.engine.checkpoint import detector_from_checkpoint
+    from nasfcos.evaluation.coco import coco_evaluate, predict_dataset, save_results
     from nasfcos.evaluation.voc import voc_evaluate
 
     use_07 = _voc_use_07(args)
@@ -279,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Count the parameters and the multiply-accumulates (the paper's 'FLOPs') of one forward "
         "pass on a single image, for the whole detector and for the decoder alone. Convolutions, linear "
         "layers and deformable convolutions are counted; norms, activations, interpolation and additions "
-        "are not (see nasfcos/complexity.py).",
+        "are not (see nasfcos/model/complexity.py).",
     )
     p.add_argument("arch", help="decoder: preset name (fpn-fcos, nas-fcos-fpn, nas-fcos) or canonical arch string")
     p.add_argument("--backbone", choices=BACKBONES, default="resnet50", help="backbone (default: %(default)s)")
@@ -294,9 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S"
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

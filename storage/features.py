@@ -182,9 +182,7 @@ def _jsonable(value: Any, where: str) -> Any:
 
 def _check_name(name: str, what: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name) or name in _RESERVED:
-        raise ValueError(
-            f"{what} name {name!r}: must match {_NAME.pattern} and not be one of {sorted(_RESERVED)}"
-        )
+        raise ValueError(f"{what} name {name!r}: must match {_NAME.pattern} and not be one of {sorted(_RESERVED)}")
 
 
 def _codec_compressors(codec: str) -> tuple[Any, ...] | None:
@@ -348,17 +346,29 @@ class FeatureStore:
                 group = root.create_group(split, attributes={"num_samples": n, "num_shards": num_shards})
                 for level, (c, h, w) in layout["levels"].items():
                     group.create_array(
-                        level, shape=(n, c, h, w), chunks=(chunk_size, c, h, w), dtype="float16",
-                        fill_value=0, compressors=compressors,
+                        level,
+                        shape=(n, c, h, w),
+                        chunks=(chunk_size, c, h, w),
+                        dtype="float16",
+                        fill_value=0,
+                        compressors=compressors,
                     )
                 for name, (dtype, tail) in _META_SPEC.items():
                     group.create_array(
-                        name, shape=(n, *tail), chunks=(shard_size, *tail), dtype=dtype,
-                        fill_value=0, compressors=compressors,
+                        name,
+                        shape=(n, *tail),
+                        chunks=(shard_size, *tail),
+                        dtype=dtype,
+                        fill_value=0,
+                        compressors=compressors,
                     )
                 # One chunk per flag: writers of different shards never rewrite each other's.
                 group.create_array(
-                    "done", shape=(num_shards,), chunks=(1,), dtype=bool, fill_value=False,
+                    "done",
+                    shape=(num_shards,),
+                    chunks=(1,),
+                    dtype=bool,
+                    fill_value=False,
                     **({"compressors": _compressors("none", checksum)} if checksum else {}),
                 )
                 for name in _RAGGED:
@@ -408,7 +418,7 @@ class FeatureStore:
         try:
             root = zarr.open_group(str(path), mode="r+", zarr_format=3)
             fmt = root.attrs.get("format")
-        except Exception as e:  # zarr raises several types for missing / malformed metadata
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for missing / malformed metadata
             raise ValueError(f"{path}: not a readable feature store ({' '.join(str(e).split()) or type(e).__name__})") from None
         if fmt != FORMAT:
             raise ValueError(f"{path}: not a feature store (root attribute format={fmt!r}, expected {FORMAT!r})")
@@ -419,12 +429,10 @@ class FeatureStore:
             for name, (dtype, shape) in store._expected_arrays(split).items():
                 try:
                     array = store._array(split, name)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - zarr raises several types for a missing or damaged array
                     raise ValueError(f"{path}: array {split}/{name} missing or unreadable ({' '.join(str(e).split())})") from None
                 if array.shape != shape or array.dtype != dtype:
-                    raise ValueError(
-                        f"{path}: array {split}/{name} is {array.dtype}{array.shape}, layout says {dtype}{shape}"
-                    )
+                    raise ValueError(f"{path}: array {split}/{name} is {array.dtype}{array.shape}, layout says {dtype}{shape}")
         return store
 
     def _expected_arrays(self, split: str) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -570,7 +578,7 @@ class FeatureStore:
                 got = f"length {len(values)}" if isinstance(values, Sequence) else type(values).__name__
                 raise ValueError(f"{where}: {field} must be a list of {size} arrays (one per sample), got {got}")
         out["boxes"], out["labels"] = [], []
-        for i, (b, lab) in enumerate(zip(boxes, labels)):
+        for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
             if isinstance(b, np.ndarray) and (b.ndim != 2 or b.shape[1] != 4):
                 raise ValueError(f"{where}: boxes[{i}] has shape {b.shape}, expected (M, 4)")
             out["boxes"].append(array(b, f"boxes[{i}]", np.dtype(np.float32), getattr(b, "shape", ())))
@@ -595,9 +603,15 @@ class FeatureStore:
         ):
             values = np.concatenate(parts) if parts else np.zeros((0, *tail), dtype)  # (Ms, *tail)
             zarr.create_array(
-                store=str(self.path), name=f"{split}/{name}/{shard}", shape=values.shape,
-                chunks=(max(len(values), 1), *tail), dtype=dtype, fill_value=0,
-                compressors=compressors, overwrite=True, config=_ARRAY_CONFIG,
+                store=str(self.path),
+                name=f"{split}/{name}/{shard}",
+                shape=values.shape,
+                chunks=(max(len(values), 1), *tail),
+                dtype=dtype,
+                fill_value=0,
+                compressors=compressors,
+                overwrite=True,
+                config=_ARRAY_CONFIG,
             )[...] = values
 
     # ------------------------------------------------------------------ read
@@ -662,7 +676,7 @@ class FeatureStore:
                     array[start:stop]
                 except _NOT_DAMAGE:
                     raise
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - any read error means the chunk is damaged
                     located.append((name, shard, _short(e)))
             if not located:
                 raise error
@@ -684,7 +698,7 @@ class FeatureStore:
         try:
             for shard in shards:
                 done[shard] = False  # a whole chunk: written without reading the old one
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported with the damage, not raised over it
             marked = f"could not mark not done ({_short(e)})"
         parts = []
         for name, shard, error in damage[:3]:
@@ -696,15 +710,11 @@ class FeatureStore:
             tail = f"{marked}: run materialise again to recompute it"
         else:
             tail = f"shards {_describe_shards(shards)} {marked}: run materialise again to recompute them"
-        raise DamagedShard(
-            f"{self.path}: split {split!r}: {'; '.join(parts)}; {tail}", path=self.path, split=split, damage=damage
-        )
+        raise DamagedShard(f"{self.path}: split {split!r}: {'; '.join(parts)}; {tail}", path=self.path, split=split, damage=damage)
 
     # ------------------------------------------------------------------ read
 
-    def _ragged(
-        self, split: str, name: str, counts: np.ndarray, damage: list[tuple[str, int, str]], skip: set[int]
-    ) -> list[np.ndarray]:
+    def _ragged(self, split: str, name: str, counts: np.ndarray, damage: list[tuple[str, int, str]], skip: set[int]) -> list[np.ndarray]:
         """Per-sample arrays of ``name`` for all of ``split``, split by ``counts`` (N,).
 
         Shards in ``skip`` (whose counts are unreadable) are not read; damaged shards are
@@ -718,9 +728,7 @@ class FeatureStore:
             out.extend(self._ragged_shard(split, name, shard, counts[start:stop], damage))
         return out
 
-    def _ragged_shard(
-        self, split: str, name: str, shard: int, counts: np.ndarray, damage: list[tuple[str, int, str]]
-    ) -> list[np.ndarray]:
+    def _ragged_shard(self, split: str, name: str, shard: int, counts: np.ndarray, damage: list[tuple[str, int, str]]) -> list[np.ndarray]:
         key = f"{split}/{name}/{shard}"
         try:
             array = zarr.open_array(str(self.path), path=key, mode="r", zarr_format=3)
@@ -733,7 +741,7 @@ class FeatureStore:
             values = None if missing else array[...]
         except _NOT_DAMAGE:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any read error means the chunk is damaged
             damage.append((name, shard, _short(e)))
             return []
         if values is None:
@@ -783,6 +791,7 @@ class FeatureStore:
         }
         self._raise_damage(split, damage)
         return out
+
     def iter_batches(
         self,
         split: str,

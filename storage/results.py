@@ -160,6 +160,7 @@ STATUSES = ("ok", "failed", "over_budget")
 # Content order of an arch's rows for the dedup rule (see module docstring).
 _ORDER_KEYS = ["step", "sample", "finished_at", "started_at", "seed", "device", "reward_used", "error"]
 
+
 def arch_id_of(canonical: str) -> str:
     """The 12-hex-digit id of a canonical arch string (same hash as ``nasfcos.arch.Arch.arch_id``)."""
     return hashlib.sha1(canonical.encode()).hexdigest()[:12]
@@ -183,7 +184,7 @@ def validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"row: expected a dict, got {type(row).__name__}")
     unknown = sorted(set(row) - set(RECORD_FIELDS) - set(DECODED_FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown field (known: {', '.join(RECORD_FIELDS)})")
+        raise ValueError(f"{unknown[0]}: unknown field (known: {', '.join((*RECORD_FIELDS, *DECODED_FIELDS, *OPTIONAL_FIELDS))})")
     missing = [f for f in (*RECORD_FIELDS, *DECODED_FIELDS) if f not in row]
     if missing:
         raise ValueError(f"{missing[0]}: missing field")
@@ -348,7 +349,7 @@ class ResultsTable:
             done = self._ok_ids()
             keep = []
             ids, statuses, rungs = table.column("arch_id").to_pylist(), table.column("status").to_pylist(), _rungs(table).to_pylist()
-            for i, (aid, st, n) in enumerate(zip(ids, statuses, rungs)):
+            for i, (aid, st, n) in enumerate(zip(ids, statuses, rungs, strict=True)):
                 if done.get(aid, 0) >= n:
                     continue
                 keep.append(i)
@@ -461,7 +462,7 @@ class ResultsTable:
         evolution search warm-starts its population from (``search.warm_start``)."""
         df = self.read()
         df = df[df["status"] == "ok"]
-        return list(zip(df["arch"].tolist(), df["reward_used"].astype(float).tolist()))
+        return list(zip(df["arch"].tolist(), df["reward_used"].astype(float).tolist(), strict=True))
 
     def top_k(self, k: int = 20) -> pd.DataFrame:
         """The ``k`` best ``ok`` archs by reward (descending; ties by arch_id ascending), with ``rank`` 1..k.
@@ -472,9 +473,7 @@ class ResultsTable:
             raise ValueError(f"k: expected an int >= 0, got {k!r}")
         df = self.read()
         df = df[df["status"] == "ok"]
-        df = df.assign(_rungs=[max(len(r), 1) for r in df["rung_epochs"]]).sort_values(
-            ["_rungs", "reward", "arch_id"], ascending=[False, False, True], kind="stable"
-        )
+        df = df.assign(_rungs=[max(len(r), 1) for r in df["rung_epochs"]]).sort_values(["_rungs", "reward", "arch_id"], ascending=[False, False, True], kind="stable")
         df = df.drop(columns="_rungs").head(int(k)).reset_index(drop=True)
         df.insert(0, "rank", np.arange(1, len(df) + 1, dtype="int64"))
         return df
@@ -542,7 +541,7 @@ class ResultsTable:
                     t = t.append_column("rung_epochs", pa.array([[]] * t.num_rows, type=_INT_LIST))
                 t = t.filter(pc.equal(t.column("status"), "ok"))
                 file_ids: dict[str, int] = {}
-                for aid, n in zip(t.column("arch_id").to_pylist(), _rungs(t).to_pylist()):
+                for aid, n in zip(t.column("arch_id").to_pylist(), _rungs(t).to_pylist(), strict=True):
                     file_ids[aid] = max(n, file_ids.get(aid, 0))
                 self._ok_cache[key] = file_ids
             seen[key] = self._ok_cache[key]

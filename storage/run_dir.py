@@ -122,10 +122,7 @@ class RunDir:
             raise ValueError(f"{self.root}: stage {stage} has files from another config (key {held['key']}); use a new run_id, or delete the run directory")
         old = held["fields"]
         diff = [f"{k} {old.get(k, '(unset)')} -> {fields.get(k, '(unset)')}" for k in sorted(set(old) | set(fields)) if old.get(k) != fields.get(k)]
-        raise ValueError(
-            f"{self.root}: stage {stage} has files made with another config ({'; '.join(diff)}); "
-            "change them back, or use a new run_id"
-        )
+        raise ValueError(f"{self.root}: stage {stage} has files made with another config ({'; '.join(diff)}); change them back, or use a new run_id")
 
     def version_changes(self, stage: str) -> tuple[list[str], list[str]]:
         """(changes in finished stages' manifests, changes in ``stage``'s own unfinished

@@ -112,10 +112,7 @@ def stage_store(src: str | Path, root: str | Path) -> Path:
             _copytree(src, tmp)
             _, got_files, got_bytes = _scan(tmp)
             if (got_files, got_bytes) != (files, nbytes):
-                raise OSError(
-                    f"staging {src} -> {dest}: copy has {got_files} files / {got_bytes} bytes, "
-                    f"source had {files} / {nbytes}"
-                )
+                raise OSError(f"staging {src} -> {dest}: copy has {got_files} files / {got_bytes} bytes, source had {files} / {nbytes}")
             if _scan(src)[0] != digest:
                 raise OSError(f"staging {src} -> {dest}: source changed while it was copied (is it still being written?)")
             marker = {
@@ -132,9 +129,7 @@ def stage_store(src: str | Path, root: str | Path) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    logger.info(
-        "staged %s: %d bytes, %d files in %.1f s -> %s", src, nbytes, files, time.monotonic() - start, dest
-    )
+    logger.info("staged %s: %d bytes, %d files in %.1f s -> %s", src, nbytes, files, time.monotonic() - start, dest)
     return dest
 
 

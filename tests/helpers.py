@@ -189,5 +189,5 @@ def check_report(run: Path) -> ReportPage:
         want, got = pd.read_parquet(path).reset_index(drop=True), report_table(page, title)
         assert len(got) == len(want)
         for c in cols:
-            assert all(same_cell(g, w) for g, w in zip(got[c], want[c])), (title, c, list(got[c]), list(want[c]))
+            assert all(same_cell(g, w) for g, w in zip(got[c], want[c], strict=True)), (title, c, list(got[c]), list(want[c]))
     return page

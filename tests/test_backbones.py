@@ -96,7 +96,7 @@ def test_pyramid_channels_and_strides(name: str) -> None:
     with torch.no_grad():
         feats = backbone(_images(h=h, w=w))
     assert len(feats) == 4
-    for feat, channels, stride in zip(feats, backbone.out_channels, backbone.strides):
+    for feat, channels, stride in zip(feats, backbone.out_channels, backbone.strides, strict=True):
         assert tuple(feat.shape) == (1, channels, h // stride, w // stride)
 
 
@@ -195,7 +195,7 @@ def test_tiny_trains_every_layer() -> None:
     with torch.no_grad():
         train_out = backbone(_images(n=2, h=64, w=64, seed=3))
         eval_out = backbone.eval()(_images(n=2, h=64, w=64, seed=3))
-    for a, b in zip(train_out, eval_out):
+    for a, b in zip(train_out, eval_out, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -211,9 +211,7 @@ def _resnet_trunk(model: nn.Module, x: Tensor) -> list[Tensor]:
 
 
 @pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
-def test_torchvision_resnet50_state_dict_reproduces_trunk(
-    tv_resnet50_file: tuple[nn.Module, Path], norm: str
-) -> None:
+def test_torchvision_resnet50_state_dict_reproduces_trunk(tv_resnet50_file: tuple[nn.Module, Path], norm: str) -> None:
     reference, path = tv_resnet50_file
     torch.manual_seed(5)
     backbone = build_backbone("resnet50", weights=path, norm=norm).eval()
@@ -222,7 +220,7 @@ def test_torchvision_resnet50_state_dict_reproduces_trunk(
         expected = _resnet_trunk(reference, x)
         got = backbone(x)
         untouched = _default_backbone("resnet50")(x)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(untouched[3], expected[3], rtol=1e-2, atol=1e-2)
     # Freezing happens after loading: stem+layer1 stay frozen, loaded stats kept.
@@ -239,7 +237,7 @@ def test_torchvision_mobilenet_state_dict_reproduces_features(
     with torch.no_grad():
         got = backbone(x)
         expected = [reference.features[:end](x) for end in (4, 7, 14, 18)]
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -257,7 +255,7 @@ def test_own_detector_checkpoint_loads(name: str, tmp_path: Path) -> None:
     loaded = build_backbone(name, weights=path).eval()
     x = _images(h=64, w=64)
     with torch.no_grad():
-        for a, b in zip(loaded(x), source(x)):
+        for a, b in zip(loaded(x), source(x), strict=True):
             torch.testing.assert_close(a, b)
 
 
@@ -268,7 +266,7 @@ def test_plain_backbone_state_dict_loads(tmp_path: Path) -> None:
     torch.save(source.state_dict(), path)
     torch.manual_seed(21)
     loaded = build_backbone("tiny", weights=path).eval()
-    for (key, a), b in zip(loaded.state_dict().items(), source.state_dict().values()):
+    for (key, a), b in zip(loaded.state_dict().items(), source.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=key)
 
 
@@ -298,9 +296,7 @@ def test_mobilenet_file_into_resnet50_is_rejected(
     assert "unexpected keys (features.0.0.weight" in message
 
 
-def test_shape_mismatch_is_rejected(
-    tv_mobilenet_file: tuple[nn.Module, Path], tmp_path: Path
-) -> None:
+def test_shape_mismatch_is_rejected(tv_mobilenet_file: tuple[nn.Module, Path], tmp_path: Path) -> None:
     reference, _ = tv_mobilenet_file
     state = dict(reference.state_dict())
     state["features.0.0.weight"] = torch.zeros(32, 3, 5, 5)
@@ -367,9 +363,7 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cached_home(
-    tmp_path_factory: pytest.TempPathFactory, tv_resnet50_file: tuple[nn.Module, Path]
-) -> tuple[Path, dict[str, dict[str, Tensor]]]:
+def cached_home(tmp_path_factory: pytest.TempPathFactory, tv_resnet50_file: tuple[nn.Module, Path]) -> tuple[Path, dict[str, dict[str, Tensor]]]:
     """A TORCH_HOME whose cache holds random stand-ins for FCOS COCO_V1 and R-50 IMAGENET1K_V1.
 
     The FCOS state is laid out like COCO_V1's file: backbone.body.* (the trunk),
@@ -402,9 +396,7 @@ def _assert_loaded(backbone: Backbone, state: dict[str, Tensor], prefix: str = "
 
 
 @pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
-def test_fcos_coco_name_loads_backbone_body_from_cache(
-    cached_home: tuple[Path, dict[str, dict[str, Tensor]]], monkeypatch: pytest.MonkeyPatch, norm: str
-) -> None:
+def test_fcos_coco_name_loads_backbone_body_from_cache(cached_home: tuple[Path, dict[str, dict[str, Tensor]]], monkeypatch: pytest.MonkeyPatch, norm: str) -> None:
     home, states = cached_home
     attempts = _no_network(monkeypatch, home)
     state = states[FCOS_COCO]
@@ -414,9 +406,7 @@ def test_fcos_coco_name_loads_backbone_body_from_cache(
     assert attempts == []  # cached: no download tried
 
 
-def test_imagenet_name_loads_from_cache(
-    cached_home: tuple[Path, dict[str, dict[str, Tensor]]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_imagenet_name_loads_from_cache(cached_home: tuple[Path, dict[str, dict[str, Tensor]]], monkeypatch: pytest.MonkeyPatch) -> None:
     home, states = cached_home
     attempts = _no_network(monkeypatch, home)
     _assert_loaded(build_backbone("resnet50", weights=R50_IMAGENET), states[R50_IMAGENET])
@@ -436,9 +426,7 @@ def test_uncached_name_offline_is_one_line_naming_file_and_cache_path(offline: l
     assert offline == [url]  # a download was tried, because the weights were named
 
 
-def test_uncached_name_online_downloads_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tv_mobilenet_file: tuple[nn.Module, Path]
-) -> None:
+def test_uncached_name_online_downloads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tv_mobilenet_file: tuple[nn.Module, Path]) -> None:
     reference, _ = tv_mobilenet_file
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     calls: list[tuple[str, dict]] = []
@@ -465,9 +453,7 @@ def test_uncached_name_online_downloads_it(
         ("tiny", R50_IMAGENET, "none in torchvision"),
     ],
 )
-def test_name_for_another_backbone_names_both_before_any_download(
-    offline: list[str], backbone: str, name: str, fits: str
-) -> None:
+def test_name_for_another_backbone_names_both_before_any_download(offline: list[str], backbone: str, name: str, fits: str) -> None:
     with pytest.raises(ValueError) as info:
         build_backbone(backbone, weights=name)
     message = str(info.value)

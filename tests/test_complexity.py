@@ -136,9 +136,9 @@ def test_decoder_cost_equals_the_counted_decoder_and_is_cheap():
     """decoder_cost follows the wiring with per-op units instead of running the decoder; it must
     give the counted params and MACs of the built decoder (random archs of both head spaces,
     sizes that halve to odd maps, the presets), fast enough to call for every sampled arch."""
+    from nasfcos.arch import PRESETS, Arch
     from nasfcos.model.complexity import decoder_cost
     from nasfcos.model.decoder import build_decoder
-    from nasfcos.arch import PRESETS, Arch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convs: a second thread only waits (seconds on a loaded machine)
@@ -159,7 +159,7 @@ def _decoder_cost_check(decoder_cost, build_decoder, PRESETS, Arch):
     for arch in archs:
         decoder = build_decoder(arch, in_channels=chans, num_classes=3, width=64)
         with torch.no_grad():
-            macs = count_call_macs(decoder.eval(), [torch.zeros(1, c, *hw) for c, hw in zip(chans, sizes)])
+            macs = count_call_macs(decoder.eval(), [torch.zeros(1, c, *hw) for c, hw in zip(chans, sizes, strict=True)])
         cost = decoder_cost(arch, in_channels=chans, sizes=sizes, width=64, num_classes=3)
         assert (cost.params, cost.macs) == (count_params(decoder), macs), arch
     fresh = [Arch.random(rng, head="dag") for _ in range(200)]

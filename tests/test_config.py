@@ -159,8 +159,8 @@ def test_devices_per_arch_groups_the_devices_and_is_in_no_hash():
 def test_a_run_dir_claimed_before_fields_had_roles_still_resumes(tmp_path):
     """Older claims hold only the key over every field (bar total_archs, devices_per_arch):
     the same config resumes (and is re-claimed with its fields), another is refused."""
-    from flows.stages import conflict_fields, legacy_conflict_key
     import atomicio
+    from flows.stages import conflict_fields, legacy_conflict_key
 
     # the key nasfcos 815f556 claimed the default config's evaluate stage with: a field added
     # to a section since must join flows.stages._NEWER, or older runs stop resuming
@@ -213,7 +213,7 @@ def test_load_config_leaves_the_callers_dict_alone():
     assert cfg.search.total_archs == 99 and json.dumps(base, sort_keys=True) == before
 
 
-def test_atomic_save_leaves_no_temp_and_orphans_are_removed(tmp_path):
+def test_a_checkpoint_save_leaves_no_temp_and_orphans_are_removed(tmp_path):
     import torch
 
     from nasfcos.engine.checkpoint import remove_orphans, save_checkpoint
@@ -282,7 +282,7 @@ def test_pipeline_defaults_are_the_library_defaults():
     import dataclasses
     import inspect
 
-    from flows.config import FeaturesConfig, ProxySettings, SearchSettings, TrainFullConfig
+    from flows.config import FeaturesSection, ProxySection, SearchSection, TrainFullSection
     from nasfcos.engine.materialise import PROXY_SIZE, meta_split
     from nasfcos.engine.proxy import ProxyConfig
     from nasfcos.engine.train import TrainConfig
@@ -291,11 +291,11 @@ def test_pipeline_defaults_are_the_library_defaults():
     from nasfcos.search.loop import SearchConfig
 
     same = [  # (config section, library dataclass, {section field: dataclass field})
-        (ProxySettings, ProxyConfig, {f: f for f in ("width", "lr", "batch_size", "epochs", "ema_decay", "seed")}),
-        (SearchSettings, SearchConfig, {f: f for f in ("total_archs", "archs_per_step", "failure_penalty", "max_consecutive_failures", "max_decoder_params", "max_decoder_macs", "eta")}),
-        (SearchSettings, ControllerConfig, {"controller_lr": "lr", "ppo_epochs": "ppo_epochs", "controller_update": "update"}),
-        (SearchSettings, EvolutionConfig, {"population": "population", "sample_size": "sample_size"}),
-        (TrainFullConfig, TrainConfig, {"iterations": "iterations", "batch_size": "batch_size", "lr": "base_lr", "steps": "steps", "warmup": "warmup_iters",
+        (ProxySection, ProxyConfig, {f: f for f in ("width", "lr", "batch_size", "epochs", "ema_decay", "seed")}),
+        (SearchSection, SearchConfig, {f: f for f in ("total_archs", "archs_per_step", "failure_penalty", "max_consecutive_failures", "max_decoder_params", "max_decoder_macs", "eta")}),
+        (SearchSection, ControllerConfig, {"controller_lr": "lr", "ppo_epochs": "ppo_epochs", "controller_update": "update"}),
+        (SearchSection, EvolutionConfig, {"population": "population", "sample_size": "sample_size"}),
+        (TrainFullSection, TrainConfig, {"iterations": "iterations", "batch_size": "batch_size", "lr": "base_lr", "steps": "steps", "warmup": "warmup_iters",
                                         "min_size": "min_size", "max_size": "max_size", "clip_grad": "clip_grad_norm", "checkpoint_every": "checkpoint_every",
                                         "num_workers": "num_workers"}),
     ]  # fmt: skip
@@ -306,6 +306,6 @@ def test_pipeline_defaults_are_the_library_defaults():
             assert section.model_fields[ours].default == defaults[theirs], f"{section.__name__}.{ours} vs {lib.__name__}.{theirs}"
             checked += 1
     assert checked == 28
-    assert SearchSettings.model_fields["rungs"].default is None and SearchConfig().rungs == ()  # both: one fidelity
-    assert FeaturesConfig.model_fields["crop"].default == PROXY_SIZE == 384
-    assert FeaturesConfig.model_fields["train_size"].default == inspect.signature(meta_split).parameters["train_size"].default == 4000
+    assert SearchSection.model_fields["rungs"].default is None and SearchConfig().rungs == ()  # both: one fidelity
+    assert FeaturesSection.model_fields["crop"].default == PROXY_SIZE == 384
+    assert FeaturesSection.model_fields["train_size"].default == inspect.signature(meta_split).parameters["train_size"].default == 4000

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from nasfcos.arch import PRESETS, TOKEN_SPACES, Arch
 from nasfcos.search.controller import ControllerConfig, PPOController
 from nasfcos.search.policies import RandomPolicy, build_policy
 from nasfcos.search.sample import Sample
-from nasfcos.arch import PRESETS, TOKEN_SPACES, Arch
 
 
 def test_inherited_defaults():
@@ -126,7 +126,7 @@ def test_buffer_state_round_trip_continues_identically(tmp_path):
     assert [str(x.arch) for x in s2] == [str(x.arch) for x in b.sample(3)]
     a.update(s2, [-2.1, -2.2, -2.3])
     b.update(s2, [-2.1, -2.2, -2.3])
-    assert all(torch.equal(p, q) for p, q in zip(a.policy.parameters(), b.policy.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.policy.parameters(), b.policy.parameters(), strict=True))
     with pytest.raises(ValueError, match="update"):
         ControllerConfig(update="sometimes")
 

@@ -315,12 +315,9 @@ def coco_files(tmp_path: Path) -> tuple[Path, Path, Path, dict]:
             {"id": 11, "file_name": "c.jpg", "width": 8, "height": 8},
         ],
         "annotations": [
-            {"id": 100, "image_id": 7, "category_id": 90, "bbox": [1.5, 2, 10, 5], "area": 50.0, "iscrowd": 0,
-             "segmentation": [[1.5, 2, 11.5, 2, 11.5, 7]]},
-            {"id": 101, "image_id": 7, "category_id": 1, "bbox": [0, 0, 40, 30], "area": 1200, "iscrowd": 1,
-             "segmentation": {"counts": [0, 1200], "size": [30, 40]}},
-            {"id": 102, "image_id": 3, "category_id": 5, "bbox": [2, 3, 4, 5], "area": 20, "iscrowd": 0,
-             "keypoints": [3, 4, 2], "num_keypoints": 1},
+            {"id": 100, "image_id": 7, "category_id": 90, "bbox": [1.5, 2, 10, 5], "area": 50.0, "iscrowd": 0, "segmentation": [[1.5, 2, 11.5, 2, 11.5, 7]]},
+            {"id": 101, "image_id": 7, "category_id": 1, "bbox": [0, 0, 40, 30], "area": 1200, "iscrowd": 1, "segmentation": {"counts": [0, 1200], "size": [30, 40]}},
+            {"id": 102, "image_id": 3, "category_id": 5, "bbox": [2, 3, 4, 5], "area": 20, "iscrowd": 0, "keypoints": [3, 4, 2], "num_keypoints": 1},
             {"id": 103, "image_id": 3, "category_id": 1, "bbox": [5, 5, 0, 4], "area": 0, "iscrowd": 0},  # zero width
             {"id": 104, "image_id": 7, "category_id": 1, "bbox": [20, 10, 5, 6], "area": 30},  # no iscrowd key
         ],

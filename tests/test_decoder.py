@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from nasfcos.arch import PRESETS, Arch, Head
 from nasfcos.model.decoder import Decoder, Tower, _layer_modules
 from nasfcos.model.ops import OPS, ConcatReduce, ModulatedDeformConv, ParamSum
-from nasfcos.arch import PRESETS, Arch, Head
 
 IN_CHANNELS = (8, 16, 24, 32)
 
@@ -14,7 +14,7 @@ IN_CHANNELS = (8, 16, 24, 32)
 def _feats(n=2, size=64):
     """C2..C5 of a size x size image (strides 4..32)."""
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(n, c, size // s, size // s, generator=g) for c, s in zip(IN_CHANNELS, (4, 8, 16, 32))]
+    return [torch.randn(n, c, size // s, size // s, generator=g) for c, s in zip(IN_CHANNELS, (4, 8, 16, 32), strict=True)]
 
 
 def _count(m):
@@ -59,7 +59,7 @@ def test_aggregations_upsample_the_smaller_input():
 
 def _assert_outputs(outs, n, num_classes, size):
     assert len(outs) == 5
-    for (cls, reg, ctr), s in zip(outs, (8, 16, 32, 64, 128)):
+    for (cls, reg, ctr), s in zip(outs, (8, 16, 32, 64, 128), strict=True):
         hw = max(1, -(-size // s))
         assert cls.shape == (n, num_classes, hw, hw) and reg.shape == (n, 4, hw, hw) and ctr.shape == (n, 1, hw, hw)
 

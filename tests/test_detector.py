@@ -23,10 +23,10 @@ def test_fpn_fcos_r50_matches_torchvision_parameter_count():
 
 def test_decoder_outputs_five_levels_with_expected_shapes():
     dec = build_decoder("fpn-fcos", in_channels=(16, 32, 64, 128), num_classes=3, width=32)
-    feats = [torch.randn(2, c, 128 // s, 160 // s) for c, s in zip((16, 32, 64, 128), (4, 8, 16, 32))]
+    feats = [torch.randn(2, c, 128 // s, 160 // s) for c, s in zip((16, 32, 64, 128), (4, 8, 16, 32), strict=True)]
     outs = dec(feats)
     assert len(outs) == 5
-    for (cls, reg, ctr), s in zip(outs, (8, 16, 32, 64, 128)):
+    for (cls, reg, ctr), s in zip(outs, (8, 16, 32, 64, 128), strict=True):
         H, W = -(-128 // s), -(-160 // s)
         assert cls.shape == (2, 3, H, W) and reg.shape == (2, 4, H, W) and ctr.shape == (2, 1, H, W)
     # the classification prior: sigmoid(bias) = 0.01
@@ -48,7 +48,7 @@ def test_detector_loss_backward_and_predict():
     model.eval()
     dets = model.predict(images, [(96, 128), (90, 100)])
     assert len(dets) == 2
-    for d, (H, W) in zip(dets, [(96, 128), (90, 100)]):
+    for d, (H, W) in zip(dets, [(96, 128), (90, 100)], strict=True):
         assert d["boxes"].shape[1] == 4 and len(d["boxes"]) <= 100
         assert (d["boxes"][:, 2] <= W).all() and (d["boxes"][:, 3] <= H).all()
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from nasfcos.data import COCODetection, build_transforms
-from nasfcos.model.detector import DetectorSpec, build_detector
+from nasfcos.engine.checkpoint import load_checkpoint
 from nasfcos.engine.distributed import backend_for, rank_devices, train_on_devices
 from nasfcos.engine.sampling import PositionSampler
 from nasfcos.engine.train import TrainConfig, train
-from nasfcos.engine.checkpoint import load_checkpoint
+from nasfcos.model.detector import DetectorSpec, build_detector
 
 SPEC = DetectorSpec(num_classes=3, backbone="tiny", width=32)  # GroupNorm only: per-image maths
 # 5 updates through warm-up and a step; batch 4 = 2 images per rank
@@ -31,7 +31,7 @@ def _assert_weights(a: dict, b: dict, atol: float) -> None:
 def test_rank_shares_concatenate_to_the_global_batch():
     one = list(PositionSampler(10, batch_size=4, start=2, end=5, seed=1))
     ranks = [list(PositionSampler(10, batch_size=4, start=2, end=5, seed=1, rank=r, world_size=2)) for r in range(2)]
-    assert [a + b for a, b in zip(*ranks)] == one
+    assert [a + b for a, b in zip(*ranks, strict=True)] == one
     with pytest.raises(ValueError, match="batch size 4 is not divisible by 3"):
         PositionSampler(10, batch_size=4, start=0, end=1, seed=1, rank=0, world_size=3)
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from nasfcos.search.policies import RandomPolicy, build_policy
+from nasfcos.arch import PRESETS, TOKEN_SPACES, Arch
 from nasfcos.search.evolution import EvolutionConfig, EvolutionPolicy, mutate
 from nasfcos.search.loop import SearchConfig, run_search
-from nasfcos.arch import PRESETS, TOKEN_SPACES, Arch
+from nasfcos.search.policies import RandomPolicy, build_policy
 from storage.results import ResultsTable
 
 
@@ -26,7 +26,7 @@ def test_mutations_change_one_token_and_only_repair_fpn_inputs_after_it(head):
     for _ in range(150):
         parent = Arch.random(rng, head=head).tokens()
         child = mutate(parent, space, rng)
-        diff = [i for i, (a, b) in enumerate(zip(parent, child)) if a != b]
+        diff = [i for i, (a, b) in enumerate(zip(parent, child, strict=True)) if a != b]
         assert diff, "a child must differ from its parent"
         for i in diff[1:]:
             name = space.tokens[i].name
@@ -58,7 +58,7 @@ def test_a_mutation_that_makes_a_5th_block_output_read_redraws_the_later_input()
     parent = Arch.parse(text).tokens()
     space = TOKEN_SPACES["seq"]
     child = mutate(parent, space, _Scripted(5, 4))  # token 5 = fpn1.id1
-    diff = [i for i, (a, b) in enumerate(zip(parent, child)) if a != b]
+    diff = [i for i, (a, b) in enumerate(zip(parent, child, strict=True)) if a != b]
     assert diff == [5, 26] and space.tokens[26].name == "fpn5.id2" and child[26] in (0, 1, 2, 3, 4, 5, 6, 7)
     space.decode(child)  # valid
 
@@ -75,9 +75,9 @@ def test_children_are_valid_and_the_oldest_member_dies():
             assert s.masks.shape == (len(space.tokens), space.max_choices) and list(s.arch.tokens()) == s.tokens.tolist()
         rewards = [float(step * 4 + i) for i in range(4)]
         policy.update(samples, rewards)
-        fed += [(s.tokens.tolist(), r) for s, r in zip(samples, rewards)]
+        fed += [(s.tokens.tolist(), r) for s, r in zip(samples, rewards, strict=True)]
         assert len(policy.members) == min(len(fed), 8)
-        assert list(zip(policy.members, policy.rewards)) == fed[-8:]  # the youngest P, oldest first
+        assert list(zip(policy.members, policy.rewards, strict=True)) == fed[-8:]  # the youngest P, oldest first
 
 
 def test_children_mutate_the_tournament_winner():
@@ -142,11 +142,11 @@ def test_warm_start_takes_the_best_rows_of_a_results_table_in_age_order(tmp_path
         {"arch_id": a.arch_id, "arch": str(a), "status": "ok", "reward": r, "reward_used": r, "loss_cls": 0.1, "loss_reg": 0.1,
          "loss_ctr": 0.1, "params": 1, "macs": 1, "train_seconds": 0.0, "eval_seconds": 0.0, "peak_mem_mb": 0.0, "device": "cpu",
          "seed": 0, "error": "", "started_at": now, "finished_at": now, "step": i, "sample": 0, **a.columns()}
-        for i, (a, r) in enumerate(zip(archs, rewards))
+        for i, (a, r) in enumerate(zip(archs, rewards, strict=True))
     ]  # fmt: skip
     ResultsTable(tmp_path).append(rows)
     df = ResultsTable(tmp_path).read()
-    policy = EvolutionPolicy(EvolutionConfig(population=3, sample_size=3), warm_start=zip(df.arch, df.reward_used))
+    policy = EvolutionPolicy(EvolutionConfig(population=3, sample_size=3), warm_start=zip(df.arch, df.reward_used, strict=True))
     assert policy.rewards == [-2.1, -2.2, -2.0] and policy.members == [archs[i].tokens() for i in (1, 3, 5)]
     child = policy.sample(1)[0].tokens
     best = np.asarray(archs[5].tokens())

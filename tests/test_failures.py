@@ -10,10 +10,10 @@ import torch
 from helpers import Evaluator, Pool, run_async
 
 import nasfcos.engine.proxy as proxy
-from nasfcos.search.controller import PPOController
-from nasfcos.search.policies import RandomPolicy
 from nasfcos.errors import InfrastructureError, is_infrastructure
+from nasfcos.search.controller import PPOController
 from nasfcos.search.loop import SearchConfig, SearchHalted, lost_record, run_search
+from nasfcos.search.policies import RandomPolicy
 from storage.results import ResultsTable
 
 
@@ -132,6 +132,7 @@ def test_async_gives_up_on_a_hung_evaluation_and_resubmits_its_arch(tmp_path):
 def test_sync_evaluates_a_lost_arch_again_and_stays_reproducible(tmp_path):
     """Sync mode: a lost evaluation is redone within its step, so the search equals one
     without the failure (bit-reproducible mode)."""
+
     class Flaky(Evaluator):
         def __init__(self):
             super().__init__()
@@ -170,3 +171,28 @@ def test_sync_refuses_an_evaluator_that_answers_nothing_for_an_arch(tmp_path):
     cfg = SearchConfig(total_archs=4, archs_per_step=2)
     with pytest.raises(RuntimeError, match="evaluator returned no record for 1 archs"):
         run_search(policy=RandomPolicy(seed=0), evaluate=half, results=ResultsTable(tmp_path), state_path=tmp_path / "c.pt", cfg=cfg)
+
+
+@pytest.mark.parametrize(
+    "error, kw, expected",
+    [
+        (ValueError("bad value"), {}, "ValueError: bad value"),
+        (ValueError("bad value"), {"with_type": False}, "bad value"),
+        (RuntimeError(""), {}, "RuntimeError"),  # an empty message: the type
+        (RuntimeError(""), {"with_type": False}, "RuntimeError"),
+        (OSError("libjpeg: corrupt\n  marker 0xd9\n"), {"with_type": False}, "libjpeg: corrupt marker 0xd9"),  # lines joined
+        (ValueError("x" * 600), {}, "ValueError: " + "x" * 488),  # at most limit (500) characters
+        (ValueError("x" * 600), {"limit": 20}, "ValueError: xxxxxxxx"),
+        # a DataLoader worker's error: its last line, the one that says what went wrong
+        (
+            RuntimeError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  File ...\nValueError: a.jpg: cannot decode image"),
+            {"with_type": False},
+            "a.jpg: cannot decode image",
+        ),  # fmt: skip
+        ("plain text\nsecond line", {}, "plain text second line"),  # a string: no type
+    ],
+)
+def test_one_line_is_the_one_error_to_one_line_helper(error, kw, expected):
+    from nasfcos.errors import one_line
+
+    assert one_line(error, **kw) == expected

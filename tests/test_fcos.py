@@ -208,10 +208,7 @@ def test_paper_cls_normaliser_counts_images_torchvision_does_not():
 
 def test_loss_without_positives_is_finite_and_differentiable():
     fcos = FCOS(num_classes=3)
-    outputs = [
-        (torch.randn(1, 3, h, w, requires_grad=True), torch.randn(1, 4, h, w, requires_grad=True), torch.randn(1, 1, h, w, requires_grad=True))
-        for h, w in SHAPES_128
-    ]
+    outputs = [(torch.randn(1, 3, h, w, requires_grad=True), torch.randn(1, 4, h, w, requires_grad=True), torch.randn(1, 1, h, w, requires_grad=True)) for h, w in SHAPES_128]
     losses = fcos.loss(outputs, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}])
     total = sum(losses.values())
     assert torch.isfinite(total)
@@ -240,7 +237,7 @@ def _single_detection_outputs(K=3):
 def test_postprocess_scores_nms_and_clipping():
     fcos = FCOS(num_classes=3)
     dets = fcos.postprocess(_single_detection_outputs(), [(128, 128)])[0]
-    rows = {(round(s, 4), int(lab)): b.tolist() for s, lab, b in zip(dets["scores"].tolist(), dets["labels"], dets["boxes"])}
+    rows = {(round(s, 4), int(lab)): b.tolist() for s, lab, b in zip(dets["scores"].tolist(), dets["labels"], dets["boxes"], strict=True)}
     s = lambda x: torch.sigmoid(torch.tensor(x)).item()  # noqa: E731
     # score = sqrt(sigmoid(cls) * sigmoid(ctr)).
     assert (round(math.sqrt(s(4.0) * s(5.0)), 4), 2) in rows
@@ -403,7 +400,7 @@ def test_postprocess_classwise_nms_at_0_6():
     # The first box of that pair again (IoU 1) but class 1, weaker: kept, NMS is per class.
     _box_at(outs, 0, 27, 13, 1, (20, 200, 181, 240), 1.0)  # point (108, 220)
     dets = FCOS(num_classes=2).postprocess(outs, [(320, 320)])[0]
-    got = sorted((int(lab), tuple(round(v, 3) for v in b.tolist())) for lab, b in zip(dets["labels"], dets["boxes"]))
+    got = sorted((int(lab), tuple(round(v, 3) for v in b.tolist())) for lab, b in zip(dets["labels"], dets["boxes"], strict=True))
     assert got == [
         (0, (20.0, 20.0, 179.0, 60.0)),
         (0, (20.0, 200.0, 181.0, 240.0)),

@@ -93,7 +93,7 @@ def _assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     for key, dtype, tail in (("boxes", np.float32, (4,)), ("labels", np.int64, ())):
         assert len(got[key]) == len(want[key]), key
-        for i, (g, w) in enumerate(zip(got[key], want[key])):
+        for i, (g, w) in enumerate(zip(got[key], want[key], strict=True)):
             assert g.dtype == dtype and g.shape == (len(w), *tail), (key, i, g.dtype, g.shape)
             np.testing.assert_array_equal(g, w, err_msg=f"{key}[{i}]")
 
@@ -452,9 +452,7 @@ def test_new_stores_checksum_every_array_and_old_ones_still_read(tmp_path: Path)
         ("labels/1", 0, 1, Path.unlink, "chunk file meta_train/labels/1/c/0 is missing"),
     ],
 )
-def test_damaged_chunk_is_named_marked_not_done_and_recomputed(
-    tmp_path: Path, _pristine: dict[int, Path], array: str, chunk: int, shard: int, damage: Any, error: str
-) -> None:
+def test_damaged_chunk_is_named_marked_not_done_and_recomputed(tmp_path: Path, _pristine: dict[int, Path], array: str, chunk: int, shard: int, damage: Any, error: str) -> None:
     path, _ = _written(_pristine, tmp_path)
     damage(_chunk_file(path, "meta_train", array, chunk))
 
@@ -535,9 +533,7 @@ def test_materialise_repairs_a_damaged_done_flag_without_a_read_first(tmp_path: 
     _assert_same(FeatureStore.open(path).read_split("meta_train"), _expected("meta_train"))
 
 
-def test_a_read_error_that_no_shard_reproduces_is_not_damage(
-    tmp_path: Path, _pristine: dict[int, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_read_error_that_no_shard_reproduces_is_not_damage(tmp_path: Path, _pristine: dict[int, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     _, store = _written(_pristine, tmp_path)
     real = store._array("meta_train", "C2")
 
@@ -624,13 +620,15 @@ def test_tiny_backbone_features_round_trip(tmp_path: Path, synthetic_small: dict
     """The compute contract end to end: dataset → transforms → backbone → store → same numbers."""
     import torch
 
-    from nasfcos.model.backbones import build_backbone
     from nasfcos.data import SHAPES, VOCDetection, build_transforms
+    from nasfcos.model.backbones import build_backbone
 
     torch.manual_seed(0)
     backbone = build_backbone("tiny").eval()
     dataset = VOCDetection(
-        synthetic_small["voc_root"], image_set="train", classes=SHAPES,
+        synthetic_small["voc_root"],
+        image_set="train",
+        classes=SHAPES,
         transforms=build_transforms(train=False, min_size=64, max_size=10**9, crop=64),
     )
     n = 10
@@ -638,12 +636,12 @@ def test_tiny_backbone_features_round_trip(tmp_path: Path, synthetic_small: dict
     with torch.no_grad():
         pyramid = backbone(torch.stack([image for image, _ in samples]))  # [C2..C5], (N, C, H, W)
     names = ("C2", "C3", "C4", "C5")
-    levels = {name: tuple(c.shape[1:]) for name, c in zip(names, pyramid)}
+    levels = {name: tuple(c.shape[1:]) for name, c in zip(names, pyramid, strict=True)}
 
     def compute(start: int, stop: int) -> dict[str, Any]:
         targets = [t for _, t in samples[start:stop]]
         return {
-            "features": {name: c[start:stop].half().numpy() for name, c in zip(names, pyramid)},
+            "features": {name: c[start:stop].half().numpy() for name, c in zip(names, pyramid, strict=True)},
             "image_id": np.array([t["image_id"] for t in targets]),
             "crop": np.stack([t["crop"].numpy() for t in targets]),
             "scale": np.stack([t["scale"].numpy() for t in targets]),

@@ -12,13 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import tiny
 
 pytest.importorskip("prefect")
 
 ROOT = Path(__file__).resolve().parents[1]
-from helpers import tiny
-
-
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +171,14 @@ def test_search_loads_streamed_features_from_a_node_local_copy(finished_run, tmp
     copies = [p for p in (tmp_path / "local").iterdir() if p.is_dir()]
     assert len(copies) == 1 and copies[0].name.startswith("features.zarr-")
     assert resident[2] == streamed[2]
-    for a, b in zip(resident[:2], streamed[:2]):
+    for a, b in zip(resident[:2], streamed[:2], strict=True):
         assert not a.stream and b.stream
-        assert all(torch.equal(x, y) for x, y in zip(a.feats, b.feats)) and torch.equal(a.assigned.ltrb, b.assigned.ltrb)
+        assert all(torch.equal(x, y) for x, y in zip(a.feats, b.feats, strict=True)) and torch.equal(a.assigned.ltrb, b.assigned.ltrb)
 
 
 def test_finetune_trains_data_parallel_over_the_cpu_devices(prefect_server, tmp_path):
     """finetune.devices 2 on execution.devices [cpu, cpu] (the demo's): two ranks finetune
-    the backbone, the global batch unchanged (nasfcos/distributed.py)."""
+    the backbone, the global batch unchanged (nasfcos/engine/distributed.py)."""
     from flows.config import load_config
     from flows.finetune import finetune_backbone
     from nasfcos.engine.checkpoint import load_checkpoint
@@ -298,7 +296,9 @@ def test_search_task_retries_an_infrastructure_failure_and_records_the_arch_once
     import nasfcos.engine.proxy
 
     calls = {}
-    monkeypatch.setattr(nasfcos.engine.proxy, "evaluate_arch", _fake_evaluate(calls, lambda aid, n: RuntimeError("CUDA error: an illegal memory access was encountered") if n == 1 else None))
+    monkeypatch.setattr(
+        nasfcos.engine.proxy, "evaluate_arch", _fake_evaluate(calls, lambda aid, n: RuntimeError("CUDA error: an illegal memory access was encountered") if n == 1 else None)
+    )
     copy, out = _search_on_copy(finished_run, tmp_path, "retried", {"search.total_archs": 3, "execution.retry_delay_s": 0})
     df = pd.read_parquet(copy / "results.parquet")
     assert out["unique_archs"] == 3 and (df.status == "ok").all() and (df.reward > -10).all()
@@ -414,10 +414,10 @@ def test_stage_summaries_in_the_prefect_api_carry_their_plots(finished_run):
     import re
 
     import numpy as np
+    from helpers import check_report
     from PIL import Image
 
     from flows.report.page import STAGE_PLOTS
-    from helpers import check_report
 
     _, run, _ = finished_run
     required = {"search": {"reward", "choices", "complexity", "best_arch"}, "select-top-k": {"complexity", "best_arch"},
@@ -478,7 +478,7 @@ def test_search_strategies_run_in_the_flow(finished_run, tmp_path, monkeypatch):
     n_over = int((df.status == "over_budget").sum())
     assert f"; {n_over} over the MACs {limit:,} limit, never evaluated" in _png_artifacts("strategies-search")[0]
     log = [line.split() for line in (copy / "evaluations.log").read_text().splitlines()]
-    assert sorted((x[1], x[-1]) for x in log) == sorted((a, f"epochs={e}") for a, r in zip(evaluated.arch_id, evaluated.rung_epochs) for e in r)
+    assert sorted((x[1], x[-1]) for x in log) == sorted((a, f"epochs={e}") for a, r in zip(evaluated.arch_id, evaluated.rung_epochs, strict=True) for e in r)
     promoted = evaluated[evaluated.rung_epochs.map(len) == 2]
     # floor(n/3) = 1 of the first 3 or 4 went on to 2 epochs; asynchronous promotion (ASHA) may
     # also promote the 4th when it beats the one promoted before it finished

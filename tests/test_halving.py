@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-from nasfcos.search.policies import RandomPolicy
 from nasfcos.search.halving import Ladder
 from nasfcos.search.loop import SearchConfig, load_state, make_row, run_search, run_search_async
+from nasfcos.search.policies import RandomPolicy
 from storage.results import ResultsTable
 
 RUNGS, ETA = (1, 3, 9), 3
@@ -73,7 +73,7 @@ class Rungs:
         assert job.epochs == RUNGS[job.rung] and len(job.history) == job.rung
         if job.rung and not self.writes_rows:  # the table holds exactly the rows the loop has seen
             df = self.table.read()
-            below = {a: r[job.rung - 1] for a, r in zip(df.arch_id, df.rung_rewards) if len(r) >= job.rung and math.isfinite(r[job.rung - 1])}
+            below = {a: r[job.rung - 1] for a, r in zip(df.arch_id, df.rung_rewards, strict=True) if len(r) >= job.rung and math.isfinite(r[job.rung - 1])}
             n = sum(len(r) >= job.rung for r in df.rung_rewards)
             top = sorted(below, key=lambda a: (-below[a], a))[: n // ETA]
             assert job.arch.arch_id in top, (job, n, top)
@@ -134,7 +134,7 @@ def test_promotions_come_from_the_top_third_of_their_rung(tmp_path):
     _check_rows(df)
     assert summary.unique_archs == 30 and pool.promotions == summary.promoted_now > 0 and set(pool.calls.values()) == {1}
     ladder = Ladder(RUNGS, ETA)
-    for a, r in zip(df.arch_id, df.rung_rewards):
+    for a, r in zip(df.arch_id, df.rung_rewards, strict=True):
         ladder.finished(a, list(r))
     rows = df.set_index("arch_id")
     for rung in (0, 1):  # nothing left to promote: each rung's final top third went on

@@ -13,7 +13,7 @@ import torch
 from helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-# (stage killed in, fault point inside it): nasfcos/faults.py; each kill happens in a
+# (stage killed in, fault point inside it): nasfcos/fault_injection.py; each kill happens in a
 # process that resumed the previous one's run directory
 KILLS = [
     ("finetune-backbone", "train:checkpointed"),  # after the first of its 2 checkpoints
@@ -64,7 +64,7 @@ def test_a_pipeline_killed_inside_every_stage_ends_as_an_uninterrupted_one(prefe
     for split in ("meta_train", "meta_val"):
         da, db = fa.read_split(split), fb.read_split(split)
         assert all((da["features"][k] == db["features"][k]).all() for k in da["features"])
-        assert all((x == y).all() for x, y in zip(da["boxes"], db["boxes"]))
+        assert all((x == y).all() for x, y in zip(da["boxes"], db["boxes"], strict=True))
     cols = ["arch_id", "step", "sample", "status", "reward"]
     ra, rb = pd.read_parquet(a / "results.parquet")[cols], pd.read_parquet(b / "results.parquet")[cols]
     pd.testing.assert_frame_equal(ra, rb)  # the same archs with the same rewards

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from nasfcos.model.backbones import build_backbone
+from nasfcos.arch import Arch
 from nasfcos.data import COCODetection
 from nasfcos.engine.materialise import FeatureComputer, fit_split, meta_split, proxy_transforms
 from nasfcos.engine.proxy import ProxyConfig, evaluate_arch, prepare_split
-from nasfcos.arch import Arch
+from nasfcos.model.backbones import build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_streamed_features_give_the_same_reward(proxy_splits):
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     got = list(streamed[0].batches(order, 5))
     want = list(train.batches(order, 5))
-    assert len(got) == len(want) == 5 and all(torch.equal(a, b) for (_, fa), (_, fb) in zip(got, want) for a, b in zip(fa, fb))
+    assert len(got) == len(want) == 5 and all(torch.equal(a, b) for (_, fa), (_, fb) in zip(got, want, strict=True) for a, b in zip(fa, fb, strict=True))
     cfg = ProxyConfig(epochs=2, batch_size=7)  # 24 samples: a short last batch
     a = evaluate_arch("fpn-fcos", train, val, num_classes=3, cfg=cfg)
     b = evaluate_arch("fpn-fcos", *streamed, num_classes=3, cfg=cfg)

@@ -1,4 +1,4 @@
-"""The run report (flows/report.py) and its plots (flows/plots.py), on run directories
+"""The run report (flows/report/page.py) and its plots (flows/report/plots.py), on run directories
 written here: a finished run with a baseline, one still searching, a bad path."""
 
 import math
@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import check_report, png_array, report_table
 
+import atomicio
 from flows.report import plots
 from flows.report.page import PLOTS, main, search_stats, write_report
 from storage.results import ResultsTable
 from storage.run_dir import RunDir
-from helpers import check_report, png_array, report_table
-import atomicio
 
 T0 = datetime(2026, 11, 26, 6, 0, tzinfo=timezone.utc)
 
@@ -67,16 +67,6 @@ def finished_run(root: Path) -> Path:
     board.to_parquet(run.leaderboard)
     run.finish("evaluate", "h", {"leaderboard": str(run.leaderboard)})
     return run.root
-
-
-
-
-
-
-
-
-
-
 
 
 def test_report_of_a_finished_run_embeds_every_plot_and_the_parquet_numbers(tmp_path, capsys):

@@ -9,11 +9,10 @@ import os
 import random
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,11 +28,11 @@ PENALTY = -10.0
 
 
 def _archs(n: int, seed: int = 0) -> list[space.Arch]:
-    """``n`` distinct random searched archs (FPN blocks + dag head), seeded."""
+    """``n`` distinct random searched archs (FPN blocks + a seq or a dag head, in turn), seeded."""
     rng = np.random.default_rng(seed)
     out: dict[str, space.Arch] = {}
     while len(out) < n:
-        a = space.Arch.random(rng)
+        a = space.Arch.random(rng, head=("seq", "dag")[len(out) % 2])
         out.setdefault(a.arch_id, a)
     return list(out.values())
 
@@ -108,9 +107,7 @@ def test_columns_of_the_found_arch_by_hand():
     assert d["head_aggs"] == [] and d["head_inputs"] == []
 
     d = space.PRESETS["fpn-fcos"].columns()
-    assert (d["fpn_kind"], d["fpn_ops"], d["fpn_inputs"], d["head_kind"], d["head_ops"], d["head_layers"]) == (
-        "fcos", [], [], "fcos", [], 4
-    )
+    assert (d["fpn_kind"], d["fpn_ops"], d["fpn_inputs"], d["head_kind"], d["head_ops"], d["head_layers"]) == ("fcos", [], [], "fcos", [], 4)
 
 
 def test_columns_match_the_arch_on_random_archs():
@@ -334,7 +331,7 @@ def test_top_k_order_tie_break_and_file(tmp_path):
     archs = _archs(6, seed=3)
     rewards = [0.5, 0.9, 0.9, 0.1, 0.7]
     t = ResultsTable(tmp_path / "run")
-    t.append([make_row(a, step=0, sample=i, reward=r) for i, (a, r) in enumerate(zip(archs, rewards))])
+    t.append([make_row(a, step=0, sample=i, reward=r) for i, (a, r) in enumerate(zip(archs[:5], rewards, strict=True))])
     t.append([make_row(archs[5], step=1, status="failed")])
     tied = sorted([archs[1].arch_id, archs[2].arch_id])
     top = t.top_k(3)

@@ -66,9 +66,8 @@ def test_two_runs_of_one_directory_the_second_fails_in_one_line(prefect_server, 
     """Today's failure: two processes on one run dir trained every arch twice. Now the
     second exits non-zero at once with one line; the first, held inside its search
     stage meanwhile, finishes unharmed with every arch trained once."""
-    from prefect.settings import PREFECT_API_URL
-
     from helpers import tiny
+    from prefect.settings import PREFECT_API_URL
 
     args = ["--config", "tiny"]
     for k, v in tiny("twice", tmp_path, **{"search.total_archs": 4}).items():
@@ -138,8 +137,8 @@ def test_a_stage_begun_under_other_versions_is_refused_unless_allowed(prefect_se
 
     cfg = _select_run(tmp_path)
     claim = tmp_path / "v" / "manifests" / "select-top-k.claim.json"
-    from flows.stages import conflict_fields
     import atomicio
+    from flows.stages import conflict_fields
     from storage.run_dir import config_hash, versions
 
     fields = conflict_fields(cfg, "select-top-k")

@@ -10,17 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from nasfcos.search.controller import ControllerConfig, PPOController
-from nasfcos.search.policies import RandomPolicy
-from nasfcos.search.sample import Sample
-from nasfcos.search.loop import SearchConfig, load_state, run_search, run_search_async
-from storage.results import ResultsTable
 from helpers import Evaluator, Pool, record, run_async, token_reward
 
-
-
-
+from nasfcos.search.controller import ControllerConfig, PPOController
+from nasfcos.search.loop import SearchConfig, load_state, run_search, run_search_async
+from nasfcos.search.policies import RandomPolicy
+from nasfcos.search.sample import Sample
+from storage.results import ResultsTable
 
 
 def test_killed_search_resumes_without_evaluating_twice(tmp_path):
@@ -69,7 +65,7 @@ class RepeatPolicy(RandomPolicy):
 
     def update(self, samples, rewards):
         self.seen_rewards.append(rewards)
-        self.seen.append([(x.arch.arch_id, r) for x, r in zip(samples, rewards)])
+        self.seen.append([(x.arch.arch_id, r) for x, r in zip(samples, rewards, strict=True)])
         return {}
 
 
@@ -89,10 +85,10 @@ def test_known_archs_reuse_stored_rewards_and_failures_get_the_penalty(tmp_path)
 
 def test_a_real_tiny_search_on_the_synthetic_feature_store(tmp_path, synthetic_small):
     """Materialise features into a Zarr store, then search 4 archs with PPO on the proxy task."""
-    from nasfcos.model.backbones import build_backbone
     from nasfcos.data import COCODetection
     from nasfcos.engine.materialise import LEVELS, FeatureComputer, meta_split, proxy_transforms
     from nasfcos.engine.proxy import ProxyConfig, evaluate_arch, prepare_split
+    from nasfcos.model.backbones import build_backbone
     from storage.features import FeatureStore, materialise
 
     torch.manual_seed(0)
@@ -131,10 +127,6 @@ def test_a_real_tiny_search_on_the_synthetic_feature_store(tmp_path, synthetic_s
 # ---------------------------------------------------------------- async mode
 
 
-
-
-
-
 class CyclePolicy(RepeatPolicy):
     """RepeatPolicy for one sample at a time: the 3 archs in turn."""
 
@@ -145,8 +137,6 @@ class CyclePolicy(RepeatPolicy):
     def sample(self, n):
         self.drawn += n
         return [self.fixed[i % 3] for i in range(self.drawn - n, self.drawn)]
-
-
 
 
 @pytest.fixture
@@ -250,7 +240,6 @@ def test_sigkilled_async_search_resumes_without_evaluating_twice(tmp_path):
     assert not end.in_flight and not end.finished and not end.queued and end.issued == 40 and end.step == 5
 
 
-
 def test_async_loop_appends_rows_unless_the_evaluator_wrote_them(tmp_path):
     """The Prefect task writes its own row before returning (evaluator_writes_rows=True), so
     the loop then skips its append; by default the loop appends every record itself."""
@@ -277,8 +266,8 @@ def test_the_cost_constraint_keeps_over_budget_archs_from_the_evaluator(tmp_path
     only from evaluated ones; in both loops."""
     from functools import partial
 
-    from nasfcos.model.complexity import decoder_cost
     from nasfcos.arch import Arch
+    from nasfcos.model.complexity import decoder_cost
 
     cost = partial(decoder_cost, in_channels=(16, 32, 64, 128), sizes=((16, 16), (8, 8), (4, 4), (2, 2)), width=64, num_classes=3)
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from nasfcos.model.ops import AGG_OPS, OPS
 from nasfcos.arch import AGGS, FPN_OPS, HEAD_OPS, PRESETS, TOKEN_SPACE, TOKEN_SPACES, Arch, ArchError, Block, Head, resolve
+from nasfcos.model.ops import AGG_OPS, OPS
 
 
 def test_op_table_covers_the_space():
@@ -38,9 +38,7 @@ def test_arch_id_is_stable_and_short():
 
 def test_presets_canonical_strings():
     assert str(PRESETS["fpn-fcos"]) == "fpn=fcos;head=fcos;share=0"
-    assert str(PRESETS["nas-fcos"]) == (
-        "fpn=[3,3,4,4,1][3,3,4,4,1][4,3,4,3,1][1,3,4,3,1][5,3,4,4,1][4,7,4,4,1][7,2,4,4,1];head=seq[5,1,5,0,4,4];share=0"
-    )
+    assert str(PRESETS["nas-fcos"]) == ("fpn=[3,3,4,4,1][3,3,4,4,1][4,3,4,3,1][1,3,4,3,1][5,3,4,4,1][4,7,4,4,1][7,2,4,4,1];head=seq[5,1,5,0,4,4];share=0")
     assert PRESETS["nas-fcos-fpn"].fpn == PRESETS["nas-fcos"].fpn and PRESETS["nas-fcos-fpn"].head == Head("fcos")
     assert resolve("nas-fcos") is PRESETS["nas-fcos"]
     assert Arch.parse(" nas-fcos-fpn ") == PRESETS["nas-fcos-fpn"]
@@ -146,8 +144,8 @@ def test_head_dag_and_share_validation():
 def test_search_ops_restrict_every_policy_and_mutation():
     """search.ops (the CPU demo's space without deformable convs): no policy, PPO after
     updates and evolution after mutations included, ever picks a left-out op."""
-    from nasfcos.search.policies import build_policy
     from nasfcos.arch import FPN_OPS, HEAD_OPS
+    from nasfcos.search.policies import build_policy
 
     ops = tuple(o for o in dict.fromkeys(FPN_OPS + HEAD_OPS) if o != "def_conv_3x3")
     for kind in ("random", "ppo", "evolution"):
@@ -165,17 +163,17 @@ def test_an_evolution_warm_start_keeps_only_archs_of_the_restricted_space():
     use a left-out op are skipped, or their children would be sampled outside search.ops."""
     import numpy as np
 
-    from nasfcos.search.policies import build_policy
     from nasfcos.arch import FPN_OPS, HEAD_OPS, ArchError, token_space
+    from nasfcos.search.policies import build_policy
 
     ops = tuple(o for o in dict.fromkeys(FPN_OPS + HEAD_OPS) if o != "def_conv_3x3")
     rng = np.random.default_rng(0)
     restricted = build_policy("random", seed=0, head="seq", ops=ops).sample(20)
-    archs = [a for pair in zip([s.arch for s in restricted], [Arch.random(rng, head="seq") for _ in range(20)]) for a in pair]
+    archs = [a for pair in zip([s.arch for s in restricted], [Arch.random(rng, head="seq") for _ in range(20)], strict=True) for a in pair]
     uses = ["def_conv_3x3" in [FPN_OPS[o] for b in a.fpn for o in (b.op1, b.op2)] + [HEAD_OPS[o] for o in a.head.ops] for a in archs]
     assert any(uses) and not all(uses)
     with pytest.raises(ArchError, match="outside this space"):
         token_space("seq", ops).encode(archs[uses.index(True)])
     policy = build_policy("evolution", seed=0, head="seq", ops=ops, warm_start=[(str(a), -float(i)) for i, a in enumerate(archs)])
     kept = {str(token_space("seq", ops).decode(m)) for m in policy.members}
-    assert kept and kept <= {str(a) for a, u in zip(archs, uses) if not u}
+    assert kept and kept <= {str(a) for a, u in zip(archs, uses, strict=True) if not u}

@@ -13,13 +13,12 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
 from torchvision.ops import batched_nms
 
+from nasfcos.arch import Arch
+from nasfcos.engine.proxy import EMA, ProxyConfig, evaluate_arch, prepare_split
 from nasfcos.model.fcos import FCOS, flatten_outputs, ltrb_to_boxes
 from nasfcos.model.ops import ModulatedDeformConv, set_deform_dtype
-from nasfcos.engine.proxy import EMA, ProxyConfig, evaluate_arch, prepare_split
-from nasfcos.arch import Arch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +48,7 @@ def per_level_postprocess(fcos: FCOS, outputs, image_sizes: list[tuple[int, int]
     results = []
     for i, (H, W) in enumerate(image_sizes):
         boxes_i, scores_i, labels_i = [], [], []
-        for a, b in zip(level_starts[:-1], level_starts[1:]):
+        for a, b in zip(level_starts[:-1], level_starts[1:], strict=True):
             p = prob[i, a:b]  # (Pl, K)
             combined = (p * ctr_prob[i, a:b, None]).flatten()  # (Pl*K,)
             cand = torch.nonzero(p.flatten() > fcos.score_thresh).squeeze(1)
@@ -72,10 +71,7 @@ def _outputs(seed: int, N: int = 2, K: int = 3, shapes=((16, 20), (8, 10), (4, 5
     """Random level outputs: cls logits ~ N(-1, 2) (about a third of the points are
     candidates), regression ~ N(0, 1), centerness ~ N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(N, K, H, W, generator=g) * 2 - 1 + cls_shift, torch.randn(N, 4, H, W, generator=g), torch.randn(N, 1, H, W, generator=g))
-        for H, W in shapes
-    ]
+    return [(torch.randn(N, K, H, W, generator=g) * 2 - 1 + cls_shift, torch.randn(N, 4, H, W, generator=g), torch.randn(N, 1, H, W, generator=g)) for H, W in shapes]
 
 
 @pytest.mark.parametrize("variant", ["paper", "torchvision"])
@@ -91,7 +87,7 @@ def test_postprocess_equals_the_per_level_loop_it_replaced(variant, top_n):
         sizes = [(120, 150), (100, 160)]  # (H, W) below the padded 128x160: clipping differs per image
         new, old = fcos.postprocess(outs, sizes), reference(fcos, outs, sizes)
         assert len(new) == len(old) == 2
-        for a, b in zip(new, old):
+        for a, b in zip(new, old, strict=True):
             assert len(b["scores"]) > 20  # the case is not trivial
             torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=0)
             torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=0)
@@ -133,7 +129,7 @@ def test_sync_free_loss_equals_the_gathered_loss_and_gradients(variant):
     assert a["num_pos"] > 10
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    for x, y in zip(ga, gb):
+    for x, y in zip(ga, gb, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
@@ -185,7 +181,7 @@ def test_deformable_conv_in_half_is_close_to_fp32_and_returns_the_input_dtype():
     out, grads = run()
     assert out.dtype == torch.float32
     assert 0 < _rel(out, ref) < 1e-2  # it ran in fp16, and close
-    gx, gw, gb, goff = (_rel(a, b) for a, b in zip(grads, ref_grads))
+    gx, gw, gb, goff = (_rel(a, b) for a, b in zip(grads, ref_grads, strict=True))
     assert gw < 1e-2 and gb < 1e-2
     # the gradients through the sampling positions (offsets, and x through them) are the
     # imprecise part in fp16 (~10% here): why the switch is off until the GPU suite's reward
@@ -232,8 +228,8 @@ def _random_frozen_stats(module, seed=0):
 
 
 def test_fold_frozen_bn_keeps_the_backbone_outputs():
-    from nasfcos.model.frozen_bn import FrozenBatchNorm2d, fold_frozen_bn
     from nasfcos.model.backbones import MobileNetV2Backbone, ResNetBackbone
+    from nasfcos.model.frozen_bn import FrozenBatchNorm2d, fold_frozen_bn
 
     # a one-block-per-stage ResNet (stem + bottleneck convK/bnK pairs + downsample Sequential) and MobileNetV2 (Sequentials)
     for backbone in (ResNetBackbone(name="resnet50", layers=(1, 1, 1, 1)), MobileNetV2Backbone()):
@@ -243,13 +239,13 @@ def test_fold_frozen_bn_keeps_the_backbone_outputs():
         assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
         x = torch.randn(1, 3, 64, 64)
         with torch.no_grad():
-            for a, b in zip(folded(x), backbone(x)):
+            for a, b in zip(folded(x), backbone(x), strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 def test_predict_folds_frozen_batch_norm_with_the_same_detections():
-    from nasfcos.model.frozen_bn import FrozenBatchNorm2d
     from nasfcos.model.detector import DetectorSpec, build_detector
+    from nasfcos.model.frozen_bn import FrozenBatchNorm2d
 
     torch.manual_seed(0)
     model = build_detector(DetectorSpec(num_classes=3, backbone="mobilenet_v2", width=64)).eval()
@@ -277,7 +273,7 @@ def _tiny_splits():
     g = torch.Generator().manual_seed(0)
     splits = []
     for n in (6, 3):
-        feats = {f"C{i + 2}": torch.randn(n, c, 64 // s, 64 // s, generator=g).half() for i, (c, s) in enumerate(zip((16, 32, 64, 128), (4, 8, 16, 32)))}
+        feats = {f"C{i + 2}": torch.randn(n, c, 64 // s, 64 // s, generator=g).half() for i, (c, s) in enumerate(zip((16, 32, 64, 128), (4, 8, 16, 32), strict=True))}
         boxes = [np.array([[4.0, 6.0, 40.0, 50.0], [20.0, 10.0, 60.0, 30.0]], np.float32) + k for k in range(n)]
         labels = [np.array([0, 2]) for _ in range(n)]
         splits.append(prepare_split(feats, boxes, labels, num_classes=3))
@@ -325,9 +321,9 @@ SPEC_KW = dict(num_classes=3, backbone="tiny", width=32)
 
 
 def test_train_switches_keep_the_weights(synthetic_small, tmp_path):
-    from nasfcos.model.detector import DetectorSpec
     from nasfcos.engine.checkpoint import load_checkpoint
     from nasfcos.engine.train import train
+    from nasfcos.model.detector import DetectorSpec
 
     spec, ds = DetectorSpec(**SPEC_KW), _dataset(synthetic_small)
     a = load_checkpoint(train(spec, ds, _train_cfg(), tmp_path / "a").checkpoint)["model"]
@@ -339,8 +335,8 @@ def test_train_switches_keep_the_weights(synthetic_small, tmp_path):
 
 
 def test_sync_free_training_still_stops_at_a_non_finite_loss(synthetic_small, tmp_path, monkeypatch):
-    from nasfcos.model.detector import DetectorSpec
     from nasfcos.engine.train import LossSums, train
+    from nasfcos.model.detector import DetectorSpec
 
     calls = {"n": 0}
     forward = LossSums.forward
@@ -357,9 +353,9 @@ def test_sync_free_training_still_stops_at_a_non_finite_loss(synthetic_small, tm
 
 
 def test_a_checkpoint_from_before_the_switches_resumes(synthetic_small, tmp_path):
-    from nasfcos.model.detector import DetectorSpec
     from nasfcos.engine.checkpoint import load_checkpoint
     from nasfcos.engine.train import train
+    from nasfcos.model.detector import DetectorSpec
 
     spec, ds = DetectorSpec(**SPEC_KW), _dataset(synthetic_small)
     out = tmp_path / "run"

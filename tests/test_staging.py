@@ -58,7 +58,7 @@ def _assert_same_split(a: dict[str, Any], b: dict[str, Any]) -> None:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     for key in ("boxes", "labels"):
         assert len(a[key]) == len(b[key])
-        for x, y in zip(a[key], b[key]):
+        for x, y in zip(a[key], b[key], strict=True):
             np.testing.assert_array_equal(x, y, err_msg=key)
 
 
@@ -156,7 +156,7 @@ def _stage_in_threads(src: str, root: str, go: Any) -> list[str]:
         try:
             barrier.wait(timeout=30)
             results.append(str(stage_store(src, root)))
-        except BaseException as e:  # surfaced to the caller below
+        except BaseException as e:  # noqa: BLE001 - surfaced to the caller below
             errors.append(e)
 
     go.wait(timeout=60)
@@ -176,7 +176,7 @@ def _stage_worker(src: str, root: str, log: str, ready: Any, go: Any, out: Any) 
     ready.put(os.getpid())
     try:
         out.put(("ok", _stage_in_threads(src, root, go)))
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - reported to the parent process
         out.put(("error", repr(e)))
 
 
@@ -185,9 +185,7 @@ def test_concurrent_processes_and_threads_make_one_copy(src: Path, tmp_path: Pat
     monkeypatch.setattr(staging, "_copytree", _counting_copytree(str(log)))
     ctx = multiprocessing.get_context("spawn")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [
-        ctx.Process(target=_stage_worker, args=(str(src), str(root), str(log), ready, go, out)) for _ in range(2)
-    ]
+    procs = [ctx.Process(target=_stage_worker, args=(str(src), str(root), str(log), ready, go, out)) for _ in range(2)]
     for p in procs:
         p.start()
     try:

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from nasfcos.data import COCODetection, build_transforms
-from nasfcos.model.detector import DetectorSpec
-from nasfcos.engine.train import SCHEDULES, TrainConfig, lr_factor, train
-from nasfcos.engine.sampling import PositionSampler
 from nasfcos.engine.checkpoint import load_checkpoint
+from nasfcos.engine.sampling import PositionSampler
+from nasfcos.engine.train import SCHEDULES, TrainConfig, lr_factor, train
+from nasfcos.model.detector import DetectorSpec
 
 SPEC = DetectorSpec(num_classes=3, backbone="tiny", width=32)
 
@@ -185,8 +185,8 @@ def test_param_groups_double_bias_lr_no_bias_decay_frozen_left_out():
 
 
 def test_train_builds_sgd_with_momentum_and_the_param_groups(synthetic_small, tmp_path):
-    from nasfcos.model.detector import build_detector
     from nasfcos.engine.train import param_groups
+    from nasfcos.model.detector import build_detector
 
     spec = DetectorSpec(num_classes=3, backbone="mobilenet_v2", width=32)
     cfg = TrainConfig(iterations=1, batch_size=2, checkpoint_every=1, num_workers=0)  # optimiser fields at their defaults

@@ -5,7 +5,7 @@
 ``report.html`` is self-contained (tables, plots embedded as base64 PNGs); ``report.md``
 links the PNG files beside it. Both hold the run summary (config, stages and their
 timings), search statistics (archs/hour, ETA), the top-k, the leaderboard with the
-baseline, and every plot whose data exists (``flows/plots.py``). Works on a finished
+baseline, and every plot whose data exists (``flows/report/plots.py``). Works on a finished
 run and on one still searching: every file but the results table may be missing.
 
 The stages redraw the report when they end (the search also every ``search.plot_every``
@@ -41,12 +41,10 @@ log = logging.getLogger(__name__)
 PLOTS: dict[str, str] = {
     "reward": "Reward of every sampled architecture in sampling order, the best so far and the mean of each "
     "controller step (the shape of the paper's Fig. 8); archs without a reward (failed, over budget) as crosses on the bottom edge.",
-    "choices": "How often the controller chose each op, aggregation and input per FPN block and head "
-    "position, in the first and the second half of the search.",
+    "choices": "How often the controller chose each op, aggregation and input per FPN block and head position, in the first and the second half of the search.",
     "complexity": "Proxy reward against decoder MACs and parameters at the proxy width; the Pareto front "
     "(no arch is both cheaper and better) in red, the selected top-k and the fully trained archs ringed.",
-    "proxy_vs_ap": "Proxy reward against COCO AP after full training, with Kendall's tau: how well the "
-    "proxy task ranks the archs it selected.",
+    "proxy_vs_ap": "Proxy reward against COCO AP after full training, with Kendall's tau: how well the proxy task ranks the archs it selected.",
     "best_arch": "The decoder with the best proxy reward.",
     "best_ap_arch": "The fully trained decoder with the best AP (when another than the best by proxy reward).",
 }

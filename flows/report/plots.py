@@ -19,6 +19,7 @@ and without pyplot's global state, so several threads may draw at once.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -79,7 +80,7 @@ def reward_curve(runs: Mapping[str, pd.DataFrame]) -> Figure | None:
     ok_rewards = np.concatenate([df.loc[_ok(df), "reward"].to_numpy(float) for df in runs.values()])
     lo, hi = float(ok_rewards.min()), float(ok_rewards.max())
     pad = 0.05 * (hi - lo or 1.0)
-    for (label, df), colour in zip(runs.items(), _COLOURS):
+    for (label, df), colour in zip(runs.items(), itertools.cycle(_COLOURS)):  # more runs than colours: reused, none dropped
         x = np.arange(len(df))
         ok = _ok(df).to_numpy()
         r = df["reward"].to_numpy(float)
@@ -136,8 +137,18 @@ def choice_frequencies(results: pd.DataFrame) -> Figure | None:
     blocks = [f"b{i}" for i in range(NUM_FPN_BLOCKS)]
     pool = _pool_names(NUM_FPN_BLOCKS, "fpn")
     invalid = np.array([[j >= NUM_BACKBONE_INPUTS + b for j in range(len(pool))] for b in range(NUM_FPN_BLOCKS)])
-    panels.append(("FPN op (op1 + op2)", {h: _counts(d["fpn_ops"], NUM_FPN_BLOCKS, 2, len(FPN_OPS), {o: i for i, o in enumerate(FPN_OPS)}) for h, d in halves.items()}, blocks, [SHORT[o] for o in FPN_OPS], None))
-    panels.append(("FPN aggregation", {h: _counts(d["fpn_aggs"], NUM_FPN_BLOCKS, 1, len(AGGS), {a: i for i, a in enumerate(AGGS)}) for h, d in halves.items()}, blocks, list(AGGS), None))
+    panels.append(
+        (
+            "FPN op (op1 + op2)",
+            {h: _counts(d["fpn_ops"], NUM_FPN_BLOCKS, 2, len(FPN_OPS), {o: i for i, o in enumerate(FPN_OPS)}) for h, d in halves.items()},
+            blocks,
+            [SHORT[o] for o in FPN_OPS],
+            None,
+        )
+    )
+    panels.append(
+        ("FPN aggregation", {h: _counts(d["fpn_aggs"], NUM_FPN_BLOCKS, 1, len(AGGS), {a: i for i, a in enumerate(AGGS)}) for h, d in halves.items()}, blocks, list(AGGS), None)
+    )
     panels.append(("FPN input (id1 + id2)", {h: _counts(d["fpn_inputs"], NUM_FPN_BLOCKS, 2, len(pool), None) for h, d in halves.items()}, blocks, pool, invalid))
     head = {h: d[d["head_kind"] == head_kind] for h, d in halves.items()}
     if head_kind in ("seq", "dag") and all(len(d) for d in head.values()):
@@ -147,13 +158,17 @@ def choice_frequencies(results: pd.DataFrame) -> Figure | None:
         else:
             positions = ["o0"] + [f"h{t}.{k}" for t in range((n_ops - 1) // 2) for k in (1, 2)]
         lookup = {o: i for i, o in enumerate(HEAD_OPS)}
-        panels.append((f"head op ({head_kind})", {h: _counts(d["head_ops"], n_ops, 1, len(HEAD_OPS), lookup) for h, d in head.items()}, positions, [SHORT[o] for o in HEAD_OPS], None))
+        panels.append(
+            (f"head op ({head_kind})", {h: _counts(d["head_ops"], n_ops, 1, len(HEAD_OPS), lookup) for h, d in head.items()}, positions, [SHORT[o] for o in HEAD_OPS], None)
+        )
         if head_kind == "dag":
             n_blocks = (n_ops - 1) // 2
             hb = [f"h{t}" for t in range(n_blocks)]
             hpool = _pool_names(n_blocks, "head")
             hinvalid = np.array([[j >= 2 + 3 * t for j in range(len(hpool))] for t in range(n_blocks)])
-            panels.append(("head aggregation", {h: _counts(d["head_aggs"], n_blocks, 1, len(AGGS), {a: i for i, a in enumerate(AGGS)}) for h, d in head.items()}, hb, list(AGGS), None))
+            panels.append(
+                ("head aggregation", {h: _counts(d["head_aggs"], n_blocks, 1, len(AGGS), {a: i for i, a in enumerate(AGGS)}) for h, d in head.items()}, hb, list(AGGS), None)
+            )
             panels.append(("head input (id1 + id2)", {h: _counts(d["head_inputs"], n_blocks, 2, len(hpool), None) for h, d in head.items()}, hb, hpool, hinvalid))
     fig = Figure(figsize=(10, 1.2 + 1.75 * len(panels)))
     axes = fig.subplots(len(panels), 2, squeeze=False)

@@ -131,11 +131,7 @@ class COCODetection(DetectionDataset):
                 raise DataError(f"{json_path}: {where} (id {ann_id}): image_id {image_id} is not in images")
             if cid not in label_of:
                 raise DataError(f"{json_path}: {where} (id {ann_id}): category_id {cid} is not in categories")
-            if (
-                not isinstance(bbox, list)
-                or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
-            ):
+            if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
                 raise DataError(f"{json_path}: {where}.bbox (id {ann_id}) must be 4 finite numbers [x, y, w, h], got {bbox!r}")
             x, y, w, h = (float(v) for v in bbox)
             if w < 0 or h < 0:

@@ -9,11 +9,10 @@ convention torchvision and the COCO json use.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-import warnings
 
 import numpy as np
 import torch
@@ -143,7 +142,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         annotations: list[dict[str, Any]] = []
         for r in self.records:
             images.append({"id": r.image_id, "width": r.width, "height": r.height, "file_name": r.file_name})
-            for box, label, ignore in zip(r.boxes.tolist(), r.labels.tolist(), r.ignore.tolist()):
+            for box, label, ignore in zip(r.boxes.tolist(), r.labels.tolist(), r.ignore.tolist(), strict=True):
                 x1, y1, x2, y2 = box
                 w, h = x2 - x1, y2 - y1
                 annotations.append(
@@ -156,7 +155,7 @@ class DetectionDataset(torch.utils.data.Dataset):
                         "iscrowd": int(ignore),
                     }
                 )
-        categories = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.classes)]
+        categories = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.classes, strict=True)]
         return {"images": images, "annotations": annotations, "categories": categories}
 
 

@@ -83,9 +83,7 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return iw * ih / smaller
 
 
-def _draw_image(
-    rng: np.random.Generator, height: int, width: int, classes: Sequence[str], max_objects: int
-) -> tuple[np.ndarray, list[tuple[int, tuple[int, int, int, int]]]]:
+def _draw_image(rng: np.random.Generator, height: int, width: int, classes: Sequence[str], max_objects: int) -> tuple[np.ndarray, list[tuple[int, tuple[int, int, int, int]]]]:
     """One image (uint8 H×W×3) and its objects as (label, x1y1x2y2 integer pixel box, x2/y2 exclusive)."""
     pixels, base = _background(rng, height, width)
     objects: list[tuple[int, tuple[int, int, int, int]]] = []
@@ -199,9 +197,7 @@ def make_synthetic(
             height, width = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
             pixels, objects = _draw_image(rng, height, width, classes, max_objects)
             Image.fromarray(pixels, "RGB").save(image_root / f"{name}.jpg", quality=95)
-            (ann_dir / f"{name}.xml").write_bytes(
-                _voc_xml(name, height, width, [(classes[label], box) for label, box in objects])
-            )
+            (ann_dir / f"{name}.xml").write_bytes(_voc_xml(name, height, width, [(classes[label], box) for label, box in objects]))
             names.append(name)
             images.append({"id": position, "file_name": f"{name}.jpg", "width": width, "height": height})
             for label, (x1, y1, x2, y2) in objects:

@@ -51,9 +51,7 @@ def _number(node: ET.Element, field: str, xml_path: Path, where: str) -> float:
         raise DataError(f"{xml_path}: {where}field '{field}' is not a number ({text!r})") from None
 
 
-def parse_voc_xml(
-    xml_path: Path, class_index: dict[str, int]
-) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+def parse_voc_xml(xml_path: Path, class_index: dict[str, int]) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
     """Parse one VOC annotation file.
 
     Returns:
@@ -89,9 +87,7 @@ def parse_voc_xml(
         bndbox = obj.find("bndbox")
         if bndbox is None:
             raise DataError(f"{xml_path}: {where}missing field 'bndbox'")
-        xmin, ymin, xmax, ymax = (
-            _number(bndbox, f, xml_path, where) for f in ("xmin", "ymin", "xmax", "ymax")
-        )
+        xmin, ymin, xmax, ymax = (_number(bndbox, f, xml_path, where) for f in ("xmin", "ymin", "xmax", "ymax"))
         if xmax < xmin:
             raise DataError(f"{xml_path}: {where}xmax ({xmax:g}) < xmin ({xmin:g})")
         if ymax < ymin:

@@ -40,9 +40,9 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from nasfcos.engine import train as training  # train() looked up at call time: tests replace it
-from nasfcos.model.detector import DetectorSpec
 from nasfcos.engine.checkpoint import CHECKPOINT, load_checkpoint
 from nasfcos.engine.train import TrainConfig, TrainResult
+from nasfcos.model.detector import DetectorSpec
 
 HOST = "127.0.0.1"
 # errors a rank raises that mean bad input, re-raised as themselves (one line in the CLI)

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from nasfcos.model.backbones import LEVELS
 from nasfcos.data.transforms import build_transforms, collate
 from nasfcos.engine.sampling import SeededSamples
+from nasfcos.model.backbones import LEVELS
 
 PROXY_SIZE = 384
 
@@ -113,7 +113,7 @@ class FeatureComputer:
         for images, batch_targets in loader:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
                 maps = self.backbone(images.to(self.device))
-            for k, m in zip(LEVELS, maps):
+            for k, m in zip(LEVELS, maps, strict=True):
                 feats[k].append(m.to(torch.float16).cpu().numpy())  # (B, C, H, W)
             targets += batch_targets
         keep = [~t["ignore"] for t in targets]
@@ -122,6 +122,6 @@ class FeatureComputer:
             "image_id": np.array([t["image_id"] for t in targets], dtype=np.int64),
             "crop": np.stack([t["crop"].numpy() for t in targets]).astype(np.int32),
             "scale": np.stack([t["scale"].numpy() for t in targets]).astype(np.float32),
-            "boxes": [t["boxes"][k].numpy().astype(np.float32).reshape(-1, 4) for t, k in zip(targets, keep)],
-            "labels": [t["labels"][k].numpy().astype(np.int64) for t, k in zip(targets, keep)],
+            "boxes": [t["boxes"][k].numpy().astype(np.float32).reshape(-1, 4) for t, k in zip(targets, keep, strict=True)],
+            "labels": [t["labels"][k].numpy().astype(np.int64) for t, k in zip(targets, keep, strict=True)],
         }

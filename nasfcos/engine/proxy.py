@@ -41,21 +41,21 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from nasfcos.arch import Arch, resolve
+from nasfcos.engine.sampling import SEED_LOCK
+from nasfcos.errors import is_infrastructure, one_line
 from nasfcos.model.backbones import LEVELS
 from nasfcos.model.complexity import count_call_macs
 from nasfcos.model.decoder import build_decoder
-from nasfcos.errors import is_infrastructure, one_line
 from nasfcos.model.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs, scaled_size_ranges
 from nasfcos.model.ops import DEFORM_DTYPES, set_deform_dtype
-from nasfcos.arch import Arch, resolve
-from nasfcos.engine.sampling import SEED_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def prepare_split(
         size_range_scale = 4 * min(maps[0].shape[-2:]) / REFERENCE_SHORT_SIDE
     fcos = FCOS(num_classes=num_classes, variant=loss_variant, size_ranges=scaled_size_ranges(scale=size_range_scale))
     points = fcos.points(_pyramid_shapes(maps), device)
-    targets = [{"boxes": torch.as_tensor(b, dtype=torch.float32), "labels": torch.as_tensor(l, dtype=torch.long)} for b, l in zip(boxes, labels)]
+    targets = [{"boxes": torch.as_tensor(b, dtype=torch.float32), "labels": torch.as_tensor(lab, dtype=torch.long)} for b, lab in zip(boxes, labels, strict=True)]
     chunks = [fcos.assign(points, [{k: v.to(device) for k, v in t.items()} for t in targets[i : i + 256]]) for i in range(0, n, 256)]
     assigned = Assigned(
         labels=torch.cat([c.labels for c in chunks]).to(torch.int16) if chunks else torch.zeros(0, len(points.xy), dtype=torch.int16, device=device),
@@ -254,7 +254,7 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]))
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()], strict=True))
         if self.updates == 0:
             for e, c in pairs:
                 e.copy_(c)
@@ -268,9 +268,7 @@ class EMA(nn.Module):
         self.updates += 1
 
 
-def train_proxy(
-    model: ProxyModel, split: ProxySplit, cfg: ProxyConfig, *, resume: dict | None = None, keep: Callable[[dict], None] | None = None
-) -> nn.Module:
+def train_proxy(model: ProxyModel, split: ProxySplit, cfg: ProxyConfig, *, resume: dict | None = None, keep: Callable[[dict], None] | None = None) -> nn.Module:
     """Adam + EMA over ``cfg.epochs`` epochs; returns the averaged model (its ``.module``).
 
     Successive halving (``nasfcos.search.halving``): ``resume`` is the state ``keep`` was given
@@ -413,4 +411,3 @@ def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-

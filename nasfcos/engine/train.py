@@ -128,10 +128,6 @@ def lr_factor(it: int, cfg: TrainConfig) -> float:
     return warm * cfg.gamma ** bisect.bisect_right(cfg.steps, it)
 
 
-
-
-
-
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Trainable parameters; biases get bias_lr_factor x lr and bias_weight_decay."""
     weights, biases = [], []
@@ -177,7 +173,7 @@ def global_normalisers(sums: dict[str, Tensor]) -> dict[str, Tensor]:
     the same way (``reduce_sum`` of num_pos and of the centerness targets)."""
     norms = torch.stack([sums[k].detach().float() for k in NORMALISERS])
     dist.all_reduce(norms)
-    return {**sums, **dict(zip(NORMALISERS, norms.unbind()))}
+    return {**sums, **dict(zip(NORMALISERS, norms.unbind(), strict=True))}
 
 
 def _summed_over_ranks(parts: dict[str, Tensor], world_size: int) -> dict[str, Tensor]:
@@ -185,7 +181,7 @@ def _summed_over_ranks(parts: dict[str, Tensor], world_size: int) -> dict[str, T
     values = torch.stack([v.detach() for v in parts.values()])
     if world_size > 1:
         dist.all_reduce(values)
-    return dict(zip(parts, values.unbind()))
+    return dict(zip(parts, values.unbind(), strict=True))
 
 
 @dataclass
@@ -221,7 +217,7 @@ def train(
     stored in the checkpoint (classes, category ids, input sizes). ``stop_at``
     ends the run early after that iteration, as if killed there (tests).
     ``backbone_weights`` is a local file or a torchvision weight name (see
-    ``nasfcos.model.backbones.load_backbone_weights``), read by a fresh run only: a
+    ``nasfcos.model.weights.load_backbone_weights``), read by a fresh run only: a
     resumed run takes every weight from its checkpoint.
 
     ``rank``/``world_size`` > 1: this process is one rank of data-parallel training
@@ -335,9 +331,7 @@ def train(
                 if it % cfg.log_every == 0 or it % cfg.checkpoint_every == 0 or it == end:
                     _raise_if_non_finite(int(first_bad), it)
             elif not torch.isfinite(sum(parts.values())):
-                raise FloatingPointError(
-                    f"non-finite loss at iteration {it}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                )
+                raise FloatingPointError(f"non-finite loss at iteration {it}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items()))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad_norm > 0:

@@ -23,7 +23,6 @@ import atomicio
 from nasfcos.data.transforms import collate
 from nasfcos.progress import Progress
 
-
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -52,12 +51,10 @@ def coco_evaluate(gt: dict, results: list[dict]) -> dict[str, float]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: float(v) for k, v in zip(METRICS, ev.stats[:6])}
+    return {k: float(v) for k, v in zip(METRICS, ev.stats[:6], strict=True)}
 
 
-def to_coco_results(
-    image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, category_ids: list[int]
-) -> list[dict]:
+def to_coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, category_ids: list[int]) -> list[dict]:
     """(D, 4) x1y1x2y2 boxes in original pixels -> COCO result dicts (bbox xywh, original category id)."""
     b = boxes.detach().cpu().double().numpy()
     xywh = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1) if len(b) else b.reshape(0, 4)
@@ -68,7 +65,7 @@ def to_coco_results(
             "bbox": [round(float(v), 2) for v in box],
             "score": round(float(s), 5),
         }
-        for box, s, lab in zip(xywh, scores.tolist(), labels.tolist())
+        for box, s, lab in zip(xywh, scores.tolist(), labels.tolist(), strict=True)
     ]
 
 
@@ -98,7 +95,7 @@ def predict_dataset(
                 raise ValueError("predict_dataset: the dataset's transforms crop the images; evaluate with build_transforms(..., crop=None)")
             sizes = [tuple(int(v) for v in t["size"]) for t in targets]
             dets = model.predict(images.to(device), sizes)
-            for det, t in zip(dets, targets):
+            for det, t in zip(dets, targets, strict=True):
                 scale = t.get("scale", torch.ones(2))
                 sy, sx = float(scale[0]), float(scale[1])
                 boxes = det["boxes"].cpu() / torch.tensor([sx, sy, sx, sy])

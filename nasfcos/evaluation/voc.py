@@ -96,7 +96,7 @@ def voc_evaluate(gt: dict, results: list[dict], *, use_07_metric: bool = False) 
     cat_ids = [c["id"] for c in categories]
     names = [c.get("name", str(c["id"])) for c in categories]
     if len(set(names)) != len(names):  # keep the per-class dict lossless
-        names = [f"{n} ({i})" for n, i in zip(names, cat_ids)]
+        names = [f"{n} ({i})" for n, i in zip(names, cat_ids, strict=True)]
     known_images = {img["id"] for img in gt.get("images", [])}
     unknown = {r["image_id"] for r in results} - known_images
     if unknown:
@@ -115,7 +115,7 @@ def voc_evaluate(gt: dict, results: list[dict], *, use_07_metric: bool = False) 
         dets_by[r["category_id"]].append(r)
 
     per_class: dict[str, float | None] = {}
-    for cat, name in zip(cat_ids, names):
+    for cat, name in zip(cat_ids, names, strict=True):
         if npos[cat] == 0:
             per_class[name] = None
             continue
@@ -129,9 +129,7 @@ def voc_evaluate(gt: dict, results: list[dict], *, use_07_metric: bool = False) 
         for image_id, ranks in ranks_by_image.items():
             anns = gt_by.get((cat, image_id), [])
             boxes = _xyxy([dets[order[r]]["bbox"] for r in ranks])
-            status[ranks] = _match_image(
-                boxes, _xyxy([a["bbox"] for a in anns]), np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
-            )
+            status[ranks] = _match_image(boxes, _xyxy([a["bbox"] for a in anns]), np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool))
         status = status[status >= 0]  # ignored detections leave precision and recall unchanged
         tp = np.cumsum(status == 1)
         fp = np.cumsum(status == 0)

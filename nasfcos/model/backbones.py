@@ -54,10 +54,6 @@ BACKBONE_NAMES: tuple[str, ...] = (*_RESNET_LAYOUTS, "mobilenet_v2", "tiny")
 NORMS: tuple[str, ...] = ("frozen_bn", "bn")
 
 
-
-
-
-
 class Backbone(nn.Module):
     """Interface of every backbone: image in, [C2, C3, C4, C5] out (NAS-FCOS §3.1).
 
@@ -92,10 +88,7 @@ class Backbone(nn.Module):
         too (as detectron2 does).
         """
         if not 0 <= freeze_at <= len(self.stage_paths):
-            raise ValueError(
-                f"freeze_at={freeze_at} for backbone {self.name!r}: "
-                f"must be in 0..{len(self.stage_paths)}"
-            )
+            raise ValueError(f"freeze_at={freeze_at} for backbone {self.name!r}: must be in 0..{len(self.stage_paths)}")
         for paths in self.stage_paths[:freeze_at]:
             for path in paths:
                 module = to_frozen_bn(self.get_submodule(path))
@@ -107,9 +100,7 @@ class Backbone(nn.Module):
 def _check_images(x: Tensor, name: str) -> None:
     """Fail early with a readable message instead of a conv shape error deep inside."""
     if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(
-            f"backbone {name!r}: expected images of shape (N, 3, H, W), got {tuple(x.shape)}"
-        )
+        raise ValueError(f"backbone {name!r}: expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
 
 
 class ResNetBackbone(Backbone):
@@ -173,10 +164,7 @@ class MobileNetV2Backbone(Backbone):
     ignored_prefixes = ("classifier.", "features.18.")
     # Index one past the last block of each of C2..C5 in ``features``.
     _STAGE_ENDS = (4, 7, 14, 18)
-    stage_paths = tuple(
-        tuple(f"features.{i}" for i in range(start, end))
-        for start, end in ((0, 2), (2, 4), (4, 7), (7, 14), (14, 18))
-    )
+    stage_paths = tuple(tuple(f"features.{i}" for i in range(start, end)) for start, end in ((0, 2), (2, 4), (4, 7), (7, 14), (14, 18)))
 
     def __init__(self, *, norm_layer: type[nn.Module] = FrozenBatchNorm2d) -> None:
         super().__init__()
@@ -219,10 +207,7 @@ class TinyBackbone(Backbone):
     def __init__(self, *, widths: Sequence[int] = (16, 32, 64, 128)) -> None:
         super().__init__()
         if len(widths) != 4 or any(w <= 0 or w % 8 for w in widths):
-            raise ValueError(
-                f"TinyBackbone widths={tuple(widths)}: "
-                "need 4 positive multiples of 8 (GroupNorm(8))"
-            )
+            raise ValueError(f"TinyBackbone widths={tuple(widths)}: need 4 positive multiples of 8 (GroupNorm(8))")
         self.name = "tiny"
         self.stem = _conv_gn_relu(3, widths[0], stride=2)
         stages = []
@@ -309,27 +294,3 @@ def build_backbone(
     # Freeze after loading so BatchNorm2d -> FrozenBatchNorm2d keeps the loaded statistics.
     backbone.freeze(freeze_at)
     return backbone
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from collections.abc import Sequence
 from math import prod
 
 import torch
@@ -135,9 +135,7 @@ def count_macs(
         model.train(was_training)
 
 
-def complexity_of(
-    model: nn.Module, input_size: tuple[int, int] = (800, 1088), device: str | torch.device = "meta"
-) -> dict[str, int]:
+def complexity_of(model: nn.Module, input_size: tuple[int, int] = (800, 1088), device: str | torch.device = "meta") -> dict[str, int]:
     """Parameters and MACs of a ``Detector`` (``backbone`` + ``decoder``) and of its decoder alone.
 
     Returns:
@@ -248,14 +246,14 @@ def _decoder_cost(arch_text: str, in_channels: tuple[int, ...], sizes: tuple[tup
 
         with torch.device("meta"):
             decoder = build_decoder(arch, in_channels=in_channels, num_classes=num_classes, width=width)
-            feats = [torch.zeros(1, c, *hw) for c, hw in zip(in_channels, sizes)]
+            feats = [torch.zeros(1, c, *hw) for c, hw in zip(in_channels, sizes, strict=True)]
             with torch.no_grad():
                 return DecoderCost(count_params(decoder), count_call_macs(decoder.eval(), feats))
     area = lambda hw: hw[0] * hw[1]  # noqa: E731
     params = macs = 0
     # FPN (nasfcos.model.decoder.SearchedFPN): 1x1 adapters for every C level (computed only where read)
     read = {i for b in arch.fpn for i in (b.id1, b.id2)}
-    for i, (c, hw) in enumerate(zip(in_channels, sizes)):
+    for i, (c, hw) in enumerate(zip(in_channels, sizes, strict=True)):
         p, m = _conv(c, width, 1, bias=False)
         params += p + 2 * width  # + BatchNorm
         macs += m * area(hw) if i in read else 0
@@ -293,9 +291,7 @@ def _decoder_cost(arch_text: str, in_channels: tuple[int, ...], sizes: tuple[tup
     return DecoderCost(params, macs)
 
 
-def decoder_cost(
-    arch: "str | object", *, in_channels: Sequence[int], sizes: Sequence[Sequence[int]], width: int, num_classes: int
-) -> DecoderCost:
+def decoder_cost(arch: "str | object", *, in_channels: Sequence[int], sizes: Sequence[Sequence[int]], width: int, num_classes: int) -> DecoderCost:
     """Parameters and MACs of the decoder of ``arch`` on one sample whose C2..C5 maps have
     ``in_channels`` channels and ``sizes`` (H, W): what the proxy's record counts
     (``nasfcos.engine.proxy.evaluate_arch``: ``params``, ``macs``), without building or running it.

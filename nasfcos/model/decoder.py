@@ -17,9 +17,9 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nasfcos.arch import AGGS, FPN_OPS, HEAD_OPS, NUM_BACKBONE_INPUTS, Arch, Block, Head, fpn_wiring, resolve
 from nasfcos.model.fcos import LevelOutputs
 from nasfcos.model.ops import build_agg, build_op, norm_layer, resize_to
-from nasfcos.arch import AGGS, FPN_OPS, HEAD_OPS, NUM_BACKBONE_INPUTS, Arch, Block, Head, fpn_wiring, resolve
 
 NUM_LEVELS = 5  # P3..P7
 
@@ -54,7 +54,7 @@ class FPN(nn.Module):
         self.extra = P6P7(width)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
-        laterals = [conv(f) for conv, f in zip(self.lateral, feats[1:])]  # C3..C5
+        laterals = [conv(f) for conv, f in zip(self.lateral, feats[1:], strict=True)]  # C3..C5
         top = laterals[-1]
         outs = [self.output[-1](top)]
         for i in range(len(laterals) - 2, -1, -1):
@@ -90,9 +90,7 @@ class SearchedFPN(nn.Module):
     def __init__(self, *, blocks: tuple[Block, ...], in_channels: tuple[int, int, int, int], width: int) -> None:
         super().__init__()
         self.blocks = blocks
-        self.adapt = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)) for c in in_channels
-        )
+        self.adapt = nn.ModuleList(nn.Sequential(nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)) for c in in_channels)
         self.cells = nn.ModuleList(Cell(b, ops=FPN_OPS, width=width, norm="bn") for b in blocks)
         self.wiring = fpn_wiring(blocks)
         self.extra = P6P7(width)
@@ -105,7 +103,7 @@ class SearchedFPN(nn.Module):
                 pool[i] = self.adapt[i](feats[i])
             return pool[i]
 
-        for cell, b in zip(self.cells, self.blocks):
+        for cell, b in zip(self.cells, self.blocks, strict=True):
             pool.append(cell(get(b.id1), get(b.id2))[2])
         w = self.wiring
         outs = []
@@ -129,9 +127,7 @@ def _layer_modules(head: Head, width: int) -> list[nn.Module]:
         return layers
     if head.kind == "seq":
         return [build_op(HEAD_OPS[o], width, "gn") for o in head.ops]
-    return [build_op(HEAD_OPS[head.ops[0]], width, "gn")] + [
-        Cell(b, ops=HEAD_OPS, width=width, norm="gn") for b in head.blocks
-    ]
+    return [build_op(HEAD_OPS[head.ops[0]], width, "gn")] + [Cell(b, ops=HEAD_OPS, width=width, norm="gn") for b in head.blocks]
 
 
 class Tower(nn.Module):
@@ -143,9 +139,7 @@ class Tower(nn.Module):
         self.kind = head.kind
         self.blocks = head.blocks
         layers = _layer_modules(head, width)
-        self.layers = nn.ModuleList(
-            nn.ModuleList(copy.deepcopy(m) for _ in range(num_levels)) if k < share else m for k, m in enumerate(layers)
-        )
+        self.layers = nn.ModuleList(nn.ModuleList(copy.deepcopy(m) for _ in range(num_levels)) if k < share else m for k, m in enumerate(layers))
         self.share = share
 
     def _layer(self, k: int, level: int) -> nn.Module:
@@ -216,8 +210,6 @@ class Decoder(nn.Module):
         return self.head([self.bridge(p) for p in self.fpn(feats)])
 
 
-def build_decoder(
-    arch: Arch | str, *, in_channels: tuple[int, int, int, int], num_classes: int, width: int, head_width: int | None = None
-) -> Decoder:
+def build_decoder(arch: Arch | str, *, in_channels: tuple[int, int, int, int], num_classes: int, width: int, head_width: int | None = None) -> Decoder:
     """A decoder from an Arch, canonical string or preset name (fpn-fcos, nas-fcos, nas-fcos-fpn)."""
     return Decoder(arch, in_channels=in_channels, num_classes=num_classes, width=width, head_width=head_width)

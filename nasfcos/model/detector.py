@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from nasfcos.model.backbones import build_backbone
-from nasfcos.model.frozen_bn import fold_frozen_bn
 from nasfcos.model.decoder import build_decoder
 from nasfcos.model.fcos import FCOS, LevelOutputs
+from nasfcos.model.frozen_bn import fold_frozen_bn
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def scaled_size_ranges(strides: tuple[int, ...] = (8, 16, 32, 64, 128), scale: f
     if not scale > 0:
         raise ValueError(f"size range scale must be > 0, got {scale}")
     edges = [0.0] + [s * 8.0 * scale for s in strides[:-1]] + [INF]
-    return tuple(zip(edges[:-1], edges[1:]))
+    return tuple(zip(edges[:-1], edges[1:], strict=True))
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class FCOS(nn.Module):
         if len(shapes) != len(self.strides):
             raise ValueError(f"got {len(shapes)} feature levels, expected {len(self.strides)}")
         xy, stride, level = [], [], []
-        for i, ((H, W), s) in enumerate(zip(shapes, self.strides)):
+        for i, ((H, W), s) in enumerate(zip(shapes, self.strides, strict=True)):
             ys = torch.arange(H, device=device, dtype=torch.float32) * s + s // 2
             xs = torch.arange(W, device=device, dtype=torch.float32) * s + s // 2
             gy, gx = torch.meshgrid(ys, xs, indexing="ij")
@@ -194,7 +194,7 @@ class FCOS(nn.Module):
     def _per_point_ranges(self, points: Points) -> Tensor:
         # filled on the device: a tensor from a Python list would be a host-to-device copy (a sync)
         dev = points.xy.device
-        ranges = [torch.stack([torch.full((n,), lo, device=dev), torch.full((n,), hi, device=dev)], 1) for (lo, hi), n in zip(self.size_ranges, points.level_sizes)]
+        ranges = [torch.stack([torch.full((n,), lo, device=dev), torch.full((n,), hi, device=dev)], 1) for (lo, hi), n in zip(self.size_ranges, points.level_sizes, strict=True)]
         return torch.cat(ranges)  # (P, 2)
 
     # ----------------------------------------------------------------- targets
@@ -380,7 +380,7 @@ class FCOS(nn.Module):
         scores = score.sqrt()
         results = []
         per_image = torch.bincount(img, minlength=N).tolist()  # the one host sync (NMS is per image)
-        for b, s, l in zip(boxes.split(per_image), scores.split(per_image), label.split(per_image)):
-            nms = batched_nms(b, s, l, self.nms_thresh)[: self.max_detections]
-            results.append({"boxes": b[nms], "scores": s[nms], "labels": l[nms]})
+        for b, s, lab in zip(boxes.split(per_image), scores.split(per_image), label.split(per_image), strict=True):
+            nms = batched_nms(b, s, lab, self.nms_thresh)[: self.max_detections]
+            results.append({"boxes": b[nms], "scores": s[nms], "labels": lab[nms]})
         return results

@@ -33,7 +33,7 @@ def fold_frozen_bn(module: nn.Module) -> nn.Module:
         children = dict(parent.named_children())
         if isinstance(parent, nn.Sequential):
             names = list(children)
-            pairs = list(zip(names[:-1], names[1:]))
+            pairs = list(zip(names[:-1], names[1:], strict=True))
         else:
             pairs = [(c, "bn" + c[4:]) for c in children if c.startswith("conv") and "bn" + c[4:] in children]
         for conv_name, bn_name in pairs:

@@ -20,7 +20,6 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-
 # torchvision weight enums whose state dict fits each backbone: its ImageNet classifier
 # (our keys plus fc.* / classifier.*) and detectors built on it (our keys under backbone.body.).
 _TORCHVISION_WEIGHTS: dict[str, tuple[str, ...]] = {
@@ -35,9 +34,7 @@ _TORCHVISION_WEIGHTS: dict[str, tuple[str, ...]] = {
 _WEIGHT_NAME = re.compile(r"[A-Za-z]\w*_Weights\.\w+")
 
 
-_NAME_HINT = (
-    "write a torchvision weight name as Xxx_Weights.MEMBER, e.g. ResNet50_Weights.IMAGENET1K_V1"
-)
+_NAME_HINT = "write a torchvision weight name as Xxx_Weights.MEMBER, e.g. ResNet50_Weights.IMAGENET1K_V1"
 
 
 # How many state-dict keys an error message shows before "...".
@@ -73,30 +70,15 @@ def load_backbone_weights(backbone: nn.Module, weights: str | Path) -> None:
     else:
         path = Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: backbone weights file not found (or {_NAME_HINT})"
-            )
+            raise FileNotFoundError(f"{path}: backbone weights file not found (or {_NAME_HINT})")
         source = str(path)
         obj = _read(path)
     state = _backbone_state(obj, source)
-    wanted = {
-        key: value
-        for key, value in state.items()
-        if not key.endswith("num_batches_tracked")
-        and not key.startswith(backbone.ignored_prefixes)
-    }
-    expected = {
-        key: value
-        for key, value in backbone.state_dict().items()
-        if not key.endswith("num_batches_tracked")
-    }
+    wanted = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked") and not key.startswith(backbone.ignored_prefixes)}
+    expected = {key: value for key, value in backbone.state_dict().items() if not key.endswith("num_batches_tracked")}
     missing = [key for key in expected if key not in wanted]
     unexpected = [key for key in wanted if key not in expected]
-    mismatched = [
-        f"{key}: file {tuple(wanted[key].shape)} vs model {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in wanted and wanted[key].shape != value.shape
-    ]
+    mismatched = [f"{key}: file {tuple(wanted[key].shape)} vs model {tuple(value.shape)}" for key, value in expected.items() if key in wanted and wanted[key].shape != value.shape]
     problems = [
         _describe(missing, "missing key"),
         _describe(unexpected, "unexpected key"),
@@ -138,9 +120,7 @@ def _torchvision_state(name: str, backbone_name: str) -> tuple[object, str]:
     fitting = _TORCHVISION_WEIGHTS.get(backbone_name, ())
     if type(weights).__name__ not in fitting:
         fits = ", ".join(f"{cls}.*" for cls in fitting) or "none in torchvision"
-        raise ValueError(
-            f"{name}: does not fit backbone {backbone_name!r} (weights that do: {fits})"
-        )
+        raise ValueError(f"{name}: does not fit backbone {backbone_name!r} (weights that do: {fits})")
     path = torch_cache_path(weights.url)
     source = f"{name} ({path})"
     if path.is_file():
@@ -153,11 +133,8 @@ def _torchvision_state(name: str, backbone_name: str) -> tuple[object, str]:
             check_hash=True,
             weights_only=True,
         )
-    except Exception as error:  # offline: URLError; also HTTP errors, bad hash, disk full
-        raise FileNotFoundError(
-            f"{name}: not in the torch cache and cannot be downloaded ({_summarise(error)}); "
-            f"place {path.name} (from {weights.url}) at {path}"
-        ) from None
+    except Exception as error:  # noqa: BLE001 - offline: URLError; also HTTP errors, bad hash, disk full
+        raise FileNotFoundError(f"{name}: not in the torch cache and cannot be downloaded ({_summarise(error)}); place {path.name} (from {weights.url}) at {path}") from None
     return obj, source
 
 
@@ -179,9 +156,7 @@ def _read(path: Path, source: str | None = None) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types (pickle, zip, runtime) for bad files
-        raise ValueError(
-            f"{source or path}: torch.load(weights_only=True) cannot read it ({_summarise(error)})"
-        ) from error
+        raise ValueError(f"{source or path}: torch.load(weights_only=True) cannot read it ({_summarise(error)})") from error
 
 
 def _backbone_state(obj: object, source: str) -> dict[str, Tensor]:
@@ -193,18 +168,11 @@ def _backbone_state(obj: object, source: str) -> dict[str, Tensor]:
     # our detectors under backbone.
     for prefix in ("backbone.body.", "backbone."):
         if any(isinstance(key, str) and key.startswith(prefix) for key in state):
-            state = {
-                key[len(prefix) :]: value
-                for key, value in state.items()
-                if isinstance(key, str) and key.startswith(prefix)
-            }
+            state = {key[len(prefix) :]: value for key, value in state.items() if isinstance(key, str) and key.startswith(prefix)}
             break
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
-            raise ValueError(
-                f"{source}: entry {key!r} is a {type(value).__name__}, "
-                "not a tensor — not a state dict?"
-            )
+            raise ValueError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor — not a state dict?")
     return dict(state)
 
 

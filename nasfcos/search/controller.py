@@ -73,8 +73,6 @@ class ControllerConfig:
             raise ValueError(f"controller config: bad values {self}")
 
 
-
-
 class LSTMPolicy(nn.Module):
     """LSTM over the token sequence: the input at step t embeds the choice made at
     t-1 (a learned start vector at t=0); a linear head per token gives logits,
@@ -127,15 +125,12 @@ class LSTMPolicy(nn.Module):
             probs = torch.softmax(self._logits(t, out[0], torch.from_numpy(mask)), dim=-1)
             choice = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
             masks.append(mask)
-            for p, c in zip(prefixes, choice.tolist()):
+            for p, c in zip(prefixes, choice.tolist(), strict=True):
                 p.append(c)
             prev = choice
         tokens, masks_arr = np.asarray(prefixes, dtype=np.int64), np.stack(masks, axis=1)  # (B, T), (B, T, A)
         logps, ents = self.score(torch.from_numpy(tokens), torch.from_numpy(masks_arr))
-        return [
-            Sample(self.space.decode(p), tokens[i], masks_arr[i], float(logps[i]), float(ents[i]))
-            for i, p in enumerate(prefixes)
-        ]
+        return [Sample(self.space.decode(p), tokens[i], masks_arr[i], float(logps[i]), float(ents[i])) for i, p in enumerate(prefixes)]
 
     def score(self, tokens: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
         """Log-probability and entropy (B,) of given sequences (B, T) with masks (B, T, A).
@@ -191,7 +186,7 @@ class PPOController:
             raise ValueError(f"update needs one reward per sample, got {len(samples)} samples, {len(rewards)} rewards")
         if self.cfg.update == "buffer":
             stats: dict[str, float] = {}
-            for s, v in zip(samples, rewards):
+            for s, v in zip(samples, rewards, strict=True):
                 stats = self._buffer_update(s, float(v))
             return {**stats, "mean_reward": float(np.mean(rewards))}
         r = torch.tensor(rewards, dtype=torch.float32)
@@ -262,11 +257,3 @@ class PPOController:
         self.baseline = state["baseline"]
         if "buffer" in state:
             self.buffer = dict(state["buffer"])
-
-
-
-
-
-
-
-

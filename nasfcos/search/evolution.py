@@ -119,7 +119,7 @@ class EvolutionPolicy:
         """Each result joins the population as its youngest member; the oldest die."""
         if len(samples) != len(rewards) or not samples:
             raise ValueError(f"update needs one reward per sample, got {len(samples)} samples, {len(rewards)} rewards")
-        for s, r in zip(samples, rewards):
+        for s, r in zip(samples, rewards, strict=True):
             self.members.append([int(t) for t in s.tokens])
             self.rewards.append(float(r))
         excess = max(0, len(self.members) - self.cfg.population)

@@ -75,16 +75,17 @@ from typing import Any, Protocol
 
 import torch
 
-from nasfcos.search.sample import Sample
+import atomicio
+from nasfcos.arch import Arch
 from nasfcos.errors import one_line
 from nasfcos.search.halving import Ladder
-from nasfcos.engine.checkpoint import remove_orphans, save_checkpoint
-from nasfcos.arch import Arch
+from nasfcos.search.sample import Sample
 
 log = logging.getLogger(__name__)
 # Async mode compacts results.parquet at most this often (and at the end): at 64 slots a
 # compaction per update would cost the flow's thread more than the controller does.
 COMPACT_EVERY_S = 10.0
+
 
 @dataclass(frozen=True)
 class Job:
@@ -258,7 +259,7 @@ def save_state(path: Path, policy: Policy, state: SearchState, cfg: SearchConfig
     # the state's fields as they are: asdict's deep copy of every queued draw (token masks) and
     # of the growing stats list cost more than the write itself
     loop = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    save_checkpoint({"policy": policy.state_dict(), "config": asdict(cfg), **loop}, path)
+    atomicio.write_with(path, lambda f: torch.save({"policy": policy.state_dict(), "config": asdict(cfg), **loop}, f))
 
 
 def _known(results: Results) -> tuple[dict[str, dict], set[str]]:
@@ -320,8 +321,7 @@ class _Budget:
                 rejected += 1
             if rejected > MAX_REJECTS_PER_SAMPLE * n:
                 raise SearchHalted(
-                    f"search stopped: {rejected} draws in a row were over the cost constraint for {len(out)} within it; "
-                    "raise search.max_decoder_macs / search.max_decoder_params"
+                    f"search stopped: {rejected} draws in a row were over the cost constraint for {len(out)} within it; raise search.max_decoder_macs / search.max_decoder_params"
                 )
         self.state.rejected += rejected
         return out, rejected
@@ -418,7 +418,7 @@ def run_search(
     if cfg.rungs:
         raise ValueError("successive halving (rungs) runs in the async loop only: its promotions are asynchronous (ASHA)")
     state_path = Path(state_path)
-    remove_orphans(state_path)
+    atomicio.remove_orphans(state_path.parent, name=state_path.name, older_than=0)  # this search is its one writer
     state = load_state(state_path, policy)
     if state.in_flight or state.finished or state.queued:
         raise ValueError(
@@ -530,7 +530,7 @@ def run_search_async(
     if slots < 1:
         raise ValueError(f"slots: need at least 1 evaluation in flight, got {slots}")
     state_path = Path(state_path)
-    remove_orphans(state_path)
+    atomicio.remove_orphans(state_path.parent, name=state_path.name, older_than=0)  # this search is its one writer
     state = load_state(state_path, policy)
     if state.pending is not None:
         raise ValueError(f"{state_path}: a sync-mode step is pending; finish it with search.mode=sync first")
@@ -628,6 +628,7 @@ def run_search_async(
             "resuming async search at step %d (%d archs issued, %d in flight, %d queued, %d in results)",
             state.step, state.issued, len(state.in_flight), len(state.queued), len(known),
         )  # fmt: skip
+
     def has_row(entry: dict) -> bool:
         """Whether the evaluation of an in-flight entry (at its rung) has its row."""
         aid = arch_id(entry)
