@@ -28,11 +28,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Two pytest workers (pytest-xdist), a test file per worker so that a file's shared
+# Our own modules compiled too (no .pyc is written on import here, see install). Two
+# pytest workers (pytest-xdist), a test file per worker so that a file's shared
 # pipeline run is built once; most tests wait on servers and subprocesses as much as they
 # compute (timings: benchmarks/RESULTS.md, "Test suite"). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: install lint
+	$(BIN)/python -m compileall -q nasfcos storage flows atomicio benchmarks tests deployments > /dev/null
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff 0.17 (pinned in the dev extra; rules in pyproject.toml): lint and format check of the whole tree.

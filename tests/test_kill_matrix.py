@@ -25,12 +25,16 @@ KILLS = [
 ]
 
 
-def _run(runs: Path, env: dict, fault: str | None = None) -> subprocess.CompletedProcess:
+def _args(runs: Path) -> list[str]:
     args = [sys.executable, "-m", "flows.nas_search", "--config", "tiny"]
     for k, v in tiny("k", runs, **{"search.mode": "sync", "search.total_archs": 4}).items():
         args += ["--set", f"{k}={v}"]
+    return args
+
+
+def _run(runs: Path, env: dict, fault: str | None = None) -> subprocess.CompletedProcess:
     e = {**env, "NASFCOS_FAULT": f"{fault}=kill"} if fault else env
-    return subprocess.run(args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    return subprocess.run(_args(runs), cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
 
 
 def _model(path: Path) -> dict:
@@ -48,8 +52,9 @@ def test_a_pipeline_killed_inside_every_stage_ends_as_an_uninterrupted_one(prefe
     from storage.features import FeatureStore
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    ref = _run(tmp_path / "ref", env)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    # the uninterrupted reference runs beside the killed chain (its own run directory)
+    ref_log = open(tmp_path / "ref.log", "w")  # a file, not a pipe: a full pipe would stall it
+    ref = subprocess.Popen(_args(tmp_path / "ref"), cwd=ROOT, env=env, stdout=ref_log, stderr=subprocess.STDOUT)
     runs = tmp_path / "killed"
     for stage, point in KILLS:
         p = _run(runs, env, point)
@@ -57,6 +62,9 @@ def test_a_pipeline_killed_inside_every_stage_ends_as_an_uninterrupted_one(prefe
         assert not (runs / "k" / "manifests" / f"{stage}.json").exists(), f"{stage} finished before the kill at {point}"
     last = _run(runs, env)
     assert last.returncode == 0, last.stderr[-3000:]
+    ref.wait(timeout=600)
+    ref_log.close()
+    assert ref.returncode == 0, (tmp_path / "ref.log").read_text()[-3000:]
 
     a, b = tmp_path / "ref" / "k", runs / "k"
     assert _same_tensors(_model(a / "backbone/checkpoint.pt"), _model(b / "backbone/checkpoint.pt"))  # bit-identical
