@@ -58,8 +58,8 @@ def test_pipeline_runs_all_six_stages(finished_run):
 
 
 def test_every_file_of_a_run_is_readable_by_the_team(finished_run):
-    """Under umask 022 every file the pipeline wrote (atomic writes included, which mkstemp
-    would make 0600) is readable by group and others."""
+    """Under umask 022 every file the pipeline wrote (atomic writes included, whose temp
+    files are created 0600) is readable by group and others."""
     _, run, _ = finished_run
     files = [p for p in run.rglob("*") if p.is_file()]
     assert len(files) > 20 and {"results.parquet", "top_k.parquet", "leaderboard.parquet", "checkpoint.pt", "controller.pt"} <= {p.name for p in files}
