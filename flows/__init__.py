@@ -1,5 +1,9 @@
 """Prefect flows: thin orchestration over ``nasfcos`` and ``storage``.
 
+Owns the pipeline's config, the stage bookkeeping (``stages``), placement on devices,
+preflight checks and one flow per stage; may import ``nasfcos``, ``storage``,
+``atomicio`` and ``flows.report`` (which in turn never imports Prefect).
+
 Defaults set before Prefect is imported: offline (no telemetry, no analytics)
 and the library's loggers forwarded to the Prefect UI.
 """

@@ -282,10 +282,10 @@ def test_pipeline_defaults_are_the_library_defaults():
     import dataclasses
     import inspect
 
-    from flows.config import FeaturesSection, ProxySection, SearchSection, TrainFullSection
+    from flows.config import FeaturesSection, FinetuneSection, ProxySection, SearchSection, TrainFullSection
     from nasfcos.engine.materialise import PROXY_SIZE, meta_split
     from nasfcos.engine.proxy import ProxyConfig
-    from nasfcos.engine.train import TrainConfig
+    from nasfcos.engine.train import SCHEDULES, TrainConfig
     from nasfcos.search.controller import ControllerConfig
     from nasfcos.search.evolution import EvolutionConfig
     from nasfcos.search.loop import SearchConfig
@@ -305,7 +305,13 @@ def test_pipeline_defaults_are_the_library_defaults():
         for ours, theirs in pairs.items():
             assert section.model_fields[ours].default == defaults[theirs], f"{section.__name__}.{ours} vs {lib.__name__}.{theirs}"
             checked += 1
-    assert checked == 28
+    voc = SCHEDULES["voc-finetune"]  # the finetune section is the library's VOC schedule (§4.1)
+    finetune = {"iterations": "iterations", "batch_size": "batch_size", "lr": "base_lr", "steps": "steps", "warmup": "warmup_iters",
+                "min_size": "min_size", "max_size": "max_size", "crop": "crop", "clip_grad": "clip_grad_norm"}  # fmt: skip
+    for ours, theirs in finetune.items():
+        assert FinetuneSection.model_fields[ours].default == getattr(voc, theirs), f"FinetuneSection.{ours} vs voc-finetune {theirs}"
+        checked += 1
+    assert checked == 37
     assert SearchSection.model_fields["rungs"].default is None and SearchConfig().rungs == ()  # both: one fidelity
     assert FeaturesSection.model_fields["crop"].default == PROXY_SIZE == 384
     assert FeaturesSection.model_fields["train_size"].default == inspect.signature(meta_split).parameters["train_size"].default == 4000

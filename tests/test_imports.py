@@ -33,6 +33,7 @@ FORBIDDEN = {
     "nasfcos.search": ("nasfcos.model", "nasfcos.engine", "nasfcos.evaluation", "nasfcos.data", "nasfcos.cli"),
     "nasfcos.engine": ("nasfcos.search", "nasfcos.cli"),
     "nasfcos.evaluation": ("nasfcos.model", "nasfcos.engine", "nasfcos.search", "nasfcos.cli"),
+    "nasfcos.data": ("nasfcos.arch", "nasfcos.model", "nasfcos.engine", "nasfcos.search", "nasfcos.evaluation", "nasfcos.cli"),
 }
 # flows/report is a view of a run directory: of this repository it may import only these (no prefect).
 REPORT_MAY_IMPORT = ("flows.report", "storage", "nasfcos.arch", "atomicio")

@@ -148,3 +148,11 @@ def test_stage_plots_never_fail_a_stage(tmp_path, caplog):
     assert stage_plots(tmp_path / "missing", {}, "search") == ""
     assert "report of" in caplog.text and "not written" in caplog.text
     assert re.search(r"no such run directory", caplog.text)
+
+
+def test_the_reward_curve_draws_every_compared_run_however_many():
+    """More runs than colours: colours are reused, no run is dropped (a 6th run was, once)."""
+    runs = {f"run{i}": pd.DataFrame(_rows(8, seed=i)) for i in range(len(plots._COLOURS) + 2)}
+    fig = plots.reward_curve(runs)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert [lab.split(":")[0] for lab in labels if "each arch" in lab] == list(runs)

@@ -1,4 +1,7 @@
-"""Datasets (VOC, COCO, synthetic shapes), joint image/box transforms and batching."""
+"""Datasets (VOC, COCO, synthetic shapes), joint image/box transforms and batching.
+
+May import torch, torchvision, numpy, PIL and ``nasfcos.errors``; nothing else of nasfcos
+(the model, engine and search read data, never the other way round)."""
 
 from nasfcos.data.coco import COCODetection
 from nasfcos.data.common import DataError, DetectionDataset, ImageRecord, read_image
