@@ -262,6 +262,10 @@ class ExecutionSection(_Section):
     timeouts: TimeoutsSection = tuning(TimeoutsSection())
     # resume a stage begun under other versions of nasfcos/torch/torchvision (mixing their numbers)
     allow_version_change: bool = tuning(False)
+    # draw the plots and write runs/<id>/report/ at each stage's end (the stage artifacts show
+    # them); false: text summaries only, ~6 s less per pipeline process, for headless batch
+    # runs and tests (`python -m flows.report RUN_DIR` draws them any time)
+    report: bool = tuning(True)
 
     @model_validator(mode="after")
     def _devices_for_dask(self) -> "ExecutionSection":

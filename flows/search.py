@@ -159,7 +159,7 @@ def search(cfg, run, config: dict) -> dict:
 
     def on_step(info: dict) -> None:
         update_progress_artifact(progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
-        if s.plot_every and info["step"] % s.plot_every == 0:  # plots, archs/hour and ETA in the UI and runs/<id>/report/
+        if cfg.execution.report and s.plot_every and info["step"] % s.plot_every == 0:  # plots, archs/hour and ETA in the UI and runs/<id>/report/
             from flows.report.page import stage_plots
 
             plots = stage_plots(run.root, config, STAGE, logger=get_run_logger(), finished=False)

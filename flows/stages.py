@@ -170,7 +170,7 @@ def publish_summary(cfg: PipelineConfig, run: RunDir, stage: str, what: str, tex
 
     from flows.report.page import stage_plots
 
-    plots = stage_plots(run.root, portable(cfg), stage, logger=get_run_logger())
+    plots = stage_plots(run.root, portable(cfg), stage, logger=get_run_logger()) if cfg.execution.report else ""
     create_markdown_artifact(key=artifact_key(cfg, what), markdown=f"# {stage}\n\n{text}" + plots, description=description)
 
 

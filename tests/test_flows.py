@@ -192,7 +192,7 @@ def test_finetune_trains_data_parallel_over_the_cpu_devices(prefect_server, tmp_
 def test_sigkilled_search_resumes_without_evaluating_twice(prefect_server, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    overrides = tiny("killed", tmp_path, **{"search.total_archs": 8, "search.archs_per_step": 2})
+    overrides = tiny("killed", tmp_path, **{"search.total_archs": 8, "search.archs_per_step": 2, "execution.report": False})
     args = [sys.executable, "-m", "flows.nas_search", "--config", "tiny"]
     for k, v in overrides.items():
         args += ["--set", f"{k}={v}"]

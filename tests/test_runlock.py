@@ -70,7 +70,7 @@ def test_two_runs_of_one_directory_the_second_fails_in_one_line(prefect_server, 
     from prefect.settings import PREFECT_API_URL
 
     args = ["--config", "tiny"]
-    for k, v in tiny("twice", tmp_path, **{"search.total_archs": 4}).items():
+    for k, v in tiny("twice", tmp_path, **{"search.total_archs": 4, "execution.report": False}).items():
         args += ["--set", f"{k}={v}"]
     gate = tmp_path / "go"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
