@@ -111,35 +111,53 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
     return row
 
 
-@stage_flow(STAGE)
-def search(cfg, run, config: dict) -> dict:
-    """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
+def _policy(cfg, run):
+    """The search policy ``search.policy`` names, with its settings from the config."""
     from nasfcos.search.controller import ControllerConfig
     from nasfcos.search.evolution import EvolutionConfig
-    from nasfcos.search.loop import SearchConfig, lost_record, run_search, run_search_async
     from nasfcos.search.policies import build_policy
     from storage.results import ResultsTable
 
     s = cfg.search
-    results = ResultsTable(run.root)
     controller = ControllerConfig(lr=s.controller_lr, ppo_epochs=s.ppo_epochs, update=s.controller_update)
     # read only for a fresh search: a resumed one restores its population from controller.pt
     warm = ResultsTable.of(s.warm_start).ok_rewards() if s.policy == "evolution" and s.warm_start and not run.controller.exists() else ()
     evolution = EvolutionConfig(population=s.population, sample_size=s.sample_size)
-    policy = build_policy(s.policy, seed=s.seed, config=controller, head=s.head, ops=s.ops, evolution=evolution, warm_start=warm)
-    progress = create_progress_artifact(
-        progress=100.0 * min(len(results) - results.count("over_budget"), s.total_archs) / s.total_archs,
-        key=artifact_key(cfg, "search-progress"),
-        description=f"archs evaluated out of {s.total_archs}",
-    )
+    return build_policy(s.policy, seed=s.seed, config=controller, head=s.head, ops=s.ops, evolution=evolution, warm_start=warm)
 
-    timeout = cfg.execution.timeouts.search
-    task = evaluate_decoder.with_options(**task_options(cfg, STAGE, device_shared=cfg.execution.slots_per_device > 1))
 
-    def evaluate(jobs):
-        with device_resources(cfg.execution, shared=True):  # on Dask: one slot of a GPU each
-            futures = task.map(
-                config=unmapped(config),
+def _loop_config(cfg):
+    """The search loop's settings (``nasfcos.search.loop.SearchConfig``) from the config."""
+    from nasfcos.search.loop import SearchConfig
+
+    s, timeout = cfg.search, cfg.execution.timeouts.search
+    return SearchConfig(
+        total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty,
+        max_consecutive_failures=s.max_consecutive_failures, lost_after_s=None if timeout is None else timeout + 120,
+        max_decoder_params=s.max_decoder_params, max_decoder_macs=s.max_decoder_macs, rungs=tuple(s.rungs or ()), eta=s.eta,
+    )  # fmt: skip
+
+
+class _Dispatch:
+    """How the loop's evaluations become Prefect tasks: ``evaluate`` maps a sync step's
+    archs onto tasks, ``submit`` submits one (async); ``on_step`` reports progress."""
+
+    def __init__(self, cfg, run, config: dict, results) -> None:
+        self.cfg, self.run, self.config, self.s = cfg, run, config, cfg.search
+        self.task = evaluate_decoder.with_options(**task_options(cfg, STAGE, device_shared=cfg.execution.slots_per_device > 1))
+        done = len(results) - results.count("over_budget")
+        self.progress = create_progress_artifact(
+            progress=100.0 * min(done, self.s.total_archs) / self.s.total_archs,
+            key=artifact_key(cfg, "search-progress"),
+            description=f"archs evaluated out of {self.s.total_archs}",
+        )
+
+    def evaluate(self, jobs):
+        from nasfcos.search.loop import lost_record
+
+        with device_resources(self.cfg.execution, shared=True):  # on Dask: one slot of a GPU each
+            futures = self.task.map(
+                config=unmapped(self.config),
                 arch=[str(j.arch) for j in jobs],
                 arch_id=[j.arch.arch_id for j in jobs],
                 step=[j.step for j in jobs],
@@ -152,36 +170,41 @@ def search(cfg, run, config: dict) -> dict:
             except Exception as e:  # noqa: BLE001 - after its retries: lost, evaluated again
                 yield lost_record(ids[id(future)], e)
 
-    def submit(job):
-        with device_resources(cfg.execution, shared=True):
-            rung = {"rung": job.rung, "history": [float(v) for v in job.history]} if s.rungs else {}
-            return task.submit(config=config, arch=str(job.arch), arch_id=job.arch.arch_id, step=job.step, sample=job.sample, **rung)
+    def submit(self, job):
+        with device_resources(self.cfg.execution, shared=True):
+            rung = {"rung": job.rung, "history": [float(v) for v in job.history]} if self.s.rungs else {}
+            return self.task.submit(config=self.config, arch=str(job.arch), arch_id=job.arch.arch_id, step=job.step, sample=job.sample, **rung)
 
-    def on_step(info: dict) -> None:
-        update_progress_artifact(progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
-        if cfg.execution.report and s.plot_every and info["step"] % s.plot_every == 0:  # plots, archs/hour and ETA in the UI and runs/<id>/report/
+    def on_step(self, info: dict) -> None:
+        s = self.s
+        update_progress_artifact(self.progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
+        if self.cfg.execution.report and s.plot_every and info["step"] % s.plot_every == 0:  # plots, archs/hour and ETA in the UI and runs/<id>/report/
             from flows.report.page import stage_plots
 
-            plots = stage_plots(run.root, config, STAGE, logger=get_run_logger(), finished=False)
+            plots = stage_plots(self.run.root, self.config, STAGE, logger=get_run_logger(), finished=False)
             create_markdown_artifact(
-                key=artifact_key(cfg, "search"), markdown=f"# {STAGE} (running, step {info['step']})" + plots, description="search progress: plots, archs/hour, ETA"
+                key=artifact_key(self.cfg, "search"), markdown=f"# {STAGE} (running, step {info['step']})" + plots, description="search progress: plots, archs/hour, ETA"
             )
 
+
+@stage_flow(STAGE)
+def search(cfg, run, config: dict) -> dict:
+    """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
+    from nasfcos.search.loop import run_search, run_search_async
+    from storage.results import ResultsTable
+
+    s, results = cfg.search, ResultsTable(run.root)
+    dispatch = _Dispatch(cfg, run, config, results)
     limited = s.max_decoder_params is not None or s.max_decoder_macs is not None
     loop = dict(
-        policy=policy, results=results, state_path=run.controller, on_step=on_step, cost=_cost(cfg, run) if limited else None,
-        cfg=SearchConfig(
-            total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty,
-            max_consecutive_failures=s.max_consecutive_failures, lost_after_s=None if timeout is None else timeout + 120,
-            max_decoder_params=s.max_decoder_params, max_decoder_macs=s.max_decoder_macs, rungs=tuple(s.rungs or ()), eta=s.eta,
-        ),
+        policy=_policy(cfg, run), results=results, state_path=run.controller, on_step=dispatch.on_step,
+        cost=_cost(cfg, run) if limited else None, cfg=_loop_config(cfg),
     )  # fmt: skip
     try:
-        if s.mode == "async":
-            # evaluate_decoder writes its row before it returns
-            summary = run_search_async(submit=submit, slots=evaluation_slots(cfg.execution), evaluator_writes_rows=True, **loop)
+        if s.mode == "async":  # evaluate_decoder writes its row before it returns
+            summary = run_search_async(submit=dispatch.submit, slots=evaluation_slots(cfg.execution), evaluator_writes_rows=True, **loop)
         else:
-            summary = run_search(evaluate=evaluate, **loop)
+            summary = run_search(evaluate=dispatch.evaluate, **loop)
     finally:  # the cached features must not hold device memory during full training
         feature_cache.free()
     if s.rungs:
