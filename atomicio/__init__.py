@@ -72,13 +72,15 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> 
 def remove_orphans(folder: str | os.PathLike, *, name: str = "", older_than: float = ORPHAN_AGE_S) -> int:
     """Delete temp files of killed writers in ``folder``: those of file ``name`` (all
     files' when empty) last modified more than ``older_than`` seconds ago (0: all of
-    them, for a file with one writer that is starting again). Returns how many."""
+    them, for a file with one writer that is starting again). A named file's temp files
+    include those nasfcos wrote before this module, ``<name>XXXX.tmp``. Returns how many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     cutoff = time.time() - older_than
     removed = 0
-    for tmp in folder.glob(f"{TMP_PREFIX}{name}.*" if name else f"{TMP_PREFIX}*"):
+    patterns = [f"{TMP_PREFIX}{name}.*", f"{name}*.tmp"] if name else [f"{TMP_PREFIX}*"]
+    for tmp in (p for pattern in patterns for p in folder.glob(pattern)):
         with contextlib.suppress(FileNotFoundError):
             if older_than <= 0 or tmp.stat().st_mtime < cutoff:
                 tmp.unlink()

@@ -143,7 +143,7 @@ def stage_flow(stage: str, *, redo: Callable[[PipelineConfig, RunDir], bool] | N
 
     def wrap(body: Callable[[PipelineConfig, RunDir, dict], dict]) -> Callable:
         def owned(config: dict | str = "demo") -> dict:
-            cfg = load_config(config) if isinstance(config, str) else PipelineConfig.model_validate(config)
+            cfg = _config(config)
             run = RunDir.at(cfg.runs_dir, cfg.run_id)
             with run_lock(run.root, owner()):
                 fault_point(f"stage:{stage}")
@@ -225,9 +225,15 @@ def artifact_key(cfg: PipelineConfig, what: str) -> str:
 def open_stage(config: dict | str, stage: str) -> tuple[PipelineConfig, RunDir, str, bool]:
     """Validate the config (a dict, or a preset name / YAML path for per-stage
     deployments), open the run dir and tell whether ``stage`` is already done."""
-    cfg = load_config(config) if isinstance(config, str) else PipelineConfig.model_validate(config)
+    cfg = _config(config)
     run = RunDir.at(cfg.runs_dir, cfg.run_id)
     return (cfg, run, *_open(cfg, run, stage))
+
+
+def _config(config: dict | str) -> PipelineConfig:
+    """A stage's config parameter: a dict (a parent flow's portable config), or a preset
+    name / YAML path (a per-stage deployment)."""
+    return load_config(config) if isinstance(config, str) else PipelineConfig.model_validate(config)
 
 
 def _open(cfg: PipelineConfig, run: RunDir, stage: str) -> tuple[str, bool]:

@@ -35,6 +35,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import atomicio
+
 __all__ = ["MARKER", "stage_store"]
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 # In the copy's root. Zarr opens arrays by path and never reads it; only listing the root
 # group's members (which FeatureStore does not do) warns that it is not a Zarr node.
 MARKER = ".staged.json"
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = atomicio.TMP_PREFIX  # hidden, and beside a file's temp files
 # Threads of one process take a process-level lock per path before flock(2): on file
 # systems where the kernel emulates flock with POSIX record locks (NFS, some FUSE) those
 # locks are per process, so threads of one process would not exclude each other.

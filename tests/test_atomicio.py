@@ -52,10 +52,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
 
 def test_orphans_are_removed_by_age_or_all_of_one_file(tmp_path):
     old = time.time() - atomicio.ORPHAN_AGE_S - 60
-    for name in (".tmp-a.pt.1", ".tmp-a.pt.2", ".tmp-b.pt.1", ".tmp-a.pt2.1", "a.pt"):
+    for name in (".tmp-a.pt.1", ".tmp-a.pt.2", ".tmp-b.pt.1", ".tmp-a.pt2.1", "a.pt", "a.ptx1y2.tmp"):
         (tmp_path / name).write_bytes(b"")
     os.utime(tmp_path / ".tmp-a.pt.1", (old, old))
     assert atomicio.remove_orphans(tmp_path) == 1  # only the old one: a young one may be in progress
-    assert atomicio.remove_orphans(tmp_path, name="a.pt", older_than=0) == 1  # its one writer restarts
+    # its one writer restarts: its temp files go, those named before atomicio (a.ptXXXX.tmp) too
+    assert atomicio.remove_orphans(tmp_path, name="a.pt", older_than=0) == 2
     assert sorted(os.listdir(tmp_path)) == [".tmp-a.pt2.1", ".tmp-b.pt.1", "a.pt"]
     assert atomicio.remove_orphans(tmp_path / "missing") == 0

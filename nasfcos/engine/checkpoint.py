@@ -23,11 +23,8 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 def remove_orphans(path: Path) -> None:
     """Delete temp files of ``path`` left by a process killed inside :func:`save_checkpoint`
-    (the one writer of a checkpoint calls this before it starts writing again), including
-    those named ``<name>XXXX.tmp`` by nasfcos before 0.1.0's atomicio."""
+    (the one writer of a checkpoint calls this before it starts writing again)."""
     atomicio.remove_orphans(path.parent, name=path.name, older_than=0)
-    for old in path.parent.glob(f"{path.name}*.tmp"):
-        old.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
