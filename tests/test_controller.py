@@ -94,17 +94,21 @@ def test_seq_controller_can_sample_the_published_head():
 
 
 def test_buffer_schedule_is_14s():
-    """[14]: every result enters a 100-entry buffer, then one shuffled pass of minibatch-1
-    Adam steps: after 3 results 1 + 2 + 3 = 6 steps; with a 4-entry buffer, 10 results give
-    1+2+3+4+4+4+4+4+4+4 = 34 steps and the buffer holds the last 4 rewards."""
+    """[14]: a zero-filled buffer (reward 0, log-probability 0, tokens 0); every result
+    replaces its oldest entry, then one shuffled pass of minibatch-1 Adam steps over all of
+    it: with a 4-entry buffer, 3 results give 3 x 4 = 12 steps, 10 results 40, and the
+    buffer holds the last 4 rewards; no entropy bonus (the batch schedule keeps ours)."""
     c = PPOController(ControllerConfig(update="buffer", buffer_size=4), seed=0)
+    assert (c.cfg.entropy_coef, ControllerConfig().entropy_coef, ControllerConfig(update="buffer", entropy_coef=0.01).entropy_coef) == (0.0, 1e-4, 0.01)
+    assert c.buffer["reward"].tolist() == [0.0] * 4 and c.buffer["logp"].tolist() == [0.0] * 4 and not c.buffer["tokens"].any()
     steps = []
     c.optimizer.step = (lambda f: lambda *a, **k: (steps.append(1), f(*a, **k))[1])(c.optimizer.step)
     samples = c.sample(10)
     c.update(samples[:3], [-2.3, -2.2, -2.4])
-    assert len(steps) == 6
+    assert len(steps) == 12
+    assert c.buffer["reward"].tolist() == pytest.approx([0.0, -2.3, -2.2, -2.4])
     c.update(samples[3:], [-2.0 - 0.01 * i for i in range(7)])
-    assert len(steps) == 34
+    assert len(steps) == 40
     assert c.buffer["reward"].tolist() == pytest.approx([-2.03, -2.04, -2.05, -2.06])
     assert c.buffer["logp"].tolist() == pytest.approx([s.logp for s in samples[6:]])
     # the baseline follows every reward in order (decay 0.95), from the first reward
@@ -112,6 +116,38 @@ def test_buffer_schedule_is_14s():
     for v in [-2.2, -2.4] + [-2.0 - 0.01 * i for i in range(7)]:
         b = 0.95 * b + 0.05 * v
     assert c.baseline == pytest.approx(b)
+
+
+def _advantages(c: PPOController) -> list:
+    """Record the advantages each PPO step of ``c`` trains on."""
+    seen = []
+    step = c._ppo_step
+    c._ppo_step = lambda tokens, masks, old, adv: (seen.append(adv.clone()), step(tokens, masks, old, adv))[1]
+    return seen
+
+
+def test_batch_advantages_use_the_baseline_before_the_batch():
+    """Ours: advantages against the baseline the batch has not moved yet (a baseline that
+    has seen the rewards shrinks their advantages), then the baseline follows each reward."""
+    c = PPOController(seed=0)
+    c.baseline = -2.0
+    seen = _advantages(c)
+    c.update(c.sample(2), [-2.3, -1.9])
+    assert len(seen) == c.cfg.ppo_epochs
+    assert seen[0].tolist() == pytest.approx([-0.3, 0.1])
+    assert c.baseline == pytest.approx(0.95 * (0.95 * -2.0 + 0.05 * -2.3) + 0.05 * -1.9)
+
+
+def test_buffer_advantages_use_the_baseline_after_the_result():
+    """[14] (``PPO.update``): the baseline follows the new reward first, then every buffer
+    entry's advantage is its reward minus that baseline."""
+    c = PPOController(ControllerConfig(update="buffer", buffer_size=3), seed=0)
+    c.baseline = -2.0
+    seen = _advantages(c)
+    c.update(c.sample(1), [-2.4])
+    b = 0.95 * -2.0 + 0.05 * -2.4
+    assert c.baseline == pytest.approx(b)
+    assert sorted(float(a) for a in torch.cat(seen)) == pytest.approx(sorted([-2.4 - b, -b, -b]))
 
 
 def test_buffer_state_round_trip_continues_identically(tmp_path):

@@ -11,22 +11,30 @@ segmentation NAS it follows (Nekrasov et al., its ref. [14]): a 2-layer LSTM
 with hidden size 100, PPO clip 0.1, Adam lr 1e-4, reward baseline decay 0.95,
 gradient norm clip 2.0. Two update schedules:
 
-``batch`` (default)
+``batch`` (default, ours)
     one PPO update per batch of ``archs_per_step`` results, ``ppo_epochs`` (4)
-    full-batch Adam steps on it (ours).
+    full-batch Adam steps on it; advantages against the baseline *before* the
+    batch (a baseline that has seen a reward would shrink its own advantage),
+    which then follows each reward in order; entropy bonus 1e-4.
 ``buffer``
-    [14]'s schedule: every new result enters a 100-entry rollout buffer (oldest
-    out), then one pass over the buffer in shuffled minibatches of 1, one Adam
-    step each (~100 steps per arch); advantages against the moving baseline,
-    ratios against each entry's stored sampling log-probability.
+    [14]'s schedule exactly (nas-segm-pytorch ``PPO`` + ``RolloutStorage``): the
+    baseline follows the new result, which replaces the oldest of 100 entries
+    (at first 100 placeholders, [14]'s zero-filled storage: tokens 0,
+    log-probability 0, reward 0; their ratios are ~0, so they give no gradient,
+    but their Adam steps still move the policy on momentum); then one shuffled
+    pass of minibatch-1 Adam steps over all 100 entries, advantages against the
+    baseline *after* this result, ratios against each entry's stored sampling
+    log-probability, no entropy bonus. [14] samples one arch per update: with
+    ``archs_per_step`` K > 1 the K results of one policy enter in turn.
 
 ``benchmarks/controller_schedule.py`` compares them on a toy reward at the paper's
 scale: ``buffer`` learns faster per arch (at 700 archs it closes 0.66 of the
 random->optimum gap, ``batch`` 0.33), but at the paper's 2,800-arch budget ``batch``
-closes 0.98 and finds the optimum in every seed, at ~1/200 of the controller compute
-(``buffer``: ~1.4 s of CPU per arch, which would bound a search feeding 64 slots).
-
-The entropy bonus 1e-4 is ours ([14] uses none).
+closes 0.98 and finds the optimum in every seed, with ~1/200 of the Adam steps and
+~1/40 of the controller compute (``buffer``: ~0.8 s of one core per arch, ~1.4 s on a
+loaded machine, which would bound a search feeding 64 slots). Those ``buffer`` figures
+were measured before it matched [14] exactly (it then kept the entropy bonus and
+trained only filled entries).
 
 :func:`nasfcos.search.policies.build_policy` builds these and regularised evolution
 (``nasfcos.search.evolution``), a strategy beyond the paper, with the same interface.
@@ -54,7 +62,7 @@ class ControllerConfig:
     num_layers: int = 2
     lr: float = 1e-4
     clip: float = 0.1
-    entropy_coef: float = 1e-4
+    entropy_coef: float | None = None  # None: the schedule's own, 1e-4 for batch (ours), 0 for buffer ([14])
     baseline_decay: float = 0.95
     ppo_epochs: int = 4
     max_grad_norm: float = 2.0
@@ -65,6 +73,8 @@ class ControllerConfig:
     buffer_epochs: int = 1  # [14]: ppo_epoch=1
 
     def __post_init__(self) -> None:
+        if self.entropy_coef is None:
+            object.__setattr__(self, "entropy_coef", 0.0 if self.update == "buffer" else 1e-4)
         if not 0 <= self.baseline_decay < 1:
             raise ValueError(f"controller config: baseline_decay must be in [0, 1), got {self.baseline_decay}")
         if self.update not in UPDATES:
@@ -76,7 +86,12 @@ class ControllerConfig:
 class LSTMPolicy(nn.Module):
     """LSTM over the token sequence: the input at step t embeds the choice made at
     t-1 (a learned start vector at t=0); a linear head per token gives logits,
-    with invalid choices masked out."""
+    with invalid choices masked out.
+
+    Not [14]'s network, which feeds each step the LSTM's own previous output (the
+    sampled choices never reach the LSTM: independent categoricals), shares one op
+    classifier across op tokens and masks nothing: here the FPN id masks depend on
+    earlier choices, which the policy should see too."""
 
     def __init__(self, cfg: ControllerConfig, space: TokenSpace) -> None:
         super().__init__()
@@ -167,17 +182,27 @@ class PPOController:
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr, foreach=True)
         self.generator = torch.Generator().manual_seed(seed)
         self.baseline: float | None = None
-        T, A = len(self.space.tokens), self.space.max_choices
-        # [14]'s rollout buffer (buffer schedule only): the newest buffer_size results
-        self.buffer = {
-            "tokens": torch.zeros(0, T, dtype=torch.long),
-            "masks": torch.zeros(0, T, A, dtype=torch.bool),
-            "logp": torch.zeros(0),
-            "reward": torch.zeros(0),
-        }
+        # [14]'s rollout buffer (buffer schedule only): the newest buffer_size results,
+        # placeholders until there are that many (module docstring)
+        self.buffer = self._placeholders(cfg.buffer_size if cfg.update == "buffer" else 0)
 
     def sample(self, n: int) -> list[Sample]:
         return self.policy.sample(n, self.generator)
+
+    def _placeholders(self, n: int) -> dict[str, Tensor]:
+        """``n`` entries of [14]'s zero-filled rollout storage: reward 0, log-probability 0,
+        tokens 0 (the first valid choice, where a restricted ``ops`` forbids choice 0)."""
+        prefix: list[int] = []
+        masks = []
+        for _ in self.space.tokens:
+            masks.append(self.space.mask(prefix))
+            prefix.append(int(masks[-1].argmax()))
+        return {
+            "tokens": torch.as_tensor(prefix, dtype=torch.long).repeat(n, 1),
+            "masks": torch.as_tensor(np.stack(masks)).repeat(n, 1, 1),
+            "logp": torch.zeros(n),
+            "reward": torch.zeros(n),
+        }
 
     def update(self, samples: list[Sample], rewards: list[float]) -> dict[str, float]:
         """PPO on sampled archs and their rewards (one batch update, or one buffer
@@ -217,8 +242,8 @@ class PPOController:
 
     def _buffer_update(self, sample: Sample, reward: float) -> dict[str, float]:
         """[14]: baseline follows the reward, the result enters the buffer (oldest out),
-        then ``buffer_epochs`` shuffled passes of ``buffer_minibatch``-sized Adam steps.
-        Unlike [14] (a zero-filled buffer from the start), only filled entries train."""
+        then ``buffer_epochs`` shuffled passes of ``buffer_minibatch``-sized Adam steps over
+        every entry, placeholders included."""
         self.baseline = reward if self.baseline is None else self.cfg.baseline_decay * self.baseline + (1 - self.cfg.baseline_decay) * reward
         new = {
             "tokens": torch.as_tensor(sample.tokens, dtype=torch.long)[None],
@@ -235,7 +260,7 @@ class PPOController:
             for i in range(0, n, mb):
                 idx = order[i : i + mb]
                 stats = self._ppo_step(self.buffer["tokens"][idx], self.buffer["masks"][idx], self.buffer["logp"][idx], adv[idx])
-        return {**stats, "baseline": self.baseline, "buffer": float(n), "mean_advantage": float(adv.mean())}
+        return {**stats, "baseline": self.baseline, "mean_advantage": float(adv.mean())}
 
     def state_dict(self) -> dict:
         return {
@@ -256,4 +281,7 @@ class PPOController:
         self.generator.set_state(state["generator"])
         self.baseline = state["baseline"]
         if "buffer" in state:
-            self.buffer = dict(state["buffer"])
+            buffer = dict(state["buffer"])
+            # a buffer saved before the placeholders: topped up, oldest first
+            missing = self.cfg.buffer_size - len(buffer["reward"]) if self.cfg.update == "buffer" else 0
+            self.buffer = {k: torch.cat([v, buffer[k]]) for k, v in self._placeholders(max(missing, 0)).items()}
