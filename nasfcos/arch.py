@@ -8,8 +8,9 @@ Canonical string (also the constructor input of :meth:`Arch.parse`)::
 
     fpn=[3,3,4,4,1][3,3,4,4,1][4,3,4,3,1][1,3,4,3,1][5,3,4,4,1][4,7,4,4,1][7,2,4,4,1];head=seq[5,1,5,0,4,4];share=0
 
-- ``fpn``: ``fcos`` (the hand-designed FPN of FCOS) or 7 blocks ``[id1,id2,op1,op2,agg]``
-  (§3.2.1). Pool indices 0-3 are C2-C5 (adapted to the FPN width), 4+ the
+- ``fpn``: ``fcos`` (the hand-designed FPN of FCOS), ``fcos-deform`` (the same FPN with its
+  1x1 laterals and 3x3 output convs modulated deformable: Deformable-FPN-FCOS, §4.4.2) or
+  7 blocks ``[id1,id2,op1,op2,agg]`` (§3.2.1). Pool indices 0-3 are C2-C5 (adapted to the FPN width), 4+ the
   outputs of earlier blocks. Ops index :data:`FPN_OPS`, aggregations :data:`AGGS`.
 - ``head``: ``fcos`` (4 conv3x3+GN per tower, the FCOS head), ``seq[o0,..,o5]``
   (the sequential head of the released model: 6 ops indexing :data:`HEAD_OPS`)
@@ -46,6 +47,8 @@ FPN_OPS: tuple[str, ...] = ("sep_conv_3x3", "sep_conv_3x3_dil3", "sep_conv_5x5_d
 # §3.2.2 head ops (released genotype order).
 HEAD_OPS: tuple[str, ...] = ("conv1x1", "conv3x3", "sep_conv_3x3", "sep_conv_3x3_dil3", "skip_connect", "def_conv_3x3")
 AGGS: tuple[str, ...] = ("psum", "cat")
+# The hand-designed FPNs' ``fpn=`` text, by ``Arch.deform_fpn``.
+HAND_FPNS: dict[bool, str] = {False: "fcos", True: "fcos-deform"}
 
 NUM_BACKBONE_INPUTS = 4  # C2, C3, C4, C5
 NUM_FPN_BLOCKS = 7
@@ -129,6 +132,9 @@ def fpn_wiring(blocks: Sequence[Block]) -> FPNWiring:
 class Arch:
     """A decoder: FPN (``None`` = the FCOS FPN, else 7 blocks), head, sharing index.
 
+    ``deform_fpn`` (only with ``fpn=None``) makes the FCOS FPN deformable, the paper's
+    Deformable-FPN-FCOS baseline; a flag rather than a new ``fpn`` value so that every
+    ``fpn is None`` test (hand-designed FPN: no blocks, no tokens) still holds for it.
     Validated on construction; ``str(arch)`` is the canonical form and
     ``arch.arch_id`` its stable 12-hex-digit hash.
     """
@@ -136,6 +142,7 @@ class Arch:
     fpn: tuple[Block, ...] | None
     head: Head
     share: int = 0
+    deform_fpn: bool = False
     _id: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
@@ -144,7 +151,7 @@ class Arch:
 
     # ------------------------------------------------------------- identity
     def __str__(self) -> str:
-        fpn = "fcos" if self.fpn is None else "".join(map(str, self.fpn))
+        fpn = HAND_FPNS[self.deform_fpn] if self.fpn is None else "".join(map(str, self.fpn))
         return f"fpn={fpn};head={self.head};share={self.share}"
 
     @property
@@ -164,7 +171,7 @@ class Arch:
         head_ops = [HEAD_OPS[op] for op in h.ops] + [HEAD_OPS[op] for b in h.blocks for op in (b.op1, b.op2)]
         head_aggs = [AGGS[b.agg] for b in h.blocks]
         return {
-            "fpn_kind": "fcos" if self.fpn is None else "searched",
+            "fpn_kind": HAND_FPNS[self.deform_fpn] if self.fpn is None else "searched",
             "fpn_ops": fpn_ops,
             "fpn_aggs": fpn_aggs,
             "fpn_inputs": [i for b in fpn for i in (b.id1, b.id2)],
@@ -185,6 +192,10 @@ class Arch:
     # ----------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise :class:`ArchError` naming the first bad token."""
+        if not isinstance(self.deform_fpn, bool):
+            raise ArchError(f"deform_fpn: {self.deform_fpn!r} is not a bool")
+        if self.deform_fpn and self.fpn is not None:
+            raise ArchError(f"fpn: only the FCOS FPN can be made deformable ({HAND_FPNS[True]}), not searched blocks")
         if self.fpn is not None:
             if len(self.fpn) != NUM_FPN_BLOCKS:
                 raise ArchError(f"fpn: expected {NUM_FPN_BLOCKS} blocks, got {len(self.fpn)}")
@@ -235,13 +246,14 @@ class Arch:
         extra = set(parts) - {"fpn", "head", "share"}
         if extra:
             raise ArchError(f"{text!r}: unknown field(s) {sorted(extra)}")
-        fpn = None if parts["fpn"] == "fcos" else tuple(_blocks(parts["fpn"], "fpn"))
+        hand = {name: deform for deform, name in HAND_FPNS.items()}
+        fpn = None if parts["fpn"] in hand else tuple(_blocks(parts["fpn"], "fpn"))
         head = _parse_head(parts["head"])
         try:
             share = int(parts["share"])
         except ValueError:
             raise ArchError(f"share: {parts['share']!r} is not an integer") from None
-        return cls(fpn=fpn, head=head, share=share)
+        return cls(fpn=fpn, head=head, share=share, deform_fpn=hand.get(parts["fpn"], False))
 
     # ------------------------------------------------------------ tokens
     def tokens(self) -> list[int]:
@@ -447,10 +459,13 @@ def _parse_head(text: str) -> Head:
 
 # §4.3 / released configs: the discovered FPN (Fig. 4) and sequential head.
 _NAS_FPN = tuple(Block(*b) for b in ([3, 3, 4, 4, 1], [3, 3, 4, 4, 1], [4, 3, 4, 3, 1], [1, 3, 4, 3, 1], [5, 3, 4, 4, 1], [4, 7, 4, 4, 1], [7, 2, 4, 4, 1]))
+# deformable-fpn-fcos: §4.4.2 / Table 2's Deformable-FPN-FCOS, as the released
+# R-50-Deformable_FPN-DENSEBOX backbone builds it (docs/fidelity.md).
 PRESETS: dict[str, Arch] = {
     "fpn-fcos": Arch(fpn=None, head=Head("fcos"), share=0),
     "nas-fcos-fpn": Arch(fpn=_NAS_FPN, head=Head("fcos"), share=0),
     "nas-fcos": Arch(fpn=_NAS_FPN, head=Head("seq", (5, 1, 5, 0, 4, 4)), share=0),
+    "deformable-fpn-fcos": Arch(fpn=None, head=Head("fcos"), share=0, deform_fpn=True),
 }
 
 

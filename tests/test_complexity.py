@@ -122,6 +122,30 @@ def test_nas_fcos_fpn_r50_macs_count_deformable_convs():
     assert c["macs"] == pytest.approx(199.6e9, rel=0.03)  # Table 2, NAS-FCOS @256 R-50
 
 
+def test_deformable_fpn_fcos_r50_counts_hand_computed():
+    """Table 2's Deformable-FPN-FCOS @256 R-50 (paper 35.1 M params, 172.2 G FLOPs = MACs):
+    fpn-fcos (32,244,250 params, 32,021,850 trainable, 173,832,994,304 MACs) plus the offset/
+    mask convs of its six DCNv2 (the DCN weights and biases replace the plain convs' own).
+
+    params: 1x1 laterals Cin*6 + 6 for Cin 512/1024/2048 (21,522) + 3x3 outputs 3*(256*54*9 + 54) (373,410).
+    MACs: offset/mask convs only, the deformable convs count as the plain ones did:
+    6*(512*13600 + 1024*3400 + 2048*850) (73,113,600) + 256*54*9*(13600 + 3400 + 850) (2,220,825,600).
+    """
+    c = complexity("deformable-fpn-fcos", backbone="resnet50", width=256, num_classes=80, input_size=(800, 1088))
+    assert (c["params"], c["trainable_params"]) == (32_244_250 + 394_932, 32_021_850 + 394_932)
+    assert c["macs"] == 173_832_994_304 + 73_113_600 + 2_220_825_600 == 176_126_933_504
+    # RESULTS.md's counting hypothesis (each DCN weight counted twice) lands on the paper's 35.1 M
+    dcn_weights = 3 * 256 * 256 * 9 + 256 * (512 + 1024 + 2048)
+    assert c["trainable_params"] + dcn_weights == pytest.approx(35.1e6, rel=0.001)
+    # decoder_cost (the search's cost and a baseline's proxy record) tells the two FCOS FPNs apart
+    from nasfcos.model.complexity import decoder_cost
+
+    geo = dict(in_channels=(256, 512, 1024, 2048), sizes=((32, 40), (16, 20), (8, 10), (4, 5)), width=256, num_classes=80)
+    d, f = decoder_cost("deformable-fpn-fcos", **geo), decoder_cost("fpn-fcos", **geo)
+    assert d.params - f.params == 394_932
+    assert d.macs - f.macs == 6 * (512 * 320 + 1024 * 80 + 2048 * 20) + 256 * 54 * 9 * (320 + 80 + 20)
+
+
 def test_cli_complexity_prints_counts(capsys):
     argv = ["complexity", "fpn-fcos", "--backbone", "tiny", "--width", "64", "--num-classes", "3", "--size", "64", "96"]
     assert main(argv) == 0

@@ -46,6 +46,36 @@ def test_deformable_conv_starts_as_half_a_plain_conv():
     assert not torch.allclose(m(x), expected, atol=1e-3)
 
 
+def test_deformable_conv_can_change_the_width_with_a_1x1_kernel():
+    """The deformable FPN's laterals: Cin -> C, 1x1, an offset/mask conv of 2 x 3 x 1 = 6 channels."""
+    torch.manual_seed(0)
+    m = ModulatedDeformConv(8, 1, out_channels=5)
+    with torch.no_grad():
+        m.bias.normal_()
+    assert m.weight.shape == (5, 8, 1, 1) and m.offset_mask.out_channels == 6 and m.offset_mask.kernel_size == (1, 1)
+    x = torch.randn(1, 8, 6, 7)
+    assert torch.allclose(m(x), 0.5 * torch.nn.functional.conv2d(x, m.weight) + m.bias.view(1, -1, 1, 1), atol=1e-5)
+
+
+def test_deformable_fpn_fcos_makes_only_the_fpn_laterals_and_outputs_deformable():
+    """Deformable-FPN-FCOS: fpn-fcos with DCNv2 (2 deformable groups) for the three 1x1
+    laterals and three 3x3 output convs; P6/P7 and the head are fpn-fcos's. So its
+    parameters are fpn-fcos's plus the six offset/mask convs, and every one of those
+    gets a gradient (the offsets learn)."""
+    dec = Decoder("deformable-fpn-fcos", in_channels=IN_CHANNELS, num_classes=3, width=64)
+    plain = Decoder("fpn-fcos", in_channels=IN_CHANNELS, num_classes=3, width=64)
+    assert [(m.kernel, tuple(m.weight.shape), m.offset_mask.out_channels) for m in dec.fpn.lateral] == [(1, (64, c, 1, 1), 6) for c in IN_CHANNELS[1:]]
+    assert [(m.kernel, tuple(m.weight.shape), m.offset_mask.out_channels) for m in dec.fpn.output] == [(3, (64, 64, 3, 3), 54)] * 3
+    deform = [m for m in dec.modules() if isinstance(m, ModulatedDeformConv)]
+    assert len(deform) == 6 and not any(isinstance(m, ModulatedDeformConv) for m in [*dec.fpn.extra.modules(), *dec.head.modules()])
+    offsets = sum(c * 6 + 6 for c in IN_CHANNELS[1:]) + 3 * (64 * 54 * 9 + 54)
+    assert _count(dec) == _count(plain) + offsets
+    outs = dec(_feats())
+    _assert_outputs(outs, 2, 3, 64)
+    sum(o.float().mean() for lvl in outs for o in lvl).backward()
+    assert all(m.offset_mask.weight.grad is not None and m.offset_mask.weight.grad.abs().sum() > 0 for m in deform)
+
+
 def test_aggregations_upsample_the_smaller_input():
     x, y = torch.randn(1, 32, 4, 4), torch.randn(1, 32, 8, 8)
     out = ParamSum(32, "bn")(x, y)

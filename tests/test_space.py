@@ -44,6 +44,33 @@ def test_presets_canonical_strings():
     assert Arch.parse(" nas-fcos-fpn ") == PRESETS["nas-fcos-fpn"]
 
 
+def test_deformable_fpn_fcos_preset_round_trips_and_keeps_the_others_ids():
+    """Deformable-FPN-FCOS (§4.4.2) is the FCOS FPN with a flag, so ``fpn is None`` (no blocks,
+    no tokens) still holds for it; its canonical string and id differ from fpn-fcos's."""
+    a = PRESETS["deformable-fpn-fcos"]
+    assert str(a) == "fpn=fcos-deform;head=fcos;share=0"
+    assert a.arch_id == "a6c7a1a46039"  # pinned like the others: run dirs key on it
+    assert Arch.parse(str(a)) == a and resolve("deformable-fpn-fcos") is a
+    assert a.fpn is None and a.head == Head("fcos") and a.deform_fpn
+    assert a != PRESETS["fpn-fcos"] and not PRESETS["fpn-fcos"].deform_fpn
+    assert a.columns()["fpn_kind"] == "fcos-deform" and PRESETS["fpn-fcos"].columns()["fpn_kind"] == "fcos"
+    b = Arch.parse("fpn=fcos-deform;head=seq[1,5];share=1")  # any head
+    assert b.deform_fpn and str(b) == "fpn=fcos-deform;head=seq[1,5];share=1"
+    with pytest.raises(ArchError, match="only the FCOS FPN can be made deformable"):
+        Arch(fpn=PRESETS["nas-fcos"].fpn, head=Head("fcos"), deform_fpn=True)
+    with pytest.raises(ArchError, match="token sequence"):
+        a.tokens()
+
+
+def test_deformable_fpn_fcos_is_accepted_as_a_train_full_baseline():
+    from flows.config import ConfigError, load_config
+
+    cfg = load_config("demo", {"train_full.baselines": ["fpn-fcos", "deformable-fpn-fcos"]})
+    assert cfg.train_full.baselines == ("fpn-fcos", "deformable-fpn-fcos")
+    with pytest.raises(ConfigError, match="not a preset"):
+        load_config("demo", {"train_full.baselines": ["deformable-fpn"]})
+
+
 def test_nas_fcos_wiring_hand_derived():
     # Pool: 0-3 = C2..C5, block b writes index 4+b. Reads of each block (id1, id2):
     #   b0 -> 4: (3,3)   b1 -> 5: (3,3)   b2 -> 6: (4,3)   b3 -> 7: (1,3)

@@ -175,7 +175,7 @@ def complexity(
     """:func:`complexity_of` a detector built from a ``DetectorSpec``.
 
     Args:
-        decoder: a preset name (``fpn-fcos``, ``nas-fcos-fpn``, ``nas-fcos``)
+        decoder: a preset name (``fpn-fcos``, ``nas-fcos-fpn``, ``nas-fcos``, ``deformable-fpn-fcos``)
             or canonical arch string (``nasfcos.arch``).
         backbone, width, head_width, num_classes: the ``DetectorSpec`` fields
             (``head_width=None``: the head has the FPN's width).

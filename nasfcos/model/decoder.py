@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from nasfcos.arch import AGGS, FPN_OPS, HEAD_OPS, NUM_BACKBONE_INPUTS, Arch, Block, Head, fpn_wiring, resolve
 from nasfcos.model.fcos import LevelOutputs
-from nasfcos.model.ops import build_agg, build_op, norm_layer, resize_to
+from nasfcos.model.ops import ModulatedDeformConv, build_agg, build_op, norm_layer, resize_to
 
 NUM_LEVELS = 5  # P3..P7
 
@@ -42,13 +42,22 @@ class P6P7(nn.Module):
 
 class FPN(nn.Module):
     """The FPN of FCOS: P3-P5 from C3-C5 by 1x1 laterals, top-down nearest
-    upsampling and 3x3 output convs; P6/P7 from P5."""
+    upsampling and 3x3 output convs; P6/P7 from P5.
 
-    def __init__(self, *, in_channels: tuple[int, int, int, int], width: int) -> None:
+    ``deform``: Deformable-FPN-FCOS (§4.4.2): the laterals and output convs are
+    modulated deformable convs (DCNv2, 2 deformable groups, an offset/mask conv of their
+    own kernel size, zero-initialised), as the released ``R-50-Deformable_FPN-DENSEBOX``
+    builds them; P6/P7 and the head stay plain (docs/fidelity.md says why)."""
+
+    def __init__(self, *, in_channels: tuple[int, int, int, int], width: int, deform: bool = False) -> None:
         super().__init__()
-        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels[1:])
-        self.output = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in in_channels[1:])
-        for m in [*self.lateral, *self.output]:
+        if deform:
+            self.lateral = nn.ModuleList(ModulatedDeformConv(c, 1, out_channels=width) for c in in_channels[1:])
+            self.output = nn.ModuleList(ModulatedDeformConv(width, 3) for _ in in_channels[1:])
+        else:
+            self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels[1:])
+            self.output = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in in_channels[1:])
+        for m in [*self.lateral, *self.output]:  # the released code's init of either kind
             nn.init.kaiming_uniform_(m.weight, a=1)
             nn.init.zeros_(m.bias)
         self.extra = P6P7(width)
@@ -198,7 +207,7 @@ class Decoder(nn.Module):
         self.arch = resolve(arch)
         head_width = width if head_width is None else head_width
         if self.arch.fpn is None:
-            self.fpn: nn.Module = FPN(in_channels=in_channels, width=width)
+            self.fpn: nn.Module = FPN(in_channels=in_channels, width=width, deform=self.arch.deform_fpn)
         else:
             self.fpn = SearchedFPN(blocks=self.arch.fpn, in_channels=in_channels, width=width)
         self.bridge = nn.Conv2d(width, head_width, 1) if head_width != width else nn.Identity()
@@ -211,5 +220,5 @@ class Decoder(nn.Module):
 
 
 def build_decoder(arch: Arch | str, *, in_channels: tuple[int, int, int, int], num_classes: int, width: int, head_width: int | None = None) -> Decoder:
-    """A decoder from an Arch, canonical string or preset name (fpn-fcos, nas-fcos, nas-fcos-fpn)."""
+    """A decoder from an Arch, canonical string or preset name (``nasfcos.arch.PRESETS``)."""
     return Decoder(arch, in_channels=in_channels, num_classes=num_classes, width=width, head_width=head_width)

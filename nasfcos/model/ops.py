@@ -83,15 +83,19 @@ class ModulatedDeformConv(nn.Module):
     ``compute_dtype`` (None: the input's; see :func:`set_deform_dtype`) runs the
     deformable conv itself in that dtype: torchvision's kernel is not cuDNN and under
     autocast runs in fp32, which made it most of a searched decoder's time. The output
-    is cast back to the input's dtype, as torchvision's autocast wrapper does."""
+    is cast back to the input's dtype, as torchvision's autocast wrapper does.
+
+    ``out_channels`` (None: ``channels``) lets it change the width, as the 1x1 laterals of
+    the deformable FPN (``deformable-fpn-fcos``) do; the ops of Table 1 keep it."""
 
     compute_dtype: torch.dtype | None = None
 
-    def __init__(self, channels: int, kernel: int = 3, deformable_groups: int = 2) -> None:
+    def __init__(self, channels: int, kernel: int = 3, deformable_groups: int = 2, out_channels: int | None = None) -> None:
         super().__init__()
         self.kernel = kernel
-        self.weight = nn.Parameter(torch.empty(channels, channels, kernel, kernel))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        out_channels = channels if out_channels is None else out_channels
+        self.weight = nn.Parameter(torch.empty(out_channels, channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
         bound = 1.0 / math.sqrt(channels * kernel * kernel)
         nn.init.uniform_(self.weight, -bound, bound)
         self.offset_mask = nn.Conv2d(channels, deformable_groups * 3 * kernel * kernel, kernel, padding=kernel // 2)
