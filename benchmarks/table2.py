@@ -15,7 +15,9 @@ FCOS head, the released "R_50_NAS" model whose AP is in Table 2) and ``nas-fcos`
 32x4d by its caption, but its numbers are those of 32x8d (the official FCOS
 X-101 model and the released NAS-FCOS X-101 are 32x8d), so X-101 rows are printed with
 our ``resnext101_32x4d`` and ``resnext101_32x8d``.
-Deformable-FPN-FCOS has no preset and is skipped.
+Deformable-FPN-FCOS is the ``deformable-fpn-fcos`` preset: ``fpn-fcos`` whose three 1x1
+laterals and three 3x3 output convs are DCNv2 with 2 deformable groups (the released
+``R-50-Deformable_FPN-DENSEBOX``); P6/P7 and the head are plain.
 
 By default the models are built and counted on the ``meta`` device: shapes only, the
 same counts as a real forward pass (tests/test_complexity.py checks that) in seconds.
@@ -66,7 +68,7 @@ ROWS: tuple[Row, ...] = (
     Row("mnv2-nas-128-256", "NAS-FCOS @128-256", "MobileNetV2", NAS, 128, 256, 105.6, 12.3, ("mobilenet_v2",)),
     Row("mnv2-nas-256", "NAS-FCOS @256", "MobileNetV2", NAS, 256, None, 131.8, 23.7, ("mobilenet_v2",)),
     Row("r50-fpn-fcos", "FPN-FCOS @256", "R-50", ("fpn-fcos",), 256, None, 169.9, 32.0, ("resnet50",)),
-    Row("r50-deform-fpn-fcos", "Deformable-FPN-FCOS @256", "R-50", (), 256, None, 172.2, 35.1, ("resnet50",)),
+    Row("r50-deform-fpn-fcos", "Deformable-FPN-FCOS @256", "R-50", ("deformable-fpn-fcos",), 256, None, 172.2, 35.1, ("resnet50",)),
     Row("r50-nas-128", "NAS-FCOS @128", "R-50", NAS, 128, None, 104.3, 29.6, ("resnet50",)),
     Row("r50-nas-128-256", "NAS-FCOS @128-256", "R-50", NAS, 128, 256, 170.4, 34.1, ("resnet50",)),
     Row("r50-nas-256", "NAS-FCOS @256", "R-50", NAS, 256, None, 199.6, 46.0, ("resnet50",)),

@@ -20,8 +20,8 @@ MACs:
        no cell reads C2.
 
 Only Table 2's own reading of each row is printed: ``nas-fcos-fpn`` (searched FPN + FCOS
-head) for the NAS-FCOS rows and ResNeXt-101 32x8d for X-101. Deformable-FPN-FCOS, which
-has no preset, is built here: ``fpn-fcos`` whose three 1x1 laterals and three 3x3
+head) for the NAS-FCOS rows and ResNeXt-101 32x8d for X-101. Deformable-FPN-FCOS is the
+``deformable-fpn-fcos`` preset: ``fpn-fcos`` whose three 1x1 laterals and three 3x3
 output convs are DCNv2 with 2 deformable groups (the released
 ``R-50-Deformable_FPN-DENSEBOX`` backbone), each with an offset/mask conv of its own
 kernel size. Everything is counted on the ``meta`` device (shapes only).
@@ -38,8 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torchvision.ops import deform_conv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,37 +53,15 @@ INPUT_SIZE = (800, 1088)  # (H, W): the paper's "1088x800"
 NUM_CLASSES = 80
 META = torch.device("meta")
 # Table 2's reading of each row (RESULTS.md: the summary and item 3).
-PRESET = {"FPN-FCOS": "fpn-fcos", "NAS-FCOS": "nas-fcos-fpn"}
+PRESET = {"FPN-FCOS": "fpn-fcos", "Deformable-FPN-FCOS": "deformable-fpn-fcos", "NAS-FCOS": "nas-fcos-fpn"}
 NOT_TABLE2 = ("resnext101_32x4d",)  # the caption's X-101; the numbers are 32x8d's
 MSRA_STRIDE = ("resnet50", "resnet101")  # FCOS configs: STRIDE_IN_1X1 True; its X-101-32x8d sets it False
-
-
-class DeformConv(nn.Module):
-    """DCNv2 from ``in_channels`` to ``out_channels`` (``ops.ModulatedDeformConv`` keeps
-    the width): weight, bias and an offset/mask conv with the same kernel."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, deformable_groups: int = 2) -> None:
-        super().__init__()
-        self.kernel = kernel
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.offset_mask = nn.Conv2d(in_channels, deformable_groups * 3 * kernel * kernel, kernel, padding=kernel // 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        o1, o2, mask = torch.chunk(self.offset_mask(x), 3, dim=1)
-        return deform_conv2d(x, torch.cat([o1, o2], 1), self.weight, self.bias, padding=self.kernel // 2, mask=mask.sigmoid())
 
 
 def build(row: Row, backbone: str) -> Detector:
     """The detector of one Table 2 row, shape-only."""
     family = row.decoder.split(" @")[0]
     with META:
-        if family == "Deformable-FPN-FCOS":
-            model = build_detector(DetectorSpec(num_classes=NUM_CLASSES, backbone=backbone, decoder="fpn-fcos", width=row.width))
-            fpn, cins = model.decoder.fpn, model.backbone.out_channels[1:]
-            fpn.lateral = nn.ModuleList(DeformConv(c, row.width, 1) for c in cins)
-            fpn.output = nn.ModuleList(DeformConv(row.width, row.width, 3) for _ in cins)
-            return model
         spec = DetectorSpec(num_classes=NUM_CLASSES, backbone=backbone, decoder=PRESET[family], width=row.width, head_width=row.head_width)
         return build_detector(spec)
 
@@ -97,7 +73,7 @@ def corrected_params(model: Detector, row: Row) -> int:
         with META:
             bn = build_backbone("mobilenet_v2", norm="bn")
         n += count_params(bn, trainable_only=True) - count_params(model.backbone, trainable_only=True)
-    n += sum(m.weight.numel() for m in model.modules() if isinstance(m, (ModulatedDeformConv, DeformConv)))  # item 6
+    n += sum(m.weight.numel() for m in model.modules() if isinstance(m, ModulatedDeformConv))  # item 6
     if row.head_width is not None and row.head_width != row.width:  # item 7
         with META:
             n += count_params(P6P7(row.head_width)) - count_params(model.decoder.fpn.extra)
