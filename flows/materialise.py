@@ -27,6 +27,8 @@ def _split_indices(cfg, n: int):
 
 @task(task_run_name="create store")
 def create_store(config: dict) -> dict:
+    import torch
+
     from nasfcos.engine.materialise import file_sha256
     from nasfcos.model.backbones import build_backbone
     from storage.features import FeatureStore
@@ -44,7 +46,8 @@ def create_store(config: dict) -> dict:
             "meta-train %d / meta-val %d instead (the same proportion)",
             len(dataset), f.train_size, f.val_size if f.val_size is not None else "(the rest)", len(idx["meta_train"]), len(idx["meta_val"]),
         )  # fmt: skip
-    channels = build_backbone(cfg.finetune.backbone, freeze_at=0).out_channels
+    with torch.device("meta"):  # its shape only
+        channels = build_backbone(cfg.finetune.backbone, freeze_at=0).out_channels
     levels = {f"C{i + 2}": (c, f.crop // s, f.crop // s) for i, (c, s) in enumerate(zip(channels, STRIDES, strict=True))}
     ckpt = run.backbone / "checkpoint.pt"
     attrs = {
@@ -57,15 +60,19 @@ def create_store(config: dict) -> dict:
 
 @task(task_run_name="materialise {split} shard {shard}", retries=1)
 def materialise_shard(config: dict, split: str, shard: int) -> int:
+    import torch
+
     from nasfcos.engine.materialise import FeatureComputer, proxy_transforms
     from nasfcos.model.backbones import build_backbone
+    from nasfcos.rng import local_generator
     from storage.features import FeatureStore, materialise
 
     cfg, run, _, _ = open_stage(config, STAGE)
     dataset = search_dataset(cfg, run, proxy_transforms(cfg.features.crop))
     idx = _split_indices(cfg, len(dataset))[split]
     with device_slot(cfg.execution) as device:
-        backbone = build_backbone(cfg.finetune.backbone, weights=run.backbone / "checkpoint.pt", freeze_at=0)
+        with local_generator(torch.Generator()):  # the finetuned weights replace its init: no draw from the process's generator
+            backbone = build_backbone(cfg.finetune.backbone, weights=run.backbone / "checkpoint.pt", freeze_at=0)
         compute = FeatureComputer(backbone, dataset, idx, seed=cfg.features.seed, device=device, batch_size=cfg.features.batch_size)
         materialise(FeatureStore.open(run.features), split, compute, shards=[shard])
     fault_point("materialise:shard")

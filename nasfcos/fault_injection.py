@@ -6,6 +6,7 @@ place. ``NASFCOS_FAULT`` holds rules separated by ``;``:
     <point>=kill          SIGKILL this process the first time it reaches ``fault_point("<point>")``
     <point>#N=kill        ... the N-th time (1-based)
     <point>=wait:<path>   create ``<path>.reached``, then wait until ``<path>`` exists
+    <point>#*=sleep:<s>   sleep <s> seconds every time (reorders parallel work: the determinism tests)
 
 Unset (always, outside tests) a fault point costs one dict lookup.
 """
@@ -33,7 +34,7 @@ def fault_point(name: str) -> None:
     for rule in filter(None, (r.strip() for r in spec.split(";"))):
         point, _, action = rule.partition("=")
         point, _, nth = point.partition("#")
-        if point != name or n != int(nth or 1):
+        if point != name or (nth != "*" and n != int(nth or 1)):
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -42,5 +43,7 @@ def fault_point(name: str) -> None:
             Path(f"{path}.reached").touch()
             while not path.exists():
                 time.sleep(0.05)
+        elif action.startswith("sleep:"):
+            time.sleep(float(action[6:]))
         else:
             raise ValueError(f"NASFCOS_FAULT: unknown action {action!r} in rule {rule!r}")

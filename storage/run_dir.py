@@ -31,6 +31,22 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def host() -> dict[str, str | int]:
+    """The CPU and the kernels torch picked for it: float results differ between hosts whose
+    instruction sets differ (docs/fidelity.md, "Reproducibility"), so a manifest names them."""
+    import torch  # the stages that write manifests all run torch
+
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor() or "unknown")
+    return {"cpu": model, "machine": platform.machine(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _VERSIONED:
@@ -150,6 +166,7 @@ class RunDir:
             "config_hash": cfg_hash,
             "finished_at": datetime.now(timezone.utc).isoformat(),
             "versions": versions(),
+            "host": host(),
             "outputs": outputs or {},
         }
         atomicio.write_json(self.manifest_path(stage), manifest)

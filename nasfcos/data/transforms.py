@@ -3,8 +3,9 @@
 Legend: N images, M boxes of one image, H/W image height/width, Hp/Wp padded batch size.
 
 Every transform is a callable ``(image [3, H, W], target) -> (image, target)``; boxes are
-float32 x1y1x2y2 in the current image's pixels. Randomness only comes from torch's global
-RNG so that ``torch.manual_seed`` / DataLoader worker seeding makes runs repeatable.
+float32 x1y1x2y2 in the current image's pixels. Randomness only comes from torch's random
+calls, which the loader routes to a generator seeded per sample position
+(``nasfcos.engine.sampling.SeededSamples``), so runs repeat whatever else the process draws.
 The bookkeeping keys let predictions be mapped back to the original image:
 ``original_box = (box + [x0, y0, x0, y0]) / [sx, sy, sx, sy]`` with ``crop`` and ``scale``.
 """

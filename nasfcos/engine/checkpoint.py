@@ -1,16 +1,15 @@
-"""Checkpoints: written atomically (``atomicio``), read back with one-line errors, and the
-RNG states that make a resumed run continue exactly where it stopped."""
+"""Checkpoints: written atomically (``atomicio``) and read back with one-line errors. They
+hold no RNG state: every random stream is a function of (seed, position) (``nasfcos.rng``)."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import atomicio
 from nasfcos.model.detector import Detector, DetectorSpec, build_detector
+from nasfcos.rng import local_generator
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -25,25 +24,6 @@ def remove_orphans(path: Path) -> None:
     """Delete temp files of ``path`` left by a process killed inside :func:`save_checkpoint`
     (the one writer of a checkpoint calls this before it starts writing again)."""
     atomicio.remove_orphans(path.parent, name=path.name, older_than=0)
-
-
-def rng_state() -> dict:
-    # numpy's state as tensor + plain values so the file loads with weights_only=True
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -63,6 +43,7 @@ def load_checkpoint(path: str | Path) -> dict:
 def detector_from_checkpoint(path: str | Path) -> tuple[Detector, dict]:
     """Rebuild the detector stored in a checkpoint and load its weights."""
     ckpt = load_checkpoint(path)
-    model = build_detector(DetectorSpec(**ckpt["spec"]))
+    with local_generator(torch.Generator()):  # every weight is loaded next: its init needs no stream of the process's
+        model = build_detector(DetectorSpec(**ckpt["spec"]))
     model.load_state_dict(ckpt["model"])
     return model, ckpt

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from nasfcos import rng
 from nasfcos.data.transforms import build_transforms, collate
 from nasfcos.engine.sampling import SeededSamples
 from nasfcos.model.backbones import LEVELS
@@ -105,6 +106,7 @@ class FeatureComputer:
             SeededSamples(self.dataset),
             batch_size=self.batch_size,
             sampler=keys,
+            generator=rng.generator(self.seed, "loader"),  # its worker base seed, else a draw from the global generator
             num_workers=self.num_workers,
             collate_fn=collate,
         )

@@ -12,6 +12,9 @@ each term the FCOS loss over the *whole* meta-val set: focal and centerness
 sums divided by the total number of positive points, the IoU sum divided by
 the total centerness weight (``FCOS.loss_sums`` accumulated over batches, then
 ``FCOS.combine``), so the reward does not depend on the evaluation batch size.
+(The paper's R(a) is a sum of per-sample losses; this ratio of sums is the FCOS
+loss of the whole set, docs/fidelity.md.) ``reward="ap"`` scores COCO AP of the
+decoder's detections on meta-val instead (pycocotools): §4.4.1's ablation (Fig. 7).
 
 Targets: FCOS's size ranges 0-64-128-256-512-inf are for an 800-pixel short side;
 at the proxy's 384x384 crops every object is < 384 px, so P7 would never get a
@@ -48,16 +51,20 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from nasfcos import rng
 from nasfcos.arch import Arch, resolve
-from nasfcos.engine.sampling import SEED_LOCK
 from nasfcos.errors import is_infrastructure, one_line
+from nasfcos.evaluation.coco import coco_evaluate, to_coco_results
 from nasfcos.model.backbones import LEVELS
 from nasfcos.model.complexity import count_call_macs
 from nasfcos.model.decoder import build_decoder
 from nasfcos.model.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs, scaled_size_ranges
 from nasfcos.model.ops import DEFORM_DTYPES, set_deform_dtype
+from nasfcos.rng import local_generator
 
 log = logging.getLogger(__name__)
+
+REWARDS = ("loss", "ap")
 
 # The short side FCOS's size ranges were made for (training at 800x1333).
 REFERENCE_SHORT_SIDE = 800
@@ -74,6 +81,7 @@ class ProxyConfig:
     ema_decay: float = 0.9
     eval_batch_size: int = 200
     loss_variant: str = "paper"
+    reward: str = "loss"  # "loss": -(L_cls + L_reg + L_ctr) on meta-val (§3.3); "ap": meta-val AP (§4.4.1's ablation)
     seed: int = 0
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
@@ -90,6 +98,8 @@ class ProxyConfig:
             raise ValueError(f"proxy config: epochs must be >= 0, got {self.epochs}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"proxy config: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"proxy config: reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         if self.deform_dtype not in DEFORM_DTYPES:
             raise ValueError(f"proxy config: deform_dtype must be one of {', '.join(DEFORM_DTYPES)}, got {self.deform_dtype!r}")
 
@@ -106,6 +116,8 @@ class ProxySplit:
     size_ranges: tuple[tuple[float, float], ...] = ()
     device: torch.device | None = None  # None: where the features are
     stream: bool = False  # features in host memory, batches copied to ``device``
+    boxes: list[Tensor] | None = None  # per sample (M, 4) x1y1x2y2 in the crop: the AP reward's ground truth
+    labels: list[Tensor] | None = None  # per sample (M,) class indices
 
     def __post_init__(self) -> None:
         self.device = self.feats[0].device if self.device is None else torch.device(self.device)
@@ -173,7 +185,10 @@ def prepare_split(
         labels=torch.cat([c.labels for c in chunks]).to(torch.int16) if chunks else torch.zeros(0, len(points.xy), dtype=torch.int16, device=device),
         ltrb=torch.cat([c.ltrb for c in chunks]) if chunks else torch.zeros(0, len(points.xy), 4, device=device),
     )
-    return ProxySplit(feats=maps, assigned=assigned, points=points, size_ranges=fcos.size_ranges, device=device, stream=stream)
+    return ProxySplit(
+        feats=maps, assigned=assigned, points=points, size_ranges=fcos.size_ranges, device=device, stream=stream,
+        boxes=[t["boxes"] for t in targets], labels=[t["labels"] for t in targets],
+    )  # fmt: skip
 
 
 # Share of the device's free memory the resident features may take; the rest is
@@ -239,6 +254,29 @@ def validation_losses(model: ProxyModel, split: ProxySplit, *, batch_size: int, 
         for k, v in _batch_sums(model, split, idx, feats, autocast).items():
             total[k] = total.get(k, 0) + v.detach().float()
     return FCOS.combine(total)
+
+
+@torch.no_grad()
+def validation_ap(model: ProxyModel, split: ProxySplit, *, batch_size: int, autocast: bool) -> dict[str, float]:
+    """COCO AP, AP50, ... of the decoder's detections on the whole split (pycocotools),
+    each sample an image of the input size (4x C2's map) with its crop's boxes as ground truth."""
+    if split.boxes is None or split.labels is None:
+        raise ValueError("proxy: the AP reward needs the split's boxes and labels (prepare_split keeps them)")
+    model.eval()
+    h, w = (4 * s for s in split.feats[0].shape[-2:])
+    categories = list(range(1, model.fcos.num_classes + 1))
+    gt = {"images": [{"id": i, "height": h, "width": w} for i in range(len(split))], "categories": [{"id": c} for c in categories], "annotations": []}
+    for i, (boxes, labels) in enumerate(zip(split.boxes, split.labels, strict=True)):
+        for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist(), strict=True):
+            gt["annotations"].append({"image_id": i, "category_id": categories[label], "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    results = []
+    for idx, feats in split.batches(torch.arange(len(split), device=split.device), batch_size):
+        with torch.autocast(device_type=feats[0].device.type, dtype=torch.bfloat16, enabled=autocast):
+            outs = model([f.float() if not autocast else f for f in feats])
+        detections = model.fcos.postprocess([tuple(t.float() for t in level) for level in outs], [(h, w)] * len(idx))
+        for i, d in zip(idx.tolist(), detections, strict=True):
+            results += to_coco_results(i, d["boxes"], d["scores"], d["labels"], categories)
+    return coco_evaluate(gt, results)
 
 
 class EMA(nn.Module):
@@ -361,8 +399,7 @@ def evaluate_arch(
         torch.cuda.reset_peak_memory_stats(device)
     try:
         in_channels = tuple(f.shape[1] for f in train.feats)
-        with SEED_LOCK:  # the same arch and seed give the same weights, whatever runs beside it
-            torch.manual_seed(cfg.seed)
+        with local_generator(rng.generator(cfg.seed)):  # the same arch and seed give the same weights, whatever runs beside it
             model = ProxyModel(arch, in_channels=in_channels, num_classes=num_classes, cfg=cfg)
         model = model.to(device)
         if cfg.channels_last and device.type == "cuda":
@@ -375,13 +412,15 @@ def evaluate_arch(
         t1 = _now(device)
         losses = validation_losses(ema.module, val, batch_size=cfg.eval_batch_size, autocast=cfg.amp and device.type == "cuda")
         values = {k: float(v) for k, v in losses.items()}  # the one host sync
-        t2 = _now(device)
-        record.update(train_seconds=t1 - t0, eval_seconds=t2 - t1)
         record.update({f"loss_{k}": v for k, v in values.items()})
         total = sum(values.values())
         if not torch.isfinite(torch.tensor(total)):
             raise FloatingPointError("non-finite validation loss: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
-        record.update(reward=-total, status="ok")
+        reward = -total
+        if cfg.reward == "ap":  # the losses stay in the record: both rewards of one arch side by side
+            reward = validation_ap(ema.module, val, batch_size=cfg.eval_batch_size, autocast=cfg.amp and device.type == "cuda")["AP"]
+        t2 = _now(device)
+        record.update(train_seconds=t1 - t0, eval_seconds=t2 - t1, reward=reward, status="ok")
     except Exception as e:  # noqa: BLE001 - recorded, see docstring
         if isinstance(e, torch.OutOfMemoryError) and device.type == "cuda":
             torch.cuda.empty_cache()

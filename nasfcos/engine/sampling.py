@@ -3,15 +3,10 @@ as a function of (seed, position), so a resumed or data-parallel run sees the sa
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch.utils.data import Dataset, Sampler
 
-# torch's global RNG is per process: code that seeds it and then draws from it (model
-# init, seeded augmentation) holds this lock so concurrent threads (several device
-# slots in one process) cannot interleave their draws.
-SEED_LOCK = threading.RLock()
+from nasfcos.rng import local_generator
 
 
 class PositionSampler(Sampler):
@@ -49,8 +44,9 @@ class PositionSampler(Sampler):
 
 
 class SeededSamples(Dataset):
-    """Loads sample ``idx`` with the torch RNG seeded for its position, so random
-    transforms are reproducible whatever the worker count or resume point."""
+    """Loads sample ``idx`` with its random transforms drawing from a generator seeded for
+    its position, so they are reproducible whatever the worker count, the resume point or
+    the other threads of the process draw."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -60,8 +56,5 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         idx, seed = key
-        with SEED_LOCK, torch.random.fork_rng(devices=[]):
-            # the CPU generator only (what transforms draw from): torch.manual_seed also queues
-            # a seed for every accelerator, 2 ms a call in a CUDA build, 9% of a CPU demo step
-            torch.default_generator.manual_seed(seed)
+        with local_generator(torch.Generator().manual_seed(seed)):
             return self.dataset[idx]

@@ -26,12 +26,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from nasfcos import rng
 from nasfcos.data.transforms import collate
-from nasfcos.engine.checkpoint import CHECKPOINT, load_checkpoint, remove_orphans, rng_state, save_checkpoint, set_rng_state
-from nasfcos.engine.sampling import SEED_LOCK, PositionSampler, SeededSamples
+from nasfcos.engine.checkpoint import CHECKPOINT, load_checkpoint, remove_orphans, save_checkpoint
+from nasfcos.engine.sampling import PositionSampler, SeededSamples
 from nasfcos.fault_injection import fault_point
 from nasfcos.model.detector import Detector, DetectorSpec, build_detector
 from nasfcos.progress import Progress, fmt_eta
+from nasfcos.rng import local_generator
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +234,7 @@ def train(
         raise RuntimeError(f"rank {rank} of {world_size}: no process group; start through nasfcos.engine.distributed")
     is_main = rank == 0
 
-    with SEED_LOCK:
-        torch.manual_seed(cfg.seed)
+    with local_generator(rng.generator(cfg.seed)):  # the init stream: the same weights whatever runs beside it
         # a resumed run needs neither the weights file nor the network to fetch a named one
         fresh_weights = None if ckpt_path.exists() else backbone_weights
         model = build_detector(spec, backbone_weights=fresh_weights)
@@ -265,7 +266,6 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         _load_scaler_state(scaler, ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
         start = int(ckpt["iteration"])
         log.info("resuming %s at iteration %d/%d", ckpt_path, start, cfg.iterations)
     elif init_checkpoint is not None:
@@ -285,7 +285,6 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
-                "rng": rng_state(),
                 "iteration": it,
                 "spec": spec.to_dict(),
                 "train_config": asdict(cfg),
@@ -304,6 +303,7 @@ def train(
     loader = DataLoader(
         SeededSamples(dataset),
         batch_sampler=sampler,
+        generator=rng.generator(cfg.seed, "loader"),  # its worker base seed, else a draw from the global generator
         num_workers=cfg.num_workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",

@@ -87,7 +87,8 @@ def predict_dataset(
     shifted and the image outside the window never seen. Cropping stays legal where
     boxes come from the target (training, the proxy features)."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    # a fixed generator: DataLoader draws its worker base seed from the global one otherwise
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate, generator=torch.Generator().manual_seed(0))
     results: list[dict] = []
     with Progress(len(dataset), "predict", unit="img") as bar:
         for images, targets in loader:
