@@ -146,6 +146,9 @@ class SearchSection(_Section):
     seed: int = identity(0)
     failure_penalty: float = identity(-10.0)
     controller_lr: float = identity(1e-4, gt=0)
+    # the proxy reward: loss (the paper's, §3.3: minus meta-val FCOS loss) or ap (meta-val COCO AP of
+    # the proxy-trained decoder, pycocotools: §4.4.1's ablation, Fig. 7). failure_penalty must stay below it
+    reward: Literal["loss", "ap"] = identity("loss")
     # batch: ppo_epochs steps per archs_per_step results; buffer: [14]'s 100-entry rollout
     # buffer, ~100 minibatch-1 steps per result (benchmarks/controller_schedule.py)
     controller_update: Literal["batch", "buffer"] = identity("batch")

@@ -35,7 +35,9 @@ def proxy_record(cfg, run, arch: str, *, epochs: int | None = None, resume: dict
 
     p, ex = cfg.proxy, cfg.execution
     epochs = p.epochs if epochs is None else epochs
-    pc = ProxyConfig(width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed)
+    pc = ProxyConfig(
+        width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed, reward=cfg.search.reward
+    )  # fmt: skip
     with device_slot(ex, shared=True) as device:
         train, val, k = feature_cache.splits((str(run.features), device, p.size_range_scale, ex.feature_residency, ex.stage_features))
         return evaluate_arch(arch, train, val, num_classes=k, cfg=pc, device_shared=ex.slots_per_device > 1, resume=resume, keep_state=keep_state)

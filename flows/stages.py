@@ -77,6 +77,7 @@ _NEWER = {
     ("search", "rungs"),
     ("search", "eta"),
     ("search", "ops"),
+    ("search", "reward"),
     ("finetune", "devices"),
 }
 

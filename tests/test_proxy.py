@@ -141,3 +141,24 @@ def test_a_resumed_proxy_run_equals_one_trained_at_once(proxy_splits, sync_free)
     assert short["status"] == resumed["status"] == straight["status"] == "ok", (short["error"], resumed["error"])
     assert (short["epochs"], resumed["epochs"]) == (1, 3) and short["reward"] != straight["reward"]
     assert resumed["reward"] == straight["reward"]
+
+
+def test_ap_reward_is_the_meta_val_coco_ap_and_the_losses_stay_recorded(proxy_splits):
+    """§4.4.1's ablation: reward="ap" scores the decoder's detections with pycocotools; the
+    same arch and seed train the same weights, so its losses equal the loss reward's."""
+    from nasfcos.engine.proxy import ProxyModel, validation_ap
+
+    train, val = proxy_splits
+    cfg = dict(batch_size=8, epochs=2, eval_batch_size=8)
+    by_loss = evaluate_arch("fpn-fcos", train, val, num_classes=3, cfg=ProxyConfig(**cfg))
+    by_ap = evaluate_arch("fpn-fcos", train, val, num_classes=3, cfg=ProxyConfig(**cfg, reward="ap"))
+    assert by_loss["status"] == by_ap["status"] == "ok"
+    assert 0.0 <= by_ap["reward"] <= 1.0 and by_loss["reward"] < 0
+    assert all(by_ap[f"loss_{k}"] == by_loss[f"loss_{k}"] for k in ("cls", "reg", "ctr"))
+    with pytest.raises(ValueError, match="reward must be one of"):
+        ProxyConfig(reward="map")
+    # a model whose detections are the ground truth scores AP 1
+    model = ProxyModel(Arch.parse("fpn=fcos;head=fcos;share=0"), in_channels=tuple(f.shape[1] for f in val.feats), num_classes=3, cfg=ProxyConfig())
+    truth = [{"boxes": b, "scores": torch.ones(len(b)), "labels": lab} for b, lab in zip(val.boxes, val.labels, strict=True)]
+    model.fcos.postprocess = lambda outs, sizes: [truth[i] for i in range(len(sizes))] if len(sizes) == len(truth) else None
+    assert validation_ap(model, val, batch_size=len(val), autocast=False)["AP"] == pytest.approx(1.0)

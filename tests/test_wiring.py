@@ -77,6 +77,7 @@ WIRES: dict[str, Wire] = {
     "search.max_decoder_macs": Wire(10**13, At(LOOP, lambda c: c["cfg"].max_decoder_macs if c["cost"] else "no cost function")),
     "search.rungs": Wire((1, 2), At(LOOP, lambda c: tuple(c["cfg"].rungs)), run="evolution"),
     "search.eta": Wire(2, At(LOOP, lambda c: c["cfg"].eta), run="evolution"),
+    "search.reward": Wire("ap", At(PROXY, lambda c: c["cfg"].reward)),
     "proxy.width": Wire(96, At((*PROXY, "decoder_cost"), lambda c: c["cfg"].width if "cfg" in c else c["width"])),
     "proxy.lr": Wire(1e-3, At(PROXY, lambda c: c["cfg"].lr)),
     "proxy.batch_size": Wire(4, At(PROXY, lambda c: (c["cfg"].batch_size, c["cfg"].eval_batch_size)), expect=(4, 4)),
