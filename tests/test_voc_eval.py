@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nasfcos.evaluation.coco import coco_evaluate
-from nasfcos.evaluation.voc import average_precision, voc_evaluate
+from nasfcos.evaluation.voc import _iou, _xyxy, average_precision, voc_evaluate
 
 
 def _gt(*anns, categories=((1, "cat"),), images=(1,)):
@@ -70,6 +70,27 @@ def test_duplicate_detection_is_a_false_positive():
     dets2 = [_det(0.9, 0, 0, 10, 10), _det(0.8, 0, 0, 9, 9), _det(0.7, 100, 100, 110, 110)]
     # TP (P 1, R 1/2), FP (P 1/2, R 1/2), TP (P 2/3, R 1): AP = 1/2 * 1 + 1/2 * 2/3 = 5/6.
     assert voc_evaluate(gt2, dets2)["VOC_mAP50"] == pytest.approx(5 / 6)
+
+
+def test_iou_exactly_one_half_matches_as_in_the_devkit():
+    """VOCevaldet.m matches at ``ovmax >= VOCopts.minoverlap`` (the released NAS-FCOS code's
+    chainercv evaluation too: unmatched only below the threshold); py-faster-rcnn's Python
+    port has ``ovmax > ovthresh``, which would make these false positives."""
+    # Continuous boxes (no devkit +1): every area and ratio below is exact in binary floating point.
+    wide = (1, 1, 0, 0, 30, 10, False)  # area 300
+    tall = _det(0.9, 0, 0, 10, 20)  # vs NORMAL: intersection 100, union 200
+    shifted = _det(0.9, 10, 0, 40, 10)  # vs wide: intersection 200, union 400
+    for gt_box, det in ((NORMAL, tall), (wide, shifted)):
+        assert _iou(_xyxy([det["bbox"]]), _xyxy([_gt(gt_box)["annotations"][0]["bbox"]]))[0, 0] == 0.5
+        assert voc_evaluate(_gt(gt_box), [det])["VOC_mAP50"] == 1.0  # a TP
+        # just below one half: a false positive
+        below = _det(0.9, det["bbox"][0], 0, det["bbox"][0] + det["bbox"][2] + 0.5, det["bbox"][3])
+        assert _iou(_xyxy([below["bbox"]]), _xyxy([_gt(gt_box)["annotations"][0]["bbox"]]))[0, 0] < 0.5
+        assert voc_evaluate(_gt(gt_box), [below])["VOC_mAP50"] == 0.0
+    # A difficult box matched at exactly one half ignores the detection (AP 1, not 1/2).
+    difficult_tall = (1, 1, 50, 50, 60, 60, True)
+    dets = [_det(0.9, 50, 50, 60, 70), _det(0.8, 0, 0, 10, 10)]
+    assert voc_evaluate(_gt(NORMAL, difficult_tall), dets)["VOC_mAP50"] == 1.0
 
 
 def test_eleven_point_and_all_point_ap_on_a_known_curve():

@@ -71,6 +71,7 @@ def _match_image(dets: np.ndarray, gts: np.ndarray, difficult: np.ndarray) -> np
     iou = _iou(dets, gts)  # (D, G)
     best, best_iou = iou.argmax(1), iou.max(1)
     used = np.zeros(len(gts), bool)
+    # >=: VOCevaldet.m's `ovmax >= minoverlap` (py-faster-rcnn's Python port has `>`; tests pin 0.5 exactly)
     for d in np.flatnonzero(best_iou >= IOU_THRESHOLD):  # ascending = score order
         g = best[d]
         if difficult[g]:
