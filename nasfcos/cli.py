@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from nasfcos.arch import PRESETS
 from nasfcos.data import COCODetection, VOCDetection, make_synthetic
 from nasfcos.data.transforms import build_transforms
 from nasfcos.errors import one_line
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "layers and deformable convolutions are counted; norms, activations, interpolation and additions "
         "are not (see nasfcos/model/complexity.py).",
     )
-    p.add_argument("arch", help="decoder: preset name (fpn-fcos, nas-fcos-fpn, nas-fcos) or canonical arch string")
+    p.add_argument("arch", help=f"decoder: preset name ({', '.join(PRESETS)}) or canonical arch string")
     p.add_argument("--backbone", choices=BACKBONES, default="resnet50", help="backbone (default: %(default)s)")
     p.add_argument("--width", type=int, default=256, help="FPN channel width (default: %(default)s)")
     p.add_argument("--head-width", type=int, help="head channel width (default: same as --width; 256 with --width 128 is @128-256)")

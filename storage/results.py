@@ -101,7 +101,7 @@ _STR, _INT, _FLOAT, _TS = pa.string(), pa.int64(), pa.float64(), pa.timestamp("u
 _STR_LIST, _INT_LIST, _FLOAT_LIST = pa.list_(pa.string()), pa.list_(pa.int64()), pa.list_(pa.float64())
 
 _DECODED: list[tuple[str, pa.DataType, str]] = [
-    ("fpn_kind", _STR, "'fcos' (hand-designed FPN of FCOS) or 'searched' (7 blocks)"),
+    ("fpn_kind", _STR, "'fcos' (hand-designed FPN of FCOS), 'fcos-deform' (Deformable-FPN-FCOS) or 'searched' (7 blocks)"),
     ("fpn_ops", _STR_LIST, "14 op names, op1 and op2 of each block in order; [] for 'fcos'"),
     ("fpn_aggs", _STR_LIST, "7 aggregation names (psum/cat); [] for 'fcos'"),
     ("fpn_inputs", _INT_LIST, "14 pool ids, id1 and id2 of each block (0-3 = C2-C5, 4+ = block outputs)"),
@@ -122,7 +122,7 @@ _RECORD_AFTER: list[tuple[str, pa.DataType, str]] = [
     ("step", _INT, "search step (controller update index)"),
     ("sample", _INT, "index of the arch within its step"),
     ("status", _STR, "'ok', 'failed' (its evaluation failed) or 'over_budget' (above search.max_decoder_macs/params: never evaluated)"),
-    ("reward", _FLOAT, "proxy-task reward (negative validation loss); NaN when failed"),
+    ("reward", _FLOAT, "proxy-task reward (search.reward: negative validation loss, or meta-val AP); NaN when failed"),
     ("reward_used", _FLOAT, "reward fed to the controller (the penalty for failed archs); finite"),
     ("loss_cls", _FLOAT, "proxy validation focal loss (NaN if unknown)"),
     ("loss_reg", _FLOAT, "proxy validation box-regression loss (NaN if unknown)"),

@@ -332,7 +332,7 @@ def arch_drawing(arch: str | Arch, *, title: str = "") -> Figure:
         _arrow(ax, (p_pos[lv][0] + bw / 2, p_pos[lv][1]), (p_pos[lv + 1][0] + bw / 2, p_pos[lv + 1][1]), rad=0.6)
     ax.text(20.6, 7.05, "3x3 s2", fontsize=6, color="0.3")
     if a.fpn is None:
-        _box(ax, 10.0, 5.0, 7.0, 1.6, "FCOS FPN\nC3-C5: 1x1 laterals, top-down (nearest x2), 3x3 outputs", "#fff2cc")
+        _box(ax, 10.0, 5.0, 7.0, 1.6, f"FCOS FPN{' (deformable)' if a.deform_fpn else ''}\nC3-C5: 1x1 laterals, top-down (nearest x2), 3x3 outputs", "#fff2cc")
         for i in (1, 2, 3):
             _arrow(ax, (c_pos[i][0] + bw / 2, c_pos[i][1]), (6.5, 5.0), rad=0.1)
         for lv in (3, 4, 5):
