@@ -43,19 +43,21 @@ first PPO epoch (ratio past 1 +- clip in their advantage's direction). Mean and 
     nice python benchmarks/staleness.py                     # 5 seeds, 1,400 archs, sync/async x 1/16/64 slots x 2 cost models
     nice python benchmarks/staleness.py --small             # seconds: 1 seed, 160 archs (a smoke run)
     nice python benchmarks/staleness.py --seeds 10 --modes async --slots 1 64   # more seeds where it matters
-    nice python benchmarks/staleness.py --variant decoupled --modes async --slots 16 64   # a candidate correction
+    nice python benchmarks/staleness.py --correction decoupled --modes async --slots 16 64 --seeds 10
 
-``--variant decoupled`` is a candidate, not in the product: decoupled PPO (Hilton et al.
-2022, "Batch size-invariance for policy optimization"): the clip is around the policy at
-the update instead of each sample's sampling policy, and each sample's advantage is
-weighted by the ratio of the two, truncated at ``--cap``; a fresh sample gets weight 1
-and the plain update.
+``--correction``: the controller's ``stale_correction`` (``none``: plain PPO; ``decoupled``:
+decoupled PPO, see ``PPOController.update``; default: the controller's default), with
+``--cap`` its ``stale_weight_cap``. At one slot every sample is fresh and both are the
+same search, so the 1-slot reference below is the plain one.
 
-The report ends with the bias check: per cost model, each setting's last-100 gap closed
-and its move of the slow-op share away from random, both relative to the same seed's
-1-slot run (a plain async run: sync and async are the same search at 1 slot), and the
-paired difference slow-good - slow-bad. A search biased against slow archs moves less
-in slow-good than in slow-bad.
+The report ends with the bias check, per cost model against the same seed's 1-slot run
+(sync and async are the same search there): the last-100 gap closed relative to it (and
+the paired difference slow-good - slow-bad), and the slow-op share of the last 100 archs
+minus the 1-slot run's when it had closed the same gap (its trace, interpolated). A
+search that learns slower but is not biased matches the 1-slot run at equal progress; one
+biased against slow archs proposes fewer slow ops there under both cost models. (The move
+of the slow-op share itself is no measure: the op tokens' softmax makes a move from 0.19
+towards 1 and one towards 0 unequal for equal progress.)
 
 Finished runs are appended to ``--rows`` (JSON lines) and skipped when run again with the same settings.
 """
@@ -85,7 +87,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from controller_schedule import BASE, ToyReward  # noqa: E402  (the same toy reward)
 from strategies import Memory, _record, mean_ci  # noqa: E402
 
-from nasfcos.search.controller import PPOController  # noqa: E402
+from nasfcos.search.controller import ControllerConfig, PPOController  # noqa: E402
 
 OP_COST = {"skip_connect": 1, "conv1x1": 1, "sep_conv_3x3": 2, "sep_conv_3x3_dil3": 2, "sep_conv_5x5_dil6": 3, "conv3x3": 3, "def_conv_3x3": 20}
 SLOW = "def_conv_3x3"
@@ -260,43 +262,18 @@ class Recorder:
         self.inner.load_state_dict(state)
 
 
-class DecoupledPPO(PPOController):
-    """The ``--variant decoupled`` candidate (module docstring): the product's batch update,
-    with every PPO epoch's ratio taken against the policy at the update and the advantage
-    weighted by min(that policy / the sampling one, cap)."""
-
-    cap = 2.0
-
-    def update(self, samples, rewards):
-        self._anchor = None
-        return super().update(samples, rewards)
-
-    def _ppo_step(self, tokens, masks, old_logp, adv):
-        import torch
-
-        if self._anchor is None:  # the first epoch: the policy has not moved in this update yet
-            with torch.no_grad():
-                now, _ = self.policy.score(tokens, masks)
-            self._anchor = (now, torch.exp(now - old_logp).clamp(max=self.cap))
-        now, weight = self._anchor
-        return super()._ppo_step(tokens, masks, now, adv * weight)
-
-
 def run(mode: str, slots: int, model: str, seed: int, setting: dict) -> dict:
     """One search of ``setting['archs']`` unique archs; the module docstring's metrics."""
     import torch
 
     from nasfcos.search import loop
-    from nasfcos.search.controller import ControllerConfig
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     toy = CostedToy(seed, setting["head"], model, setting["standardise_over"])
     clock = Clock(toy, seed)
-    kind = PPOController
-    if setting.get("variant") == "decoupled":
-        kind = type("Capped", (DecoupledPPO,), {"cap": setting["cap"]})
-    policy = Recorder(kind(ControllerConfig(), seed=seed, head=setting["head"]), toy, clock)
+    extra = {"stale_weight_cap": setting["cap"]} if "cap" in setting else {}
+    policy = Recorder(PPOController(ControllerConfig(stale_correction=setting["correction"], **extra), seed=seed, head=setting["head"]), toy, clock)
     per_step = 8 if mode == "async" else max(8, slots)
     cfg = loop.SearchConfig(total_archs=setting["archs"], archs_per_step=per_step)
     work = tempfile.mkdtemp(prefix="staleness-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)  # controller.pt is fsynced per draw
@@ -328,6 +305,18 @@ def run(mode: str, slots: int, model: str, seed: int, setting: dict) -> dict:
     }  # fmt: skip
 
 
+def slow_at_gap(row: dict, gap: float) -> float:
+    """The slow-op share of the last 100 archs when the run had first closed ``gap`` (its trace's
+    best-so-far gap, interpolated between points)."""
+    gaps = np.maximum.accumulate([g for _, g, _ in row["trace"]])
+    shares = [s for _, _, s in row["trace"]]
+    i = int(np.searchsorted(gaps, gap))
+    if i == 0 or i >= len(gaps):
+        return shares[0] if i == 0 else float("nan")
+    f = (gap - gaps[i - 1]) / max(gaps[i] - gaps[i - 1], 1e-9)
+    return shares[i - 1] + f * (shares[i] - shares[i - 1])
+
+
 def gap_at(row: dict, t: float) -> float:
     """The gap closed by the last 100 archs issued by time ``t`` (the trace's last point at or before it)."""
     points = [g for when, g, _ in row["trace"] if when <= t + 1e-9]
@@ -338,7 +327,8 @@ def report(rows: list[dict], setting: dict, one_slot: dict) -> None:
     """The table, then the bias check against ``one_slot`` ((model, seed) -> the plain 1-slot async run)."""
     print(
         f"\ntoy reward, {setting['archs']} archs, head {setting['head']}, controller defaults"
-        + (f", variant {setting['variant']} (cap {setting['cap']:g})" if setting.get("variant") else "")
+        + f", stale_correction {setting['correction']}"
+        + (f" (cap {setting['cap']:g})" if "cap" in setting else "")
         + f"; mean ± 95% CI over seeds; random archs' slow share {np.mean([r['random_slow_share'] for r in rows]):.3f}"
     )
     print(
@@ -359,26 +349,24 @@ def report(rows: list[dict], setting: dict, one_slot: dict) -> None:
                     f"| {cell('time', d=0)} | {'{:.3f} ± {:.3f}'.format(*mean_ci(eq))} | {np.mean([x['stale_slow'] for x in r]):.1f} / {np.mean([x['stale_fast'] for x in r]):.1f} "
                     f"| {np.mean([x['zeroed_slow'] for x in r]):.3f} / {np.mean([x['zeroed_fast'] for x in r]):.3f} |"
                 )
-    print("\nbias check, relative to the same seed's 1-slot run: last-100 gap closed | slow-share move from random; paired slow-good - slow-bad")
-    print("| slots | mode | seeds | slow-good: gap / move | slow-bad: gap / move | good - bad: gap / move |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("\nbias check against the same seed's 1-slot run: last-100 gap closed relative to it; slow-op share minus its share at the same gap closed")
+    print("| slots | mode | seeds | slow-good: gap rel. | slow-bad: gap rel. | good - bad: gap rel. | slow-good: slow share at equal gap | slow-bad: slow share at equal gap |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    ci = lambda v: "{:+.3f} ± {:.3f}".format(*mean_ci(v))  # noqa: E731
     for slots in [s for s in setting["slots"] if s > 1]:
         for mode in MODES:
             rel = {}
-            for model in MODELS:
-                for x in rows:
-                    base = one_slot.get((model, x["seed"]))
-                    if (x["model"], x["slots"], x["mode"]) == (model, slots, mode) and base is not None:
-                        r0 = x["random_slow_share"]
-                        move = (x["slow_share_2nd_half"] - r0) / (base["slow_share_2nd_half"] - r0)
-                        rel[(model, x["seed"])] = (x["last100_gap_closed"] / base["last100_gap_closed"], move)
-            seeds = sorted({seed for model, seed in rel if all((m, seed) in rel for m in MODELS)})
+            for x in rows:
+                base = one_slot.get((x["model"], x["seed"]))
+                if (x["slots"], x["mode"]) == (slots, mode) and base is not None:
+                    rel[(x["model"], x["seed"])] = (x["last100_gap_closed"] / base["last100_gap_closed"], x["trace"][-1][2] - slow_at_gap(base, x["trace"][-1][1]))
+            seeds = sorted({seed for _, seed in rel if all((m, seed) in rel for m in MODELS)})
             if not seeds:
                 continue
-            ci = lambda v: "{:.3f} ± {:.3f}".format(*mean_ci(v))  # noqa: E731
-            cells = [f"{ci([rel[(m, s)][0] for s in seeds])} / {ci([rel[(m, s)][1] for s in seeds])}" for m in MODELS]
-            diff = [ci([rel[(MODELS[0], s)][k] - rel[(MODELS[1], s)][k] for s in seeds]) for k in (0, 1)]
-            print(f"| {slots} | {mode} | {len(seeds)} | {cells[0]} | {cells[1]} | {diff[0]} / {diff[1]} |")
+            gaps = [ci([rel[(m, s)][0] for s in seeds]).lstrip("+") for m in MODELS]
+            diff = ci([rel[(MODELS[0], s)][0] - rel[(MODELS[1], s)][0] for s in seeds])
+            slow = [ci([rel[(m, s)][1] for s in seeds]) for m in MODELS]
+            print(f"| {slots} | {mode} | {len(seeds)} | {gaps[0]} | {gaps[1]} | {diff} | {slow[0]} | {slow[1]} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -389,18 +377,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slots", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--variant", default=None, choices=("decoupled",), help="a candidate correction (module docstring) instead of the product's controller")
-    p.add_argument("--cap", type=float, default=2.0, help="--variant decoupled: the importance weight's cap")
+    p.add_argument("--correction", default=None, choices=("none", "decoupled"), help="the controller's stale_correction (default: its default)")
+    p.add_argument("--cap", type=float, default=None, help="the controller's stale_weight_cap (default: its default)")
     p.add_argument("--head", default="seq", choices=("seq", "dag"))
     p.add_argument("--jobs", type=int, default=1, help="processes (one thread each)")
     p.add_argument("--rows", default=None, help="finished runs, one JSON line each (default benchmarks/staleness.jsonl; --small: a temp file)")
     a = p.parse_args(argv)
     setting = {"archs": a.archs or (160 if a.small else 1400), "head": a.head, "standardise_over": 500 if a.small else 4000, "jitter": JITTER, "op_cost": OP_COST}
-    if a.variant:
-        setting.update(variant=a.variant, cap=a.cap)
+    setting["correction"] = a.correction or ControllerConfig().stale_correction
+    if setting["correction"] == "decoupled":
+        setting["cap"] = a.cap or ControllerConfig().stale_weight_cap
     seeds = a.seeds or (1 if a.small else 5)
     rows_path = a.rows or (os.path.join(tempfile.mkdtemp(), "staleness.jsonl") if a.small else str(ROOT / "benchmarks" / "staleness.jsonl"))
-    same = lambda r, s: all(r.get(k) == v for k, v in s.items()) and all(r.get(k) == s.get(k) for k in ("variant", "cap"))  # noqa: E731
+    # rows from before the correction existed are plain PPO
+    same = lambda r, s: all(r.get(k, "none" if k == "correction" else None) == v for k, v in s.items()) and r.get("cap") == s.get("cap")  # noqa: E731
     mine = lambda r: same(r, setting)  # noqa: E731
     done = [json.loads(line) for line in open(rows_path)] if os.path.exists(rows_path) else []
     have = {(r["mode"], r["slots"], r["model"], r["seed"]) for r in done if mine(r)}
@@ -417,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             done.append(row)
-    plain = {k: v for k, v in setting.items() if k not in ("variant", "cap")}
+    plain = {**{k: v for k, v in setting.items() if k != "cap"}, "correction": "none"}
     one_slot = {(r["model"], r["seed"]): r for r in done if same(r, plain) and (r["mode"], r["slots"]) == ("async", 1)}
     report([r for r in done if mine(r) and r["slots"] in a.slots and r["mode"] in a.modes and r["seed"] < seeds], {**setting, "slots": a.slots}, one_slot)
 

@@ -54,6 +54,7 @@ from nasfcos.arch import DEFAULT_HEAD_SEARCH, TokenSpace, token_space
 from nasfcos.search.sample import Sample, check_kind
 
 UPDATES = ("batch", "buffer")
+STALE_CORRECTIONS = ("none", "decoupled")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class ControllerConfig:
     buffer_size: int = 100  # [14]: RolloutStorage(num_steps=100)
     buffer_minibatch: int = 1  # [14]: num_mini_batch=100 over 100 entries
     buffer_epochs: int = 1  # [14]: ppo_epoch=1
+    stale_correction: str = "none"  # batch schedule: "decoupled" PPO for async mode's stale samples (PPOController.update)
+    stale_weight_cap: float = 2.0  # decoupled: the importance weights are truncated here
 
     def __post_init__(self) -> None:
         if self.entropy_coef is None:
@@ -79,6 +82,8 @@ class ControllerConfig:
             raise ValueError(f"controller config: baseline_decay must be in [0, 1), got {self.baseline_decay}")
         if self.update not in UPDATES:
             raise ValueError(f"controller config: update {self.update!r} is not one of {UPDATES}")
+        if self.stale_correction not in STALE_CORRECTIONS or self.stale_weight_cap <= 0:
+            raise ValueError(f"controller config: stale_correction {self.stale_correction!r} must be one of {STALE_CORRECTIONS}, stale_weight_cap > 0")
         if min(self.ppo_epochs, self.hidden_size, self.num_layers, self.buffer_size, self.buffer_minibatch, self.buffer_epochs) < 1 or self.clip <= 0:
             raise ValueError(f"controller config: bad values {self}")
 
@@ -206,7 +211,16 @@ class PPOController:
 
     def update(self, samples: list[Sample], rewards: list[float]) -> dict[str, float]:
         """PPO on sampled archs and their rewards (one batch update, or one buffer
-        update per sample in order, see the module docstring)."""
+        update per sample in order, see the module docstring).
+
+        ``stale_correction="decoupled"`` (batch schedule; decoupled PPO, Hilton et al. 2022):
+        a sample drawn by an older policy (async mode: learned several updates after it
+        was drawn) is clipped around the policy at this update instead of its sampling
+        policy, and its advantage is weighted by the ratio of the two, truncated at
+        ``stale_weight_cap``. Plain PPO zeroes such a sample's gradient once the policy has
+        moved past the clip band since, and slow archs are the stalest
+        (``benchmarks/staleness.py``). A fresh sample (sync mode, one slot) gets exactly
+        the plain update."""
         if len(samples) != len(rewards) or not samples:
             raise ValueError(f"update needs one reward per sample, got {len(samples)} samples, {len(rewards)} rewards")
         if self.cfg.update == "buffer":
@@ -223,9 +237,16 @@ class PPOController:
         tokens = torch.as_tensor(np.stack([s.tokens for s in samples]), dtype=torch.long)
         masks = torch.as_tensor(np.stack([s.masks for s in samples]))
         old = torch.tensor([s.logp for s in samples])
+        weight = torch.ones(len(samples))
+        if self.cfg.stale_correction == "decoupled":
+            with torch.no_grad():
+                now, _ = self.policy.score(tokens, masks)
+            stale = (now - old).abs() > 1e-4  # beyond the rounding between sampling and scoring
+            weight = torch.where(stale, torch.exp(now - old).clamp(max=self.cfg.stale_weight_cap), weight)
+            old = torch.where(stale, now, old)
         stats = {}
         for _ in range(self.cfg.ppo_epochs):
-            stats = self._ppo_step(tokens, masks, old, adv)
+            stats = self._ppo_step(tokens, masks, old, adv * weight)
         return {**stats, "baseline": baseline, "mean_reward": float(r.mean()), "mean_advantage": float(adv.mean())}
 
     def _ppo_step(self, tokens: Tensor, masks: Tensor, old_logp: Tensor, adv: Tensor) -> dict[str, float]:
