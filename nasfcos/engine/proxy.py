@@ -8,9 +8,9 @@ the averaged weights. The reward is the negative validation loss
 
     R = -(L_cls + L_reg + L_ctr),
 
-each term the FCOS loss over the *whole* meta-val set: focal and centerness
-sums divided by the total number of positive points, the IoU sum divided by
-the total centerness weight (``FCOS.loss_sums`` accumulated over batches, then
+each term the FCOS loss over the *whole* meta-val set: the focal sum divided by
+the positive points plus the images (the paper variant, ``FCOS.combine``), the
+centerness sum by the positive points, the IoU sum by the total centerness weight (``FCOS.loss_sums`` accumulated over batches, then
 ``FCOS.combine``), so the reward does not depend on the evaluation batch size.
 (The paper's R(a) is a sum of per-sample losses; this ratio of sums is the FCOS
 loss of the whole set, docs/fidelity.md.) ``reward="ap"`` scores COCO AP of the

@@ -171,8 +171,9 @@ NORMALISERS = ("num_pos", "cls_norm", "reg_norm")
 def global_normalisers(sums: dict[str, Tensor]) -> dict[str, Tensor]:
     """``sums`` with FCOS's normalisers summed over all ranks (number of positives,
     num_pos + images, centerness-weight sum), so that each rank's ``combine`` is its
-    share of the one-process loss. The FCOS reference code reduces them across GPUs
-    the same way (``reduce_sum`` of num_pos and of the centerness targets)."""
+    share of the one-process loss, whatever the number of ranks. FCOS's later code reduces
+    them across GPUs the same way (``reduce_sum``); the NAS-FCOS code has no all-reduce and
+    normalises per GPU (docs/fidelity.md)."""
     norms = torch.stack([sums[k].detach().float() for k in NORMALISERS])
     dist.all_reduce(norms)
     return {**sums, **dict(zip(NORMALISERS, norms.unbind(), strict=True))}
