@@ -51,6 +51,7 @@ def fingerprint(run: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="write the fingerprint JSON here (default: print it)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override of the tiny run (repeatable), e.g. search.mode=sync")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {
@@ -61,6 +62,7 @@ def main() -> None:
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         }  # a fresh home migrates first
         cmd = [sys.executable, "-m", "flows.nas_search", "--config", "tiny", "--set", f"runs_dir={tmp}", "--set", "run_id=fingerprint"]
+        cmd += [arg for kv in args.set for arg in ("--set", kv)]
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         text = json.dumps(fingerprint(Path(tmp) / "fingerprint"), indent=1, sort_keys=True)
     if args.out:
