@@ -220,7 +220,10 @@ class PPOController:
         ``stale_weight_cap``. Plain PPO zeroes such a sample's gradient once the policy has
         moved past the clip band since, and slow archs are the stalest
         (``benchmarks/staleness.py``). A fresh sample (sync mode, one slot) gets exactly
-        the plain update."""
+        the plain update. Measured there (toy reward, 1,400 archs, 64 simulated slots): async
+        closes 0.74-0.79 of the gap a 1-slot search closes with it, 0.41-0.44 without (16
+        slots: 0.95-0.96 against 0.71). Off by default: async's small lean against slow archs
+        at equal progress stays (their results arrive later; the clip is not its cause)."""
         if len(samples) != len(rewards) or not samples:
             raise ValueError(f"update needs one reward per sample, got {len(samples)} samples, {len(rewards)} rewards")
         if self.cfg.update == "buffer":

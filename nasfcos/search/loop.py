@@ -19,8 +19,11 @@ as there are free slots) at a time from the current policy and queued; the
 queue is dropped at each update, so no submission is more than one update
 stale. The controller updates on every ``archs_per_step`` finished results, in
 the order they finish; an arch may have been sampled by a policy a few updates
-older than the one it updates, which PPO's ratio against the stored sampling
-log-probability corrects for. ``results.parquet`` is compacted at most every
+older than the one it updates. PPO's ratio against the stored sampling
+log-probability corrects for that only inside its clip band: past it the sample's
+gradient is zeroed, so at 64 slots plain PPO closes ~0.4x the gap a 1-slot search
+closes with as many archs (``benchmarks/staleness.py``; the controller's
+``stale_correction="decoupled"`` brings it to ~0.75). ``results.parquet`` is compacted at most every
 :data:`COMPACT_EVERY_S` (readers of ``ResultsTable`` see every row at once). The
 checkpoint, written after each draw and each update, lists the queued draws,
 the in-flight samples and the finished ones not yet used by an update, so every
