@@ -358,7 +358,7 @@ def report(rows: list[dict], setting: dict, one_slot: dict) -> None:
             rel = {}
             for x in rows:
                 base = one_slot.get((x["model"], x["seed"]))
-                if (x["slots"], x["mode"]) == (slots, mode) and base is not None:
+                if (x["slots"], x["mode"]) == (slots, mode) and base is not None and base["last100_gap_closed"] > 0.1:  # a 1-slot run that learned
                     rel[(x["model"], x["seed"])] = (x["last100_gap_closed"] / base["last100_gap_closed"], x["trace"][-1][2] - slow_at_gap(base, x["trace"][-1][1]))
             seeds = sorted({seed for _, seed in rel if all((m, seed) in rel for m in MODELS)})
             if not seeds:
