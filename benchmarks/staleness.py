@@ -85,7 +85,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from controller_schedule import BASE, ToyReward  # noqa: E402  (the same toy reward)
-from strategies import Memory, _record, mean_ci  # noqa: E402
+from strategies import Memory, mean_ci, toy_record  # noqa: E402
 
 from nasfcos.search.controller import ControllerConfig, PPOController  # noqa: E402
 
@@ -188,7 +188,7 @@ class Clock:
         """The record (noisy toy reward) and the duration of one evaluation."""
         tokens = np.asarray(arch.tokens())
         duration = self.toy.op_units(tokens) / self.toy.unit * float(self.jitter.lognormal(0.0, JITTER))
-        return _record(arch, self.toy(tokens), 0, 0, 1), duration
+        return toy_record(arch, self.toy(tokens), 0, 0, 1), duration
 
     def submit(self, job) -> SimFuture:
         """Async mode's ``submit``: the evaluation ends at now + its duration."""

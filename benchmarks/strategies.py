@@ -118,7 +118,7 @@ class Memory:
         return len(self.rows)
 
 
-def _record(arch, reward: float, params: int, macs: int, epochs: int, status: str = "ok", error: str = "") -> dict:
+def toy_record(arch, reward: float, params: int, macs: int, epochs: int, status: str = "ok", error: str = "") -> dict:
     from datetime import datetime, timezone
 
     now = datetime.now(timezone.utc)
@@ -165,7 +165,7 @@ class ToyEvaluator:
     def __call__(self, arch, epochs: int, resume_from: int) -> tuple[dict, int]:
         c = self.cost(arch)
         reward = self.clean(arch, epochs) + float(self.noise.normal(0.0, 0.02))
-        return _record(arch, reward, c.params, c.macs, epochs), c.macs
+        return toy_record(arch, reward, c.params, c.macs, epochs), c.macs
 
 
 class RealEvaluator:

@@ -189,8 +189,9 @@ def test_nasfcos_draws_no_number_from_a_global_generator_outside_the_routed_file
     found = []
     for path in sorted((ROOT / "nasfcos").rglob("*.py")):
         rel = str(path.relative_to(ROOT))
-        if rel not in ROUTED:
-            found += [f"{rel}:{line}: {what}" for line, what in _global_draws(ast.parse(path.read_text()))]
+        draws = _global_draws(ast.parse(path.read_text()))
+        # a routed file's unseeded draws are its callers' to route; seeding the global generator never is
+        found += [f"{rel}:{line}: {what}" for line, what in draws if rel not in ROUTED or what in ("torch.manual_seed", "torch.seed")]
     assert not found, "draws from a process-global generator (use a seeded torch.Generator / np.random.default_rng, or nasfcos.rng):\n" + "\n".join(found)
     assert _global_draws(ast.parse("torch.rand(3)\nnp.random.rand(2)\nimport random\nx.uniform_(0, 1)")) != [], "the scan finds nothing"
     for rel in ROUTED:
