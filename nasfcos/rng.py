@@ -8,8 +8,11 @@ torch calls made *by this thread* inside the block to ``g``: model constructors 
 touch, or see, the global generator. It works through a torch function mode, which torch
 keeps per thread, so concurrent blocks in other threads are unaffected.
 
-``stream(seed, *keys)`` derives the seed of one stream (a stage, an arch, a sample, a rank)
-from the run's seed, so streams never share numbers by accident.
+``stream(seed, *keys)`` derives the seed of a keyed stream (the DataLoaders' base seeds)
+from the run's seed. The main streams keep ``seed`` itself, the numbers runs made before
+these generators existed: each stage's init (finetune, full training and every proxy decoder
+start from ``seed``: the same init for every arch is the proxy's common random numbers), the
+proxy's batch order and the controller's init and sampling each on a generator of their own.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 and no random draw from a process-global generator (issue #25)."""
 
 import ast
+import hashlib
 import json
 import random
 import threading
@@ -31,19 +32,34 @@ def _without_clock(value):
     return value
 
 
+def _exact(value, root: str):
+    """A value as comparable text that keeps every bit: floats as ``float.hex``, tensors and
+    arrays as dtype, shape and a hash of their bytes; the run directory's path as a placeholder."""
+    if isinstance(value, dict):
+        return tuple((str(k), _exact(v, root)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0])) if k not in CLOCK_FIELDS)
+    if isinstance(value, (list, tuple)):
+        return tuple(_exact(v, root) for v in value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        return ("tensor", str(value.dtype), tuple(value.shape), hashlib.sha256(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"").hexdigest())
+    if isinstance(value, np.ndarray):
+        return ("array", str(value.dtype), value.shape, tuple(_exact(v, root) for v in value.tolist()) if value.dtype == object else hashlib.sha256(value.tobytes()).hexdigest())
+    if isinstance(value, (float, np.floating)):
+        return float(value).hex()
+    return str(value).replace(root, "<run>")
+
+
 def _content(path: Path, root: Path):
-    """What must be equal between runs: bytes, or a table / JSON value without clock fields;
-    the run directory's own path is replaced by a placeholder."""
+    """What must be equal between runs, bit for bit: bytes, or the content of a table, JSON
+    or checkpoint without its clock fields (their files hold times, so their bytes differ)."""
     if path.suffix == ".parquet":
         df = pd.read_parquet(path)
-        df = df.drop(columns=[c for c in df.columns if c in CLOCK_FIELDS])
-        return df.to_json(orient="split", default_handler=str).replace(str(root), "<run>")
+        return _exact({c: list(df[c]) for c in df.columns}, str(root))
     data = path.read_bytes()
     if path.suffix == ".json":
-        return json.dumps(_without_clock(json.loads(data)), sort_keys=True).replace(str(root), "<run>")
+        return _exact(json.loads(data), str(root))
     if path.suffix == ".pt":  # torch.save's zip names its records after the file name: compare the contents
-        obj = torch.load(path, weights_only=False, map_location="cpu")
-        return repr(_without_clock(obj)).replace(str(root), "<run>")
+        return _exact(torch.load(path, weights_only=False, map_location="cpu"), str(root))
     return data.replace(str(root).encode(), b"<run>")
 
 

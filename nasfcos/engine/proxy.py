@@ -54,7 +54,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from nasfcos import rng
 from nasfcos.arch import Arch, resolve
 from nasfcos.errors import is_infrastructure, one_line
-from nasfcos.evaluation.coco import coco_evaluate, to_coco_results
 from nasfcos.model.backbones import LEVELS
 from nasfcos.model.complexity import count_call_macs
 from nasfcos.model.decoder import build_decoder
@@ -260,6 +259,8 @@ def validation_losses(model: ProxyModel, split: ProxySplit, *, batch_size: int, 
 def validation_ap(model: ProxyModel, split: ProxySplit, *, batch_size: int, autocast: bool) -> dict[str, float]:
     """COCO AP, AP50, ... of the decoder's detections on the whole split (pycocotools),
     each sample an image of the input size (4x C2's map) with its crop's boxes as ground truth."""
+    from nasfcos.evaluation.coco import coco_evaluate, to_coco_results  # pycocotools: only the AP reward needs it (the GPU suite runs without)
+
     if split.boxes is None or split.labels is None:
         raise ValueError("proxy: the AP reward needs the split's boxes and labels (prepare_split keeps them)")
     model.eval()

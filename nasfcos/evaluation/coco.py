@@ -10,6 +10,7 @@ import contextlib
 import copy
 import io
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import atomicio
 from nasfcos.data.transforms import collate
 from nasfcos.progress import Progress
 
+_STDOUT_LOCK = threading.Lock()
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -42,7 +44,9 @@ def coco_evaluate(gt: dict, results: list[dict]) -> dict[str, float]:
     unknown = {r["image_id"] for r in results} - known
     if unknown:
         raise ValueError(f"results name {len(unknown)} image ids not in the ground truth, e.g. {sorted(unknown)[:3]}")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+    # pycocotools prints progress; redirect_stdout swaps the process's sys.stdout, so two
+    # threads (proxy slots scoring the AP reward) must not interleave their redirections
+    with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()

@@ -20,7 +20,8 @@ gradient norm clip 2.0. Two update schedules:
     [14]'s schedule exactly (nas-segm-pytorch ``PPO`` + ``RolloutStorage``): the
     baseline follows the new result, which replaces the oldest of 100 entries
     (at first 100 placeholders, [14]'s zero-filled storage: tokens 0,
-    log-probability 0, reward 0; their ratios are ~0, so they give no gradient,
+    log-probability 0, reward 0; their ratios are ~0, so their gradient is ~0 (with the
+    loss reward 0 is above the baseline: a tiny push toward arch 0, which [14]'s positive rewards did not give),
     but their Adam steps still move the policy on momentum); then one shuffled
     pass of minibatch-1 Adam steps over all 100 entries, advantages against the
     baseline *after* this result, ratios against each entry's stored sampling
