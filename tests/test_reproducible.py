@@ -93,18 +93,19 @@ def test_two_sync_runs_with_slots_finishing_in_reverse_order_write_the_same_file
 
 
 def _global_states():
-    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    # Python's generator is not compared: the Prefect client and server threads of this test
+    # process draw from it (retry jitter); nasfcos never imports random (the static scan below)
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), np.random.get_state()[2]
 
 
 def _same_states(a, b) -> list[str]:
-    names = ("torch", "numpy", "python")
-    same = (torch.equal(a[0], b[0]), np.array_equal(a[1], b[1]), a[2] == b[2])
-    return [n for n, ok in zip(names, same, strict=True) if not ok]
+    same = (torch.equal(a[0], b[0]), np.array_equal(a[1], b[1]) and a[2] == b[2])
+    return [n for n, ok in zip(("torch", "numpy"), same, strict=True) if not ok]
 
 
 def test_no_stage_draws_from_a_global_generator(synthetic_small, tmp_path):
     """Finetune, feature materialisation, a proxy evaluation, the policies: with the global
-    torch, NumPy and Python generators seeded before, their states are untouched after."""
+    torch and NumPy generators seeded before, their states are untouched after."""
     from nasfcos.arch import Arch
     from nasfcos.data import COCODetection
     from nasfcos.engine.checkpoint import detector_from_checkpoint
