@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from nasfcos import rng
 from nasfcos.rng import local_generator
 
 
@@ -56,5 +57,5 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         idx, seed = key
-        with local_generator(torch.Generator().manual_seed(seed)):
+        with local_generator(rng.generator(seed)):
             return self.dataset[idx]

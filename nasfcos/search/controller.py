@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from nasfcos import rng
 from nasfcos.arch import DEFAULT_HEAD_SEARCH, TokenSpace, token_space
 from nasfcos.rng import local_generator
 from nasfcos.search.sample import Sample, check_kind
@@ -183,7 +184,7 @@ class PPOController:
     def __init__(self, cfg: ControllerConfig = ControllerConfig(), *, seed: int = 0, head: str = DEFAULT_HEAD_SEARCH) -> None:
         self.cfg = cfg
         self.space = token_space(head)
-        with local_generator(torch.Generator().manual_seed(seed)):  # its init stream, not the process's
+        with local_generator(rng.generator(seed)):  # its init stream, not the process's
             self.policy = LSTMPolicy(cfg, self.space)
         # foreach: one fused update over the few parameter tensors (the buffer schedule makes ~100 steps per arch)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr, foreach=True)
