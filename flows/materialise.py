@@ -29,7 +29,7 @@ def _split_indices(cfg, n: int):
 def create_store(config: dict) -> dict:
     import torch
 
-    from nasfcos.engine.materialise import file_sha256
+    from nasfcos.engine.checkpoint import weights_sha256
     from nasfcos.model.backbones import build_backbone
     from storage.features import FeatureStore
 
@@ -51,7 +51,7 @@ def create_store(config: dict) -> dict:
     levels = {f"C{i + 2}": (c, f.crop // s, f.crop // s) for i, (c, s) in enumerate(zip(channels, STRIDES, strict=True))}
     ckpt = run.backbone / "checkpoint.pt"
     attrs = {
-        "backbone": cfg.finetune.backbone, "backbone_sha256": file_sha256(ckpt), "split_seed": f.seed,
+        "backbone": cfg.finetune.backbone, "backbone_weights_sha256": weights_sha256(ckpt), "split_seed": f.seed,
         "crop": f.crop, "classes": list(dataset.classes), "num_classes": len(dataset.classes),
     }  # fmt: skip
     store = FeatureStore.create(run.features, splits={k: len(v) for k, v in idx.items()}, levels=levels, shard_size=f.shard_size, codec=f.codec, attrs=attrs)

@@ -160,24 +160,34 @@ def device_slot(ex: ExecutionSection, *, shared: bool = False) -> Iterator[str]:
     slot, so whole-device tasks may wait here for a device; Dask workers are separate
     processes, each with its own pool.
     """
+    if ex.task_runner == "thread":  # whole-device tasks too: they may run beside shared ones
+        share_cpu_threads(process_devices(ex) * ex.slots_per_device)
     pool = process_devices(ex) * (ex.slots_per_device if shared else 1)
-    if ex.task_runner == "thread":
-        share_cpu_threads(pool)
     with _borrow(pool) as device:
         yield device
 
 
+_PROCESS_THREADS: list[int] = []  # torch's thread count in this process before share_cpu_threads
+
+
 def share_cpu_threads(pool: Sequence[str]) -> None:
-    """Several ``cpu`` slots in this process: give each task's torch ops an equal share of
-    the cores. torch's intra-op threads are per process, so tasks side by side would each
-    use all cores; on 2 cores two 1-thread trainings ran 1.9x the iterations of one 2-thread
-    training (docs/fidelity.md, "The demo's sizes, and why"). ``OMP_NUM_THREADS``, when set, rules."""
+    """Several ``cpu`` slots in this process (``pool``: every evaluation slot of its
+    devices): give each task's torch ops an equal share of the cores. torch's intra-op
+    threads are per process, so tasks side by side would each use all cores; on 2 cores two
+    1-thread trainings ran 1.9x the iterations of one 2-thread training (docs/fidelity.md,
+    "The demo's sizes, and why"). Every task of the process gets the same share, whole-device
+    ones included (train-full scores a baseline on a shared slot while another arch trains):
+    a count that changed with what else runs, or ran before in the process, would change the
+    numbers (a resumed run would differ from an uninterrupted one). One ``cpu`` slot gets
+    the process's own count back. ``OMP_NUM_THREADS``, when set, rules."""
     cpus = sum(d == "cpu" for d in pool)
-    if cpus < 2 or os.environ.get("OMP_NUM_THREADS"):
+    if not cpus or os.environ.get("OMP_NUM_THREADS"):
         return
     import torch
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cpus))
+    if not _PROCESS_THREADS:
+        _PROCESS_THREADS.append(torch.get_num_threads())  # before this function first changed it
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cpus) if cpus > 1 else _PROCESS_THREADS[0])
 
 
 @contextmanager

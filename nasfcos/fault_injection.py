@@ -6,7 +6,7 @@ place. ``NASFCOS_FAULT`` holds rules separated by ``;``:
     <point>=kill          SIGKILL this process the first time it reaches ``fault_point("<point>")``
     <point>#N=kill        ... the N-th time (1-based)
     <point>=wait:<path>   create ``<path>.reached``, then wait until ``<path>`` exists
-    <point>#*=sleep:<s>   sleep <s> seconds every time (reorders parallel work: the determinism tests)
+    <point>=touch:<path>  create ``<path>`` (with ``wait:`` on another point: one task waits for another)
 
 Unset (always, outside tests) a fault point costs one dict lookup.
 """
@@ -43,7 +43,7 @@ def fault_point(name: str) -> None:
             Path(f"{path}.reached").touch()
             while not path.exists():
                 time.sleep(0.05)
-        elif action.startswith("sleep:"):
-            time.sleep(float(action[6:]))
+        elif action.startswith("touch:"):
+            Path(action[6:]).touch()
         else:
             raise ValueError(f"NASFCOS_FAULT: unknown action {action!r} in rule {rule!r}")

@@ -4,9 +4,13 @@ a run's report pages."""
 
 from __future__ import annotations
 
+import atexit
 import base64
+import hashlib
 import io
+import json
 import math
+import multiprocessing
 import os
 import signal
 import threading
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from flows.report.page import PLOTS
 from nasfcos.search.loop import make_row, run_search_async
@@ -103,9 +108,108 @@ def run_async(run_dir, policy, pool, cfg, slots):
         return run_search_async(policy=policy, submit=pool.submit, slots=slots, results=ResultsTable(run_dir), state_path=Path(run_dir) / "c.pt", cfg=cfg)
 
 
+# Wall-clock, process and host facts: the only fields two runs may differ in. Files holding
+# them are compared as tables with these left out; every other file byte for byte. Also what
+# the attempt that finished a stage did (the shards it wrote) and a file's (size, mtime)
+# stamp: a resumed run's differ; the files they stand for are compared themselves.
+CLOCK_FIELDS = {"train_seconds", "eval_seconds", "peak_mem_mb", "started_at", "finished_at", "created_at", "seconds", "elapsed_s", "pid", "mtime_ns"}
+ATTEMPT_FIELDS = {"shards_written", "stamp"}
+# Logs and the human report carry times by design; locks are empty markers.
+NOT_COMPARED = ("evaluations.log", "report/", ".lock", "events.jsonl")
+
+
+def _exact(value, root: str):
+    """A value as comparable text that keeps every bit: floats as ``float.hex``, tensors and
+    arrays as dtype, shape and a hash of their bytes; the run directory's path as a placeholder."""
+    if isinstance(value, dict):
+        return tuple((str(k), _exact(v, root)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0])) if k not in CLOCK_FIELDS | ATTEMPT_FIELDS)
+    if isinstance(value, (list, tuple)):
+        return tuple(_exact(v, root) for v in value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        return ("tensor", str(value.dtype), tuple(value.shape), hashlib.sha256(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"").hexdigest())
+    if isinstance(value, np.ndarray):
+        return ("array", str(value.dtype), value.shape, tuple(_exact(v, root) for v in value.tolist()) if value.dtype == object else hashlib.sha256(value.tobytes()).hexdigest())
+    if isinstance(value, (float, np.floating)):
+        return float(value).hex()
+    return str(value).replace(root, "<run>")
+
+
+def _content(path: Path, root: Path):
+    """What must be equal between runs, bit for bit: bytes, or the content of a table, JSON
+    or checkpoint without its clock fields (their files hold times, so their bytes differ)."""
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+        return _exact({c: list(df[c]) for c in df.columns}, str(root))
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        return _exact(json.loads(data), str(root))
+    if path.suffix == ".pt":  # torch.save's zip names its records after the file name: compare the contents
+        return _exact(torch.load(path, weights_only=False, map_location="cpu"), str(root))
+    return data.replace(str(root).encode(), b"<run>")
+
+
+def run_files(root: Path) -> dict[str, object]:
+    """Every file of a run directory (but :data:`NOT_COMPARED`) by its path, as what must be
+    equal between two runs of one config and seed: compare two with ``==``."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(root))
+        if not any(part in rel for part in NOT_COMPARED):
+            out[rel] = _content(path, root)
+    return out
+
+
 def tiny(run_id: str, runs_dir: Path, **extra) -> dict:
     """Overrides of the ``tiny`` preset (the demo shrunk to seconds per stage) for one run."""
     return {"run_id": run_id, "runs_dir": str(runs_dir), **extra}
+
+
+def tiny_args(run_id: str, runs_dir: Path, **extra) -> list[str]:
+    """``python -m flows.nas_search``'s arguments for a ``tiny`` run (as :func:`tiny`)."""
+    args = ["--config", "tiny"]
+    for k, v in tiny(run_id, runs_dir, **extra).items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+# What a pipeline process imports, at start and in its stages: ~15 s of CPU per process here.
+PIPELINE_MODULES = [
+    "flows.nas_search", "flows.report.plots", "nasfcos.data", "nasfcos.engine.train", "nasfcos.engine.proxy",
+    "nasfcos.engine.materialise", "nasfcos.evaluation.coco", "nasfcos.search.loop", "nasfcos.search.policies",
+    "storage.features", "storage.results", "storage.staging", "sympy",
+]  # fmt: skip
+
+
+def pipeline_process(args: list[str], env: dict[str, str], log: Path) -> multiprocessing.Process:
+    """``python -m flows.nas_search ARGS`` under ``env``, stdout and stderr to ``log``, started.
+
+    A real process of its own (SIGKILL it, resume it in the next one), forked from
+    multiprocessing's fork server, which imports :data:`PIPELINE_MODULES` once per test
+    process: the kill matrix starts eight pipelines, each ~15 s of imports sooner."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PIPELINE_MODULES)  # no effect once the server runs
+    proc = ctx.Process(target=_pipeline_main, args=(list(args), dict(env), str(log)), daemon=False)
+    proc.start()
+    return proc
+
+
+def _pipeline_main(args: list[str], env: dict[str, str], log: str) -> None:
+    """The forked process: the environment it was given (Prefect's settings re-read from
+    it, as a new interpreter would), its output to ``log``, then the CLI's ``main``."""
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    from prefect.context import refresh_global_settings_context
+
+    from flows.nas_search import main
+
+    refresh_global_settings_context()
+    try:
+        main(args)
+    finally:
+        atexit._run_exitfuncs()  # Prefect drains its log and event workers at exit; a forked child skips atexit
 
 
 class ReportPage(HTMLParser):

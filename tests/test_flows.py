@@ -2,9 +2,6 @@
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny
+from helpers import pipeline_process, tiny, tiny_args
 
 pytest.importorskip("prefect")
 
@@ -189,31 +186,31 @@ def test_finetune_trains_data_parallel_over_the_cpu_devices(prefect_server, tmp_
     assert (ckpt["world_size"], ckpt["iteration"]) == (2, cfg.finetune.iterations)
 
 
-def test_sigkilled_search_resumes_without_evaluating_twice(prefect_server, tmp_path):
+def test_sigkilled_search_resumes_without_evaluating_twice(finished_run, tmp_path):
+    """The async search of a pipeline process SIGKILLed once 3 of its 8 archs are durable;
+    the next process evaluates the other 5, none twice (upstream stages: a finished run's)."""
     from prefect.settings import PREFECT_API_URL
 
-    overrides = tiny("killed", tmp_path, **{"search.total_archs": 8, "search.archs_per_step": 2, "execution.report": False})
-    args = [sys.executable, "-m", "flows.nas_search", "--config", "tiny"]
-    for k, v in overrides.items():
-        args += ["--set", f"{k}={v}"]
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     from storage.results import ResultsTable
 
-    log = tmp_path / "killed" / "evaluations.log"
+    _copy_upstream(finished_run[1], tmp_path / "killed")
+    args = tiny_args("killed", tmp_path, **{"search.total_archs": 8, "search.archs_per_step": 2, "execution.report": False})
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = pipeline_process(args, env, tmp_path / "killed.log")
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:  # kill once 3 results are durable
+    while time.time() < deadline and proc.is_alive():  # kill once 3 results are durable
         if (tmp_path / "killed" / "results.parts").exists() and len(ResultsTable(tmp_path / "killed").read()) >= 3:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "the search finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.is_alive(), "the search finished before it could be killed"
+    proc.kill()
+    proc.join()
     done_before = len(ResultsTable(tmp_path / "killed").read())
     assert 3 <= done_before < 8
-    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ids = [line.split()[1] for line in log.read_text().splitlines()]
+    again = pipeline_process(args, env, tmp_path / "resumed.log")
+    again.join(timeout=600)
+    assert again.exitcode == 0, (tmp_path / "resumed.log").read_text()[-2000:]
+    ids = [line.split()[1] for line in (tmp_path / "killed" / "evaluations.log").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 8  # every arch trained exactly once across the kill
     df = pd.read_parquet(tmp_path / "killed" / "results.parquet")
     assert sorted(df.arch_id) == sorted(ids)

@@ -42,10 +42,12 @@ def test_slot_pool_spreads_over_devices_and_whole_device_tasks_get_one_each(monk
 def test_cpu_slots_side_by_side_share_the_cores(monkeypatch):
     """Two cpu slots in one process: each task's torch ops get half the cores (torch's
     threads are per process; two tasks with all of them oversubscribe the CPU), unless
-    OMP_NUM_THREADS says otherwise; one cpu slot keeps torch's default."""
+    OMP_NUM_THREADS says otherwise; one cpu slot keeps the process's own count, even after a
+    share was set; a whole-device task gets the share of the shared slots beside it."""
     import torch
 
     monkeypatch.setattr(placement, "_SLOTS", {})
+    monkeypatch.setattr(placement, "_PROCESS_THREADS", [])
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     before = torch.get_num_threads()
@@ -57,6 +59,10 @@ def test_cpu_slots_side_by_side_share_the_cores(monkeypatch):
             assert torch.get_num_threads() == 4
         with placement.device_slot(_execution(devices=["cpu", "cpu"], slots_per_device=2), shared=True):
             assert torch.get_num_threads() == 2
+        with placement.device_slot(_execution(devices=["cpu"])):
+            assert torch.get_num_threads() == 3  # not the share an earlier task set
+        with placement.device_slot(_execution(devices=["cpu"], slots_per_device=2)):
+            assert torch.get_num_threads() == 4  # a whole-device task beside a shared slot
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         torch.set_num_threads(3)
         with placement.device_slot(_execution(devices=["cpu", "cpu"])):

@@ -1,95 +1,19 @@
-"""Same config, same seed, same host: the same files, whatever order parallel work finishes in,
-and no random draw from a process-global generator (issue #25)."""
+"""Same config, same seed, same host: no random draw from a process-global generator, and
+random streams that stay a thread's own (issue #25). That two runs write the same files,
+whatever order parallel work finishes in and however often they are killed, is the kill
+matrix's test (tests/test_kill_matrix.py)."""
 
 import ast
-import hashlib
-import json
 import random
 import threading
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from helpers import tiny
 
 from nasfcos.rng import local_generator
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Wall-clock, process and host facts: the only fields two runs may differ in. Files holding
-# them are compared as tables with these left out; every other file byte for byte.
-CLOCK_FIELDS = {"train_seconds", "eval_seconds", "peak_mem_mb", "started_at", "finished_at", "created_at", "seconds", "elapsed_s", "pid", "mtime_ns"}
-# Logs and the human report carry times by design; locks are empty markers.
-NOT_COMPARED = ("evaluations.log", "report/", ".lock", "events.jsonl")
-
-
-def _without_clock(value):
-    if isinstance(value, dict):
-        return {k: _without_clock(v) for k, v in value.items() if k not in CLOCK_FIELDS}
-    if isinstance(value, list):
-        return [_without_clock(v) for v in value]
-    return value
-
-
-def _exact(value, root: str):
-    """A value as comparable text that keeps every bit: floats as ``float.hex``, tensors and
-    arrays as dtype, shape and a hash of their bytes; the run directory's path as a placeholder."""
-    if isinstance(value, dict):
-        return tuple((str(k), _exact(v, root)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0])) if k not in CLOCK_FIELDS)
-    if isinstance(value, (list, tuple)):
-        return tuple(_exact(v, root) for v in value)
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().contiguous()
-        return ("tensor", str(value.dtype), tuple(value.shape), hashlib.sha256(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"").hexdigest())
-    if isinstance(value, np.ndarray):
-        return ("array", str(value.dtype), value.shape, tuple(_exact(v, root) for v in value.tolist()) if value.dtype == object else hashlib.sha256(value.tobytes()).hexdigest())
-    if isinstance(value, (float, np.floating)):
-        return float(value).hex()
-    return str(value).replace(root, "<run>")
-
-
-def _content(path: Path, root: Path):
-    """What must be equal between runs, bit for bit: bytes, or the content of a table, JSON
-    or checkpoint without its clock fields (their files hold times, so their bytes differ)."""
-    if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
-        return _exact({c: list(df[c]) for c in df.columns}, str(root))
-    data = path.read_bytes()
-    if path.suffix == ".json":
-        return _exact(json.loads(data), str(root))
-    if path.suffix == ".pt":  # torch.save's zip names its records after the file name: compare the contents
-        return _exact(torch.load(path, weights_only=False, map_location="cpu"), str(root))
-    return data.replace(str(root).encode(), b"<run>")
-
-
-def _files(root: Path) -> dict[str, object]:
-    out = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = str(path.relative_to(root))
-        if not any(part in rel for part in NOT_COMPARED):
-            out[rel] = _content(path, root)
-    return out
-
-
-def test_two_sync_runs_with_slots_finishing_in_reverse_order_write_the_same_files(prefect_server, tmp_path, monkeypatch):
-    """Two evaluation slots in sync mode; the second run delays slot 0 so slot 1 finishes first."""
-    from flows.nas_search import nas_search
-
-    runs = {}
-    for name, slow in (("first", 1), ("second", 0)):
-        monkeypatch.setenv("NASFCOS_FAULT", f"search:evaluate:{slow}#*=sleep:1.5")
-        overrides = tiny("r", tmp_path / name, **{"search.mode": "sync", "execution.slots_per_device": 2})
-        state = nas_search(config="tiny", overrides=overrides, return_state=True)
-        assert state.is_completed(), state
-        runs[name] = tmp_path / name / "r"
-    order = {name: (run / "evaluations.log").read_text().split("\n")[0].split()[1] for name, run in runs.items()}
-    assert order["first"] != order["second"], f"the hook did not reverse the finishing order: {order}"
-    a, b = _files(runs["first"]), _files(runs["second"])
-    assert sorted(a) == sorted(b)
-    assert any(k.startswith("features.zarr") for k in a) and "results.parquet" in a and "top_k.parquet" in a and "leaderboard.parquet" in a
-    differ = [k for k in a if a[k] != b[k]]
-    assert not differ, f"{len(differ)} files differ between the two runs: {differ[:8]}"
 
 
 def _global_states():

@@ -3,6 +3,7 @@ hold no RNG state: every random stream is a function of (seed, position) (``nasf
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -38,6 +39,18 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
         raise ValueError(f"{path}: not a nasfcos checkpoint (needs 'model' and 'spec')")
     return ckpt
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint's weights (names, dtypes, shapes, bytes): what computed
+    features depend on. Not of the file: pickle's bytes follow object identity, so a
+    resumed training writes the same weights into other bytes than an uninterrupted one."""
+    h = hashlib.sha256()
+    for name, t in sorted(load_checkpoint(path)["model"].items()):
+        t = t.detach().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def detector_from_checkpoint(path: str | Path) -> tuple[Detector, dict]:

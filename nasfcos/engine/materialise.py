@@ -12,9 +12,6 @@ durably (and resuming) is ``storage.features``'s job.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
@@ -64,14 +61,6 @@ def fit_split(n: int, train_size: int = 4000, val_size: int | None = None) -> tu
 def proxy_transforms(size: int = PROXY_SIZE):
     """Short side ``size`` (no long-side cap), random ``size`` x ``size`` crop, normalise."""
     return build_transforms(train=False, min_size=size, max_size=None, crop=size, flip=False)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureComputer:

@@ -479,7 +479,9 @@ def run_search(
         state.step += 1
         state.issued += len(samples)
         state.pending = None
-        info = _step_info(state, known, cfg, rewards, len(todo), stats)
+        # archs this step added, counted from their rows: the same after a resume mid-step
+        added = len({s.arch.arch_id for s in samples if known[s.arch.arch_id].get("step") == state.step - 1})
+        info = _step_info(state, known, cfg, rewards, added, stats)
         state.stats.append(info)
         results.compact()
         save_state(state_path, policy, state, cfg)
