@@ -57,10 +57,11 @@ with Client(sys.argv[1], timeout=60) as c:
 PY
 
 # the tiny preset (the demo shrunk to seconds per stage); the search: 6 archs, 2 per
-# controller step, async (as many in flight as the cluster's workers have slots: 2)
+# controller step, async (as many in flight as the cluster's workers have slots: 2); no
+# plots (the cluster is what is checked; `python -m flows.report` draws them any time)
 cd "$ROOT"
 "$BIN/python" -m flows.nas_search --config tiny \
-  --set run_id=smoke --set "runs_dir=$WORK/runs" \
+  --set run_id=smoke --set "runs_dir=$WORK/runs" --set execution.report=false \
   --set execution.task_runner=dask --set "execution.dask_address=$ADDRESS" \
   --set search.total_archs=6 --set search.mode=async > "$WORK/flow.log" 2>&1 || { tail -n 30 "$WORK/flow.log" >&2; echo "cluster-smoke: the flow failed; see $WORK/flow.log" >&2; exit 1; }
 

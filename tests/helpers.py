@@ -186,7 +186,9 @@ def pipeline_process(args: list[str], env: dict[str, str], log: Path) -> multipr
 
     A real process of its own (SIGKILL it, resume it in the next one), forked from
     multiprocessing's fork server, which imports :data:`PIPELINE_MODULES` once per test
-    process: the kill matrix starts eight pipelines, each ~15 s of imports sooner."""
+    process: the kill matrix starts eight pipelines, each ~15 s of imports sooner. (A
+    server started first by ``nasfcos.engine.distributed`` imported less: its forks import
+    the rest themselves, as slow as a new process, no less correct.)"""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PIPELINE_MODULES)  # no effect once the server runs
     proc = ctx.Process(target=_pipeline_main, args=(list(args), dict(env), str(log)), daemon=False)

@@ -228,7 +228,7 @@ def _copy_upstream(run, copy):
 
 
 def _search_on_copy(finished_run, tmp_path, run_id, settings):
-    """The search stage alone, on two cpu slots, in a copy of ``finished_run``'s upstream stages."""
+    """The search stage alone, on two cpu slots (unless ``settings`` say otherwise), in a copy of ``finished_run``'s upstream stages."""
     from flows.config import load_config
     from flows.placement import task_runner
     from flows.search import search
@@ -242,11 +242,13 @@ def _search_on_copy(finished_run, tmp_path, run_id, settings):
 def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
     pytest.importorskip("prefect_dask")
 
-    copy, out = _search_on_copy(finished_run, tmp_path, "dask", {"search.total_archs": 2, "execution.task_runner": "dask"})
+    # one device, one worker process (a worker per device: tests/test_placement.py)
+    settings = {"search.total_archs": 2, "execution.task_runner": "dask", "execution.devices": ["cpu"]}
+    copy, out = _search_on_copy(finished_run, tmp_path, "dask", settings)
     assert out["unique_archs"] == 2
     lines = (copy / "evaluations.log").read_text().splitlines()
     pids = {line.split("pid=")[1] for line in lines}
-    assert len(lines) == 2 and str(os.getpid()) not in pids  # evaluated in Dask worker processes
+    assert len(lines) == 2 and str(os.getpid()) not in pids  # evaluated in a Dask worker process
 
 
 def test_async_search_flow_evaluates_each_arch_once(finished_run, tmp_path):

@@ -82,7 +82,7 @@ def test_pipeline_on_own_coco_dataset_keeps_category_ids_and_drops_empty_images_
         return post(self, outputs, image_sizes)
 
     monkeypatch.setattr(nasfcos.model.fcos.FCOS, "postprocess", every_candidate)
-    overrides = {"run_id": "own", "runs_dir": str(tmp_path), **_data(coco_dataset)}
+    overrides = {"run_id": "own", "runs_dir": str(tmp_path), "execution.report": False, **_data(coco_dataset)}
     state = nas_search(config="tiny", overrides=overrides, return_state=True)
     assert state.is_completed(), state.message
     run = tmp_path / "own"

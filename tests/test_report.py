@@ -156,3 +156,9 @@ def test_the_reward_curve_draws_every_compared_run_however_many():
     fig = plots.reward_curve(runs)
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert [lab.split(":")[0] for lab in labels if "each arch" in lab] == list(runs)
+
+
+def test_the_reward_axis_says_which_reward_the_search_used():
+    df = pd.DataFrame(_rows(8, seed=0))
+    assert "val loss" in plots.reward_curve({"ppo": df}).axes[0].get_ylabel()
+    assert "AP" in plots.reward_curve({"ppo": df}, reward="ap").axes[0].get_ylabel()

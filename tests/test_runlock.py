@@ -58,39 +58,33 @@ def test_a_stage_flow_refuses_a_run_dir_its_parent_does_not_own(prefect_server, 
     assert not (tmp_path / "locked" / "manifests").exists()  # refused before touching the run
 
 
-def _cli(args: list[str], env: dict, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.nas_search", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
 def test_two_runs_of_one_directory_the_second_fails_in_one_line(prefect_server, tmp_path):
     """Today's failure: two processes on one run dir trained every arch twice. Now the
     second exits non-zero at once with one line; the first, held inside its search
     stage meanwhile, finishes unharmed with every arch trained once."""
-    from helpers import tiny
+    from helpers import pipeline_process, tiny_args
     from prefect.settings import PREFECT_API_URL
 
-    args = ["--config", "tiny"]
-    for k, v in tiny("twice", tmp_path, **{"search.total_archs": 4, "execution.report": False}).items():
-        args += ["--set", f"{k}={v}"]
-    gate = tmp_path / "go"
+    args = tiny_args("twice", tmp_path, **{"search.total_archs": 4, "execution.report": False})
+    gate, log = tmp_path / "go", tmp_path / "first.log"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    first = _cli(args, {**env, "NASFCOS_FAULT": f"stage:search=wait:{gate}"})
+    first = pipeline_process(args, {**env, "NASFCOS_FAULT": f"stage:search=wait:{gate}"}, log)
     try:
         deadline = time.time() + 300
         while not Path(f"{gate}.reached").exists():
-            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
+            assert first.is_alive() and time.time() < deadline, log.read_text()[-2000:]
             time.sleep(0.2)
         second = subprocess.run([sys.executable, "-m", "flows.nas_search", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode != 0
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and "already running" in lines[0] and f"pid {first.pid}" in lines[0], second.stderr[-2000:]
         gate.touch()
-        out, err = first.communicate(timeout=300)
+        first.join(timeout=300)
     finally:
         gate.touch()
-        if first.poll() is None:
+        if first.is_alive():
             first.kill()
-    assert first.returncode == 0, err[-2000:]
+    assert first.exitcode == 0, log.read_text()[-2000:]
     ids = [line.split()[1] for line in (tmp_path / "twice" / "evaluations.log").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 4
     assert len(pd.read_parquet(tmp_path / "twice" / "results.parquet")) == 4

@@ -213,7 +213,7 @@ def draw(data: RunData, names: Sequence[str] | None = None) -> dict[str, bytes |
 
     def reward():
         curves = {str(p): d for p, d in res.groupby("policy")} if "policy" in res.columns else {policy_of(data.config): res}
-        return plots.reward_curve({**curves, **data.compare})
+        return plots.reward_curve({**curves, **data.compare}, reward=str(((data.config or {}).get("search") or {}).get("reward") or "loss"))
 
     def complexity():
         top = [] if data.top_k is None else data.top_k["arch_id"].tolist()

@@ -67,11 +67,14 @@ def _ok(results: pd.DataFrame) -> pd.Series:
 # ------------------------------------------------------------------ reward curve
 
 
-def reward_curve(runs: Mapping[str, pd.DataFrame]) -> Figure | None:
+REWARD_LABELS = {"loss": "proxy reward (neg. val loss)", "ap": "proxy reward (meta-val AP)"}
+
+
+def reward_curve(runs: Mapping[str, pd.DataFrame], reward: str = "loss") -> Figure | None:
     """Reward of every sampled arch in sampling order, with the running best and the
     per-step mean, one colour per entry of ``runs`` (e.g. ``{"ppo": df, "random": df2}``).
     Archs without a reward (failed, over budget) are crosses on the bottom edge (their
-    penalty would squash the axis)."""
+    penalty would squash the axis). ``reward``: what the reward is (``search.reward``)."""
     runs = {k: sampling_order(v) for k, v in runs.items() if len(v)}
     if not runs or not any(_ok(df).any() for df in runs.values()):
         return None
@@ -95,7 +98,7 @@ def reward_curve(runs: Mapping[str, pd.DataFrame]) -> Figure | None:
         ax.plot(per_step["x"], per_step["r"], "o--", ms=3, lw=1, color=colour, alpha=0.9, label=f"{label}: step mean")
     ax.set_ylim(lo - 2 * pad, hi + 2 * pad)
     ax.set_xlabel("sampled architecture (sampling order)")
-    ax.set_ylabel("proxy reward (neg. val loss)")
+    ax.set_ylabel(REWARD_LABELS.get(reward, f"proxy reward ({reward})"))
     ax.set_title("Search: reward of every sampled architecture")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

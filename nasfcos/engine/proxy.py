@@ -235,11 +235,16 @@ class ProxyModel(nn.Module):
         return self.decoder(feats)
 
 
+def _forward(model, feats: list[Tensor], autocast: bool):
+    """The decoder's outputs for one batch of cached features (fp16 on disk: bf16 autocast,
+    or fp32)."""
+    with torch.autocast(device_type=feats[0].device.type, dtype=torch.bfloat16, enabled=autocast):
+        return model([f.float() if not autocast else f for f in feats])
+
+
 def _batch_sums(model: ProxyModel, split: ProxySplit, idx: Tensor, feats: list[Tensor], autocast: bool, forward=None) -> dict[str, Tensor]:
     """FCOS loss sums of one batch; ``forward`` replaces ``model``'s (a compiled one)."""
-    with torch.autocast(device_type=feats[0].device.type, dtype=torch.bfloat16, enabled=autocast):
-        outs = (model if forward is None else forward)([f.float() if not autocast else f for f in feats])
-    cls, reg, ctr = flatten_outputs(outs)
+    cls, reg, ctr = flatten_outputs(_forward(model if forward is None else forward, feats, autocast))
     assigned = Assigned(split.assigned.labels[idx].long(), split.assigned.ltrb[idx])
     return model.fcos.loss_sums(cls, reg, ctr, split.points, assigned)
 
@@ -272,8 +277,7 @@ def validation_ap(model: ProxyModel, split: ProxySplit, *, batch_size: int, auto
             gt["annotations"].append({"image_id": i, "category_id": categories[label], "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     results = []
     for idx, feats in split.batches(torch.arange(len(split), device=split.device), batch_size):
-        with torch.autocast(device_type=feats[0].device.type, dtype=torch.bfloat16, enabled=autocast):
-            outs = model([f.float() if not autocast else f for f in feats])
+        outs = _forward(model, feats, autocast)
         detections = model.fcos.postprocess([tuple(t.float() for t in level) for level in outs], [(h, w)] * len(idx))
         for i, d in zip(idx.tolist(), detections, strict=True):
             results += to_coco_results(i, d["boxes"], d["scores"], d["labels"], categories)
