@@ -172,14 +172,14 @@ _PROCESS_THREADS: list[int] = []  # torch's thread count in this process before 
 
 def share_cpu_threads(pool: Sequence[str]) -> None:
     """Several ``cpu`` slots in this process (``pool``: every evaluation slot of its
-    devices): give each task's torch ops an equal share of the cores. torch's intra-op
-    threads are per process, so tasks side by side would each use all cores; on 2 cores two
-    1-thread trainings ran 1.9x the iterations of one 2-thread training (docs/fidelity.md,
-    "The demo's sizes, and why"). Every task of the process gets the same share, whole-device
-    ones included (train-full scores a baseline on a shared slot while another arch trains):
-    a count that changed with what else runs, or ran before in the process, would change the
-    numbers (a resumed run would differ from an uninterrupted one). One ``cpu`` slot gets
-    the process's own count back. ``OMP_NUM_THREADS``, when set, rules."""
+    devices): give each task's torch ops an equal share of the cores, so tasks side by side
+    do not each use all of them; on 2 cores two 1-thread trainings ran 1.9x the iterations
+    of one 2-thread training (docs/fidelity.md, "The demo's sizes, and why"). torch keeps a
+    count per thread, which a thread takes from the last ``set_num_threads`` of any thread
+    at its first parallel op: so every task that borrows a slot sets its own, whole-device
+    ones included. They used to keep whatever the search's tasks had set, and a resumed
+    run, whose process had skipped the search, trained with another count and other
+    numbers. One ``cpu`` slot gets the process's own count back. ``OMP_NUM_THREADS``, when set, rules."""
     cpus = sum(d == "cpu" for d in pool)
     if not cpus or os.environ.get("OMP_NUM_THREADS"):
         return

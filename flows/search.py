@@ -86,7 +86,7 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
     from storage.results import ResultsTable
     from storage.rung_states import RungStates
 
-    fault_point(f"search:evaluate:{sample}")  # the determinism test delays one slot here
+    fault_point(f"search:evaluate:{sample}")  # the kill matrix holds one sample here (finishing order)
     cfg, run, _, _ = open_stage(config, STAGE)
     table = ResultsTable(run.root)
     if task_run.run_count > 1 and (row := table.get(arch_id)) is not None and max(len(row["rung_epochs"]), 1) > rung:

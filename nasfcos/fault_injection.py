@@ -5,7 +5,7 @@ place. ``NASFCOS_FAULT`` holds rules separated by ``;``:
 
     <point>=kill          SIGKILL this process the first time it reaches ``fault_point("<point>")``
     <point>#N=kill        ... the N-th time (1-based)
-    <point>=wait:<path>   create ``<path>.reached``, then wait until ``<path>`` exists
+    <point>=wait:<path>   create ``<path>.reached``, then wait until ``<path>`` exists (10 min at most)
     <point>=touch:<path>  create ``<path>`` (with ``wait:`` on another point: one task waits for another)
 
 Unset (always, outside tests) a fault point costs one dict lookup.
@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 _SEEN: Counter = Counter()
+WAIT_S = 600.0  # the longest a wait: rule holds
 _LOCK = threading.Lock()
 
 
@@ -41,7 +42,10 @@ def fault_point(name: str) -> None:
         elif action.startswith("wait:"):
             path = Path(action[5:])
             Path(f"{path}.reached").touch()
+            deadline = time.monotonic() + WAIT_S
             while not path.exists():
+                if time.monotonic() > deadline:  # a test that went wrong fails, never hangs
+                    raise TimeoutError(f"NASFCOS_FAULT: {path} did not appear within {WAIT_S:.0f} s (rule {rule!r})")
                 time.sleep(0.05)
         elif action.startswith("touch:"):
             Path(action[6:]).touch()

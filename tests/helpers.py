@@ -196,9 +196,21 @@ def pipeline_process(args: list[str], env: dict[str, str], log: Path) -> multipr
     return proc
 
 
+def finish(proc: multiprocessing.Process, timeout: float) -> int | None:
+    """``proc``'s exit code once it ends; SIGKILLed (and the code None) if it runs past ``timeout`` s."""
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return None
+    return proc.exitcode
+
+
 def _pipeline_main(args: list[str], env: dict[str, str], log: str) -> None:
     """The forked process: the environment it was given (Prefect's settings re-read from
-    it, as a new interpreter would), its output to ``log``, then the CLI's ``main``."""
+    it, as a new interpreter would), its output to ``log``, then the CLI's ``main``. What
+    it shares with its server: the hash seed, and what C libraries read from the
+    environment when they loaded (the kill matrix's reference is a fresh interpreter)."""
     os.environ.clear()
     os.environ.update(env)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -208,6 +220,7 @@ def _pipeline_main(args: list[str], env: dict[str, str], log: str) -> None:
     from flows.nas_search import main
 
     refresh_global_settings_context()
+    atexit._clear()  # the server's exit handlers are the server's (e.g. a temp dir it shares with its forks)
     try:
         main(args)
     finally:

@@ -1,14 +1,17 @@
-"""The kill matrix: the real pipeline process (``python -m flows.nas_search``) SIGKILLed once
-inside each of the six stages, each time resumed by the next process, writes the same files,
-bit for bit, as an uninterrupted run of the same config and seed; both search in sync mode on
-two evaluation slots that finish in opposite orders (issues #11 and #25)."""
+"""The kill matrix: a pipeline process (``flows.nas_search``'s ``main``, forked warm) SIGKILLed
+once inside each of the six stages, each time resumed by the next process, writes the same
+files, bit for bit, as an uninterrupted run of the same config and seed in a fresh
+interpreter (``python -m flows.nas_search``: another hash seed, its own imports); both search
+in sync mode on two evaluation slots that finish in opposite orders (issues #11 and #25)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import pipeline_process, run_files, tiny_args
+from helpers import finish, pipeline_process, run_files, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # (stage killed in, fault point inside it): nasfcos/fault_injection.py; each kill happens in a
@@ -24,9 +27,9 @@ KILLS = [
 
 
 def _first(slot: int, gate: Path) -> list[str]:
-    """Fault rules by which ``slot`` finishes the first step's evaluations first: the other
-    slot waits at its start until the step's first row is written. Two slots, sync: the
-    reference lets slot 0 finish first, the killed chain slot 1."""
+    """Fault rules by which sample ``slot`` of the first step finishes first: the other one
+    (2 archs per step, one per slot) waits at its start until the step's first row is
+    written. Sync: the reference lets sample 0 finish first, the killed chain sample 1."""
     return [f"search:evaluate:{1 - slot}#1=wait:{gate}", f"search:row#1=touch:{gate}"]
 
 
@@ -35,25 +38,32 @@ SETTINGS = {"search.mode": "sync", "search.total_archs": 4, "execution.slots_per
 
 
 def _run(runs: Path, env: dict, faults: list[str], log: Path) -> int | None:
-    p = pipeline_process(tiny_args("k", runs, **SETTINGS), {**env, "NASFCOS_FAULT": ";".join(faults)}, log)
-    p.join(timeout=600)
-    return p.exitcode
+    return finish(pipeline_process(tiny_args("k", runs, **SETTINGS), {**env, "NASFCOS_FAULT": ";".join(faults)}, log), 600)
 
 
 def test_a_pipeline_killed_inside_every_stage_writes_the_files_of_an_uninterrupted_one(prefect_server, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    # the uninterrupted reference runs beside the killed chain (its own run directory)
-    ref = pipeline_process(tiny_args("k", tmp_path / "ref", **SETTINGS), {**env, "NASFCOS_FAULT": ";".join(_first(0, tmp_path / "ref.gate"))}, tmp_path / "ref.log")
+    # the uninterrupted reference runs beside the killed chain (its own run directory), a
+    # file for its output: a full pipe would stall it
+    with open(tmp_path / "ref.log", "w") as ref_log:
+        ref = subprocess.Popen(
+            [sys.executable, "-m", "flows.nas_search", *tiny_args("k", tmp_path / "ref", **SETTINGS)], cwd=ROOT,
+            env={**env, "NASFCOS_FAULT": ";".join(_first(0, tmp_path / "ref.gate"))}, stdout=ref_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     runs, log = tmp_path / "killed", tmp_path / "killed.log"
-    for stage, point in KILLS:
-        code = _run(runs, env, [*_first(1, tmp_path / "killed.gate"), f"{point}=kill"], log)
-        assert code == -9, (stage, code, log.read_text()[-3000:])
-        assert not (runs / "k" / "manifests" / f"{stage}.json").exists(), f"{stage} finished before the kill at {point}"
-    assert _run(runs, env, _first(1, tmp_path / "killed.gate"), log) == 0, log.read_text()[-3000:]
-    ref.join(timeout=600)
-    assert ref.exitcode == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    try:
+        for stage, point in KILLS:
+            code = _run(runs, env, [*_first(1, tmp_path / "killed.gate"), f"{point}=kill"], log)
+            assert code == -9, (stage, code, log.read_text()[-3000:])
+            assert not (runs / "k" / "manifests" / f"{stage}.json").exists(), f"{stage} finished before the kill at {point}"
+        assert _run(runs, env, _first(1, tmp_path / "killed.gate"), log) == 0, log.read_text()[-3000:]
+        ref.wait(timeout=600)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+    assert ref.returncode == 0, (tmp_path / "ref.log").read_text()[-3000:]
 
     a, b = tmp_path / "ref" / "k", runs / "k"
     first = {run: [line.split()[1] for line in (run / "evaluations.log").read_text().splitlines()] for run in (a, b)}

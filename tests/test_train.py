@@ -198,3 +198,19 @@ def test_train_builds_sgd_with_momentum_and_the_param_groups(synthetic_small, tm
     assert sum(len(g["params"]) for g in groups) < len(list(model.parameters()))  # frozen ones are not optimised
     assert [(g["initial_lr"], g["weight_decay"], g["momentum"]) for g in groups] == [(0.01, 1e-4, 0.9), (0.02, 0.0, 0.9)]
     assert all(g["dampening"] == 0 and not g["nesterov"] for g in groups)  # plain SGD momentum
+
+
+def test_weights_sha256_is_of_the_weights_not_the_files_bytes(tmp_path):
+    """The same weights pickled with other object sharing (as a resumed training writes them)
+    have other bytes but one weights hash; one changed value changes it."""
+    from nasfcos.engine.checkpoint import save_checkpoint, weights_sha256
+
+    model = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}
+    name = "backbone.layer1"
+    save_checkpoint({"model": model, "spec": {}, "groups": [name, name]}, tmp_path / "a.pt")  # one str object, pickled once
+    save_checkpoint({"model": {k: v.clone() for k, v in model.items()}, "spec": {}, "groups": [name, ".".join(name.split("."))]}, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() != (tmp_path / "b.pt").read_bytes()
+    assert weights_sha256(tmp_path / "a.pt") == weights_sha256(tmp_path / "b.pt")
+    model["b"][1] = 1e-7
+    save_checkpoint({"model": model, "spec": {}}, tmp_path / "c.pt")
+    assert weights_sha256(tmp_path / "c.pt") != weights_sha256(tmp_path / "a.pt")
