@@ -137,14 +137,15 @@ def _exact(value, root: str):
 
 def _content(path: Path, root: Path):
     """What must be equal between runs, bit for bit: bytes, or the content of a table, JSON
-    or checkpoint without its clock fields (their files hold times, so their bytes differ)."""
+    or checkpoint without its clock and attempt fields (their files hold times, so their
+    bytes differ)."""
     if path.suffix == ".parquet":
         df = pd.read_parquet(path)
         return _exact({c: list(df[c]) for c in df.columns}, str(root))
     data = path.read_bytes()
     if path.suffix == ".json":
         return _exact(json.loads(data), str(root))
-    if path.suffix == ".pt":  # torch.save's zip names its records after the file name: compare the contents
+    if path.suffix == ".pt":  # pickle lays equal contents out by object identity (a resumed training's): compare the contents
         return _exact(torch.load(path, weights_only=False, map_location="cpu"), str(root))
     return data.replace(str(root).encode(), b"<run>")
 

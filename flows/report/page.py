@@ -103,8 +103,13 @@ def _json(path: Path) -> dict | None:
     return out if isinstance(out, dict) else None
 
 
+def search_setting(config: dict | None, key: str, fallback=None):
+    """``search.<key>`` of a run's config (None: not recorded yet), else ``fallback``."""
+    return ((config or {}).get("search") or {}).get(key) or fallback
+
+
 def policy_of(config: dict | None, fallback: str = "search") -> str:
-    return str(((config or {}).get("search") or {}).get("policy") or fallback)
+    return str(search_setting(config, "policy", fallback))
 
 
 def load_run(path: str | Path, *, compare: Sequence[str | Path] = ()) -> RunData:
@@ -213,7 +218,7 @@ def draw(data: RunData, names: Sequence[str] | None = None) -> dict[str, bytes |
 
     def reward():
         curves = {str(p): d for p, d in res.groupby("policy")} if "policy" in res.columns else {policy_of(data.config): res}
-        return plots.reward_curve({**curves, **data.compare}, reward=str(((data.config or {}).get("search") or {}).get("reward") or "loss"))
+        return plots.reward_curve({**curves, **data.compare}, reward=str(search_setting(data.config, "reward", "loss")))
 
     def complexity():
         top = [] if data.top_k is None else data.top_k["arch_id"].tolist()
@@ -392,7 +397,7 @@ def write_report(
     if config is not None:
         atomicio.write_json(out / CONFIG_FILE, config)
     data = load_run(root, compare=compare)
-    total = total_archs or ((data.config or {}).get("search") or {}).get("total_archs")
+    total = total_archs or search_setting(data.config, "total_archs")
     stats = search_stats(data.results, total)
     fresh = draw(data, None if redraw is None else [n for n in PLOTS if n in redraw or not (out / f"{n}.png").exists()])
     pngs, paths = {}, {}
