@@ -67,16 +67,16 @@ This module must not import ``nasfcos`` (dependency direction).
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import io
+import json
 import logging
 import math
 import os
 import re
 import socket
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,6 +89,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import atomicio
+from storage import run_epoch
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,12 @@ RECORD_FIELDS: tuple[str, ...] = ("arch_id", "arch") + tuple(n for n, _, _ in _R
 OPTIONAL_FIELDS: tuple[str, ...] = tuple(OPTIONAL_DEFAULTS)
 FIELD_DOCS: dict[str, str] = {n: d for n, _, d in _FIELDS}
 STATUSES = ("ok", "failed", "over_budget")
+
+# results.parquet's schema metadata: the epoch whose owner last compacted it (storage.run_epoch).
+SEALED_KEY = b"nasfcos.results.sealed_epoch"
+_PART_EPOCH = re.compile(r"^e(\d{8})-")
+COMPACT_WAIT_S = 30.0  # the longest compact()/append() waits for another live holder of results.compacting
+READ_TRIES = 4  # reads of one file after I/O errors (ESTALE, EMFILE) before the error is raised
 
 # Content order of an arch's rows for the dedup rule (see module docstring).
 _ORDER_KEYS = ["step", "sample", "finished_at", "started_at", "seed", "device", "reward_used", "error"]
@@ -273,7 +280,9 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
 
 
-def _table_bytes(table: pa.Table) -> bytes:
+def _table_bytes(table: pa.Table, sealed: int = 0) -> bytes:
+    """Parquet bytes; ``sealed``: the epoch of the compaction writing ``results.parquet``."""
+    table = table.replace_schema_metadata({**SCHEMA.metadata, **({SEALED_KEY: str(sealed).encode()} if sealed else {})})
     buf = io.BytesIO()
     pq.write_table(table, buf, write_page_checksum=True)  # CRC per page, verified on read
     return buf.getvalue()
@@ -299,13 +308,17 @@ class ResultsTable:
     module docstring for the dedup rule and the crash-safety argument.
     """
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike, *, epoch: int | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.epoch = epoch  # the run epoch this table writes for (storage.run_epoch); None: a reader
         self.path = self.run_dir / "results.parquet"
         self.parts_dir = self.run_dir / "results.parts"
-        self.lock_path = self.run_dir / "results.lock"
+        self.lock_path = self.run_dir / "results.compacting"
         self._ok_cache: dict[tuple, dict[str, int]] = {}  # see _ok_ids
         self._lock_key = str(self.lock_path.resolve())  # this process's lock for the run dir
+        self._named: set[str] = set()  # files already named in a warning by this reader
+        self._broke: int | None = None  # the epoch of a superseded holder whose compaction lock _lock() broke
+        self._deferred: list[Path] = []  # parts merged while such a holder may still rename (see compact)
 
     def __repr__(self) -> str:
         return f"ResultsTable({str(self.run_dir)!r})"
@@ -361,10 +374,13 @@ class ResultsTable:
         return len(keep)
 
     def _write_part(self, table: pa.Table) -> None:
-        """A new part, named by time, host, pid and a random id: unique across machines."""
+        """A new part, named by its epoch, time, host, pid and a random id: unique across
+        machines. A writer of an epoch no longer current stops here (``run_epoch.Fenced``)."""
+        run_epoch.check(self.run_dir, self.epoch, "this result")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
-        atomicio.write_bytes(self.parts_dir / f"{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex}.parquet", _table_bytes(table))
+        epoch = "" if self.epoch is None else f"e{self.epoch:08d}-"
+        atomicio.write_bytes(self.parts_dir / f"{epoch}{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex}.parquet", _table_bytes(table))
 
     def compact(self) -> int:
         """Merge all parts into ``results.parquet`` (deduplicated, sorted); return the row count.
@@ -373,21 +389,43 @@ class ResultsTable:
         every row. Also creates an empty ``results.parquet`` for an empty run
         and removes temp files left by writers that crashed.
         """
+        if self.epoch is None and (now := run_epoch.current(self.run_dir)):
+            raise run_epoch.Fenced(f"{self.run_dir}: only the run's owner (epoch {now}) compacts results.parquet; ResultsTable.read() sees every row without it")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
+            run_epoch.check(self.run_dir, self.epoch, "this compaction")
             # Lock-free writers may be writing a young temp file; an old one is an orphan.
             for d in (self.run_dir, self.parts_dir):
                 atomicio.remove_orphans(d)
             parts = self._part_paths()
-            if not parts and self.path.exists():
-                return pq.read_metadata(self.path).num_rows
-            tables = [t for p in parts if (t := self._read_or_quarantine(p)) is not None]
-            if self.path.exists() and (t := self._read_or_quarantine(self.path)) is not None:
-                tables.append(t)
+            main, sealed = self._read_main(owner=True)
+            if self._deferred:
+                if self.epoch is not None and sealed == self.epoch:  # our merge survived: its parts can go
+                    _delete_parts(self._deferred)
+                    parts = [p for p in parts if p not in self._deferred]
+                else:
+                    log.warning("%s: replaced by a compaction of epoch %d (a superseded owner's, stalled before its rename); merged again", self.path, sealed)
+                self._deferred = []
+            seal = sealed if self.epoch is None else max(sealed, self.epoch)
+            if not parts and main is not None and seal == sealed:
+                return main.num_rows
+            fenced = [p for p in parts if _fenced(p, sealed)]
+            for p in fenced:  # a dead owner's task finished after the run changed hands
+                self._move_aside(p, "results.fenced", f"written by a task of epoch {_part_epoch(p)} after epoch {sealed} took the run; left out")
+            tables = [t for p in parts if p not in fenced and (t := self._read_or_quarantine(p)) is not None]
+            if main is not None:
+                tables.append(main)
             merged = _dedup(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
-            atomicio.write_bytes(self.path, _table_bytes(merged))
-            # Only after the rename: the merged parts' rows are now in the table.
-            _delete_parts(parts)
+            run_epoch.check(self.run_dir, self.epoch, "this compaction")  # again: a newer owner may have come meanwhile
+            atomicio.write_bytes(self.path, _table_bytes(merged, sealed=seal))
+            # Only after the rename: the merged parts' rows are now in the table. Unless this
+            # compaction broke a superseded owner's lock: that owner may still rename its older
+            # merge over ours, so the parts stay until our next compaction finds our table intact.
+            merged_parts = [p for p in parts if p not in fenced]
+            if self._broke is not None:
+                self._deferred, self._broke = merged_parts, None
+            else:
+                _delete_parts(merged_parts)
             return merged.num_rows
 
     # ------------------------------------------------------------- reading
@@ -395,14 +433,9 @@ class ResultsTable:
         """All rows as an Arrow table (one per arch_id, sorted by step, sample, arch_id)."""
         # Parts first, the compacted file last: a part that vanishes between
         # listing and reading was merged into the file before it was deleted.
-        tables = []
-        for p in [*self._part_paths(), self.path]:
-            try:
-                t = self._read_or_quarantine(p)
-            except FileNotFoundError:
-                continue
-            if t is not None:
-                tables.append(t)
+        parts = [(p, t) for p in self._part_paths() if (t := self._read_for_reader(p)) is not None]
+        main, sealed = self._read_main(owner=False)
+        tables = [t for p, t in parts if not self._left_out(p, sealed)] + ([main] if main is not None else [])
         return _dedup(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
 
     def read(self) -> pd.DataFrame:
@@ -488,23 +521,60 @@ class ResultsTable:
     # ------------------------------------------------------------- internals
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        """This process's lock for the run dir, then ``flock`` against other local processes.
-        Where the filesystem has no ``flock`` (some NFS mounts: ENOLCK) the process lock
-        alone holds, which suffices while only the flow's process compacts."""
+        """This process's lock for the run dir, then ``results.compacting`` created with
+        ``O_EXCL`` (atomic on NFS too, where ``flock`` may be a no-op): the holder is named in
+        it. A holder of an older epoch (its owner was superseded) or a dead process on this
+        host is broken; a live one is waited for up to :data:`COMPACT_WAIT_S`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with _PROCESS_LOCKS_LOCK:
             local = _PROCESS_LOCKS.setdefault(self._lock_key, threading.Lock())
-        with local, open(self.lock_path, "a+") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            except OSError as e:
-                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
+        with local:
+            me = json.dumps({"epoch": self.epoch, "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex})
+            deadline = time.monotonic() + COMPACT_WAIT_S
+            while True:
+                try:
+                    fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    holder = _read_json(self.lock_path)
+                    if holder is not None and self._stale(holder):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.lock_path)
+                        if holder.get("epoch") is not None and holder["epoch"] != self.epoch:
+                            self._broke = holder["epoch"]
+                        log.warning("%s: broke the compaction lock of %s (superseded or dead)", self.lock_path, holder)
+                        continue
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{self.lock_path}: held by {holder} for over {COMPACT_WAIT_S:.0f} s; remove it if that process is gone") from None
+                    time.sleep(0.02)
+                    continue
+                with os.fdopen(fd, "w") as f:
+                    f.write(me)
+                break
             try:
                 yield
             finally:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                if _read_json(self.lock_path) == json.loads(me):  # still ours (not broken by a newer owner)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.lock_path)
+
+    def _stale(self, holder: dict) -> bool:
+        """Whether a compaction lock's holder is gone: of an older epoch than the run's, or
+        a process on this host that no longer exists, or this process (which holds its own
+        process lock now: the file is left from an interrupted compaction)."""
+        epoch = holder.get("epoch")
+        if epoch is not None and epoch < run_epoch.current(self.run_dir):
+            return True
+        if holder.get("host") != socket.gethostname():
+            return False
+        if holder.get("pid") == os.getpid():
+            return True
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+        return False
 
     def _part_paths(self) -> list[Path]:
         if not self.parts_dir.is_dir():
@@ -534,8 +604,10 @@ class ResultsTable:
                         t = pq.read_table(f, columns=[c for c in ("arch_id", "status", "rung_epochs") if c in names], page_checksum_verification=True)
                 except FileNotFoundError:
                     continue
-                except (pa.ArrowException, OSError):
-                    self._read_or_quarantine(p)  # names it, moves it away
+                except (pa.ArrowException, OSError) as e:
+                    if _io_error(e):
+                        raise
+                    self._name(p, f"damaged ({_text(e)}); left out until the owner's compaction moves it to quarantine")
                     continue
                 if "rung_epochs" not in t.column_names:  # schema 1
                     t = t.append_column("rung_epochs", pa.array([[]] * t.num_rows, type=_INT_LIST))
@@ -551,27 +623,74 @@ class ResultsTable:
         return ids
 
     def _read_or_quarantine(self, path: Path) -> pa.Table | None:
-        """The file's rows, or None for a damaged file (bad magic bytes, page checksum,
-        truncation), which is moved to ``run_dir/quarantine/`` with a warning naming it,
-        so every later read and append goes on; its archs count as not evaluated (the
-        search evaluates them again when sampled again)."""
+        """For the owner's compaction only: the file's rows, or None for a damaged file (bad
+        magic bytes, page checksum, truncation), which is moved to ``run_dir/quarantine/``
+        with a warning naming it; its archs count as not evaluated (the search evaluates them
+        again when sampled again). An I/O error (``ESTALE``, ``EMFILE``, ...) is retried, then
+        raised: a healthy file is never moved for the filesystem's hiccup."""
         try:
-            return self._read_file(path)
+            return _with_retries(lambda: self._read_file(path))
         except FileNotFoundError:
             raise
         except (pa.ArrowException, OSError) as e:
-            dest = self.run_dir / "quarantine" / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{path.name}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):  # another reader may have moved it first
-                path.rename(dest)
-                log.warning("%s: damaged (%s); moved to %s, its rows count as not evaluated", path, " ".join(str(e).split())[:200], dest)
+            if _io_error(e):
+                raise
+            self._move_aside(path, "quarantine", f"damaged ({_text(e)}); its rows count as not evaluated")
             return None
+
+    def _read_for_reader(self, path: Path) -> pa.Table | None:
+        """A reader's read: never moves a file. A damaged one is named and left out (the
+        owner's next compaction quarantines it); an I/O error is retried, then raised; a
+        file gone meanwhile (a compacted part) is None."""
+        try:
+            return _with_retries(lambda: self._read_file(path))
+        except FileNotFoundError:
+            return None
+        except (pa.ArrowException, OSError) as e:
+            if _io_error(e):
+                raise
+            self._name(path, f"damaged ({_text(e)}); left out until the owner's compaction moves it to quarantine")
+            return None
+
+    def _read_main(self, *, owner: bool) -> tuple[pa.Table | None, int]:
+        """``results.parquet``'s rows (None when absent or, for a reader, damaged) and the epoch
+        that last compacted it (0: none recorded)."""
+        read = self._read_or_quarantine if owner else self._read_for_reader
+        try:
+            t = read(self.path)
+        except FileNotFoundError:
+            return None, 0
+        if t is None:
+            return None, 0
+        return t, int((t.schema.metadata or {}).get(SEALED_KEY, b"0"))
+
+    def _left_out(self, part: Path, sealed: int) -> bool:
+        """A reader's view of a fenced part: named once, left out."""
+        if not _fenced(part, sealed):
+            return False
+        self._name(part, f"written by a task of epoch {_part_epoch(part)} after epoch {sealed} took the run; left out")
+        return True
+
+    def _name(self, path: Path, why: str) -> None:
+        if path.name not in self._named:
+            self._named.add(path.name)
+            log.warning("%s: %s", path, why)
+
+    def _move_aside(self, path: Path, folder: str, why: str) -> None:
+        """The owner moves a file it will not merge to ``run_dir/<folder>/``, naming it."""
+        dest = self.run_dir / folder / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{path.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.rename(dest)
+            log.warning("%s: %s; moved to %s", path, why, dest)
 
     @staticmethod
     def _read_file(path: Path) -> pa.Table:
+        """The file's rows in :data:`SCHEMA`, with its own schema metadata (the sealed epoch)."""
         # One open file: a concurrent rename cannot mix two versions.
         with open(path, "rb") as f:
             t = pq.read_table(f, page_checksum_verification=True)
+        meta = t.schema.metadata or {}
         if not t.schema.equals(SCHEMA, check_metadata=False):
             for name, default in OPTIONAL_DEFAULTS.items():  # a file of schema 1
                 if name not in t.schema.names:
@@ -590,7 +709,7 @@ class ResultsTable:
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                     raise ValueError(f"{path}: field {field.name!r} is {col.type}, expected {field.type}") from None
             t = pa.Table.from_arrays(cols, schema=SCHEMA)
-        return t.replace_schema_metadata(SCHEMA.metadata)
+        return t.replace_schema_metadata({**SCHEMA.metadata, **({SEALED_KEY: meta[SEALED_KEY]} if SEALED_KEY in meta else {})})
 
 
 def _rows_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
@@ -598,6 +717,52 @@ def _rows_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     if isinstance(rows, Mapping):
         raise ValueError("rows: expected a list of row dicts, got a single dict")
     return rows_to_table(rows)
+
+
+def _part_epoch(part: Path) -> int | None:
+    """The epoch in a part's name (None: written without one, by a reader-side tool or before epochs)."""
+    m = _PART_EPOCH.match(part.name)
+    return None if m is None else int(m.group(1))
+
+
+def _fenced(part: Path, sealed: int) -> bool:
+    """A part of an epoch older than the one that last compacted the table: its owner was
+    superseded and that compaction took every part then present, so this one came after."""
+    epoch = _part_epoch(part)
+    return epoch is not None and epoch < sealed
+
+
+def _io_error(e: BaseException) -> bool:
+    """An error of the filesystem (``ESTALE``, ``EMFILE``, ``EIO``: it has an errno), not of
+    the file's bytes (pyarrow's checksum and format errors have none)."""
+    return isinstance(e, OSError) and e.errno is not None
+
+
+def _with_retries(read, tries: int = READ_TRIES):
+    """``read()``, again after an I/O error (NFS ``ESTALE`` while another host renames the
+    file, ``EMFILE`` for a moment) up to ``tries`` times in all."""
+    for i in range(tries):
+        try:
+            return read()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if not _io_error(e) or i == tries - 1:
+                raise
+            time.sleep(0.05 * 2**i)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text() or "null")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"unreadable": str(path)}
+
+
+def _text(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 def _delete_parts(parts: list[Path]) -> None:

@@ -7,6 +7,10 @@ for as long as it runs; the kernel drops it when that process dies, however it d
 so a crashed run never leaves a stale lock. A second owner fails at once with one
 line naming the holder (written into the lock file). Subflows in the holder's
 process re-enter the lock; tasks never take it (they may run on other machines).
+
+Taking the lock also takes the run's next epoch (``storage.run_epoch``), the fencing
+token that correctness rests on where ``flock`` does not hold (an NFS mount without
+locks grants it on every host) and against a dead flow's tasks: :func:`held_epoch`.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from storage import run_epoch
+
 log = logging.getLogger(__name__)
 
-_HELD: dict[str, list] = {}  # lock path -> [open file, depth]: flock conflicts across fds of one process
+_HELD: dict[str, list] = {}  # lock path -> [open file, depth, epoch]: flock conflicts across fds of one process
 _GUARD = threading.Lock()
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
@@ -46,6 +52,13 @@ def _describe(path: Path) -> str:
     if not h:
         return "another process (no holder recorded)"
     return f"{h.get('owner') or 'a flow'} on host {h.get('host', '?')} pid {h.get('pid', '?')} since {h.get('since', '?')}"
+
+
+def held_epoch(root: str | Path) -> int | None:
+    """The epoch this process took with the run lock of ``root`` (None: it does not hold it)."""
+    with _GUARD:
+        entry = _HELD.get(str((Path(root) / "run.lock").resolve()))
+    return None if entry is None else entry[2]
 
 
 @contextmanager
@@ -71,12 +84,17 @@ def run_lock(root: str | Path, owner: str = "") -> Iterator[None]:
                 if e.errno not in _UNSUPPORTED:
                     f.close()
                     raise
-                log.warning("%s: this filesystem has no flock (%s); two runs of this directory would not be stopped", path, e.strerror)
+                log.warning("%s: this filesystem has no flock (%s); a second run is not refused here, but the run epoch stops the older one's writes", path, e.strerror)
             f.seek(0)
             f.truncate()
             f.write(json.dumps(holder_info(owner)) + "\n")
             f.flush()
-            _HELD[key] = [f, 1]
+            try:
+                epoch = run_epoch.take(root, owner)
+            except BaseException:
+                f.close()
+                raise
+            _HELD[key] = [f, 1, epoch]
     try:
         yield
     finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
+import json
 import math
 import multiprocessing as mp
 import os
@@ -469,11 +469,9 @@ def test_lock_free_writers_and_one_compactor_lose_nothing(tmp_path):
     for p in procs:
         p.start()
     t = ResultsTable(tmp_path)
-    with open(t.lock_path, "a+") as held:  # another process's lock does not stop write_part
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    with t._lock():  # the compaction lock held does not stop write_part
         start.set()
         assert sorted(out.get(timeout=60) for _ in procs) == [60, 70]
-        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -611,10 +609,10 @@ def test_process_killed_mid_compaction(tmp_path):
     p.start()
     p.join(timeout=60)
     assert p.exitcode == 3
-    # The dead process's lock is gone (flock dies with its holder) ...
-    with open(t.lock_path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    # The dead process's compaction lock is still there, naming it; the next holder breaks it ...
+    assert json.loads(t.lock_path.read_text())["pid"] == p.pid
+    with t._lock():
+        assert json.loads(t.lock_path.read_text())["pid"] == os.getpid()
     # ... its merged file was renamed in, the parts are still there, and nothing doubles.
     assert _raw_rows(tmp_path) > 5
     pd.testing.assert_frame_equal(t.read(), expect)
@@ -622,8 +620,10 @@ def test_process_killed_mid_compaction(tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(t.path), expect)
 
 
-def test_a_damaged_part_file_is_quarantined_naming_it_and_appends_go_on(tmp_path, caplog):
-    """Today's failure: ArrowInvalid without the file's name, and every later append failed."""
+def test_a_damaged_part_file_is_named_by_readers_and_quarantined_by_the_compaction(tmp_path, caplog):
+    """Today's failure: ArrowInvalid without the file's name, and every later append failed.
+    Readers never move a file (issue #26): they name it and leave it out; the owner's
+    compaction moves it to quarantine."""
     import logging
 
     table = ResultsTable(tmp_path)
@@ -636,15 +636,17 @@ def test_a_damaged_part_file_is_quarantined_naming_it_and_appends_go_on(tmp_path
     data[len(data) // 2 : len(data) // 2 + 16] = b"\x00" * 16  # a flipped run of bytes mid-file
     damaged.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="storage.results"):
-        assert len(table) == 2  # the other rows read; the damaged one is away
-    moved = list((tmp_path / "quarantine").iterdir())
-    assert len(moved) == 1 and moved[0].name.endswith(damaged.name) and not damaged.exists()
-    assert any(damaged.name in r.getMessage() and "quarantine" in r.getMessage() for r in caplog.records)
+        assert len(table) == 2  # the other rows read; the damaged one is left out
+    assert damaged.exists() and not (tmp_path / "quarantine").exists()
+    assert any(damaged.name in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     assert table.append([rows[1]]) == 1  # its arch counts as not evaluated: evaluated and appended again
     assert table.compact() == 3 and sorted(table.read().arch_id) == sorted(r["arch_id"] for r in rows)
-    # the compacted table itself damaged (e.g. truncated): quarantined too, later writes go on
+    moved = list((tmp_path / "quarantine").iterdir())
+    assert len(moved) == 1 and moved[0].name.endswith(damaged.name) and not damaged.exists()
+    # the compacted table itself damaged (e.g. truncated): quarantined by the compaction, later writes go on
     (tmp_path / "results.parquet").write_bytes((tmp_path / "results.parquet").read_bytes()[:100])
     assert len(table) == 0 and table.append([rows[0]]) == 1 and table.compact() == 1
+    assert len(list((tmp_path / "quarantine").iterdir())) == 2
 
 
 # ---------------------------------------------------------------- schema 2: fidelities, over_budget
