@@ -4,8 +4,10 @@ Owns the pipeline's config, the stage bookkeeping (``stages``), placement on dev
 preflight checks and one flow per stage; may import ``nasfcos``, ``storage``,
 ``atomicio`` and ``flows.report`` (which in turn never imports Prefect).
 
-Defaults set before Prefect is imported: offline (no telemetry, no analytics)
-and the library's loggers forwarded to the Prefect UI.
+Defaults set before Prefect is imported: offline (no telemetry, no analytics), the
+library's loggers forwarded to the Prefect UI, and two minutes for a temporary Prefect
+server to start (Prefect's 20 s fail a run on a busy machine: "Timed out while attempting
+to connect to ephemeral Prefect API server").
 """
 
 import os
@@ -15,3 +17,4 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nasfcos,storage")
 # library code also runs outside flows (CLI, tests): its logs then stay local, silently
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -168,9 +168,10 @@ class SearchSection(_Section):
     # None: every arch trains proxy.epochs
     rungs: tuple[int, ...] | None = identity(None)
     eta: int = identity(3, ge=2)
-    # circuit breaker: this many failed evaluations in a row (arch or infrastructure
-    # failures) stop the search with an error instead of filling the table with penalties
+    # failure budget per worker: a worker (or device) failing this many evaluations in a row
+    # (arch or infrastructure failures) is drained; with every worker drained the search stops
     max_consecutive_failures: int = tuning(20, ge=1)
+    max_attempts: int = tuning(3, ge=1)  # an arch lost this many times (infrastructure failures) gets a failed row naming each
     # redraw the plots (runs/<id>/report/) and the search's summary artifact (plots,
     # archs/hour, ETA) every this many controller steps; 0: only when the search ends
     plot_every: int = tuning(5, ge=0)

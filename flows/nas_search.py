@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any
 
@@ -66,11 +67,20 @@ def nas_search(config: str = "demo", overrides: dict[str, Any] | None = None) ->
     return {"run_dir": str(run.root), **outputs}
 
 
+def _stop(signum, frame) -> None:
+    """SIGTERM (preemption by SLURM or Kubernetes, ``kill``) ends the run like Ctrl-C: the
+    flow is marked crashed, the run lock released, the temporary Prefect server stopped
+    (Python's default for SIGTERM skips all of it and leaves that server an orphan). Tasks
+    still running elsewhere are left to the run epoch: the next owner fences them."""
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Run the nas-search flow in this process (no deployment needed).")
     ap.add_argument("--config", default="demo", help="preset name or YAML path (default: %(default)s)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, value parsed as YAML")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -84,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"nas-search: {e}")
     except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback above
         sys.exit(f"nas-search failed: {one_line(e)}")
+    except KeyboardInterrupt as e:
+        sys.exit(f"nas-search stopped ({e or 'interrupted'}); run it again to resume")
     print(json.dumps(out, indent=2, default=str))
 
 

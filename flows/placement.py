@@ -32,6 +32,7 @@ from typing import ContextManager, Iterator, Sequence
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import ExecutionSection, PipelineConfig
+from nasfcos.errors import InfrastructureError
 
 # A Dask worker resource counted in *slots* of one GPU: a worker declares
 # GPU=slots_per_device, an evaluation asks for 1, a whole-device task for all of them.
@@ -163,8 +164,64 @@ def device_slot(ex: ExecutionSection, *, shared: bool = False) -> Iterator[str]:
     if ex.task_runner == "thread":  # whole-device tasks too: they may run beside shared ones
         share_cpu_threads(process_devices(ex) * ex.slots_per_device)
     pool = process_devices(ex) * (ex.slots_per_device if shared else 1)
-    with _borrow(pool) as device:
+    with _borrow(pool) as device, _gate(device).hold(alone=not shared):
+        _THREAD.device = device
         yield device
+
+
+_THREAD = threading.local()
+
+
+def last_device() -> str:
+    """The device this thread last borrowed ('' when none): where a failed task ran."""
+    return getattr(_THREAD, "device", "")
+
+
+class _Gate:
+    """One device's shared slots against a task that needs it alone (whole-device tasks; an
+    evaluation run again after running out of memory beside others): the lone task waits
+    for the shared ones to finish and new shared ones wait for it, so it really is alone."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.shared, self.alone, self.waiting = 0, False, 0
+
+    @contextmanager
+    def hold(self, *, alone: bool) -> Iterator[None]:
+        with self.cond:
+            if alone:
+                self.waiting += 1
+                self.cond.wait_for(lambda: not self.alone and self.shared == 0)
+                self.waiting -= 1
+                self.alone = True
+            else:
+                self.cond.wait_for(lambda: not self.alone and self.waiting == 0)
+                self.shared += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                if alone:
+                    self.alone = False
+                else:
+                    self.shared -= 1
+                self.cond.notify_all()
+
+
+_GATES: dict[str, _Gate] = {}
+_DRAINED: set[str] = set()  # this process's devices taken out of service (the search's failure budget)
+
+
+def _gate(device: str) -> _Gate:
+    with _SLOTS_LOCK:
+        return _GATES.setdefault(device, _Gate())
+
+
+def drain_device(device: str) -> None:
+    """Take one of this process's devices out of service: tasks borrow the others from now
+    on (the search's per-worker failure budget, ``nasfcos.search.loop.Failures``)."""
+    with _SLOTS_LOCK:
+        _DRAINED.add(device)
 
 
 _PROCESS_THREADS: list[int] = []  # torch's thread count in this process before share_cpu_threads
@@ -218,7 +275,15 @@ def _borrow(pool: tuple) -> Iterator:
                 q.put(entry)
             _SLOTS[pool] = q
     q = _SLOTS[pool]
-    entry = q.get()
+    while True:
+        entry = q.get()
+        drained = {entry} & _DRAINED if isinstance(entry, str) else set(entry) & _DRAINED
+        if not drained:
+            break
+        if all((e in _DRAINED) if isinstance(e, str) else (set(e) & _DRAINED) for e in pool):
+            q.put(entry)
+            raise InfrastructureError(f"every device of this process is drained ({', '.join(sorted(_DRAINED))})")
+        # a drained entry leaves the pool: not put back
     try:
         yield entry
     finally:

@@ -12,25 +12,29 @@ resumable after a crash without evaluating any arch twice.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from datetime import datetime, timezone
 
-from prefect import get_run_logger, task, unmapped
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
 
 from flows import feature_cache
-from flows.placement import device_resources, device_slot, evaluation_slots
+from flows.placement import device_resources, device_slot, drain_device, evaluation_slots, last_device
 from flows.stages import artifact_key, open_stage, publish_summary, stage_flow, task_options
 from nasfcos.fault_injection import fault_point
+from storage.run_lock import held_epoch
 
 STAGE = "search"
 
 
-def proxy_record(cfg, run, arch: str, *, epochs: int | None = None, resume: dict | None = None, keep_state=None) -> dict:
+def proxy_record(cfg, run, arch: str, *, epochs: int | None = None, resume: dict | None = None, keep_state=None, alone: bool = False) -> dict:
     """``arch`` trained and scored on the proxy task (``nasfcos.engine.proxy.evaluate_arch``) on
     a device slot, with this process's cached features: the search's evaluations and the
     baselines' proxy rewards (train-full) are computed alike. ``epochs`` (default
-    ``proxy.epochs``), ``resume``, ``keep_state``: a rung of successive halving."""
+    ``proxy.epochs``), ``resume``, ``keep_state``: a rung of successive halving. ``alone``:
+    the whole device (an evaluation that ran out of memory beside others, run again); only
+    then is an out-of-memory the arch's fault (a failed row), otherwise it is raised."""
     from nasfcos.engine.proxy import ProxyConfig, evaluate_arch
 
     p, ex = cfg.proxy, cfg.execution
@@ -38,9 +42,9 @@ def proxy_record(cfg, run, arch: str, *, epochs: int | None = None, resume: dict
     pc = ProxyConfig(
         width=p.width, lr=p.lr, batch_size=p.batch_size, epochs=epochs, ema_decay=p.ema_decay, eval_batch_size=p.batch_size, seed=p.seed, reward=cfg.search.reward
     )  # fmt: skip
-    with device_slot(ex, shared=True) as device:
+    with device_slot(ex, shared=not alone) as device:
         train, val, k = feature_cache.splits((str(run.features), device, p.size_range_scale, ex.feature_residency, ex.stage_features))
-        return evaluate_arch(arch, train, val, num_classes=k, cfg=pc, device_shared=ex.slots_per_device > 1, resume=resume, keep_state=keep_state)
+        return evaluate_arch(arch, train, val, num_classes=k, cfg=pc, device_shared=not alone, resume=resume, keep_state=keep_state)
 
 
 def over_budget_note(df, s) -> str:
@@ -69,28 +73,53 @@ def _cost(cfg, run):
 
 
 @task(task_run_name="evaluate {arch_id}")
-def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: int, rung: int = 0, history: list[float] | None = None) -> dict:
-    """Train one decoder on the cached features, append its row to results.parquet, return it.
+def evaluate_decoder(
+    config: dict, arch: str, arch_id: str, step: int, sample: int, rung: int = 0, history: list[float] | None = None, epoch: int | None = None, alone: bool = False
+) -> dict:
+    """Train one decoder on the cached features, append its row to results.parquet, return it
+    (with ``worker``: where it ran, for the search's per-worker failure budget).
 
-    The task appends the row itself so that a finished evaluation is durable the
-    moment it ends, whatever happens to the flow process afterwards; a retry finds
-    that row and returns it instead of training the arch again. Under successive halving
+    Exactly once: the task first looks for the arch's row (an earlier attempt, or a dispatch
+    of a flow that died, may have written it) and returns that instead of training again;
+    a task of an ``epoch`` that is no longer the run's (a newer flow owns it) stops before
+    training and before writing (``storage.run_epoch.Fenced``). The row is durable the moment
+    the evaluation ends, whatever happens to the flow process afterwards. Whatever else it
+    raises leaves as ``nasfcos.errors.EvaluationLost`` naming the worker: retried in place
+    when it is the machine's, run again alone by the loop when it ran out of memory beside
+    other evaluations (``alone``: it has the device to itself now). Under successive halving
     (``search.rungs``) it trains the arch to ``rung`` from the state its lower rung kept
     (``storage.rung_states``; ``history``: the rewards of the rungs below) and keeps its own
     state for the next rung before writing the row.
     """
-    from prefect.runtime import task_run
-
-    from nasfcos.search.halving import pack_state, unpack_state
-    from nasfcos.search.loop import make_row
+    from nasfcos.errors import EvaluationLost, is_infrastructure, one_line
     from storage.results import ResultsTable
-    from storage.rung_states import RungStates
+    from storage.run_epoch import Fenced, check
 
     fault_point(f"search:evaluate:{sample}")  # the kill matrix holds one sample here (finishing order)
     cfg, run, _, _ = open_stage(config, STAGE)
-    table = ResultsTable(run.root)
-    if task_run.run_count > 1 and (row := table.get(arch_id)) is not None and max(len(row["rung_epochs"]), 1) > rung:
-        return row  # the earlier attempt finished its row, then failed
+    check(run.root, epoch, f"the evaluation of {arch_id}")
+    table = ResultsTable(run.root, epoch=epoch)
+    if (row := table.get(arch_id)) is not None and max(len(row["rung_epochs"]), 1) > rung:
+        get_run_logger().info("%s: already has its row (an earlier attempt or dispatch wrote it); not evaluated again", arch_id)
+        return {**row, "worker": _worker_name(cfg)}
+    try:
+        row = _evaluate(cfg, run, table, arch, arch_id, step, sample, rung, history, alone)
+    except Fenced:
+        raise
+    except Exception as e:  # noqa: BLE001 - named, classed and passed on to the loop's budgets
+        oom = type(e).__name__ == "OutOfMemoryError" and not alone
+        kind = "contention" if oom else "infrastructure" if is_infrastructure(e) else "error"
+        raise EvaluationLost(one_line(e), _worker_name(cfg), kind) from e
+    fault_point("search:row")
+    return {**row, "worker": _worker_name(cfg)}
+
+
+def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, rung: int, history, alone: bool) -> dict:
+    """The evaluation itself: proxy training (at a rung), its row written as a part, the audit line."""
+    from nasfcos.search.halving import pack_state, unpack_state
+    from nasfcos.search.loop import make_row
+    from storage.rung_states import RungStates
+
     rungs, fidelity, states = cfg.search.rungs, {}, RungStates(run.root)
     if rungs:
         epochs = rungs[rung]
@@ -98,20 +127,32 @@ def evaluate_decoder(config: dict, arch: str, arch_id: str, step: int, sample: i
         if rung and data is None:
             get_run_logger().warning("%s: no state of %d epochs to resume; training %d epochs from scratch", arch_id, rungs[rung - 1], epochs)
         keep = (lambda state: states.write(arch_id, epochs, pack_state(state))) if rung < len(rungs) - 1 else None
-        record = proxy_record(cfg, run, arch, epochs=epochs, resume=unpack_state(data) if data else None, keep_state=keep)
+        record = proxy_record(cfg, run, arch, epochs=epochs, resume=unpack_state(data) if data else None, keep_state=keep, alone=alone)
         fidelity = {"rungs": rungs[: rung + 1], "history": history or ()}
     else:
-        record = proxy_record(cfg, run, arch)
+        record = proxy_record(cfg, run, arch, alone=alone)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty, **fidelity)
-    table.write_part([row])  # lock-free: only the flow compacts
+    table.write_part([row])  # lock-free: only the flow compacts; fenced when a newer flow owns the run
     if rungs and rung:
         states.drop(arch_id, rungs[rung - 1])  # resumed from: its row and this one are written
     with open(run.root / "evaluations.log", "a") as f:  # audit trail: one line per finished evaluation
         at = f" epochs={record['epochs']}" if rungs else ""
         f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}{at}\n")
-    fault_point("search:row")
     get_run_logger().info("%s: %s reward %.4f (%.1f s)", arch_id, record["status"], record["reward"], record["train_seconds"])
     return row
+
+
+def _worker_name(cfg) -> str:
+    """Where this task ran, as the failure budget counts it: the Dask worker's address, or
+    (thread runner) the device it borrowed."""
+    if cfg.execution.task_runner == "dask":
+        from distributed import get_worker
+
+        try:
+            return get_worker().address
+        except ValueError:  # not in a worker (a test calling the task's function)
+            pass
+    return last_device()
 
 
 def _policy(cfg, run):
@@ -136,18 +177,25 @@ def _loop_config(cfg):
     s, timeout = cfg.search, cfg.execution.timeouts.search
     return SearchConfig(
         total_archs=s.total_archs, archs_per_step=s.archs_per_step, failure_penalty=s.failure_penalty,
-        max_consecutive_failures=s.max_consecutive_failures, lost_after_s=None if timeout is None else timeout + 120,
+        max_consecutive_failures=s.max_consecutive_failures, max_attempts=s.max_attempts, lost_after_s=timeout,
         max_decoder_params=s.max_decoder_params, max_decoder_macs=s.max_decoder_macs, rungs=tuple(s.rungs or ()), eta=s.eta,
     )  # fmt: skip
 
 
 class _Dispatch:
-    """How the loop's evaluations become Prefect tasks: ``evaluate`` maps a sync step's
-    archs onto tasks, ``submit`` submits one (async); ``on_step`` reports progress."""
+    """How the loop's evaluations become Prefect tasks: ``evaluate`` submits a sync step's
+    archs as tasks, ``submit`` one (async); ``drain`` takes a failing worker out of service;
+    ``on_step`` reports progress. Every task carries the run epoch of this flow.
 
-    def __init__(self, cfg, run, config: dict, results) -> None:
-        self.cfg, self.run, self.config, self.s = cfg, run, config, cfg.search
-        self.task = evaluate_decoder.with_options(**task_options(cfg, STAGE, device_shared=cfg.execution.slots_per_device > 1))
+    The evaluation timeout (``execution.timeouts.search``) is the loop's, not Prefect's: a
+    Prefect timeout cannot interrupt a task in a worker thread (it only warns, once per
+    evaluation); the loop instead counts an evaluation without a result after that long as
+    lost (sync mode too) and dispatches its arch again, while the row check and the epoch
+    keep a late result of the lost one from counting twice."""
+
+    def __init__(self, cfg, run, config: dict, results, epoch: int | None) -> None:
+        self.cfg, self.run, self.config, self.s, self.epoch = cfg, run, config, cfg.search, epoch
+        self.task = evaluate_decoder.with_options(**{**task_options(cfg, STAGE), "timeout_seconds": None})
         done = len(results) - results.count("over_budget")
         self.progress = create_progress_artifact(
             progress=100.0 * min(done, self.s.total_archs) / self.s.total_archs,
@@ -156,27 +204,46 @@ class _Dispatch:
         )
 
     def evaluate(self, jobs):
+        """A sync step's records as they finish. When no evaluation finishes for
+        ``execution.timeouts.search`` seconds, the unfinished ones are lost (a call hung in
+        the device must not stall the search for ever)."""
+        from nasfcos.errors import EvaluationLost
         from nasfcos.search.loop import lost_record
 
-        with device_resources(self.cfg.execution, shared=True):  # on Dask: one slot of a GPU each
-            futures = self.task.map(
-                config=unmapped(self.config),
-                arch=[str(j.arch) for j in jobs],
-                arch_id=[j.arch.arch_id for j in jobs],
-                step=[j.step for j in jobs],
-                sample=[j.sample for j in jobs],
-            )
-        ids = {id(f): j.arch.arch_id for f, j in zip(futures, jobs, strict=True)}
-        for future in as_completed(futures):
+        futures = {j.arch.arch_id: self.submit(j) for j in jobs}
+        done: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for aid, future in futures.items():
+            future.add_done_callback(lambda _, aid=aid: done.put(aid))
+        timeout = self.cfg.execution.timeouts.search
+        pending = set(futures)
+        while pending:
             try:
-                yield future.result()
+                aid = done.get(timeout=timeout)
+            except queue.Empty:
+                for aid in sorted(pending):
+                    yield lost_record(aid, EvaluationLost(f"no result after {timeout:.0f} s (execution.timeouts.search)"))
+                return
+            pending.discard(aid)
+            try:
+                yield futures[aid].result()
             except Exception as e:  # noqa: BLE001 - after its retries: lost, evaluated again
-                yield lost_record(ids[id(future)], e)
+                yield lost_record(aid, e)
 
     def submit(self, job):
-        with device_resources(self.cfg.execution, shared=True):
+        with device_resources(self.cfg.execution, shared=not job.alone):  # on Dask: one slot of a GPU, or all of them
             rung = {"rung": job.rung, "history": [float(v) for v in job.history]} if self.s.rungs else {}
-            return self.task.submit(config=self.config, arch=str(job.arch), arch_id=job.arch.arch_id, step=job.step, sample=job.sample, **rung)
+            return self.task.submit(config=self.config, arch=str(job.arch), arch_id=job.arch.arch_id, step=job.step, sample=job.sample, epoch=self.epoch, alone=job.alone, **rung)
+
+    def drain(self, worker: str) -> None:
+        """Take a failing worker out of service: a Dask worker is retired (its archs go to
+        the others), a device of this process leaves the slot pool."""
+        if "://" in worker:
+            from prefect.context import FlowRunContext
+
+            runner = FlowRunContext.get().task_runner
+            threading.Thread(target=runner.client.retire_workers, kwargs={"workers": [worker], "close_workers": True}, daemon=True).start()
+        elif worker:
+            drain_device(worker)
 
     def on_step(self, info: dict) -> None:
         s = self.s
@@ -196,12 +263,14 @@ def search(cfg, run, config: dict) -> dict:
     from nasfcos.search.loop import run_search, run_search_async
     from storage.results import ResultsTable
 
-    s, results = cfg.search, ResultsTable(run.root)
-    dispatch = _Dispatch(cfg, run, config, results)
+    epoch = held_epoch(run.root)
+    s, results = cfg.search, ResultsTable(run.root, epoch=epoch)
+    results.compact()  # the owner's takeover: rows of earlier owners merged, later ones of theirs left out
+    dispatch = _Dispatch(cfg, run, config, results, epoch)
     limited = s.max_decoder_params is not None or s.max_decoder_macs is not None
     loop = dict(
         policy=_policy(cfg, run), results=results, state_path=run.controller, on_step=dispatch.on_step,
-        cost=_cost(cfg, run) if limited else None, cfg=_loop_config(cfg),
+        cost=_cost(cfg, run) if limited else None, cfg=_loop_config(cfg), drain=dispatch.drain,
     )  # fmt: skip
     try:
         if s.mode == "async":  # evaluate_decoder writes its row before it returns

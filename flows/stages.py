@@ -67,6 +67,7 @@ def conflict_key(cfg: PipelineConfig, stage: str) -> str:
 # Fields added since roles were introduced: absent from the configs legacy keys were made of.
 _NEWER = {
     ("search", "max_consecutive_failures"),
+    ("search", "max_attempts"),
     ("search", "plot_every"),
     ("train_full", "baselines"),
     ("search", "max_decoder_params"),

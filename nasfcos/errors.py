@@ -27,6 +27,21 @@ class InfrastructureError(RuntimeError):
     """Raised where code knows the fault is the machine's (e.g. a lost evaluation)."""
 
 
+class EvaluationLost(InfrastructureError):
+    """An evaluation that ended without a record, with where it ran (``worker``: a Dask
+    worker's address or a device) and ``kind``: ``infrastructure`` (retried, counted against
+    the worker and the arch), ``contention`` (out of memory beside other evaluations: run
+    again alone before the arch is blamed) or ``error`` (a bug: not retried in place).
+    The search loop's failure budgets count per worker and per arch from these fields."""
+
+    def __init__(self, message: str, worker: str = "", kind: str = "infrastructure") -> None:
+        super().__init__(message, worker, kind)
+        self.message, self.worker, self.kind = message, worker, kind
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def one_line(error: BaseException | str, *, with_type: bool = True, limit: int = 500) -> str:
     """The one-line form of an error, for a results row, a log line, a CLI message or a
     data error naming its file: ``Type: message`` (``with_type=False``: the message alone;
@@ -48,6 +63,8 @@ def is_infrastructure(exc: BaseException, *, device_shared: bool = False) -> boo
     """Whether ``exc`` is an infrastructure failure (see the module docstring).
     ``device_shared``: other evaluations ran on the same device, so an out-of-memory
     error may be theirs as much as this arch's."""
+    if isinstance(exc, EvaluationLost):
+        return exc.kind == "infrastructure"
     if isinstance(exc, torch.OutOfMemoryError):
         return device_shared
     if isinstance(exc, (InfrastructureError, TimeoutError, OSError, MemoryError, ConnectionError)):

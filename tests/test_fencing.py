@@ -13,12 +13,22 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_results import _archs, make_row
+from helpers import record
 
 import storage.results as R
+from nasfcos.search import loop
+from nasfcos.search.policies import RandomPolicy
 from storage import run_epoch
 from storage.results import ResultsTable
 from storage.run_lock import held_epoch, run_lock
+
+
+def _archs(n, seed=0):
+    return [s.arch for s in RandomPolicy(seed=seed).sample(n)]
+
+
+def make_row(arch, sample=0):
+    return loop.make_row(record(arch, 0.5), step=0, sample=sample, penalty=-10.0)
 
 
 def test_each_owner_takes_the_next_epoch_and_the_older_one_is_fenced(tmp_path):

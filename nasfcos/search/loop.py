@@ -103,6 +103,7 @@ class Job:
     rung: int = 0
     epochs: int | None = None
     history: tuple[float, ...] = ()
+    alone: bool = False  # run with the device to itself (an out-of-memory beside others is retried so)
 
 
 Evaluate = Callable[[list[Job]], Iterable[dict]]
@@ -126,6 +127,7 @@ class Results(Protocol):
     """What the loop needs of the results table (``storage.results.ResultsTable``)."""
 
     def read(self) -> Any: ...
+    def get(self, arch_id: str) -> dict | None: ...
     def append(self, rows: Iterable[dict]) -> int: ...
     def compact(self) -> int: ...
 
@@ -143,7 +145,9 @@ class SearchConfig:
     K archs per controller update; ``failure_penalty``: the reward a failed
     evaluation feeds the controller; ``max_samples``: stop after this many
     samples even if duplicates kept the unique count short (default 4x total);
-    ``max_consecutive_failures``: the circuit breaker, see :class:`Failures`;
+    ``max_consecutive_failures``: a worker failing this many evaluations in a row is
+    drained, see :class:`Failures`; ``max_attempts``: an arch lost this many times gets a
+    ``failed`` row naming every attempt;
     ``lost_after_s``: async mode counts an evaluation without a result after this
     long as lost (a call hung in the device) and resubmits its arch;
     ``max_decoder_params`` / ``max_decoder_macs``: the cost constraint (module
@@ -155,6 +159,7 @@ class SearchConfig:
     failure_penalty: float = -10.0
     max_samples: int | None = None
     max_consecutive_failures: int = 20
+    max_attempts: int = 3
     lost_after_s: float | None = None
     max_decoder_params: int | None = None
     max_decoder_macs: int | None = None
@@ -166,44 +171,95 @@ class SearchConfig:
             raise ValueError(f"search config: total_archs and archs_per_step must be >= 1, got {self}")
         if not math.isfinite(self.failure_penalty):
             raise ValueError("search config: failure_penalty must be finite")
-        if self.max_consecutive_failures < 1:
-            raise ValueError(f"search config: max_consecutive_failures must be >= 1, got {self.max_consecutive_failures}")
+        if self.max_consecutive_failures < 1 or self.max_attempts < 1:
+            raise ValueError(f"search config: max_consecutive_failures and max_attempts must be >= 1, got {self.max_consecutive_failures}, {self.max_attempts}")
         if len(self.rungs) == 1 or list(self.rungs) != sorted(set(self.rungs)) or min(self.rungs, default=1) < 1 or self.eta < 2:
             raise ValueError(f"search config: rungs {list(self.rungs)} must be () or >= 2 increasing epoch counts, eta >= 2 (got {self.eta})")
 
 
 class SearchHalted(RuntimeError):
-    """The circuit breaker: too many evaluations in a row failed."""
+    """The circuit breaker: every worker was drained for failing evaluations in a row."""
 
 
 class Failures:
-    """Counts evaluations that failed in a row: arch failures (a ``failed`` row) and
-    infrastructure failures (an evaluation that raised after its retries, or lost:
-    ``status='lost'``, no row, the arch is evaluated again). One success resets it;
-    ``limit`` in a row stop the search with :class:`SearchHalted`, so a broken
-    machine or feature store fails the run loudly instead of filling the table
-    with penalties or retrying forever."""
+    """The failure budgets of a search, per worker and per arch.
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.run = limit, 0
+    Per worker (a Dask worker's address, or the device name): evaluations that failed on it
+    in a row, arch failures (a ``failed`` row) and infrastructure failures (an evaluation
+    that raised after its retries, or was lost) alike; only that worker's own success resets
+    its count, never another's, so a sick GPU that fails fast is caught while the others
+    succeed. ``limit`` in a row drain the worker (``drain(worker)``: the flow retires it, its
+    archs go elsewhere; named in the log and in ``state.drained``); when every worker seen is
+    drained the search stops with :class:`SearchHalted`, so a broken machine or feature store
+    fails the run loudly instead of filling the table with penalties or retrying forever.
 
-    def ok(self) -> None:
-        self.run = 0
+    Per arch: its infrastructure failures (``state.attempts``, in the checkpoint, so a
+    resume counts on); at ``max_attempts`` the arch is the one to blame (it does not fit the
+    device, hits the timeout, trips a device assert) and gets a ``failed`` row naming every
+    attempt, instead of being resubmitted until the search ends.
+    """
 
-    def failed(self, arch_id: str, error: str, *, lost: bool) -> None:
-        self.run += 1
-        what = "lost (not recorded; it will be evaluated again)" if lost else "failed"
-        log.warning("arch %s %s: %s [%d in a row]", arch_id, what, error, self.run)
-        if self.run >= self.limit:
+    def __init__(self, limit: int, max_attempts: int, state: "SearchState", drain: Callable[[str], None] | None = None) -> None:
+        self.limit, self.max_attempts, self.state, self.drain = limit, max_attempts, state, drain
+        self.in_a_row: dict[str, int] = {}
+        self.seen: set[str] = set(state.drained)
+
+    def ok(self, worker: str) -> None:
+        self.seen.add(worker)
+        self.in_a_row[worker] = 0
+
+    def failed(self, arch_id: str, error: str, *, worker: str, lost: bool) -> bool:
+        """Count one failure; True when a lost arch has used up its attempts (the caller
+        writes its failed row)."""
+        self.seen.add(worker)
+        n = self.in_a_row[worker] = self.in_a_row.get(worker, 0) + 1
+        where = f" on {worker}" if worker else ""
+        exhausted = False
+        if lost:
+            tries = self.state.attempts.setdefault(arch_id, [])
+            tries.append(f"{worker or '?'}: {error}")
+            exhausted = len(tries) >= self.max_attempts
+            what = f"lost{where}, attempt {len(tries)} of {self.max_attempts}" + ("; the arch is blamed" if exhausted else "; it will be evaluated again")
+        else:
+            what = f"failed{where}"
+        log.warning("arch %s %s: %s [%d in a row on this worker]", arch_id, what, error, n)
+        if n >= self.limit and worker not in self.state.drained:
+            self.state.drained.append(worker)
+            log.error("worker %s drained: %d evaluations in a row failed on it (last: %s: %s); its archs go to the other workers", worker or "(local)", n, arch_id, error)
+            if self.drain is not None:
+                self.drain(worker)
+        if self.seen <= set(self.state.drained):
             raise SearchHalted(
-                f"search stopped: {self.run} evaluations in a row failed (last: {arch_id}: {error}); "
+                f"search stopped: every worker is drained ({', '.join(w or '(local)' for w in self.state.drained)}); "
+                f"{n} evaluations in a row failed{where} (last: {arch_id}: {error}); "
                 "fix the cause and run again to resume, or raise search.max_consecutive_failures"
             )
+        return exhausted
 
 
 def lost_record(arch_id: str, exc: BaseException) -> dict:
-    """What an evaluator yields for an evaluation that raised (infrastructure failure)."""
-    return {"arch_id": arch_id, "status": "lost", "error": one_line(exc)}
+    """What an evaluator yields for an evaluation that raised (infrastructure failure):
+    where it ran and whether it should run again alone (``nasfcos.errors.EvaluationLost``)."""
+    return {"arch_id": arch_id, "status": "lost", "error": one_line(exc), "worker": getattr(exc, "worker", ""), "alone": getattr(exc, "kind", "") == "contention"}
+
+
+def attempts_row(arch: Arch, attempts: Sequence[str], *, step: int, sample: int, penalty: float) -> dict:
+    """The ``failed`` row of an arch lost ``search.max_attempts`` times, naming every attempt."""
+    now = datetime.now(timezone.utc)
+    nan = float("nan")
+    error = f"lost {len(attempts)} times: " + "; ".join(f"[{i}] {a}" for i, a in enumerate(attempts, 1))
+    return {
+        "arch_id": arch.arch_id, "arch": str(arch), "reward": nan, "loss_cls": nan, "loss_reg": nan, "loss_ctr": nan,
+        "params": -1, "macs": -1, "train_seconds": 0.0, "eval_seconds": 0.0, "peak_mem_mb": nan, "device": "", "seed": -1,
+        "status": "failed", "error": one_line(error, with_type=False, limit=2000), "started_at": now, "finished_at": now,
+        "step": step, "sample": sample, "reward_used": penalty, **arch.columns(),
+    }  # fmt: skip
+
+
+def worker_of(record: dict) -> str:
+    """Where an evaluation ran: its ``worker`` (removed from the record: rows do not hold it),
+    else its device."""
+    return record.pop("worker", None) or record.get("device", "")
 
 
 @dataclass
@@ -228,6 +284,8 @@ class SearchState:
     drawn: int = 0
     queued: list[dict] = field(default_factory=list)
     rejected: int = 0  # draws over the cost constraint (never evaluated)
+    attempts: dict[str, list[str]] = field(default_factory=dict)  # arch id -> its lost attempts ("worker: error")
+    drained: list[str] = field(default_factory=list)  # workers drained by the failure budget
 
 
 @dataclass
@@ -253,7 +311,7 @@ def load_state(path: Path, policy: Policy) -> SearchState:
     return SearchState(
         step=ckpt["step"], issued=ckpt["issued"], pending=ckpt["pending"], stats=ckpt["stats"],
         in_flight=ckpt.get("in_flight", []), finished=ckpt.get("finished", []), drawn=ckpt.get("drawn", 0),
-        queued=ckpt.get("queued", []), rejected=ckpt.get("rejected", 0),
+        queued=ckpt.get("queued", []), rejected=ckpt.get("rejected", 0), attempts=ckpt.get("attempts", {}), drained=ckpt.get("drained", []),
     )  # fmt: skip
 
 
@@ -405,6 +463,7 @@ def run_search(
     cfg: SearchConfig = SearchConfig(),
     on_step: Callable[[dict], None] | None = None,
     cost: Cost | None = None,
+    drain: Callable[[str], None] | None = None,
 ) -> SearchSummary:
     """Run (or resume) the search until ``cfg.total_archs`` unique archs are in ``results``.
 
@@ -416,7 +475,12 @@ def run_search(
     between finishing and the loop's append; appending twice is harmless
     (the table keeps one row per arch).
     ``on_step`` receives a small dict after every step (progress reporting).
-    ``cost`` prices an arch for the cost constraint (module docstring).
+    ``cost`` prices an arch for the cost constraint (module docstring). ``drain(worker)``
+    takes a worker out of service when the failure budget drains it (:class:`Failures`).
+
+    Exactly once: a lost evaluation's arch is evaluated again only when the table has no
+    row for it (the evaluation may have written its row, then died); its reward feeds the
+    update once, from its row.
     """
     if cfg.rungs:
         raise ValueError("successive halving (rungs) runs in the async loop only: its promotions are asynchronous (ASHA)")
@@ -430,7 +494,7 @@ def run_search(
         )
     max_samples = cfg.max_samples or 4 * cfg.total_archs
     evaluated_now = 0
-    failures = Failures(cfg.max_consecutive_failures)
+    failures = Failures(cfg.max_consecutive_failures, cfg.max_attempts, state, drain)
     known, over = _known(results)
     budget = _Budget(cfg, cost, results, over, state)
     if state.step or state.pending:
@@ -452,23 +516,37 @@ def run_search(
         for i, s in enumerate(samples):
             if s.arch.arch_id not in known and s.arch.arch_id not in todo:
                 todo[s.arch.arch_id] = (i, s.arch)
-        missing = list(todo)
-        while missing:  # lost evaluations are evaluated again (the breaker bounds it)
+        missing, alone = list(todo), set()
+        while missing:  # lost evaluations are evaluated again (the failure budgets bound it)
             answered = set()
-            for record in evaluate([Job(todo[a][1], state.step, todo[a][0]) for a in missing]):
-                answered.add(record["arch_id"])
+            for record in evaluate([Job(todo[a][1], state.step, todo[a][0], alone=a in alone) for a in missing]):
+                aid = record["arch_id"]
+                answered.add(aid)
+                worker = worker_of(record)
+                idx, arch = todo[aid]
                 if record["status"] == "lost":
-                    failures.failed(record["arch_id"], record["error"], lost=True)
-                    continue
-                idx, _ = todo[record["arch_id"]]
-                row = make_row(record, step=state.step, sample=idx, penalty=cfg.failure_penalty)
-                results.append([row])
-                known[row["arch_id"]] = row
-                evaluated_now += 1
-                if row["status"] == "ok":
-                    failures.ok()
+                    row = results.get(aid)  # it may have written its row, then been lost
+                    if row is None and record.get("alone"):
+                        log.warning("arch %s ran out of memory beside other evaluations on %s; evaluating it again alone", aid, worker or "its device")
+                        alone.add(aid)
+                        continue
+                    if row is None and not failures.failed(aid, record["error"], worker=worker, lost=True):
+                        continue
+                    if row is None:
+                        row = attempts_row(arch, state.attempts[aid], step=state.step, sample=idx, penalty=cfg.failure_penalty)
+                        results.append([row])
+                    else:
+                        log.info("arch %s: lost after it wrote its row; the row stands, no second evaluation", aid)
                 else:
-                    failures.failed(row["arch_id"], row["error"], lost=False)
+                    row = make_row(record, step=state.step, sample=idx, penalty=cfg.failure_penalty)
+                    results.append([row])
+                    if row["status"] == "ok":
+                        failures.ok(worker)
+                    else:
+                        failures.failed(aid, row["error"], worker=worker, lost=False)
+                known[aid] = row
+                state.attempts.pop(aid, None)
+                evaluated_now += 1
             silent = [a for a in missing if a not in answered]  # neither a row nor a lost record: a broken evaluator
             if silent:
                 raise RuntimeError(f"evaluator returned no record for {len(silent)} archs, e.g. {silent[0]}")
@@ -506,13 +584,16 @@ def run_search_async(
     on_step: Callable[[dict], None] | None = None,
     evaluator_writes_rows: bool = False,
     cost: Cost | None = None,
+    drain: Callable[[str], None] | None = None,
 ) -> SearchSummary:
     """Run (or resume) the search with ``slots`` evaluations in flight until
     ``cfg.total_archs`` unique archs are in ``results`` (see the module docstring).
 
     ``evaluator_writes_rows``: the evaluation wrote its row durably before its future
     resolved (the Prefect task does), so the loop does not append it again: at 64 slots
-    that append is a fifth of the flow thread's time per arch. ``cost``: as in :func:`run_search`.
+    that append is a fifth of the flow thread's time per arch. ``cost``, ``drain``: as in
+    :func:`run_search`; a lost arch is evaluated again only when the table has no row for it,
+    and each evaluated arch feeds one update once.
 
     ``submit(job)`` starts one evaluation and returns a :class:`Future` whose
     result is its record (as ``evaluate`` yields in :func:`run_search`; the
@@ -543,7 +624,7 @@ def run_search_async(
     K = cfg.archs_per_step
     known, over = _known(results)
     budget = _Budget(cfg, cost, results, over, state)
-    failures = Failures(cfg.max_consecutive_failures)
+    failures = Failures(cfg.max_consecutive_failures, cfg.max_attempts, state, drain)
     done: queue.SimpleQueue[tuple[str, Future]] = queue.SimpleQueue()  # put by done callbacks (any thread)
     running: dict[str, Future] = {}  # one evaluation per arch id
     started: dict[str, float] = {}  # arch id -> when its evaluation was submitted (lost_after_s)
@@ -559,12 +640,12 @@ def run_search_async(
             ids[text] = Arch.parse(text).arch_id
         return ids[text]
 
-    def launch(entry: dict) -> None:
+    def launch(entry: dict, alone: bool = False) -> None:
         aid = arch_id(entry)
         if aid not in running:
             rung = entry.get("rung", 0)
             fidelity = {} if ladder is None else {"rung": rung, "epochs": cfg.rungs[rung], "history": tuple(known[aid]["rung_rewards"][:rung]) if rung else ()}
-            future = submit(Job(Arch.parse(entry["draw"]["arch"]), entry["step"], entry["sample"], **fidelity))
+            future = submit(Job(Arch.parse(entry["draw"]["arch"]), entry["step"], entry["sample"], alone=alone, **fidelity))
             running[aid], started[aid] = future, time.monotonic()
             future.add_done_callback(lambda f, aid=aid: done.put((aid, f)))
 
@@ -639,6 +720,12 @@ def run_search_async(
         aid = arch_id(entry)
         return aid in known and _rungs_reached(known[aid]) > entry.get("rung", 0)
 
+    # a finished arch whose row is gone (a damaged file quarantined since): evaluated again
+    gone = [e for e in state.finished if arch_id(e) not in known]
+    if gone:
+        log.warning("%d finished archs have no row any more (quarantined?); evaluating them again, e.g. %s", len(gone), arch_id(gone[0]))
+        state.finished = [e for e in state.finished if arch_id(e) in known]
+        state.in_flight += gone
     # rows are durable before the loop learns of them: an in-flight arch with a row finished
     landed = sorted((e for e in state.in_flight if has_row(e)), key=lambda e: known[arch_id(e)]["finished_at"])
     state.in_flight = [e for e in state.in_flight if not has_row(e)]
@@ -680,16 +767,36 @@ def run_search_async(
             if record["arch_id"] != aid:
                 raise RuntimeError(f"evaluation of {aid} returned the record of {record['arch_id']}")
             mine = [e for e in state.in_flight if arch_id(e) == aid]  # one rung: a promotion waits for its lower rung's row
-            if record["status"] == "lost":
-                failures.failed(aid, record["error"], lost=True)
-                launch(mine[0])  # the same job again; the arch is not marked failed
-                continue
             rung = mine[0].get("rung", 0)
-            fidelity = {} if ladder is None else {"rungs": cfg.rungs[: rung + 1], "history": known[aid]["rung_rewards"][:rung] if rung else ()}
-            row = make_row(record, step=mine[0]["step"], sample=mine[0]["sample"], penalty=cfg.failure_penalty, **fidelity)
-            if not evaluator_writes_rows:
-                results.append([row])
+            worker = worker_of(record)
+            if record["status"] == "lost":
+                row = results.get(aid)  # it may have written its row, then been lost
+                if row is not None and _rungs_reached(row) > rung:
+                    log.info("arch %s: lost after it wrote its row; the row stands, no second evaluation", aid)
+                elif record.get("alone"):
+                    log.warning("arch %s ran out of memory beside other evaluations on %s; evaluating it again alone", aid, worker or "its device")
+                    launch(mine[0], alone=True)
+                    continue
+                elif not failures.failed(aid, record["error"], worker=worker, lost=True):
+                    launch(mine[0])  # the same job again; the arch is not marked failed
+                    continue
+                else:
+                    row = attempts_row(Arch.parse(mine[0]["draw"]["arch"]), state.attempts[aid], step=mine[0]["step"], sample=mine[0]["sample"], penalty=cfg.failure_penalty)
+                    if ladder is not None:
+                        below = list(known[aid]["rung_rewards"][:rung]) if rung else []
+                        row.update(epochs=cfg.rungs[rung], rung_epochs=list(cfg.rungs[: rung + 1]), rung_rewards=[*below, float("nan")])
+                    results.append([row])
+            else:
+                fidelity = {} if ladder is None else {"rungs": cfg.rungs[: rung + 1], "history": known[aid]["rung_rewards"][:rung] if rung else ()}
+                row = make_row(record, step=mine[0]["step"], sample=mine[0]["sample"], penalty=cfg.failure_penalty, **fidelity)
+                if not evaluator_writes_rows:
+                    results.append([row])
+                if row["status"] == "ok":
+                    failures.ok(worker)
+                else:
+                    failures.failed(aid, row["error"], worker=worker, lost=False)
             known[aid] = row
+            state.attempts.pop(aid, None)
             state.in_flight = [e for e in state.in_flight if arch_id(e) != aid]
             if ladder is not None:
                 ladder.finished(aid, row["rung_rewards"])
@@ -699,10 +806,6 @@ def run_search_async(
                 evaluated_now += 1
                 evaluated_since_update += 1
                 state.finished += mine
-            if row["status"] == "ok":
-                failures.ok()
-            else:
-                failures.failed(aid, row["error"], lost=False)
         elif state.finished:  # nothing left to sample or wait for: learn from the rest
             update(len(state.finished))
         else:
