@@ -219,9 +219,19 @@ def _gate(device: str) -> _Gate:
 
 def drain_device(device: str) -> None:
     """Take one of this process's devices out of service: tasks borrow the others from now
-    on (the search's per-worker failure budget, ``nasfcos.search.loop.Failures``)."""
+    on (the search's per-worker failure budget, ``nasfcos.search.loop.Failures``), until
+    :func:`undrain_devices`."""
     with _SLOTS_LOCK:
         _DRAINED.add(device)
+
+
+def undrain_devices() -> None:
+    """Every device back in service: the search that drained some has ended (the stages
+    after it, or the next search of this process, start from whole pools again)."""
+    with _SLOTS_LOCK:
+        if _DRAINED:
+            _DRAINED.clear()
+            _SLOTS.clear()  # the pools lost their drained entries: made afresh on next use
 
 
 _PROCESS_THREADS: list[int] = []  # torch's thread count in this process before share_cpu_threads

@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from flows import feature_cache
-from flows.placement import device_resources, device_slot, drain_device, evaluation_slots, last_device
+from flows.placement import device_resources, device_slot, drain_device, evaluation_slots, last_device, undrain_devices
 from flows.stages import artifact_key, open_stage, publish_summary, stage_flow, task_options
 from nasfcos.fault_injection import fault_point
 from storage.run_lock import held_epoch
@@ -95,23 +95,24 @@ def evaluate_decoder(
     from storage.results import ResultsTable
     from storage.run_epoch import Fenced, check
 
-    fault_point(f"search:evaluate:{sample}")  # the kill matrix holds one sample here (finishing order)
-    cfg, run, _, _ = open_stage(config, STAGE)
-    check(run.root, epoch, f"the evaluation of {arch_id}")
-    table = ResultsTable(run.root, epoch=epoch)
-    if (row := table.get(arch_id)) is not None and max(len(row["rung_epochs"]), 1) > rung:
-        get_run_logger().info("%s: already has its row (an earlier attempt or dispatch wrote it); not evaluated again", arch_id)
-        return {**row, "worker": _worker_name(cfg)}
+    runner = config["execution"]["task_runner"] if isinstance(config, dict) else ""
     try:
+        fault_point(f"search:evaluate:{sample}")  # the kill matrix holds one sample here (finishing order)
+        cfg, run, _, _ = open_stage(config, STAGE)
+        check(run.root, epoch, f"the evaluation of {arch_id}")
+        table = ResultsTable(run.root, epoch=epoch)
+        if (row := table.get(arch_id)) is not None and max(len(row["rung_epochs"]), 1) > rung:
+            get_run_logger().info("%s: already has its row (an earlier attempt or dispatch wrote it); not evaluated again", arch_id)
+            return {**row, "worker": _worker_name(runner)}
         row = _evaluate(cfg, run, table, arch, arch_id, step, sample, rung, history, alone)
     except Fenced:
         raise
     except Exception as e:  # noqa: BLE001 - named, classed and passed on to the loop's budgets
         oom = type(e).__name__ == "OutOfMemoryError" and not alone
         kind = "contention" if oom else "infrastructure" if is_infrastructure(e) else "error"
-        raise EvaluationLost(one_line(e), _worker_name(cfg), kind) from e
+        raise EvaluationLost(one_line(e), _worker_name(runner), kind) from e
     fault_point("search:row")
-    return {**row, "worker": _worker_name(cfg)}
+    return {**row, "worker": _worker_name(runner)}
 
 
 def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, rung: int, history, alone: bool) -> dict:
@@ -132,6 +133,7 @@ def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, 
     else:
         record = proxy_record(cfg, run, arch, alone=alone)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty, **fidelity)
+    fault_point("search:write")  # the cluster tests hold a trained evaluation here while its flow is replaced
     table.write_part([row])  # lock-free: only the flow compacts; fenced when a newer flow owns the run
     if rungs and rung:
         states.drop(arch_id, rungs[rung - 1])  # resumed from: its row and this one are written
@@ -142,10 +144,10 @@ def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, 
     return row
 
 
-def _worker_name(cfg) -> str:
+def _worker_name(task_runner: str) -> str:
     """Where this task ran, as the failure budget counts it: the Dask worker's address, or
     (thread runner) the device it borrowed."""
-    if cfg.execution.task_runner == "dask":
+    if task_runner == "dask":
         from distributed import get_worker
 
         try:
@@ -277,8 +279,9 @@ def search(cfg, run, config: dict) -> dict:
             summary = run_search_async(submit=dispatch.submit, slots=evaluation_slots(cfg.execution), evaluator_writes_rows=True, **loop)
         else:
             summary = run_search(evaluate=dispatch.evaluate, **loop)
-    finally:  # the cached features must not hold device memory during full training
+    finally:  # the cached features must not hold device memory during full training; drains end with the search
         feature_cache.free()
+        undrain_devices()
     if s.rungs:
         from storage.rung_states import RungStates
 

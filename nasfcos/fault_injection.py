@@ -7,12 +7,18 @@ place. ``NASFCOS_FAULT`` holds rules separated by ``;``:
     <point>#N=kill        ... the N-th time (1-based)
     <point>=wait:<path>   create ``<path>.reached``, then wait until ``<path>`` exists (10 min at most)
     <point>=touch:<path>  create ``<path>`` (with ``wait:`` on another point: one task waits for another)
+    <point>=raise:<text>  raise ``RuntimeError(<text>)`` (a sick GPU: "CUDA error: ..." is the machine's)
 
-Unset (always, outside tests) a fault point costs one dict lookup.
+``<point>`` may be a glob (``search:evaluate:*``); ``#*`` matches every time.
+``NASFCOS_FAULT_FILE`` names a file holding the rules instead, read at every fault point,
+so a test changes the rules of a running process (a Dask worker started once per module).
+
+Unset (always, outside tests) a fault point costs two dict lookups.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import signal
 import threading
@@ -27,15 +33,20 @@ _LOCK = threading.Lock()
 
 def fault_point(name: str) -> None:
     spec = os.environ.get("NASFCOS_FAULT")
+    if not spec and (path := os.environ.get("NASFCOS_FAULT_FILE")):
+        try:
+            spec = Path(path).read_text()
+        except FileNotFoundError:
+            return
     if not spec:
         return
     with _LOCK:
         _SEEN[name] += 1
         n = _SEEN[name]
-    for rule in filter(None, (r.strip() for r in spec.split(";"))):
+    for rule in filter(None, (r.strip() for r in spec.replace("\n", ";").split(";"))):
         point, _, action = rule.partition("=")
         point, _, nth = point.partition("#")
-        if point != name or (nth != "*" and n != int(nth or 1)):
+        if not fnmatch.fnmatchcase(name, point) or (nth != "*" and n != int(nth or 1)):
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -49,5 +60,7 @@ def fault_point(name: str) -> None:
                 time.sleep(0.05)
         elif action.startswith("touch:"):
             Path(action[6:]).touch()
+        elif action.startswith("raise:"):
+            raise RuntimeError(action[6:])
         else:
             raise ValueError(f"NASFCOS_FAULT: unknown action {action!r} in rule {rule!r}")

@@ -114,8 +114,9 @@ def run_async(run_dir, policy, pool, cfg, slots):
 # stamp: a resumed run's differ; the files they stand for are compared themselves.
 CLOCK_FIELDS = {"train_seconds", "eval_seconds", "peak_mem_mb", "started_at", "finished_at", "created_at", "seconds", "elapsed_s", "pid", "mtime_ns"}
 ATTEMPT_FIELDS = {"shards_written", "stamp"}
-# Logs and the human report carry times by design; locks are empty markers.
-NOT_COMPARED = ("evaluations.log", "report/", ".lock", "events.jsonl")
+# Logs and the human report carry times by design; locks are empty markers; each process
+# that owned the run took an epoch (epochs/<n>.json: who and when).
+NOT_COMPARED = ("evaluations.log", "report/", ".lock", "events.jsonl", "epochs/")
 
 
 def _exact(value, root: str):
@@ -182,8 +183,9 @@ PIPELINE_MODULES = [
 ]  # fmt: skip
 
 
-def pipeline_process(args: list[str], env: dict[str, str], log: Path) -> multiprocessing.Process:
-    """``python -m flows.nas_search ARGS`` under ``env``, stdout and stderr to ``log``, started.
+def pipeline_process(args, env: dict[str, str], log: Path, entry=None) -> multiprocessing.Process:
+    """``python -m flows.nas_search ARGS`` under ``env``, stdout and stderr to ``log``, started
+    (``entry``: another top-level function called with ``args`` instead, e.g. :func:`search_stage`).
 
     A real process of its own (SIGKILL it, resume it in the next one), forked from
     multiprocessing's fork server, which imports :data:`PIPELINE_MODULES` once per test
@@ -192,7 +194,7 @@ def pipeline_process(args: list[str], env: dict[str, str], log: Path) -> multipr
     the rest themselves, as slow as a new process, no less correct.)"""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PIPELINE_MODULES)  # no effect once the server runs
-    proc = ctx.Process(target=_pipeline_main, args=(list(args), dict(env), str(log)), daemon=False)
+    proc = ctx.Process(target=_pipeline_main, args=(args, dict(env), str(log), entry), daemon=False)
     proc.start()
     return proc
 
@@ -207,7 +209,23 @@ def finish(proc: multiprocessing.Process, timeout: float) -> int | None:
     return proc.exitcode
 
 
-def _pipeline_main(args: list[str], env: dict[str, str], log: str) -> None:
+def search_stage(overrides: dict) -> None:
+    """The search stage flow alone on the ``tiny`` preset with ``overrides``, owning its run
+    directory (as ``nas-search`` does) and on the task runner the config names."""
+    from flows.config import load_config
+    from flows.placement import task_runner
+    from flows.search import search
+    from flows.stages import portable
+    from storage.run_dir import RunDir
+    from storage.run_lock import run_lock
+
+    cfg = load_config("tiny", overrides)
+    with run_lock(RunDir.at(cfg.runs_dir, cfg.run_id).root, "search_stage (tests)"):
+        out = search.with_options(task_runner=task_runner(cfg))(portable(cfg))
+    print(json.dumps(out), flush=True)
+
+
+def _pipeline_main(args, env: dict[str, str], log: str, entry=None) -> None:
     """The forked process: the environment it was given (Prefect's settings re-read from
     it, as a new interpreter would), its output to ``log``, then the CLI's ``main``. What
     it shares with its server: the hash seed, and what C libraries read from the
@@ -223,7 +241,7 @@ def _pipeline_main(args: list[str], env: dict[str, str], log: str) -> None:
     refresh_global_settings_context()
     atexit._clear()  # the server's exit handlers are the server's (e.g. a temp dir it shares with its forks)
     try:
-        main(args)
+        (entry or main)(args)
     finally:
         atexit._run_exitfuncs()  # Prefect drains its log and event workers at exit; a forked child skips atexit
 

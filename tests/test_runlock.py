@@ -90,6 +90,38 @@ def test_two_runs_of_one_directory_the_second_fails_in_one_line(prefect_server, 
     assert len(pd.read_parquet(tmp_path / "twice" / "results.parquet")) == 4
 
 
+def test_sigterm_stops_the_run_its_temporary_server_and_frees_the_run(tmp_path):
+    """Fault 6 of issue #26: SIGTERM (preemption by SLURM or Kubernetes, ``kill``) of
+    ``python -m flows.nas_search`` left its temporary Prefect server running as an orphan
+    for good. Now the flow ends crashed, the server stops, the run lock is free, one line."""
+    gate = tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), NASFCOS_FAULT=f"stage:finetune-backbone=wait:{gate}")
+    args = ["--config", "tiny", "--set", f"runs_dir={tmp_path}", "--set", "run_id=term"]
+    p = subprocess.Popen([sys.executable, "-m", "flows.nas_search", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not Path(f"{gate}.reached").exists():
+            assert p.poll() is None and time.time() < deadline, p.stderr.read()[-2000:] if p.poll() is not None else "no flow after 240 s"
+            time.sleep(0.2)
+        children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(p.pid)], capture_output=True, text=True).stdout.splitlines()
+        servers = [int(c.split()[0]) for c in children if "uvicorn" in c]
+        assert len(servers) == 1, children  # the temporary Prefect server
+        p.terminate()
+        _, err = p.communicate(timeout=120)
+    finally:
+        gate.touch()
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0 and "\nnas-search stopped (signal SIGTERM); run it again to resume\n" in err, err[-2000:]
+    deadline = time.time() + 30
+    while os.path.exists(f"/proc/{servers[0]}") and time.time() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{servers[0]}"), "the temporary Prefect server outlived its flow"
+    with run_lock(tmp_path / "term"):  # free again
+        pass
+
+
 def test_a_bad_config_is_one_line_and_non_zero(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "flows.nas_search", "--config", "demo", "--set", "search.total_archs=-3", "--set", f"runs_dir={tmp_path}"],

@@ -80,7 +80,7 @@ import torch
 
 import atomicio
 from nasfcos.arch import Arch
-from nasfcos.errors import one_line
+from nasfcos.errors import EvaluationLost, one_line
 from nasfcos.search.halving import Ladder
 from nasfcos.search.sample import Sample
 
@@ -190,7 +190,7 @@ class Failures:
     its count, never another's, so a sick GPU that fails fast is caught while the others
     succeed. ``limit`` in a row drain the worker (``drain(worker)``: the flow retires it, its
     archs go elsewhere; named in the log and in ``state.drained``); when every worker seen is
-    drained the search stops with :class:`SearchHalted`, so a broken machine or feature store
+    drained and none is busy (:meth:`check`) the search stops with :class:`SearchHalted`, so a broken machine or feature store
     fails the run loudly instead of filling the table with penalties or retrying forever.
 
     Per arch: its infrastructure failures (``state.attempts``, in the checkpoint, so a
@@ -203,6 +203,7 @@ class Failures:
         self.limit, self.max_attempts, self.state, self.drain = limit, max_attempts, state, drain
         self.in_a_row: dict[str, int] = {}
         self.seen: set[str] = set(state.drained)
+        self.last, self.last_run = "no evaluation failed in this process", 0
 
     def ok(self, worker: str) -> None:
         self.seen.add(worker)
@@ -214,33 +215,45 @@ class Failures:
         self.seen.add(worker)
         n = self.in_a_row[worker] = self.in_a_row.get(worker, 0) + 1
         where = f" on {worker}" if worker else ""
-        exhausted = False
+        tries = self.state.attempts.setdefault(arch_id, []) if lost else []
         if lost:
-            tries = self.state.attempts.setdefault(arch_id, [])
             tries.append(f"{worker or '?'}: {error}")
-            exhausted = len(tries) >= self.max_attempts
+        drains = n >= self.limit and worker not in self.state.drained
+        exhausted = lost and not drains and len(tries) >= self.max_attempts
+        if lost:
             what = f"lost{where}, attempt {len(tries)} of {self.max_attempts}" + ("; the arch is blamed" if exhausted else "; it will be evaluated again")
         else:
             what = f"failed{where}"
         log.warning("arch %s %s: %s [%d in a row on this worker]", arch_id, what, error, n)
-        if n >= self.limit and worker not in self.state.drained:
+        if drains:
             self.state.drained.append(worker)
             log.error("worker %s drained: %d evaluations in a row failed on it (last: %s: %s); its archs go to the other workers", worker or "(local)", n, arch_id, error)
+            mine = f"{worker or '?'}: "
+            for aid in list(self.state.attempts):  # the worker's failures were its own, not its archs'
+                self.state.attempts[aid] = [t for t in self.state.attempts[aid] if not t.startswith(mine)]
             if self.drain is not None:
                 self.drain(worker)
-        if self.seen <= set(self.state.drained):
+        self.last, self.last_run = f"{n} evaluations in a row failed{where} (last: {arch_id}: {error})", n
+        return exhausted
+
+    def check(self, busy: int) -> None:
+        """Stop the search when every worker seen is drained and either no evaluation still
+        running could show a live one (``busy``: evaluations in flight) or the last failure's
+        worker has failed as often again since it was drained (draining did not take it out
+        of service: nothing else takes the work)."""
+        stuck = self.last_run >= 2 * self.limit
+        if (not busy or stuck) and self.seen and self.seen <= set(self.state.drained):
             raise SearchHalted(
-                f"search stopped: every worker is drained ({', '.join(w or '(local)' for w in self.state.drained)}); "
-                f"{n} evaluations in a row failed{where} (last: {arch_id}: {error}); "
+                f"search stopped: every worker is drained ({', '.join(w or '(local)' for w in self.state.drained)}); {self.last}; "
                 "fix the cause and run again to resume, or raise search.max_consecutive_failures"
             )
-        return exhausted
 
 
 def lost_record(arch_id: str, exc: BaseException) -> dict:
     """What an evaluator yields for an evaluation that raised (infrastructure failure):
     where it ran and whether it should run again alone (``nasfcos.errors.EvaluationLost``)."""
-    return {"arch_id": arch_id, "status": "lost", "error": one_line(exc), "worker": getattr(exc, "worker", ""), "alone": getattr(exc, "kind", "") == "contention"}
+    error = one_line(exc, with_type=not isinstance(exc, EvaluationLost))  # its message names the original error's type
+    return {"arch_id": arch_id, "status": "lost", "error": error, "worker": getattr(exc, "worker", ""), "alone": getattr(exc, "kind", "") == "contention"}
 
 
 def attempts_row(arch: Arch, attempts: Sequence[str], *, step: int, sample: int, penalty: float) -> dict:
@@ -402,6 +415,7 @@ def _step_info(state: SearchState, known: dict[str, dict], cfg: SearchConfig, re
         "total_archs": cfg.total_archs,
         "evaluated_in_step": evaluated,
         "over_budget": state.rejected,
+        "samples_fed": len(rewards),  # summed over the steps: the samples issued, each fed once
         "mean_reward": sum(rewards) / len(rewards),
         "best_reward": best["reward"] if best else float("nan"),
         **{f"policy_{k}": v for k, v in stats.items()},
@@ -547,6 +561,7 @@ def run_search(
                 known[aid] = row
                 state.attempts.pop(aid, None)
                 evaluated_now += 1
+            failures.check(busy=0)
             silent = [a for a in missing if a not in answered]  # neither a row nor a lost record: a broken evaluator
             if silent:
                 raise RuntimeError(f"evaluator returned no record for {len(silent)} archs, e.g. {silent[0]}")
@@ -778,6 +793,7 @@ def run_search_async(
                     launch(mine[0], alone=True)
                     continue
                 elif not failures.failed(aid, record["error"], worker=worker, lost=True):
+                    failures.check(busy=len(running))
                     launch(mine[0])  # the same job again; the arch is not marked failed
                     continue
                 else:
@@ -795,6 +811,7 @@ def run_search_async(
                     failures.ok(worker)
                 else:
                     failures.failed(aid, row["error"], worker=worker, lost=False)
+                    failures.check(busy=len(running))
             known[aid] = row
             state.attempts.pop(aid, None)
             state.in_flight = [e for e in state.in_flight if arch_id(e) != aid]
