@@ -12,22 +12,38 @@ pandas::
 
 On-disk layout of a run directory::
 
-    results.parquet          the compacted table, one row per arch_id, sorted
-    results.parts/*.parquet  one file per append() / write_part() not yet compacted
-    results.lock             flock(2) lock taken by append() and compact()
+    results.parquet          the compacted table, one row per arch_id, sorted; its metadata
+                             names the epoch that last compacted it (sealed)
+    results.parts/*.parquet  one file per append() / write_part() not yet compacted, named
+                             e<epoch>-... by writers of an epoch
+    results.compacting       O_EXCL lock file of append() and compact(), naming its holder
+    results.fenced/          parts of a superseded owner's tasks, moved aside by the owner
+    quarantine/              damaged files, moved aside by the owner's compaction
 
 **One compactor, many writers.** Evaluation tasks, on this machine or others
 sharing the run directory, call :meth:`ResultsTable.write_part`: a new uniquely
 named file, no lock, no read of the table, so a result is durable the moment its
 evaluation ends and a shared filesystem needs no working ``flock``. Only the
-search flow's process calls :meth:`~ResultsTable.append` and
-:meth:`~ResultsTable.compact`; their lock serialises that process's threads and any
-second local process (a user compacting by hand). What the filesystem must give:
-a rename within a directory is atomic, and a file renamed into place is
-complete when others see it (POSIX local disks, NFSv3/v4, Lustre, GPFS, CephFS).
+run's owner (the flow of the current run epoch, ``storage.run_epoch``) calls
+:meth:`~ResultsTable.append` and :meth:`~ResultsTable.compact`; their lock is a process
+lock plus ``results.compacting`` created with ``O_EXCL``, which holds on NFS where
+``flock`` may be granted to everyone; a holder of an older epoch, or a dead process on
+this host, is broken. A table opened without an epoch never compacts a run that has an
+owner. What the filesystem must give: a rename within a directory is atomic, ``O_EXCL``
+creation is, and a file renamed into place is complete when others see it (POSIX local
+disks, NFSv3/v4, Lustre, GPFS, CephFS).
+
+**Fencing.** A writer of an epoch no longer current stops before writing a part
+(``run_epoch.Fenced``). A part written in the instant between its check and its write
+carries its old epoch in its name; the new owner's first compaction sealed the table with
+its own epoch, so readers leave such a part out (naming it) and the owner moves it to
+``results.fenced/``. A compaction that broke a superseded owner's lock keeps the parts it
+merged until its next compaction finds its own table in place, so that owner, stalled
+between its last check and its rename, cannot lose a row by renaming an older merge over.
 
 **Reading.** :meth:`ResultsTable.read` returns the compacted file plus all
-parts, deduplicated. ``pandas.read_parquet(run_dir / "results.parquet")``
+parts (but fenced ones), deduplicated. Readers never move or delete a file: a damaged one
+is named and left out, an I/O error (``ESTALE``, ``EMFILE``) is retried, then raised. ``pandas.read_parquet(run_dir / "results.parquet")``
 alone sees every row only after :meth:`ResultsTable.compact` (the search loop
 compacts at the end of each step).
 
@@ -57,7 +73,8 @@ and the parts (nothing lost; the orphan temp file is removed by a later compact
 once it is ``atomicio.ORPHAN_AGE_S`` old, since a lock-free writer may still be
 writing a young one); a crash after it leaves rows both in the table and in
 parts, which the dedup rule above collapses to the same row (nothing
-duplicated) and the next compact deletes. Readers take no lock: they read the
+duplicated) and the next compact deletes. A crash leaves ``results.compacting``
+behind; the next owner (a newer epoch) or the next compaction on this host breaks it. Readers take no lock: they read the
 parts first and the table last, and a part deleted in between was renamed
 into the table before it was deleted, so it is in the table they read.
 

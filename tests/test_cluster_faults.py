@@ -144,6 +144,8 @@ def test_a_second_flow_fences_the_first_flows_tasks(cluster, tmp_path):
     _exactly_once(run)
     starts = (run / "starts.log").read_text().splitlines()
     assert len(starts) > TOTAL  # the old flow's held evaluations trained, and their archs again: one row each
+    fenced = sum(p.read_text().count(f"{run}: this result belongs to epoch 1, but epoch 2") for p in (cluster.work / "logs").glob("w*.log"))
+    assert fenced >= 1  # an old task reached its write and stopped there
 
 
 def test_a_worker_killed_mid_evaluation(cluster, tmp_path):

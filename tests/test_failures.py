@@ -10,7 +10,7 @@ import torch
 from helpers import Evaluator, Pool, run_async
 
 import nasfcos.engine.proxy as proxy
-from nasfcos.errors import InfrastructureError, is_infrastructure
+from nasfcos.errors import EvaluationLost, InfrastructureError, is_infrastructure
 from nasfcos.search.controller import PPOController
 from nasfcos.search.loop import SearchConfig, SearchHalted, lost_record, run_search
 from nasfcos.search.policies import RandomPolicy
@@ -32,6 +32,12 @@ def test_which_errors_are_the_machines():
         assert is_infrastructure(e), e
     for e in (FloatingPointError("non-finite loss"), RuntimeError("Given groups=1, weight of size [64, 3, 3]"), ValueError("bad arch")):
         assert not is_infrastructure(e, device_shared=True), e
+    # what an evaluation task raises (issue #26): retried in place only when it is the machine's
+    assert is_infrastructure(EvaluationLost("RuntimeError: CUDA error: launch failure", "tcp://10.0.0.7:4321"))
+    assert not is_infrastructure(EvaluationLost("OutOfMemoryError: CUDA out of memory", "cuda:0", "contention"))  # run again alone instead
+    assert not is_infrastructure(EvaluationLost("KeyError: 'x'", "cuda:0", "error"))
+    lost = lost_record("abc", EvaluationLost("OutOfMemoryError: CUDA out of memory", "cuda:1", "contention"))
+    assert lost == {"arch_id": "abc", "status": "lost", "error": "OutOfMemoryError: CUDA out of memory", "worker": "cuda:1", "alone": True}
 
 
 @pytest.fixture(scope="module")

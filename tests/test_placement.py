@@ -12,6 +12,7 @@ import pytest
 
 from flows import placement
 from flows.config import load_config
+from nasfcos.errors import InfrastructureError
 
 
 def _execution(**fields):
@@ -37,6 +38,51 @@ def test_slot_pool_spreads_over_devices_and_whole_device_tasks_get_one_each(monk
         assert [a, b, c] == ["cuda:0", "cuda:1", "cuda:0"]  # round-robin: the first tasks spread out
     with placement.device_slot(ex) as a, placement.device_slot(ex) as b:
         assert {a, b} == {"cuda:0", "cuda:1"}  # full training etc.: one task per device
+
+
+def test_an_evaluation_run_alone_waits_for_the_shared_slots_and_keeps_new_ones_out(monkeypatch):
+    """Issue #26 fault 4: an arch that ran out of memory beside others runs again with its
+    device to itself; on the thread runner the device's gate makes it so."""
+    monkeypatch.setattr(placement, "_SLOTS", {})
+    monkeypatch.setattr(placement, "_GATES", {})
+    ex = _execution(devices=["cuda:0"], slots_per_device=3)
+    spans, lock = {}, threading.Lock()
+
+    def task(name, shared, hold):
+        with placement.device_slot(ex, shared=shared):
+            t0 = time.monotonic()
+            time.sleep(hold)
+            with lock:
+                spans[name] = (t0, time.monotonic())
+
+    first = threading.Thread(target=task, args=("shared-1", True, 0.4))
+    first.start()
+    time.sleep(0.1)
+    alone = threading.Thread(target=task, args=("alone", False, 0.2))
+    alone.start()
+    time.sleep(0.1)
+    later = threading.Thread(target=task, args=("shared-2", True, 0.1))  # arrives while the lone one waits
+    later.start()
+    for t in (first, alone, later):
+        t.join(10)
+    assert spans["shared-1"][1] <= spans["alone"][0] and spans["alone"][1] <= spans["shared-2"][0]
+
+
+def test_a_drained_device_leaves_the_pool_until_the_search_ends(monkeypatch):
+    monkeypatch.setattr(placement, "_SLOTS", {})
+    monkeypatch.setattr(placement, "_DRAINED", set())
+    ex = _execution(devices=["cuda:0", "cuda:1"], slots_per_device=1)
+    placement.drain_device("cuda:0")
+    for _ in range(2):
+        with placement.device_slot(ex, shared=True) as device:
+            assert device == "cuda:1"
+    placement.drain_device("cuda:1")
+    with pytest.raises(InfrastructureError, match=r"every device of this process is drained \(cuda:0, cuda:1\)"):
+        with placement.device_slot(ex, shared=True):
+            pass
+    placement.undrain_devices()
+    with placement.device_slot(ex, shared=True) as a, placement.device_slot(ex, shared=True) as b:
+        assert {a, b} == {"cuda:0", "cuda:1"}
 
 
 def test_cpu_slots_side_by_side_share_the_cores(monkeypatch):
