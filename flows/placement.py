@@ -173,8 +173,14 @@ _THREAD = threading.local()
 
 
 def last_device() -> str:
-    """The device this thread last borrowed ('' when none): where a failed task ran."""
+    """The device this thread last borrowed since :func:`forget_device` ('' when none): where
+    a failed task ran."""
     return getattr(_THREAD, "device", "")
+
+
+def forget_device() -> None:
+    """Start of a task: a failure before it borrows a device is not charged to the last one."""
+    _THREAD.device = ""
 
 
 class _Gate:

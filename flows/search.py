@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from flows import feature_cache
-from flows.placement import device_resources, device_slot, drain_device, evaluation_slots, last_device, undrain_devices
+from flows.placement import device_resources, device_slot, drain_device, evaluation_slots, forget_device, last_device, undrain_devices
 from flows.stages import artifact_key, open_stage, publish_summary, stage_flow, task_options
 from nasfcos.fault_injection import fault_point
 from storage.run_lock import held_epoch
@@ -96,6 +96,7 @@ def evaluate_decoder(
     from storage.run_epoch import Fenced, check
 
     runner = config["execution"]["task_runner"] if isinstance(config, dict) else ""
+    forget_device()  # a failure before this task borrows a device is no device's
     try:
         fault_point(f"search:evaluate:{sample}")  # the kill matrix holds one sample here (finishing order)
         cfg, run, _, _ = open_stage(config, STAGE)
@@ -134,6 +135,9 @@ def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, 
         record = proxy_record(cfg, run, arch, alone=alone)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty, **fidelity)
     fault_point("search:write")  # the cluster tests hold a trained evaluation here while its flow is replaced
+    if (first := table.get(arch_id)) is not None and max(len(first["rung_epochs"]), 1) > rung:
+        get_run_logger().warning("%s: another evaluation of it wrote its row first (this one was counted lost); that row stands", arch_id)
+        return first  # the loop learns the reward the table keeps
     table.write_part([row])  # lock-free: only the flow compacts; fenced when a newer flow owns the run
     if rungs and rung:
         states.drop(arch_id, rungs[rung - 1])  # resumed from: its row and this one are written
@@ -223,7 +227,7 @@ class _Dispatch:
                 aid = done.get(timeout=timeout)
             except queue.Empty:
                 for aid in sorted(pending):
-                    yield lost_record(aid, EvaluationLost(f"no result after {timeout:.0f} s (execution.timeouts.search)"))
+                    yield lost_record(aid, EvaluationLost(f"no result after {timeout:g} s (execution.timeouts.search)"))
                 return
             pending.discard(aid)
             try:
@@ -238,12 +242,16 @@ class _Dispatch:
 
     def drain(self, worker: str) -> None:
         """Take a failing worker out of service: a Dask worker is retired (its archs go to
-        the others), a device of this process leaves the slot pool."""
+        the others; never the last one: the search stops instead), a device of this process
+        leaves the slot pool."""
         if "://" in worker:
             from prefect.context import FlowRunContext
 
-            runner = FlowRunContext.get().task_runner
-            threading.Thread(target=runner.client.retire_workers, kwargs={"workers": [worker], "close_workers": True}, daemon=True).start()
+            client = FlowRunContext.get().task_runner.client
+            if len(client.scheduler_info(n_workers=-1)["workers"]) <= 1:
+                get_run_logger().error("%s is the cluster's last worker: not retired", worker)
+                return
+            threading.Thread(target=client.retire_workers, kwargs={"workers": [worker], "close_workers": True}, daemon=True).start()
         elif worker:
             drain_device(worker)
 
@@ -264,6 +272,7 @@ def search(cfg, run, config: dict) -> dict:
     """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
     from nasfcos.search.loop import run_search, run_search_async
     from storage.results import ResultsTable
+    from storage.run_epoch import check
 
     epoch = held_epoch(run.root)
     s, results = cfg.search, ResultsTable(run.root, epoch=epoch)
@@ -273,6 +282,7 @@ def search(cfg, run, config: dict) -> dict:
     loop = dict(
         policy=_policy(cfg, run), results=results, state_path=run.controller, on_step=dispatch.on_step,
         cost=_cost(cfg, run) if limited else None, cfg=_loop_config(cfg), drain=dispatch.drain,
+        fence=lambda: check(run.root, epoch, "this search flow"),
     )  # fmt: skip
     try:
         if s.mode == "async":  # evaluate_decoder writes its row before it returns
@@ -290,7 +300,8 @@ def search(cfg, run, config: dict) -> dict:
     text = (
         f"{summary.unique_archs} unique archs ({int((df.status == 'failed').sum())} failed{over_budget_note(df, s)}) in "
         f"{summary.steps} controller steps ({s.policy}, {s.mode}); best reward {summary.best_reward:.4f}:\n\n`{summary.best_arch}`\n\n"
-        f"Results: `{run.root / 'results.parquet'}`"
+        + (f"Drained for failing {s.max_consecutive_failures} evaluations in a row: {', '.join(f'`{w}`' for w in summary.drained)}\n\n" if summary.drained else "")
+        + f"Results: `{run.root / 'results.parquet'}`"
     )
     publish_summary(cfg, run, STAGE, "search", text, "search summary")
     return {"results": str(run.root / "results.parquet"), "unique_archs": summary.unique_archs, "best_reward": summary.best_reward, "best_arch": summary.best_arch}

@@ -38,8 +38,9 @@ disks, NFSv3/v4, Lustre, GPFS, CephFS).
 carries its old epoch in its name; the new owner's first compaction sealed the table with
 its own epoch, so readers leave such a part out (naming it) and the owner moves it to
 ``results.fenced/``. A compaction that broke a superseded owner's lock keeps the parts it
-merged until its next compaction finds its own table in place, so that owner, stalled
-between its last check and its rename, cannot lose a row by renaming an older merge over.
+merged until a compaction at least :data:`DEFER_S` later finds its own table in place, so
+that owner, stalled between its last check and its rename for less than that, cannot lose
+a row by renaming an older merge over (one renamed over is merged again).
 
 **Reading.** :meth:`ResultsTable.read` returns the compacted file plus all
 parts (but fenced ones), deduplicated. Readers never move or delete a file: a damaged one
@@ -84,6 +85,7 @@ This module must not import ``nasfcos`` (dependency direction).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -179,6 +181,7 @@ STATUSES = ("ok", "failed", "over_budget")
 SEALED_KEY = b"nasfcos.results.sealed_epoch"
 _PART_EPOCH = re.compile(r"^e(\d{8})-")
 COMPACT_WAIT_S = 30.0  # the longest compact()/append() waits for another live holder of results.compacting
+DEFER_S = 60.0  # after breaking a superseded owner's lock, merged parts stay at least this long (see compact)
 READ_TRIES = 4  # reads of one file after I/O errors (ESTALE, EMFILE) before the error is raised
 
 # Content order of an arch's rows for the dedup rule (see module docstring).
@@ -308,7 +311,7 @@ def _table_bytes(table: pa.Table, sealed: int = 0) -> bytes:
 # --------------------------------------------------------------------------
 # The table.
 
-# The in-process half of ResultsTable._lock, per run dir; it holds alone where flock(2) is missing.
+# The in-process half of ResultsTable._lock, per run dir (the file half is results.compacting).
 _PROCESS_LOCKS: dict[str, threading.Lock] = {}
 _PROCESS_LOCKS_LOCK = threading.Lock()
 
@@ -320,9 +323,11 @@ class ResultsTable:
         run_dir: the run directory; created on the first :meth:`append`.
 
     Safe for several processes at once: :meth:`write_part` needs no lock (tasks on
-    any machine), :meth:`append` and :meth:`compact` serialise on a lock of
-    ``run_dir/results.lock`` (the flow's process), readers take no lock. See the
-    module docstring for the dedup rule and the crash-safety argument.
+    any machine), :meth:`append` and :meth:`compact` serialise on ``results.compacting``
+    (the run's owner), readers take no lock and never move a file. ``epoch``: the run epoch
+    the table writes for (parts carry it; a superseded writer stops); a table without one
+    that compacts a run with owners takes the run lock (and an epoch) first. See the module
+    docstring for the dedup rule, fencing and the crash-safety argument.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, epoch: int | None = None) -> None:
@@ -336,6 +341,7 @@ class ResultsTable:
         self._named: set[str] = set()  # files already named in a warning by this reader
         self._broke: int | None = None  # the epoch of a superseded holder whose compaction lock _lock() broke
         self._deferred: list[Path] = []  # parts merged while such a holder may still rename (see compact)
+        self._deferred_at = 0.0  # when (time.monotonic)
 
     def __repr__(self) -> str:
         return f"ResultsTable({str(self.run_dir)!r})"
@@ -406,8 +412,11 @@ class ResultsTable:
         every row. Also creates an empty ``results.parquet`` for an empty run
         and removes temp files left by writers that crashed.
         """
-        if self.epoch is None and (now := run_epoch.current(self.run_dir)):
-            raise run_epoch.Fenced(f"{self.run_dir}: only the run's owner (epoch {now}) compacts results.parquet; ResultsTable.read() sees every row without it")
+        if self.epoch is None and run_epoch.current(self.run_dir):  # only an owner compacts a run that has owners: become one
+            from storage.run_lock import held_epoch, run_lock
+
+            with run_lock(self.run_dir, "ResultsTable.compact"):  # refused while a flow runs; re-entered inside one
+                return ResultsTable(self.run_dir, epoch=held_epoch(self.run_dir)).compact()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
             run_epoch.check(self.run_dir, self.epoch, "this compaction")
@@ -416,12 +425,12 @@ class ResultsTable:
                 atomicio.remove_orphans(d)
             parts = self._part_paths()
             main, sealed = self._read_main(owner=True)
-            if self._deferred:
-                if self.epoch is not None and sealed == self.epoch:  # our merge survived: its parts can go
-                    _delete_parts(self._deferred)
-                    parts = [p for p in parts if p not in self._deferred]
-                else:
-                    log.warning("%s: replaced by a compaction of epoch %d (a superseded owner's, stalled before its rename); merged again", self.path, sealed)
+            if self._deferred and (self.epoch is None or sealed != self.epoch):
+                log.warning("%s: replaced by a compaction of epoch %d (a superseded owner's, stalled before its rename); merged again", self.path, sealed)
+                self._deferred_at = time.monotonic()  # and kept a while longer
+            elif self._deferred and time.monotonic() - self._deferred_at >= DEFER_S:  # our merge survived long enough
+                _delete_parts(self._deferred)
+                parts = [p for p in parts if p not in self._deferred]
                 self._deferred = []
             seal = sealed if self.epoch is None else max(sealed, self.epoch)
             if not parts and main is not None and seal == sealed:
@@ -440,7 +449,9 @@ class ResultsTable:
             # merge over ours, so the parts stay until our next compaction finds our table intact.
             merged_parts = [p for p in parts if p not in fenced]
             if self._broke is not None:
-                self._deferred, self._broke = merged_parts, None
+                self._deferred, self._deferred_at, self._broke = merged_parts, time.monotonic(), None
+            elif self._deferred:
+                _delete_parts([p for p in merged_parts if p not in self._deferred])
             else:
                 _delete_parts(merged_parts)
             return merged.num_rows
@@ -538,46 +549,86 @@ class ResultsTable:
     # ------------------------------------------------------------- internals
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        """This process's lock for the run dir, then ``results.compacting`` created with
-        ``O_EXCL`` (atomic on NFS too, where ``flock`` may be a no-op): the holder is named in
-        it. A holder of an older epoch (its owner was superseded) or a dead process on this
-        host is broken; a live one is waited for up to :data:`COMPACT_WAIT_S`."""
+        """This process's lock for the run dir, then ``results.compacting``, made complete
+        with its holder's name and linked into place (``link`` fails when the name exists:
+        atomic on NFS too, where ``flock`` may be a no-op, and never an empty lock file). A
+        holder of an older epoch (its owner was superseded) or a dead process on this host
+        is broken; a live one is waited for up to :data:`COMPACT_WAIT_S`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with _PROCESS_LOCKS_LOCK:
             local = _PROCESS_LOCKS.setdefault(self._lock_key, threading.Lock())
         with local:
-            me = json.dumps({"epoch": self.epoch, "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex})
+            me = {"epoch": self.epoch, "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
             deadline = time.monotonic() + COMPACT_WAIT_S
-            while True:
-                try:
-                    fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    holder = _read_json(self.lock_path)
-                    if holder is not None and self._stale(holder):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self.lock_path)
-                        if holder.get("epoch") is not None and holder["epoch"] != self.epoch:
-                            self._broke = holder["epoch"]
-                        log.warning("%s: broke the compaction lock of %s (superseded or dead)", self.lock_path, holder)
-                        continue
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{self.lock_path}: held by {holder} for over {COMPACT_WAIT_S:.0f} s; remove it if that process is gone") from None
-                    time.sleep(0.02)
+            while not self._create_lock(json.dumps(me)):
+                holder = _read_json(self.lock_path)
+                if holder is None:  # released meanwhile
                     continue
-                with os.fdopen(fd, "w") as f:
-                    f.write(me)
-                break
+                if self._stale(holder) and self._break_lock(holder):
+                    if holder.get("epoch") is not None and holder["epoch"] != self.epoch:
+                        self._broke = holder["epoch"]
+                    log.warning("%s: broke the compaction lock of %s (superseded or dead)", self.lock_path, holder)
+                    continue
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.lock_path}: held by {holder} for over {COMPACT_WAIT_S:.0f} s; remove it if that process is gone")
+                time.sleep(0.02)
             try:
                 yield
             finally:
-                if _read_json(self.lock_path) == json.loads(me):  # still ours (not broken by a newer owner)
+                if _read_json(self.lock_path) == me:  # still ours (not broken by a newer owner)
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.lock_path)
+
+    def _create_lock(self, text: str) -> bool:
+        """Put ``results.compacting`` in place holding ``text``; False when it exists."""
+        tmp = self.run_dir / f"{atomicio.TMP_PREFIX}compacting-{uuid.uuid4().hex}"
+        tmp.write_text(text)
+        try:
+            os.link(tmp, self.lock_path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:  # a filesystem without hard links: O_EXCL, then the text
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _break_lock(self, holder: dict) -> bool:
+        """Move a stale lock away, and only the one judged stale: if another process broke it
+        and took the lock meanwhile, that lock goes back."""
+        aside = self.run_dir / f"{atomicio.TMP_PREFIX}broken-{uuid.uuid4().hex}"
+        try:
+            os.rename(self.lock_path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            if _read_json(aside) == holder:
+                return True
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.lock_path)  # someone's live lock: put it back
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(aside)
 
     def _stale(self, holder: dict) -> bool:
         """Whether a compaction lock's holder is gone: of an older epoch than the run's, or
         a process on this host that no longer exists, or this process (which holds its own
         process lock now: the file is left from an interrupted compaction)."""
+        if "unreadable" in holder:  # its holder died writing it: stale once it is not new
+            try:
+                return time.time() - self.lock_path.stat().st_mtime > COMPACT_WAIT_S
+            except FileNotFoundError:
+                return False
         epoch = holder.get("epoch")
         if epoch is not None and epoch < run_epoch.current(self.run_dir):
             return True
@@ -770,12 +821,15 @@ def _with_retries(read, tries: int = READ_TRIES):
 
 
 def _read_json(path: Path) -> dict | None:
+    """A lock file's holder; None when the file is gone; ``{"unreadable": ...}`` when it holds
+    no JSON object (left by a holder that died while writing it, on a filesystem without links)."""
     try:
-        return json.loads(path.read_text() or "null")
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {"unreadable": str(path)}
+        data = None
+    return data if isinstance(data, dict) else {"unreadable": str(path)}
 
 
 def _text(e: BaseException) -> str:

@@ -122,6 +122,20 @@ def test_sigterm_stops_the_run_its_temporary_server_and_frees_the_run(tmp_path):
         pass
 
 
+def test_a_temporary_server_gets_two_minutes_to_start():
+    """Fault 6 of issue #26: on a busy machine the temporary server's start passed Prefect's
+    20 s and the run failed ("Timed out while attempting to connect to ephemeral Prefect API
+    server"). The flows package sets 120 s unless the user set another."""
+    code = "import flows; from prefect.settings import get_current_settings as s; print(s().server.ephemeral.startup_timeout_seconds)"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["120"], out.stderr[-2000:]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**env, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.split() == ["300"], out.stderr[-2000:]
+
+
 def test_a_bad_config_is_one_line_and_non_zero(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "flows.nas_search", "--config", "demo", "--set", "search.total_archs=-3", "--set", f"runs_dir={tmp_path}"],

@@ -189,7 +189,8 @@ class Failures:
     that raised after its retries, or was lost) alike; only that worker's own success resets
     its count, never another's, so a sick GPU that fails fast is caught while the others
     succeed. ``limit`` in a row drain the worker (``drain(worker)``: the flow retires it, its
-    archs go elsewhere; named in the log and in ``state.drained``); when every worker seen is
+    archs go elsewhere; named in the log, the search summary and ``state.drained``, a history:
+    a resumed search, in new processes, starts with every worker in service); when every worker seen is
     drained and none is busy (:meth:`check`) the search stops with :class:`SearchHalted`, so a broken machine or feature store
     fails the run loudly instead of filling the table with penalties or retrying forever.
 
@@ -199,10 +200,11 @@ class Failures:
     attempt, instead of being resubmitted until the search ends.
     """
 
-    def __init__(self, limit: int, max_attempts: int, state: "SearchState", drain: Callable[[str], None] | None = None) -> None:
-        self.limit, self.max_attempts, self.state, self.drain = limit, max_attempts, state, drain
+    def __init__(self, limit: int, max_attempts: int, state: "SearchState", drain: Callable[[str], None] | None = None, on_halt: Callable[[], None] | None = None) -> None:
+        self.limit, self.max_attempts, self.state, self.drain, self.on_halt = limit, max_attempts, state, drain, on_halt
         self.in_a_row: dict[str, int] = {}
-        self.seen: set[str] = set(state.drained)
+        self.seen: set[str] = set()
+        self.drained: set[str] = set()  # by this process; state.drained is the search's history (a resume starts afresh)
         self.last, self.last_run = "no evaluation failed in this process", 0
 
     def ok(self, worker: str) -> None:
@@ -218,7 +220,7 @@ class Failures:
         tries = self.state.attempts.setdefault(arch_id, []) if lost else []
         if lost:
             tries.append(f"{worker or '?'}: {error}")
-        drains = n >= self.limit and worker not in self.state.drained
+        drains = n >= self.limit and worker not in self.drained
         exhausted = lost and not drains and len(tries) >= self.max_attempts
         if lost:
             what = f"lost{where}, attempt {len(tries)} of {self.max_attempts}" + ("; the arch is blamed" if exhausted else "; it will be evaluated again")
@@ -226,7 +228,9 @@ class Failures:
             what = f"failed{where}"
         log.warning("arch %s %s: %s [%d in a row on this worker]", arch_id, what, error, n)
         if drains:
-            self.state.drained.append(worker)
+            self.drained.add(worker)
+            if worker not in self.state.drained:
+                self.state.drained.append(worker)
             log.error("worker %s drained: %d evaluations in a row failed on it (last: %s: %s); its archs go to the other workers", worker or "(local)", n, arch_id, error)
             mine = f"{worker or '?'}: "
             for aid in list(self.state.attempts):  # the worker's failures were its own, not its archs'
@@ -242,9 +246,11 @@ class Failures:
         worker has failed as often again since it was drained (draining did not take it out
         of service: nothing else takes the work)."""
         stuck = self.last_run >= 2 * self.limit
-        if (not busy or stuck) and self.seen and self.seen <= set(self.state.drained):
+        if (not busy or stuck) and self.seen and self.seen <= self.drained:
+            if self.on_halt is not None:
+                self.on_halt()  # the checkpoint keeps the attempts and the drained workers for the resume
             raise SearchHalted(
-                f"search stopped: every worker is drained ({', '.join(w or '(local)' for w in self.state.drained)}); {self.last}; "
+                f"search stopped: every worker is drained ({', '.join(w or '(local)' for w in sorted(self.drained))}); {self.last}; "
                 "fix the cause and run again to resume, or raise search.max_consecutive_failures"
             )
 
@@ -298,7 +304,7 @@ class SearchState:
     queued: list[dict] = field(default_factory=list)
     rejected: int = 0  # draws over the cost constraint (never evaluated)
     attempts: dict[str, list[str]] = field(default_factory=dict)  # arch id -> its lost attempts ("worker: error")
-    drained: list[str] = field(default_factory=list)  # workers drained by the failure budget
+    drained: list[str] = field(default_factory=list)  # workers the failure budget drained (history: a resumed search starts with all)
 
 
 @dataclass
@@ -310,6 +316,7 @@ class SearchSummary:
     best_reward: float
     best_arch: str
     promoted_now: int = 0  # successive halving: evaluations of promoted archs by this call
+    drained: tuple[str, ...] = ()  # workers the failure budget drained, this search's history
 
 
 def load_state(path: Path, policy: Policy) -> SearchState:
@@ -334,6 +341,17 @@ def save_state(path: Path, policy: Policy, state: SearchState, cfg: SearchConfig
     # of the growing stats list cost more than the write itself
     loop = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     atomicio.write_with(path, lambda f: torch.save({"policy": policy.state_dict(), "config": asdict(cfg), **loop}, f))
+
+
+def _checkpointer(path: Path, policy: Policy, state: SearchState, cfg: SearchConfig, fence: Callable[[], None] | None) -> Callable[[], None]:
+    """The loop's checkpoint write: fenced first (a superseded flow stops here, see ``fence``)."""
+
+    def checkpoint() -> None:
+        if fence is not None:
+            fence()
+        save_state(path, policy, state, cfg)
+
+    return checkpoint
 
 
 def _known(results: Results) -> tuple[dict[str, dict], set[str]]:
@@ -439,6 +457,7 @@ def _summary(state: SearchState, known: dict[str, dict], evaluated_now: int) -> 
         evaluated_now=evaluated_now,
         best_reward=best["reward"] if best else float("nan"),
         best_arch=best["arch"] if best else "",
+        drained=tuple(state.drained),
     )
 
 
@@ -478,6 +497,7 @@ def run_search(
     on_step: Callable[[dict], None] | None = None,
     cost: Cost | None = None,
     drain: Callable[[str], None] | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> SearchSummary:
     """Run (or resume) the search until ``cfg.total_archs`` unique archs are in ``results``.
 
@@ -491,6 +511,9 @@ def run_search(
     ``on_step`` receives a small dict after every step (progress reporting).
     ``cost`` prices an arch for the cost constraint (module docstring). ``drain(worker)``
     takes a worker out of service when the failure budget drains it (:class:`Failures`).
+    ``fence()`` raises when this search's flow no longer owns the run (a newer run epoch,
+    ``storage.run_epoch``): called before every checkpoint write and every re-dispatch, so a
+    superseded flow stops instead of overwriting the new owner's checkpoint.
 
     Exactly once: a lost evaluation's arch is evaluated again only when the table has no
     row for it (the evaluation may have written its row, then died); its reward feeds the
@@ -508,7 +531,8 @@ def run_search(
         )
     max_samples = cfg.max_samples or 4 * cfg.total_archs
     evaluated_now = 0
-    failures = Failures(cfg.max_consecutive_failures, cfg.max_attempts, state, drain)
+    checkpoint = _checkpointer(state_path, policy, state, cfg, fence)
+    failures = Failures(cfg.max_consecutive_failures, cfg.max_attempts, state, drain, on_halt=checkpoint)
     known, over = _known(results)
     budget = _Budget(cfg, cost, results, over, state)
     if state.step or state.pending:
@@ -523,7 +547,7 @@ def run_search(
                 break
             samples, _ = budget.draw(policy, min(cfg.archs_per_step, remaining), step=state.step, first_sample=0)
             state.pending = [s.to_dict() for s in samples]
-            save_state(state_path, policy, state, cfg)  # issued archs are durable before any is trained
+            checkpoint()  # issued archs are durable before any is trained
         samples = [Sample.from_dict(d) for d in state.pending]
 
         todo: dict[str, tuple[int, Arch]] = {}
@@ -539,6 +563,8 @@ def run_search(
                 worker = worker_of(record)
                 idx, arch = todo[aid]
                 if record["status"] == "lost":
+                    if fence is not None:
+                        fence()  # a task stopped by a newer owner's epoch: this flow is superseded too
                     row = results.get(aid)  # it may have written its row, then been lost
                     if row is None and record.get("alone"):
                         log.warning("arch %s ran out of memory beside other evaluations on %s; evaluating it again alone", aid, worker or "its device")
@@ -577,7 +603,7 @@ def run_search(
         info = _step_info(state, known, cfg, rewards, added, stats)
         state.stats.append(info)
         results.compact()
-        save_state(state_path, policy, state, cfg)
+        checkpoint()
         log.info(
             "step %d: %d/%d archs, step mean reward %.4f, best %.4f",
             state.step, len(known), cfg.total_archs, info["mean_reward"], info["best_reward"],
@@ -600,14 +626,15 @@ def run_search_async(
     evaluator_writes_rows: bool = False,
     cost: Cost | None = None,
     drain: Callable[[str], None] | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> SearchSummary:
     """Run (or resume) the search with ``slots`` evaluations in flight until
     ``cfg.total_archs`` unique archs are in ``results`` (see the module docstring).
 
     ``evaluator_writes_rows``: the evaluation wrote its row durably before its future
     resolved (the Prefect task does), so the loop does not append it again: at 64 slots
-    that append is a fifth of the flow thread's time per arch. ``cost``, ``drain``: as in
-    :func:`run_search`; a lost arch is evaluated again only when the table has no row for it,
+    that append is a fifth of the flow thread's time per arch. ``cost``, ``drain``, ``fence``:
+    as in :func:`run_search`; a lost arch is evaluated again only when the table has no row for it,
     and each evaluated arch feeds one update once.
 
     ``submit(job)`` starts one evaluation and returns a :class:`Future` whose
@@ -639,7 +666,8 @@ def run_search_async(
     K = cfg.archs_per_step
     known, over = _known(results)
     budget = _Budget(cfg, cost, results, over, state)
-    failures = Failures(cfg.max_consecutive_failures, cfg.max_attempts, state, drain)
+    checkpoint = _checkpointer(state_path, policy, state, cfg, fence)
+    failures = Failures(cfg.max_consecutive_failures, cfg.max_attempts, state, drain, on_halt=checkpoint)
     done: queue.SimpleQueue[tuple[str, Future]] = queue.SimpleQueue()  # put by done callbacks (any thread)
     running: dict[str, Future] = {}  # one evaluation per arch id
     started: dict[str, float] = {}  # arch id -> when its evaluation was submitted (lost_after_s)
@@ -716,7 +744,7 @@ def run_search_async(
             compacted = time.monotonic()
         if can_draw():
             draw()  # the new policy's next archs, in the same checkpoint
-        save_state(state_path, policy, state, cfg)
+        checkpoint()
         log.info(
             "step %d: %d/%d archs, %d in flight, step mean reward %.4f, best %.4f",
             state.step, len(known), cfg.total_archs, len(running), info["mean_reward"], info["best_reward"],
@@ -763,12 +791,12 @@ def run_search_async(
             entry = {"step": int(row["step"]), "sample": int(row["sample"]), "draw": {"arch": row["arch"]}, "rung": rung}
             ladder.start(aid, rung)
             state.in_flight.append(entry)
-            save_state(state_path, policy, state, cfg)  # on disk before it is submitted
+            checkpoint()  # on disk before it is submitted
             launch(entry)
         elif len(running) < slots and (state.queued or can_draw()):
             if not state.queued:
                 draw()
-                save_state(state_path, policy, state, cfg)  # on disk before any of them is submitted
+                checkpoint()  # on disk before any of them is submitted
             entry = state.queued.pop(0)
             state.issued += 1  # a sample counts once it enters the search, not when drawn (an update drops the rest)
             aid = arch_id(entry)
@@ -785,6 +813,8 @@ def run_search_async(
             rung = mine[0].get("rung", 0)
             worker = worker_of(record)
             if record["status"] == "lost":
+                if fence is not None:
+                    fence()  # a task stopped by a newer owner's epoch: this flow is superseded too
                 row = results.get(aid)  # it may have written its row, then been lost
                 if row is not None and _rungs_reached(row) > rung:
                     log.info("arch %s: lost after it wrote its row; the row stands, no second evaluation", aid)
@@ -830,5 +860,5 @@ def run_search_async(
     if len(known) < cfg.total_archs:
         log.warning("stopping: %d samples issued but only %d unique archs (max_samples reached)", state.issued, len(known))
     results.compact()
-    save_state(state_path, policy, state, cfg)
+    checkpoint()
     return dataclasses.replace(_summary(state, known, evaluated_now), promoted_now=promoted_now)
