@@ -10,6 +10,20 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_it_was():
+    """Each test leaves os.environ as it found it. A Dask nanny started in this process sets
+    OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, PYTHONHASHSEED, ... here for good (to pass them to
+    its workers); a later test's pipeline processes then ran with one thread in a fresh
+    interpreter and two when forked from a server started before: the kill matrix's bits
+    differed whenever loadfile put a local Dask cluster's test before it on one worker."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def synthetic_small(tmp_path_factory):
     """24 train / 8 val images of 64-96 px with 3 shape classes (VOC tree + COCO json)."""
