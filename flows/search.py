@@ -102,7 +102,7 @@ def evaluate_decoder(
         cfg, run, _, _ = open_stage(config, STAGE)
         check(run.root, epoch, f"the evaluation of {arch_id}")
         table = ResultsTable(run.root, epoch=epoch)
-        if (row := table.get(arch_id)) is not None and max(len(row["rung_epochs"]), 1) > rung:
+        if (row := _row_of(table, arch_id, rung)) is not None:
             get_run_logger().info("%s: already has its row (an earlier attempt or dispatch wrote it); not evaluated again", arch_id)
             return {**row, "worker": _worker_name(runner)}
         row = _evaluate(cfg, run, table, arch, arch_id, step, sample, rung, history, alone)
@@ -135,7 +135,7 @@ def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, 
         record = proxy_record(cfg, run, arch, alone=alone)
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty, **fidelity)
     fault_point("search:write")  # the cluster tests hold a trained evaluation here while its flow is replaced
-    if (first := table.get(arch_id)) is not None and max(len(first["rung_epochs"]), 1) > rung:
+    if (first := _row_of(table, arch_id, rung)) is not None:
         get_run_logger().warning("%s: another evaluation of it wrote its row first (this one was counted lost); that row stands", arch_id)
         return first  # the loop learns the reward the table keeps
     table.write_part([row])  # lock-free: only the flow compacts; fenced when a newer flow owns the run
@@ -146,6 +146,12 @@ def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, 
         f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}{at}\n")
     get_run_logger().info("%s: %s reward %.4f (%.1f s)", arch_id, record["status"], record["reward"], record["train_seconds"])
     return row
+
+
+def _row_of(table, arch_id: str, rung: int) -> dict | None:
+    """The arch's row when one of ``rung`` (or higher) is written: its evaluation is done."""
+    row = table.get(arch_id)
+    return row if row is not None and max(len(row["rung_epochs"]), 1) > rung else None
 
 
 def _worker_name(task_runner: str) -> str:

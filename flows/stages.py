@@ -176,25 +176,21 @@ def publish_summary(cfg: PipelineConfig, run: RunDir, stage: str, what: str, tex
     create_markdown_artifact(key=artifact_key(cfg, what), markdown=f"# {stage}\n\n{text}" + plots, description=description)
 
 
-def retry_if_infrastructure(device_shared: bool) -> Callable:
+def retry_if_infrastructure(task, task_run, state) -> bool:
     """A Prefect ``retry_condition_fn`` that retries infrastructure failures only
     (``nasfcos.errors``); an arch failure or a bug fails the task at once."""
+    from nasfcos.errors import is_infrastructure
 
-    def retry(task, task_run, state) -> bool:
-        from nasfcos.errors import is_infrastructure
-
-        return isinstance(state.data, BaseException) and is_infrastructure(state.data, device_shared=device_shared)
-
-    return retry
+    return isinstance(state.data, BaseException) and is_infrastructure(state.data)
 
 
-def task_options(cfg: PipelineConfig, stage: str, *, device_shared: bool = False) -> dict:
+def task_options(cfg: PipelineConfig, stage: str) -> dict:
     """``with_options`` of a stage's tasks: retries (infrastructure failures only) and
     the stage's timeout (``execution.timeouts``)."""
     return {
         "retries": cfg.execution.retries,
         "retry_delay_seconds": cfg.execution.retry_delay_s,
-        "retry_condition_fn": retry_if_infrastructure(device_shared),
+        "retry_condition_fn": retry_if_infrastructure,
         "timeout_seconds": getattr(cfg.execution.timeouts, stage.replace("-", "_")),
     }
 

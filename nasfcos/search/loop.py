@@ -264,13 +264,18 @@ def lost_record(arch_id: str, exc: BaseException) -> dict:
 
 def attempts_row(arch: Arch, attempts: Sequence[str], *, step: int, sample: int, penalty: float) -> dict:
     """The ``failed`` row of an arch lost ``search.max_attempts`` times, naming every attempt."""
+    error = f"lost {len(attempts)} times: " + "; ".join(f"[{i}] {a}" for i, a in enumerate(attempts, 1))
+    return _unevaluated_row(arch, "failed", one_line(error, with_type=False, limit=2000), params=-1, macs=-1, step=step, sample=sample, penalty=penalty)
+
+
+def _unevaluated_row(arch: Arch, status: str, error: str, *, params: int, macs: int, step: int, sample: int, penalty: float) -> dict:
+    """A results.parquet row the loop writes for an arch no evaluation scored (no losses, no times)."""
     now = datetime.now(timezone.utc)
     nan = float("nan")
-    error = f"lost {len(attempts)} times: " + "; ".join(f"[{i}] {a}" for i, a in enumerate(attempts, 1))
     return {
         "arch_id": arch.arch_id, "arch": str(arch), "reward": nan, "loss_cls": nan, "loss_reg": nan, "loss_ctr": nan,
-        "params": -1, "macs": -1, "train_seconds": 0.0, "eval_seconds": 0.0, "peak_mem_mb": nan, "device": "", "seed": -1,
-        "status": "failed", "error": one_line(error, with_type=False, limit=2000), "started_at": now, "finished_at": now,
+        "params": int(params), "macs": int(macs), "train_seconds": 0.0, "eval_seconds": 0.0, "peak_mem_mb": nan,
+        "device": "", "seed": -1, "status": status, "error": error, "started_at": now, "finished_at": now,
         "step": step, "sample": sample, "reward_used": penalty, **arch.columns(),
     }  # fmt: skip
 
@@ -363,14 +368,7 @@ def _known(results: Results) -> tuple[dict[str, dict], set[str]]:
 
 def over_budget_row(arch: Arch, *, params: int, macs: int, reason: str, step: int, sample: int, penalty: float) -> dict:
     """The results.parquet row of an arch the cost constraint kept from being evaluated."""
-    now = datetime.now(timezone.utc)
-    nan = float("nan")
-    return {
-        "arch_id": arch.arch_id, "arch": str(arch), "reward": nan, "loss_cls": nan, "loss_reg": nan, "loss_ctr": nan,
-        "params": int(params), "macs": int(macs), "train_seconds": 0.0, "eval_seconds": 0.0, "peak_mem_mb": nan,
-        "device": "", "seed": -1, "status": "over_budget", "error": reason, "started_at": now, "finished_at": now,
-        "step": step, "sample": sample, "reward_used": penalty, **arch.columns(),
-    }  # fmt: skip
+    return _unevaluated_row(arch, "over_budget", reason, params=params, macs=macs, step=step, sample=sample, penalty=penalty)
 
 
 class _Budget:
