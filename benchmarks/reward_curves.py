@@ -1,7 +1,7 @@
 """Fig. 7 of the paper on the CPU proxy: the search's reward curve with the validation-loss
 reward (the paper's, §3.3) against the AP reward (§4.4.1's ablation), in sampling order.
 
-Each search is the product's sync loop (``nasfcos.search.loop.run_search``) with the PPO
+Each search is the product's sync loop (``nasfcos.search.sync.run_search``) with the PPO
 controller on the demo's features (``runs/demo/features.zarr``: make demo builds them; a
 random backbone's features would give every arch AP ~0) and the demo's proxy settings
 (width 64, batch 8, ``--epochs``, ``search.ops`` of demo.yaml). Every arch is trained once
@@ -50,8 +50,9 @@ def search(reward: str, seed: int, setting: dict) -> dict:
 
     from nasfcos.engine.proxy import ProxyConfig, evaluate_arch, prepare_split
     from nasfcos.model.backbones import LEVELS
-    from nasfcos.search.loop import SearchConfig, run_search
+    from nasfcos.search.loop import SearchConfig
     from nasfcos.search.policies import build_policy
+    from nasfcos.search.sync import run_search
     from storage.features import FeatureStore
 
     torch.set_num_threads(1)

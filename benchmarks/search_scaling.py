@@ -186,7 +186,7 @@ def _timed(fn, clock: dict, key: str):
 def prefill(run_dir: Path, head: str) -> set[str]:
     """2,800 rows of distinct random archs, compacted, as a long search leaves them."""
     from nasfcos.arch import Arch
-    from nasfcos.search.loop import make_row
+    from nasfcos.search.rows import make_row
     from storage.results import ResultsTable
 
     rng, rows, seen = np.random.default_rng(1), [], set()

@@ -7,7 +7,7 @@ the stored sampling log-probability is clipped at 1 +- 0.1: a stale sample whose
 left the band in its advantage's direction gives no gradient. If slow archs are the good
 ones, async could then learn them late or never. This measures it on the product:
 
-- the product's loops, ``nasfcos.search.loop.run_search`` (sync) and ``run_search_async``
+- the product's loops, ``nasfcos.search.sync.run_search`` and ``nasfcos.search.asynchronous.run_search_async``
   (async), with the real controller (``PPOController``, default config) and a
   simulated clock: each evaluation takes a time from the cost model below, and no
   evaluation or controller call takes any simulated time (the best case for async,
@@ -266,7 +266,7 @@ def run(mode: str, slots: int, model: str, seed: int, setting: dict) -> dict:
     """One search of ``setting['archs']`` unique archs; the module docstring's metrics."""
     import torch
 
-    from nasfcos.search import loop
+    from nasfcos.search import asynchronous, loop, sync
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -280,10 +280,10 @@ def run(mode: str, slots: int, model: str, seed: int, setting: dict) -> dict:
     try:
         state = os.path.join(work, "c.pt")
         if mode == "sync":
-            loop.run_search(policy=policy, evaluate=clock.sync_evaluator(slots), results=Memory(), state_path=state, cfg=cfg)
+            sync.run_search(policy=policy, evaluate=clock.sync_evaluator(slots), results=Memory(), state_path=state, cfg=cfg)
         else:
             with mock.patch.object(loop, "queue", clock.queue_module):
-                loop.run_search_async(policy=policy, submit=clock.submit, slots=slots, results=Memory(), state_path=state, cfg=cfg)
+                asynchronous.run_search_async(policy=policy, submit=clock.submit, slots=slots, results=Memory(), state_path=state, cfg=cfg)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     fed = sorted(policy.fed, key=lambda f: f["order"])  # issue order

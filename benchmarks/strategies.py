@@ -1,6 +1,6 @@
 """Search strategies compared at equal budget (issue #14): ppo, random and evolution, each
 with and without successive halving (``+sh``), all driven by the product's search loop
-(``nasfcos.search.loop.run_search_async``, one slot, so every run is reproducible).
+(``nasfcos.search.asynchronous.run_search_async``, one slot, so every run is reproducible).
 
 Budget: proxy epochs x decoder MACs summed over the evaluations (a promoted arch resumes
 from its lower rung, so it costs only the extra epochs), counted in "full evals": the cost
@@ -208,7 +208,8 @@ def run(policy: str, sh: bool, seed: int, setting: dict) -> dict:
     """One search at one budget; returns the trace summary (see the module docstring)."""
     import torch
 
-    from nasfcos.search.loop import SearchConfig, run_search_async
+    from nasfcos.search.asynchronous import run_search_async
+    from nasfcos.search.loop import SearchConfig
     from nasfcos.search.policies import build_policy
 
     torch.set_num_threads(1)

@@ -119,7 +119,7 @@ def evaluate_decoder(
 def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, rung: int, history, alone: bool) -> dict:
     """The evaluation itself: proxy training (at a rung), its row written as a part, the audit line."""
     from nasfcos.search.halving import pack_state, unpack_state
-    from nasfcos.search.loop import make_row
+    from nasfcos.search.rows import make_row
     from storage.rung_states import RungStates
 
     rungs, fidelity, states = cfg.search.rungs, {}, RungStates(run.root)
@@ -220,7 +220,7 @@ class _Dispatch:
         ``execution.timeouts.search`` seconds, the unfinished ones are lost (a call hung in
         the device must not stall the search for ever)."""
         from nasfcos.errors import EvaluationLost
-        from nasfcos.search.loop import lost_record
+        from nasfcos.search.rows import lost_record
 
         futures = {j.arch.arch_id: self.submit(j) for j in jobs}
         done: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -276,7 +276,8 @@ class _Dispatch:
 @stage_flow(STAGE)
 def search(cfg, run, config: dict) -> dict:
     """Sample, evaluate in parallel, update; until search.total_archs unique archs are scored."""
-    from nasfcos.search.loop import run_search, run_search_async
+    from nasfcos.search.asynchronous import run_search_async
+    from nasfcos.search.sync import run_search
     from storage.results import ResultsTable
     from storage.run_epoch import check
 

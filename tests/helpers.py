@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 
 from flows.report.page import PLOTS
-from nasfcos.search.loop import make_row, run_search_async
+from nasfcos.search.asynchronous import run_search_async
+from nasfcos.search.rows import make_row
 from storage.results import ResultsTable
 
 

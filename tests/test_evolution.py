@@ -9,8 +9,9 @@ import torch
 
 from nasfcos.arch import PRESETS, TOKEN_SPACES, Arch
 from nasfcos.search.evolution import EvolutionConfig, EvolutionPolicy, mutate
-from nasfcos.search.loop import SearchConfig, run_search
+from nasfcos.search.loop import SearchConfig
 from nasfcos.search.policies import RandomPolicy, build_policy
+from nasfcos.search.sync import run_search
 from storage.results import ResultsTable
 
 

@@ -17,8 +17,10 @@ import torch
 from helpers import Pool, record, run_async, token_reward
 
 from nasfcos.errors import EvaluationLost
-from nasfcos.search.loop import SearchConfig, SearchHalted, run_search
+from nasfcos.search.failures import SearchHalted
+from nasfcos.search.loop import SearchConfig
 from nasfcos.search.policies import RandomPolicy
+from nasfcos.search.sync import run_search
 from storage.results import ResultsTable
 
 
@@ -131,7 +133,7 @@ def test_a_lost_evaluation_that_wrote_its_row_is_not_run_again(tmp_path, mode):
 
 def _sync(pool):
     """A sync evaluator over the pool: the records of a step's jobs as they finish."""
-    from nasfcos.search.loop import lost_record
+    from nasfcos.search.rows import lost_record
 
     def evaluate(jobs):
         futures = {pool.executor.submit(pool.evaluate, j): j for j in jobs}
@@ -180,7 +182,7 @@ def test_a_sick_worker_is_drained_and_another_workers_success_never_resets_its_c
 
 
 def run_search_async_drain(run_dir, policy, pool, cfg, slots):
-    from nasfcos.search.loop import run_search_async
+    from nasfcos.search.asynchronous import run_search_async
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with pool.executor:

@@ -12,8 +12,11 @@ from helpers import Evaluator, Pool, run_async
 import nasfcos.engine.proxy as proxy
 from nasfcos.errors import EvaluationLost, InfrastructureError, is_infrastructure
 from nasfcos.search.controller import PPOController
-from nasfcos.search.loop import SearchConfig, SearchHalted, lost_record, run_search
+from nasfcos.search.failures import SearchHalted
+from nasfcos.search.loop import SearchConfig
 from nasfcos.search.policies import RandomPolicy
+from nasfcos.search.rows import lost_record
+from nasfcos.search.sync import run_search
 from storage.results import ResultsTable
 
 

@@ -17,9 +17,13 @@ import pandas as pd
 import pytest
 import torch
 
+from nasfcos.search.asynchronous import run_search_async
 from nasfcos.search.halving import Ladder
-from nasfcos.search.loop import SearchConfig, load_state, make_row, run_search, run_search_async
+from nasfcos.search.loop import SearchConfig
 from nasfcos.search.policies import RandomPolicy
+from nasfcos.search.rows import make_row
+from nasfcos.search.state import load_state
+from nasfcos.search.sync import run_search
 from storage.results import ResultsTable
 
 RUNGS, ETA = (1, 3, 9), 3

@@ -20,7 +20,6 @@ MAX_LINES = 500
 LONG_MODULES = {
     "storage/features.py": "the feature store's one on-disk format: writer, reader, done mask and repair share its layout",
     "storage/results.py": "the results table's one format: schema, validation, the dedup rule and the crash-safe compaction argue together",
-    "nasfcos/search/loop.py": "the sync and async search loops share their state and checkpoint; the search-loop-as-an-object issue splits it",
 }
 # Imports a package must never make (prefix match on the imported module).
 FORBIDDEN = {

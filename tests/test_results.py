@@ -133,8 +133,8 @@ def test_columns_match_the_arch_on_random_archs():
 def test_the_search_writes_each_row_with_its_arch_columns():
     # the one codec: rows made by the search loop carry Arch.columns() (storage no longer
     # re-decodes the string, so a writer that disagreed with it would go unnoticed there)
-    from nasfcos.search.loop import make_row as search_row
-    from nasfcos.search.loop import over_budget_row
+    from nasfcos.search.rows import make_row as search_row
+    from nasfcos.search.rows import over_budget_row
 
     for a in _archs(5, seed=3) + list(space.PRESETS.values()):
         record = {k: v for k, v in make_row(a).items() if k not in DECODED_FIELDS and k not in ("step", "sample", "reward_used")}

@@ -12,10 +12,13 @@ import pytest
 import torch
 from helpers import Evaluator, Pool, record, run_async, token_reward
 
+from nasfcos.search.asynchronous import run_search_async
 from nasfcos.search.controller import ControllerConfig, PPOController
-from nasfcos.search.loop import SearchConfig, load_state, run_search, run_search_async
+from nasfcos.search.loop import SearchConfig
 from nasfcos.search.policies import RandomPolicy
 from nasfcos.search.sample import Sample
+from nasfcos.search.state import load_state
+from nasfcos.search.sync import run_search
 from storage.results import ResultsTable
 
 

@@ -51,7 +51,7 @@ class Wire(NamedTuple):
 
 
 POLICY = ("PPOController", "EvolutionPolicy", "RandomPolicy")  # nasfcos.search.policies.build_policy's
-LOOP = ("run_search", "run_search_async")  # nasfcos.search.loop
+LOOP = ("run_search", "run_search_async")  # nasfcos.search.sync, nasfcos.search.asynchronous
 PROXY = ("evaluate_arch",)  # nasfcos.engine.proxy: its ProxyConfig (``cfg``)
 
 OPS = ("sep_conv_3x3", "skip_connect", "conv1x1", "conv3x3")  # CPU-cheap, as the demo's
@@ -98,10 +98,10 @@ def _spies() -> dict[str, tuple[Any, str]]:
     """name -> (module, attribute) of each consumer; a field's ``At`` names the ones it must reach."""
     from nasfcos.engine import proxy
     from nasfcos.model import complexity
-    from nasfcos.search import loop, policies
+    from nasfcos.search import asynchronous, policies, rows, sync
 
     spies = {name: (policies, name) for name in POLICY}
-    spies.update({name: (loop, name) for name in (*LOOP, "make_row")})
+    spies.update({"run_search": (sync, "run_search"), "run_search_async": (asynchronous, "run_search_async"), "make_row": (rows, "make_row")})
     spies.update({name: (proxy, name) for name in ("evaluate_arch", "prepare_split")})
     spies["decoder_cost"] = (complexity, "decoder_cost")
     return spies
@@ -122,7 +122,7 @@ def _spy(name: str, real: Callable, seen: dict[str, list[dict]]) -> Callable:
 
 def _install(monkeypatch, seen: dict[str, list[dict]]) -> None:
     """Every consumer replaced by its spy, in its module and in any flows module holding it."""
-    flows = [m for n, m in list(sys.modules.items()) if n == "flows" or n.startswith("flows.")]
+    flows = [m for n, m in list(sys.modules.items()) if n == "flows" or n.startswith(("flows.", "nasfcos.search."))]
     for name, (module, attr) in _spies().items():
         real = getattr(module, attr)
         spy = _spy(name, real, seen)
@@ -193,8 +193,8 @@ STUBS = {"evaluate_arch": _evaluate_arch}  # spies that stand in for their consu
 def _write_warm_start(path) -> None:
     """WARM_ROWS ok rows of archs in the wired head space and ops (an evolution warm start)."""
     from nasfcos.arch import token_space
-    from nasfcos.search.loop import make_row
     from nasfcos.search.policies import RandomPolicy
+    from nasfcos.search.rows import make_row
     from storage.results import ResultsTable
 
     archs = [s.arch for s in RandomPolicy(seed=1, head=token_space(WIRES["search.head"].value, WIRES["search.ops"].value)).sample(WARM_ROWS)]

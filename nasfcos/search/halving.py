@@ -3,7 +3,7 @@
 Beyond the paper, which trains every sampled decoder for the full proxy task. Rungs
 are proxy epoch counts, e.g. 3, 7, 15 (the last is the full task), and eta the
 reduction factor (3). Every new arch is trained to the first rung; whenever an
-evaluation slot frees, the search loop (``nasfcos.search.loop.run_search_async``) asks
+evaluation slot frees, the search loop (``nasfcos.search.asynchronous.AsyncSearch``) asks
 :meth:`Ladder.promotion` first: the best arch, in the highest rung that has one, that
 ranks in the top ``floor(n / eta)`` of the ``n`` archs finished in its rung and has not
 been promoted yet goes on to the next rung; only when there is none is a new arch
