@@ -1,44 +1,43 @@
-"""Search orchestration at scale: the real ``search`` flow with a simulated evaluator (issue #11, item 3).
+"""Search dispatch at scale (issue #27): the real ``search`` flow, simulated evaluations.
 
 Everything but the decoder training is the product's: the Prefect ``search`` flow on a
-Prefect server, its tasks on the thread runner or a 2-process Dask ``LocalCluster``,
-each task's part-file append and audit line, the flow's results appends, compactions,
-controller checkpoints and PPO updates (default controller). Only
-``nasfcos.engine.proxy.evaluate_arch`` is replaced by a sleep whose length comes from a per-arch
-cost model fitted to ``benchmarks/proxy.py``'s CPU table (RESULTS.md, "Proxy task"):
+Prefect server, its dispatch (``flows/dispatch.py``) to the flow's threads or to Dask
+workers in separate processes (an external ``dask scheduler`` and up to 8 ``dask worker``
+processes, slots as their threads, as on a cluster), each evaluation's row checks, part
+file and audit line, the flow's compactions, controller checkpoints and PPO updates
+(``benchmarks/search_scaling.yaml``: the paper's controller and space). Only
+``nasfcos.engine.proxy.evaluate_arch`` is replaced by a sleep whose length comes from a
+per-arch cost model fitted to ``benchmarks/proxy.py``'s CPU table (RESULTS.md, "Proxy task"):
 
     seconds = 5.0 + 6.23 * deformable convs in the FPN + 11.13 * in the head + 5.15 * cat aggregations
 
-(four archs, four coefficients: an exact fit, enough to give the cost spread of the real
-search, ~20x between the cheapest and the dearest), scaled so that the mean over random
-archs of the searched space is ``--mean`` seconds (4 s: a quarter of the 15 s GPU goal per
-arch, so orchestration is tested 4x harder than it will be). The features are not loaded.
+(four archs, four coefficients: an exact fit; ~11x between the cheapest and the dearest
+random arch of the space), scaled so that the mean over random archs is ``--mean`` seconds:
+15 s is the GPU goal per arch, 4 s loads the orchestration ~4x harder. The features are not
+loaded. Each setting evaluates ``--per-slot`` x slots new archs into a results table that
+already holds 2,800 rows (a finished paper-size search).
 
-Each setting (slots x mode x runner) evaluates ``--per-slot`` x slots new archs into a
-results table that already holds 2,800 rows. Async mode updates the controller every 8
-results; sync mode samples max(8, slots) archs per step, so that one step fills every slot.
+    python benchmarks/search_scaling.py                            # the settings of RESULTS.md
+    python benchmarks/search_scaling.py --settings dask:256:4 thread:64:15
 
-    python benchmarks/search_scaling.py                         # 1/8/32/64 slots, sync+async, thread+dask
-    python benchmarks/search_scaling.py --slots 8 --modes async --runners thread
-
-Reported per setting: the runner's start-up (first submit -> first evaluator start: a
-Dask cluster's workers importing torch), wall (first evaluator start -> last row
-durable), archs/hour, slot
-utilisation (busy slot-seconds / (slots x wall)), orchestration overhead per arch
-(submit, or the end of start-up, -> evaluator start; evaluator end -> row durable;
-means) and controller seconds per
-arch (sampling + updates). Finished settings are appended to ``--rows`` (JSON lines) and
-skipped when run again. Needs prefect and the ``dask`` extra; starts its own Prefect server.
+Reported per setting: start-up (first submission -> first evaluation start), wall (first
+start -> last row durable), archs/s, utilisation = busy slot-seconds / (slots x wall), the
+final drain included (and without it), and CPU seconds per arch of each process: the flow
+process (all of it; and its loop thread's dispatch and bookkeeping apart from the
+controller's sampling and updates), the Prefect server, the Dask scheduler, the workers.
+Finished settings are appended to ``--rows`` (JSON lines) and skipped when run again.
+Needs prefect, psutil and the ``dask`` extra; starts its own Prefect server and cluster.
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import math
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,9 +49,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+CONFIG = Path(__file__).with_suffix(".yaml")
 COST = {"base": 5.0, "deform_fpn": 6.23, "deform_head": 11.13, "cat": 5.15}  # CPU seconds, see the docstring
 PREFILLED = 2800
-_SCALE = {"mean": 4.0}  # set by main / by a Dask worker's preload from the environment
+MAX_PROCESSES = 8  # worker processes: 256 torch-importing processes do not fit 24 GB
+DEFAULT = ["thread:64:15", "dask:8:15", "dask:32:15", "dask:64:15", "dask:128:15", "dask:256:15", "dask:256:4", "thread:64:4"]
 
 
 def raw_cost(arch: str) -> float:
@@ -70,7 +71,7 @@ def cost_scale(mean: float, head: str, n: int = 4000) -> float:
     return mean / float(np.mean([raw_cost(str(Arch.random(rng, head=head))) for _ in range(n)]))
 
 
-def simulated_evaluate_arch(arch, train, val, *, num_classes, cfg, device=None, **_) -> dict:
+def simulated_evaluate_arch(arch, train, val, *, num_classes, cfg, device_shared=False, **_) -> dict:
     """``nasfcos.engine.proxy.evaluate_arch``'s record after sleeping the arch's modelled cost."""
     from nasfcos.arch import Arch
 
@@ -99,88 +100,51 @@ def dask_setup(worker) -> None:  # noqa: ARG001 - Dask preload hook, runs in eac
     install()
 
 
-class TimedPolicy:
-    """The flow's policy, timing its sample and update calls."""
-
-    def __init__(self, policy, clock: dict) -> None:
-        self.policy, self.clock = policy, clock
-
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
-
-    def sample(self, n):
-        t = time.perf_counter()
-        try:
-            return self.policy.sample(n)
-        finally:
-            self.clock["controller"] += time.perf_counter() - t
-
-    def update(self, samples, rewards):
-        t = time.perf_counter()
-        try:
-            return self.policy.update(samples, rewards)
-        finally:
-            self.clock["controller"] += time.perf_counter() - t
-
-
-SUBMITTED: dict[str, float] = {}  # arch id -> when the flow submitted it
-CLOCK: dict[str, float] = {}  # seconds the flow thread spent, by kind of work
-INSTRUMENTED = False  # instrument() patches once per process
+CLOCK: dict[str, float] = {}  # thread CPU seconds of the loop thread: "loop" (all of it), "controller"
 
 
 def instrument() -> None:
-    """Record into SUBMITTED and CLOCK when the flow submits each arch and how long the
-    controller and the flow thread's other work take (patches once per process)."""
-    import nasfcos.search.loop
+    """Time the loop thread (its CPU from the first transition to the summary) and, within
+    it, the controller's sampling and updates (patches once per process)."""
     import nasfcos.search.policies
+    from nasfcos.search.asynchronous import AsyncSearch
 
-    global INSTRUMENTED
-    if INSTRUMENTED:
+    if getattr(AsyncSearch.run, "timed", False):
         return
-    INSTRUMENTED = True
-    submitted, clock = SUBMITTED, CLOCK
+    run, build = AsyncSearch.run, nasfcos.search.policies.build_policy
 
-    build, run_sync, run_async = nasfcos.search.policies.build_policy, nasfcos.search.loop.run_search, nasfcos.search.loop.run_search_async
-    nasfcos.search.policies.build_policy = lambda *a, **k: TimedPolicy(build(*a, **k), clock)
-
-    def sync(*, evaluate, **kw):
-        def timed(jobs):
-            t = time.time()
-            for j in jobs:
-                submitted.setdefault(j.arch.arch_id, t)
-            yield from evaluate(jobs)
-
-        return run_sync(evaluate=timed, **kw)
-
-    def async_(*, submit, **kw):
-        def timed(job):
-            submitted.setdefault(job.arch.arch_id, time.time())
-            t = time.perf_counter()
-            try:
-                return submit(job)
-            finally:
-                clock["submit"] = clock.get("submit", 0.0) + time.perf_counter() - t
-
-        return run_async(submit=timed, **kw)
-
-    nasfcos.search.loop.run_search, nasfcos.search.loop.run_search_async = sync, async_
-    # the flow thread's other work per arch: its results appends, compactions, checkpoints
-    from storage.results import ResultsTable
-
-    for owner, name, key in ((ResultsTable, "append", "append"), (ResultsTable, "compact", "compact"), (nasfcos.search.loop, "save_state", "checkpoint")):
-        setattr(owner, name, _timed(getattr(owner, name), clock, key))
-
-
-def _timed(fn, clock: dict, key: str):
-    def wrapper(*a, **k):
-        t = time.perf_counter()
+    def timed_run(self):
+        t = time.thread_time()
         try:
-            return fn(*a, **k)
+            return run(self)
         finally:
-            clock[key] = clock.get(key, 0.0) + time.perf_counter() - t
+            CLOCK["loop"] = CLOCK.get("loop", 0.0) + time.thread_time() - t
 
-    wrapper.__wrapped__ = fn
-    return wrapper
+    timed_run.timed = True
+    AsyncSearch.run = timed_run
+
+    class Timed:
+        def __init__(self, policy) -> None:
+            self.policy = policy
+
+        def __getattr__(self, name):
+            return getattr(self.policy, name)
+
+        def sample(self, n):
+            t = time.thread_time()
+            try:
+                return self.policy.sample(n)
+            finally:
+                CLOCK["controller"] = CLOCK.get("controller", 0.0) + time.thread_time() - t
+
+        def update(self, samples, rewards):
+            t = time.thread_time()
+            try:
+                return self.policy.update(samples, rewards)
+            finally:
+                CLOCK["controller"] = CLOCK.get("controller", 0.0) + time.thread_time() - t
+
+    nasfcos.search.policies.build_policy = lambda *a, **k: Timed(build(*a, **k))
 
 
 def prefill(run_dir: Path, head: str) -> set[str]:
@@ -208,43 +172,125 @@ def prefill(run_dir: Path, head: str) -> set[str]:
     return seen
 
 
-def ready_times(sub: np.ndarray, start: np.ndarray, end: np.ndarray, slots: int) -> np.ndarray:
-    """When each evaluation could have started: its submission, or if every slot was busy
-    then, when the slot it got was freed. Evaluations take slots in the order they start,
-    each the one freed earliest; ``start - ready`` is the orchestration's delay, not the
-    wait for a slot (sync mode submits K > slots archs at once)."""
-    free = [-np.inf] * slots  # when each slot was last freed (a heap)
-    ready = np.empty_like(sub)
-    for i in np.argsort(start, kind="stable"):
-        ready[i] = min(max(sub[i], heapq.heappop(free)), start[i])
-        heapq.heappush(free, end[i])
-    return ready
+class Cluster:
+    """An external ``dask scheduler`` and ``processes`` ``dask worker`` processes of
+    ``threads`` slots each on 127.0.0.1, every one running this file as its preload."""
+
+    def __init__(self, processes: int, threads: int, work: Path, env: dict) -> None:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        self.address = f"tcp://127.0.0.1:{port}"
+        bin_ = Path(sys.executable).parent
+        logs = work / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.scheduler = subprocess.Popen(
+            [str(bin_ / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+            stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        self.workers = [
+            subprocess.Popen(
+                [
+                    str(bin_ / "dask"),
+                    "worker",
+                    self.address,
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    str(threads),
+                    "--no-nanny",
+                    "--name",
+                    f"w{i}",
+                    "--local-directory",
+                    str(work / f"w{i}"),
+                    "--preload",
+                    str(Path(__file__).resolve()),
+                ],
+                stdout=open(logs / f"w{i}.log", "w"),
+                stderr=subprocess.STDOUT,
+                env=env,
+            )  # fmt: skip
+            for i in range(processes)
+        ]
+        from distributed import Client
+
+        with Client(self.address, timeout=120) as c:
+            c.wait_for_workers(processes, timeout=300)
+
+    def cpu(self) -> dict[str, float]:
+        import psutil
+
+        def seconds(p) -> float:
+            t = psutil.Process(p.pid).cpu_times()
+            return t.user + t.system
+
+        return {"scheduler": seconds(self.scheduler), "workers": sum(seconds(w) for w in self.workers)}
+
+    def close(self) -> None:
+        for p in [*self.workers, self.scheduler]:
+            p.terminate()
+        for p in [*self.workers, self.scheduler]:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
-def measure(slots: int, mode: str, runner: str, *, per_slot: int, work: Path, head: str = "seq") -> dict:
-    """Run one setting through the real search flow; return its figures."""
+def process_cpu() -> dict[str, float]:
+    """CPU seconds of this process and of its other children (the Prefect test server)."""
+    import psutil
+
+    me = psutil.Process()
+    own = me.cpu_times()
+    server = 0.0
+    for child in me.children(recursive=True):
+        try:
+            if "dask" not in " ".join(child.cmdline()):
+                t = child.cpu_times()
+                server += t.user + t.system
+        except psutil.Error:
+            pass
+    return {"flow": own.user + own.system, "server": server}
+
+
+def measure(setting: str, *, per_slot: int, work: Path, env: dict) -> dict:
+    """Run one setting (``runner:slots:mean``) through the real search flow; its figures."""
     from flows.config import load_config
     from flows.placement import task_runner
     from flows.search import search
     from flows.stages import portable
     from storage.results import ResultsTable
 
-    name = f"{runner}-{mode}-{slots}"
+    runner, slots, mean = setting.split(":")
+    slots, mean = int(slots), float(mean)
+    name = f"{runner}-{slots}-{mean:g}s"
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    before = prefill(run_dir, head)
+    cfg0 = load_config(CONFIG)
+    before = prefill(run_dir, cfg0.search.head)
     n = per_slot * slots
-    procs = 2 if runner == "dask" and slots > 1 else 1
-    cfg = load_config("demo", {
-        "run_id": name, "runs_dir": str(work), "search.head": head, "search.policy": "ppo", "search.mode": mode,
-        "search.total_archs": PREFILLED + n, "search.archs_per_step": 8 if mode == "async" else max(8, slots),
-        "execution.task_runner": runner, "execution.devices": ["cpu"] * procs, "execution.slots_per_device": slots // procs,
-    })  # fmt: skip
-    SUBMITTED.clear()
+    scale = cost_scale(mean, cfg0.search.head)
+    os.environ["NASFCOS_SIM_SCALE"] = str(scale)
+    overrides = {"run_id": name, "runs_dir": str(work), "search.total_archs": PREFILLED + n, "execution.task_runner": runner}
+    cluster = None
+    if runner == "dask":
+        procs = min(MAX_PROCESSES, slots)
+        cluster = Cluster(procs, slots // procs, work / f"{name}-cluster", {**env, "NASFCOS_SIM_SCALE": str(scale)})
+        overrides.update({"execution.dask_address": cluster.address, "execution.slots_per_device": slots // procs})
+    else:
+        procs = 1
+        overrides["execution.slots_per_device"] = slots
+    cfg = load_config(CONFIG, overrides)
     CLOCK.clear()
-    CLOCK["controller"] = 0.0
     instrument()
-    search.with_options(task_runner=task_runner(cfg))(portable(cfg))
+    try:
+        cpu0, ccpu0, t0 = process_cpu(), cluster.cpu() if cluster else {}, time.time()
+        search.with_options(task_runner=task_runner(cfg))(portable(cfg))
+        cpu1, ccpu1 = process_cpu(), cluster.cpu() if cluster else {}
+    finally:
+        if cluster is not None:
+            cluster.close()
 
     df = ResultsTable(run_dir).read()
     new = df[~df.arch_id.isin(before)]
@@ -254,82 +300,81 @@ def measure(slots: int, mode: str, runner: str, *, per_slot: int, work: Path, he
         durable.setdefault(aid, datetime.fromisoformat(stamp).timestamp())
     start = new.started_at.map(lambda t: t.timestamp()).to_numpy()
     end = new.finished_at.map(lambda t: t.timestamp()).to_numpy()
-    sub = np.array([SUBMITTED[a] for a in new.arch_id])
     dur = np.array([durable[a] for a in new.arch_id])
-    t0 = float(start.min())
+    first = float(start.min())
+    cpu = {k: cpu1[k] - cpu0[k] for k in cpu0} | {k: ccpu1[k] - ccpu0[k] for k in ccpu0}
     row = {
-        "runner": runner, "mode": mode, "slots": slots, "processes": procs, "archs": len(new),
-        "controller_s_per_arch": CLOCK["controller"] / len(new),
-        **{f"{k}_s_per_arch": CLOCK.get(k, 0.0) / len(new) for k in ("submit", "append", "compact", "checkpoint")},
-        "evaluations": len(durable), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "per_arch": {k: (v - t0).round(4).tolist() for k, v in (("submit", sub), ("start", start), ("end", end), ("durable", dur))},
+        "setting": setting, "runner": runner, "slots": slots, "mean": mean, "processes": procs, "archs": len(new), "evaluations": len(durable),
+        "cpu_s": cpu, "loop_s": CLOCK.get("loop", 0.0), "controller_s": CLOCK.get("controller", 0.0), "submitted_at": t0,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "per_arch": {k: (v - first).round(4).tolist() for k, v in (("start", start), ("end", end), ("durable", dur))},
     }  # fmt: skip
+    row["startup_s"] = first - t0
     return {**row, **figures(row)}
 
 
 def figures(row: dict) -> dict:
-    """The timing figures of a setting, from its per-arch times (seconds from the first start).
-
-    The runner's one-time start (a Dask cluster's workers importing torch) is reported
-    apart: the steady state starts when the first evaluation does.
-    """
-    sub, start, end, dur = (np.asarray(row["per_arch"][k]) for k in ("submit", "start", "end", "durable"))
-    t0, slots = float(start.min()), row["slots"]
-    wall = float(dur.max() - t0)
-    queued = start - ready_times(np.maximum(sub, t0), start, end, slots)
+    """The timing figures of a setting, from its per-arch times (seconds from the first start)."""
+    start, end, dur = (np.asarray(row["per_arch"][k]) for k in ("start", "end", "durable"))
+    slots, n = row["slots"], len(start)
+    wall = float(dur.max() - start.min())
     return {
-        "startup_s": t0 - float(sub.min()), "wall_s": wall, "archs_per_hour": len(start) / wall * 3600,
-        "utilisation": float((end - start).sum() / (slots * wall)), "mean_eval_s": float((end - start).mean()),
-        # without the drain at the end (the last archs finishing one by one), which a
-        # 2,800-arch search pays once
-        "steady_utilisation": float((np.minimum(end, start.max()) - start).sum() / (slots * (start.max() - t0))),
-        "submit_to_start_s": float(queued.mean()), "end_to_durable_s": float((dur - end).mean()),
-        "overhead_s": float(queued.mean() + (dur - end).mean()),
+        "wall_s": wall, "archs_per_s": n / wall, "utilisation": float((end - start).sum() / (slots * wall)),
+        # without the final drain (the last archs finishing one by one), which a search pays once
+        "steady_utilisation": float((np.minimum(end, start.max()) - start).sum() / (slots * (start.max() - start.min()))),
+        "mean_eval_s": float((end - start).mean()), "end_to_durable_s": float((dur - end).mean()),
+        "ms_per_arch": {k: 1000 * v / n for k, v in row["cpu_s"].items()},
+        "loop_ms_per_arch": 1000 * (row["loop_s"] - row["controller_s"]) / n, "controller_ms_per_arch": 1000 * row["controller_s"] / n,
     }  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        "| runner | slots | mean s | archs | start-up s | wall s | archs/s | utilisation | steady util. | end->durable s "
+        "| CPU ms/arch: flow (loop thread: dispatch+bookkeeping, controller) | server | scheduler | workers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r["ms_per_arch"]
+        runner = f"dask x{r['processes']}" if r["runner"] == "dask" else "thread"
+        out.append(
+            f"| {runner} | {r['slots']} | {r['mean']:g} | {r['archs']} | {r['startup_s']:.1f} | {r['wall_s']:.0f} | {r['archs_per_s']:.2f} | "
+            f"{r['utilisation']:.3f} | {r['steady_utilisation']:.3f} | {r['end_to_durable_s']:.3f} | "
+            f"{m['flow']:.1f} ({r['loop_ms_per_arch']:.2f}, {r['controller_ms_per_arch']:.1f}) | {m['server']:.1f} | "
+            f"{m.get('scheduler', float('nan')):.1f} | {m.get('workers', float('nan')):.1f} |"
+        )
+    return "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slots", type=int, nargs="+", default=[1, 8, 32, 64])
-    p.add_argument("--modes", nargs="+", default=["async", "sync"], choices=("async", "sync"))
-    p.add_argument("--runners", nargs="+", default=["thread", "dask"], choices=("thread", "dask"))
-    p.add_argument("--per-slot", type=int, default=20, help="new archs per slot in each setting")
-    p.add_argument("--mean", type=float, default=4.0, help="mean simulated seconds per arch")
+    p.add_argument("--settings", nargs="+", default=DEFAULT, help="runner:slots:mean_seconds (runner: thread or dask)")
+    p.add_argument("--per-slot", type=int, default=20, help="new archs per slot in each setting (>= 20)")
     p.add_argument("--rows", default=str(ROOT / "benchmarks" / "search_scaling.jsonl"))
     a = p.parse_args()
 
-    os.environ["NASFCOS_SIM_SCALE"] = str(cost_scale(a.mean, "seq"))
-    os.environ["DASK_DISTRIBUTED__WORKER__PRELOAD"] = json.dumps([str(Path(__file__).resolve())])  # workers install() too
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env = {
+        **os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1",
+        "DASK_LOGGING__DISTRIBUTED": "warning", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }  # fmt: skip
+    os.environ.update({k: env[k] for k in ("DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED", "DASK_LOGGING__DISTRIBUTED")})
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"
     done = [json.loads(line) for line in open(a.rows)] if os.path.exists(a.rows) else []
-    have = {(r["runner"], r["mode"], r["slots"]) for r in done if r.get("per_slot") == a.per_slot and r.get("mean") == a.mean}
-    todo = [(s, m, r) for r in a.runners for s in a.slots for m in a.modes if (r, m, s) not in have]
+    have = {r["setting"] for r in done if r.get("per_slot") == a.per_slot}
+    todo = [s for s in a.settings if s not in have]
     if todo:
         from prefect.testing.utilities import prefect_test_harness
 
         install()
         with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
-            for slots, mode, runner in todo:
-                row = {**measure(slots, mode, runner, per_slot=a.per_slot, work=Path(tmp)), "per_slot": a.per_slot, "mean": a.mean}
+            for setting in todo:
+                row = {**measure(setting, per_slot=a.per_slot, work=Path(tmp), env=env), "per_slot": a.per_slot}
                 with open(a.rows, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 done.append(row)
-                print(f"{runner} {mode} {slots}: util {row['utilisation']:.3f}, overhead {row['overhead_s']:.3f} s, {row['wall_s']:.0f} s", flush=True)
-    rows = sorted(({**r, **figures(r)} for r in done if r.get("per_slot") == a.per_slot and r.get("mean") == a.mean), key=lambda r: (r["runner"], r["slots"], r["mode"]))
-    print(
-        "| runner | slots | mode | archs | start-up s | wall s | archs/h | utilisation | steady util. | submit->start s | end->durable s | flow thread s/arch: controller, submit, append, compact, checkpoint |"
-    )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(
-            f"| {r['runner']}{' x' + str(r['processes']) if r['runner'] == 'dask' else ''} | {r['slots']} | {r['mode']} | {r['archs']} | {r['startup_s']:.1f} | {r['wall_s']:.0f} | "
-            f"{r['archs_per_hour']:.0f} | {r['utilisation']:.3f} | {r['steady_utilisation']:.3f} | {r['submit_to_start_s']:.3f} | {r['end_to_durable_s']:.3f} | "
-            + ", ".join(f"{r.get(k + '_s_per_arch', float('nan')):.3f}" for k in ("controller", "submit", "append", "compact", "checkpoint"))
-            + " |"
-        )
+                print(f"{setting}: utilisation {row['utilisation']:.3f}, {row['archs_per_s']:.2f} archs/s, loop {row['loop_ms_per_arch']:.2f} ms/arch", flush=True)
+    order = {s: i for i, s in enumerate(a.settings)}
+    print(table(sorted((r for r in done if r["setting"] in order and r.get("per_slot") == a.per_slot), key=lambda r: order[r["setting"]])))
 
 
 if __name__ == "__main__":

@@ -1,29 +1,34 @@
 """Stage 3, ``search`` (paper §3.3): the controller samples decoders, each is scored on the
-proxy task by a parallel Prefect task (one per device slot), PPO updates the controller.
+proxy task on a device slot (``flows.dispatch``: a thread of this process or a Dask
+worker), PPO updates the controller.
 
-The loop itself is ``nasfcos.search.loop.run_search`` (``search.mode: sync``: a step's
-archs mapped onto tasks) or ``run_search_async`` (``async``: one task submitted per
-freed device slot); this flow only turns its evaluations into tasks and reports
-progress. Every record lands in
-``results.parquet`` as it finishes; the controller checkpoint makes the stage
-resumable after a crash without evaluating any arch twice.
+The loop itself is ``nasfcos.search.sync`` (``search.mode: sync``) or
+``nasfcos.search.asynchronous`` (``async``: an evaluation submitted per freed slot); this
+flow gives it the evaluations (:func:`evaluate_decoder`) and reports progress. Every
+record lands in ``results.parquet`` as it finishes; the controller checkpoint makes the
+stage resumable after a crash without evaluating any arch twice.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import queue
-import threading
+import time
 from datetime import datetime, timezone
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from flows import feature_cache
-from flows.placement import device_resources, device_slot, drain_device, evaluation_slots, forget_device, last_device, undrain_devices
-from flows.stages import artifact_key, open_stage, publish_summary, stage_flow, task_options
+from flows.config import PipelineConfig, load_config
+from flows.dispatch import make_dispatch
+from flows.placement import device_slot, forget_device, last_device, run_logger
+from flows.stages import artifact_key, publish_summary, stage_flow
 from nasfcos.fault_injection import fault_point
+from storage.run_dir import RunDir
 from storage.run_lock import held_epoch
+
+PROGRESS_EVERY_S = 2.0  # the search's progress artifact is updated at most this often
 
 STAGE = "search"
 
@@ -72,41 +77,42 @@ def _cost(cfg, run):
     return cost
 
 
-@task(task_run_name="evaluate {arch_id}")
 def evaluate_decoder(
     config: dict, arch: str, arch_id: str, step: int, sample: int, rung: int = 0, history: list[float] | None = None, epoch: int | None = None, alone: bool = False
 ) -> dict:
     """Train one decoder on the cached features, append its row to results.parquet, return it
-    (with ``worker``: where it ran, for the search's per-worker failure budget).
+    (with ``worker``: where it ran, for the search's per-worker failure budget). Runs
+    wherever ``flows.dispatch`` puts it: a thread of the flow process or a Dask worker.
 
-    Exactly once: the task first looks for the arch's row (an earlier attempt, or a dispatch
-    of a flow that died, may have written it) and returns that instead of training again;
-    a task of an ``epoch`` that is no longer the run's (a newer flow owns it) stops before
-    training and before writing (``storage.run_epoch.Fenced``). The row is durable the moment
-    the evaluation ends, whatever happens to the flow process afterwards. Whatever else it
-    raises leaves as ``nasfcos.errors.EvaluationLost`` naming the worker: retried in place
-    when it is the machine's, run again alone by the loop when it ran out of memory beside
-    other evaluations (``alone``: it has the device to itself now). Under successive halving
-    (``search.rungs``) it trains the arch to ``rung`` from the state its lower rung kept
-    (``storage.rung_states``; ``history``: the rewards of the rungs below) and keeps its own
-    state for the next rung before writing the row.
+    Exactly once: it first looks for the arch's row (an earlier attempt, or a dispatch of a
+    flow that died, may have written it) and returns that instead of training again; an
+    evaluation of an ``epoch`` that is no longer the run's (a newer flow owns it) stops
+    before training and before writing (``storage.run_epoch.Fenced``). The row is durable
+    the moment the evaluation ends, whatever happens to the flow process afterwards.
+    Whatever else it raises leaves as ``nasfcos.errors.EvaluationLost`` naming the worker:
+    the loop dispatches the arch again (``search.max_attempts``), alone when it ran out of
+    memory beside other evaluations (``alone``: it has the device to itself now). Under
+    successive halving (``search.rungs``) it trains the arch to ``rung`` from the state its
+    lower rung kept (``storage.rung_states``; ``history``: the rewards of the rungs below)
+    and keeps its own state for the next rung before writing the row.
     """
     from nasfcos.errors import EvaluationLost, is_infrastructure, one_line
     from storage.results import ResultsTable
     from storage.run_epoch import Fenced, check
 
     runner = config["execution"]["task_runner"] if isinstance(config, dict) else ""
-    forget_device()  # a failure before this task borrows a device is no device's
+    forget_device()  # a failure before this evaluation borrows a device is no device's
     try:
         fault_point(f"search:evaluate:{sample}")  # the kill matrix holds one sample here (finishing order)
-        cfg, run, _, _ = open_stage(config, STAGE)
+        cfg, run = _opened(config)
         check(run.root, epoch, f"the evaluation of {arch_id}")
-        table = ResultsTable(run.root, epoch=epoch)
+        table = _TABLES.get((run.root, epoch)) or _TABLES.setdefault((run.root, epoch), ResultsTable(run.root, epoch=epoch))
         if (row := _row_of(table, arch_id, rung)) is not None:
-            get_run_logger().info("%s: already has its row (an earlier attempt or dispatch wrote it); not evaluated again", arch_id)
+            run_logger().info("%s: already has its row (an earlier attempt or dispatch wrote it); not evaluated again", arch_id)
             return {**row, "worker": _worker_name(runner)}
         row = _evaluate(cfg, run, table, arch, arch_id, step, sample, rung, history, alone)
-    except Fenced:
+    except Fenced as e:
+        run_logger().warning("%s: %s", arch_id, e)  # in the worker's log: its flow may be gone
         raise
     except Exception as e:  # noqa: BLE001 - named, classed and passed on to the loop's budgets
         oom = type(e).__name__ == "OutOfMemoryError" and not alone
@@ -114,6 +120,20 @@ def evaluate_decoder(
         raise EvaluationLost(one_line(e), _worker_name(runner), kind) from e
     fault_point("search:row")
     return {**row, "worker": _worker_name(runner)}
+
+
+_OPENED: dict[str, tuple] = {}  # the config's JSON -> (config, run dir): parsed once per process
+_TABLES: dict[tuple, object] = {}  # (run dir, epoch) -> its ResultsTable: files read once per process (its row checks)
+
+
+def _opened(config: dict | str):
+    """The validated config and run dir of an evaluation, parsed once per process (a worker
+    evaluates thousands of archs of one search)."""
+    key = config if isinstance(config, str) else json.dumps(config, sort_keys=True, default=str)
+    if key not in _OPENED:
+        cfg = load_config(config) if isinstance(config, str) else PipelineConfig.model_validate(config)
+        _OPENED[key] = (cfg, RunDir.at(cfg.runs_dir, cfg.run_id))
+    return _OPENED[key]
 
 
 def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, rung: int, history, alone: bool) -> dict:
@@ -127,7 +147,7 @@ def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, 
         epochs = rungs[rung]
         data = states.read(arch_id, rungs[rung - 1]) if rung else None
         if rung and data is None:
-            get_run_logger().warning("%s: no state of %d epochs to resume; training %d epochs from scratch", arch_id, rungs[rung - 1], epochs)
+            run_logger().warning("%s: no state of %d epochs to resume; training %d epochs from scratch", arch_id, rungs[rung - 1], epochs)
         keep = (lambda state: states.write(arch_id, epochs, pack_state(state))) if rung < len(rungs) - 1 else None
         record = proxy_record(cfg, run, arch, epochs=epochs, resume=unpack_state(data) if data else None, keep_state=keep, alone=alone)
         fidelity = {"rungs": rungs[: rung + 1], "history": history or ()}
@@ -136,7 +156,7 @@ def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, 
     row = make_row(record, step=step, sample=sample, penalty=cfg.search.failure_penalty, **fidelity)
     fault_point("search:write")  # the cluster tests hold a trained evaluation here while its flow is replaced
     if (first := _row_of(table, arch_id, rung)) is not None:
-        get_run_logger().warning("%s: another evaluation of it wrote its row first (this one was counted lost); that row stands", arch_id)
+        run_logger().warning("%s: another evaluation of it wrote its row first (this one was counted lost); that row stands", arch_id)
         return first  # the loop learns the reward the table keeps
     table.write_part([row])  # lock-free: only the flow compacts; fenced when a newer flow owns the run
     if rungs and rung:
@@ -144,8 +164,7 @@ def _evaluate(cfg, run, table, arch: str, arch_id: str, step: int, sample: int, 
     with open(run.root / "evaluations.log", "a") as f:  # audit trail: one line per finished evaluation
         at = f" epochs={record['epochs']}" if rungs else ""
         f.write(f"{datetime.now(timezone.utc).isoformat()} {arch_id} {record['status']} {record['device']} pid={os.getpid()}{at}\n")
-    get_run_logger().info("%s: %s reward %.4f (%.1f s)", arch_id, record["status"], record["reward"], record["train_seconds"])
-    return row
+    return row  # the loop logs it, in the flow's log
 
 
 def _row_of(table, arch_id: str, rung: int) -> dict | None:
@@ -194,76 +213,26 @@ def _loop_config(cfg):
     )  # fmt: skip
 
 
-class _Dispatch:
-    """How the loop's evaluations become Prefect tasks: ``evaluate`` submits a sync step's
-    archs as tasks, ``submit`` one (async); ``drain`` takes a failing worker out of service;
-    ``on_step`` reports progress. Every task carries the run epoch of this flow.
+class _Progress:
+    """The search's progress in the UI: its progress artifact (archs evaluated out of
+    ``search.total_archs``, at most every :data:`PROGRESS_EVERY_S`: an API call each) and,
+    every ``search.plot_every`` steps, its plots."""
 
-    The evaluation timeout (``execution.timeouts.search``) is the loop's, not Prefect's: a
-    Prefect timeout cannot interrupt a task in a worker thread (it only warns, once per
-    evaluation); the loop instead counts an evaluation without a result after that long as
-    lost (sync mode too) and dispatches its arch again, while the row check and the epoch
-    keep a late result of the lost one from counting twice."""
-
-    def __init__(self, cfg, run, config: dict, results, epoch: int | None) -> None:
-        self.cfg, self.run, self.config, self.s, self.epoch = cfg, run, config, cfg.search, epoch
-        self.task = evaluate_decoder.with_options(**{**task_options(cfg, STAGE), "timeout_seconds": None})
+    def __init__(self, cfg, run, config: dict, results) -> None:
+        self.cfg, self.run, self.config, self.s = cfg, run, config, cfg.search
         done = len(results) - results.count("over_budget")
         self.progress = create_progress_artifact(
             progress=100.0 * min(done, self.s.total_archs) / self.s.total_archs,
             key=artifact_key(cfg, "search-progress"),
             description=f"archs evaluated out of {self.s.total_archs}",
         )
-
-    def evaluate(self, jobs):
-        """A sync step's records as they finish. When no evaluation finishes for
-        ``execution.timeouts.search`` seconds, the unfinished ones are lost (a call hung in
-        the device must not stall the search for ever)."""
-        from nasfcos.errors import EvaluationLost
-        from nasfcos.search.rows import lost_record
-
-        futures = {j.arch.arch_id: self.submit(j) for j in jobs}
-        done: queue.SimpleQueue[str] = queue.SimpleQueue()
-        for aid, future in futures.items():
-            future.add_done_callback(lambda _, aid=aid: done.put(aid))
-        timeout = self.cfg.execution.timeouts.search
-        pending = set(futures)
-        while pending:
-            try:
-                aid = done.get(timeout=timeout)
-            except queue.Empty:
-                for aid in sorted(pending):
-                    yield lost_record(aid, EvaluationLost(f"no result after {timeout:g} s (execution.timeouts.search)"))
-                return
-            pending.discard(aid)
-            try:
-                yield futures[aid].result()
-            except Exception as e:  # noqa: BLE001 - after its retries: lost, evaluated again
-                yield lost_record(aid, e)
-
-    def submit(self, job):
-        with device_resources(self.cfg.execution, shared=not job.alone):  # on Dask: one slot of a GPU, or all of them
-            rung = {"rung": job.rung, "history": [float(v) for v in job.history]} if self.s.rungs else {}
-            return self.task.submit(config=self.config, arch=str(job.arch), arch_id=job.arch.arch_id, step=job.step, sample=job.sample, epoch=self.epoch, alone=job.alone, **rung)
-
-    def drain(self, worker: str) -> None:
-        """Take a failing worker out of service: a Dask worker is retired (its archs go to
-        the others; never the last one: the search stops instead), a device of this process
-        leaves the slot pool."""
-        if "://" in worker:
-            from prefect.context import FlowRunContext
-
-            client = FlowRunContext.get().task_runner.client
-            if len(client.scheduler_info(n_workers=-1)["workers"]) <= 1:
-                get_run_logger().error("%s is the cluster's last worker: not retired", worker)
-                return
-            threading.Thread(target=client.retire_workers, kwargs={"workers": [worker], "close_workers": True}, daemon=True).start()
-        elif worker:
-            drain_device(worker)
+        self.reported = 0.0
 
     def on_step(self, info: dict) -> None:
         s = self.s
-        update_progress_artifact(self.progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
+        if time.monotonic() - self.reported >= PROGRESS_EVERY_S or info["unique_archs"] >= s.total_archs:
+            update_progress_artifact(self.progress, 100.0 * min(info["unique_archs"], s.total_archs) / s.total_archs)
+            self.reported = time.monotonic()
         if self.cfg.execution.report and s.plot_every and info["step"] % s.plot_every == 0:  # plots, archs/hour and ETA in the UI and runs/<id>/report/
             from flows.report.page import stage_plots
 
@@ -284,21 +253,23 @@ def search(cfg, run, config: dict) -> dict:
     epoch = held_epoch(run.root)
     s, results = cfg.search, ResultsTable(run.root, epoch=epoch)
     results.compact()  # the owner's takeover: rows of earlier owners merged, later ones of theirs left out
-    dispatch = _Dispatch(cfg, run, config, results, epoch)
+    progress = _Progress(cfg, run, config, results)
+    dispatch = make_dispatch(cfg, evaluate_decoder, {"config": config, "epoch": epoch})
     limited = s.max_decoder_params is not None or s.max_decoder_macs is not None
     loop = dict(
-        policy=_policy(cfg, run), results=results, state_path=run.controller, on_step=dispatch.on_step,
+        policy=_policy(cfg, run), results=results, state_path=run.controller, on_step=progress.on_step,
         cost=_cost(cfg, run) if limited else None, cfg=_loop_config(cfg), drain=dispatch.drain,
         fence=lambda: check(run.root, epoch, "this search flow"),
     )  # fmt: skip
+    stopped = True
     try:
         if s.mode == "async":  # evaluate_decoder writes its row before it returns
-            summary = run_search_async(submit=dispatch.submit, slots=evaluation_slots(cfg.execution), evaluator_writes_rows=True, **loop)
+            summary = run_search_async(submit=dispatch.submit, slots=dispatch.slots, evaluator_writes_rows=True, **loop)
         else:
             summary = run_search(evaluate=dispatch.evaluate, **loop)
-    finally:  # the cached features must not hold device memory during full training; drains end with the search
-        feature_cache.free()
-        undrain_devices()
+        stopped = False
+    finally:  # evaluations still running stop; the cached features must not hold memory during full training
+        dispatch.close(cancel=stopped)
     if s.rungs:
         from storage.rung_states import RungStates
 

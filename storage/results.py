@@ -337,6 +337,7 @@ class ResultsTable:
         self.parts_dir = self.run_dir / "results.parts"
         self.lock_path = self.run_dir / "results.compacting"
         self._ok_cache: dict[tuple, dict[str, int]] = {}  # see _ok_ids
+        self._read_cache: dict[tuple, pa.Table] = {}  # see _reader_tables
         self._lock_key = str(self.lock_path.resolve())  # this process's lock for the run dir
         self._named: set[str] = set()  # files already named in a warning by this reader
         self._broke: int | None = None  # the epoch of a superseded holder whose compaction lock _lock() broke
@@ -459,12 +460,34 @@ class ResultsTable:
     # ------------------------------------------------------------- reading
     def table(self) -> pa.Table:
         """All rows as an Arrow table (one per arch_id, sorted by step, sample, arch_id)."""
+        tables = self._reader_tables()
+        return _dedup(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
+
+    def _reader_tables(self) -> list[pa.Table]:
+        """Every file's rows as a reader sees them: parts (those of a superseded epoch left
+        out), then the compacted file. Each file is read once per (name, inode, mtime, size):
+        parts never change once renamed in, the compacted file only by a rename, so an
+        evaluation's row checks (two per arch, on a worker that keeps this table) read only
+        what is new since its last one."""
+        cache, self._read_cache = self._read_cache, {}
+
+        def read(path: Path) -> pa.Table | None:
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # a part compacted away meanwhile: its rows are in the table
+                return None
+            key = (path.name, st.st_ino, st.st_mtime_ns, st.st_size)
+            t = cache[key] if key in cache else self._read_for_reader(path)
+            if t is not None:
+                self._read_cache[key] = t
+            return t
+
         # Parts first, the compacted file last: a part that vanishes between
         # listing and reading was merged into the file before it was deleted.
-        parts = [(p, t) for p in self._part_paths() if (t := self._read_for_reader(p)) is not None]
-        main, sealed = self._read_main(owner=False)
-        tables = [t for p, t in parts if not self._left_out(p, sealed)] + ([main] if main is not None else [])
-        return _dedup(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
+        parts = [(p, t) for p in self._part_paths() if (t := read(p)) is not None]
+        main = read(self.path) if self.path.exists() else None
+        sealed = int((main.schema.metadata or {}).get(SEALED_KEY, b"0")) if main is not None else 0
+        return [t for p, t in parts if not self._left_out(p, sealed)] + ([main] if main is not None else [])
 
     def read(self) -> pd.DataFrame:
         """All rows as a DataFrame, one per arch_id, sorted by (step, sample); list columns hold arrays."""
@@ -485,9 +508,9 @@ class ResultsTable:
 
     def get(self, arch_id: str) -> dict[str, Any] | None:
         """The row of ``arch_id`` as a dict of Python values (lists, UTC datetimes), or None."""
-        t = self.table()
-        hit = t.filter(pc.equal(t.column("arch_id"), arch_id))
-        return hit.to_pylist()[0] if hit.num_rows else None
+        hits = [h for t in self._reader_tables() if (h := t.filter(pc.equal(t.column("arch_id"), arch_id))).num_rows]
+        hit = _dedup(pa.concat_tables(hits)) if hits else None  # the dedup rule is per arch: its own rows suffice
+        return hit.to_pylist()[0] if hit is not None else None
 
     def history(self) -> pd.DataFrame:
         """Per search step: evaluated samples, ok samples, mean/max reward and the best reward so far.

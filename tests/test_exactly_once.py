@@ -10,7 +10,6 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -206,7 +205,7 @@ def test_the_sync_wait_gives_up_on_a_hung_evaluation(tmp_path):
     """Fault 5: sync mode waited on ``as_completed`` with no timeout: one hung device call
     stalled the search for ever. Now the wait for the next result ends after
     ``execution.timeouts.search`` and the unfinished evaluations are lost."""
-    from flows.search import _Dispatch
+    from flows.dispatch import Dispatch
     from nasfcos.search.loop import Job
 
     jobs = [Job(s.arch, 0, i) for i, s in enumerate(RandomPolicy(seed=12).sample(3))]
@@ -219,8 +218,8 @@ def test_the_sync_wait_gives_up_on_a_hung_evaluation(tmp_path):
             threading.Timer(0.05, f.set_result, [{**record(job.arch, token_reward(job.arch)), "worker": "w0"}]).start()
         return f
 
-    d = _Dispatch.__new__(_Dispatch)  # no Prefect server: the dispatch's wait only
-    d.cfg, d.submit = SimpleNamespace(execution=SimpleNamespace(timeouts=SimpleNamespace(search=0.5))), submit
+    d = Dispatch(lambda **_: {}, {}, lost_after_s=0.5)  # the dispatch's wait only
+    d._submit = submit
     out, t0 = [], time.monotonic()
     worker = threading.Thread(target=lambda: out.extend(d.evaluate(jobs)), daemon=True)
     worker.start()

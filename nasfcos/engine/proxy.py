@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from nasfcos import rng
+from nasfcos import cancel, rng
 from nasfcos.arch import Arch, resolve
 from nasfcos.errors import is_infrastructure, one_line
 from nasfcos.model.backbones import LEVELS
@@ -345,6 +345,7 @@ def train_proxy(model: ProxyModel, split: ProxySplit, cfg: ProxyConfig, *, resum
     for _ in range(start, cfg.epochs):
         perm = torch.randperm(n, generator=gen, device=device)
         for idx, feats in split.batches(perm, cfg.batch_size):
+            cancel.check()  # a stopped search frees this slot within a batch
             sums = _batch_sums(model, split, idx, feats, autocast, forward)
             loss = sum(FCOS.combine(sums).values())
             opt.zero_grad(set_to_none=True)

@@ -146,6 +146,7 @@ class SearchLoop:
                     self.failures.check(busy=busy)
         self.known[aid] = row
         self.state.attempts.pop(aid, None)
+        log.info("arch %s: %s, reward %.4f, %.1f s on %s", aid, row["status"], row["reward"], row["train_seconds"], worker or "?")  # one line per evaluation
         return row
 
     def learn(self, samples: list[Sample], *, evaluated: int, **extra) -> dict:
