@@ -778,9 +778,10 @@ class ResultsTable:
     @staticmethod
     def _read_file(path: Path) -> pa.Table:
         """The file's rows in :data:`SCHEMA`, with its own schema metadata (the sealed epoch)."""
-        # One open file: a concurrent rename cannot mix two versions.
+        # One open file: a concurrent rename cannot mix two versions. ParquetFile, not
+        # read_table: the dataset machinery costs a tiny part file twice the time (2.7 vs 1.5 ms).
         with open(path, "rb") as f:
-            t = pq.read_table(f, page_checksum_verification=True)
+            t = pq.ParquetFile(f, page_checksum_verification=True).read()
         meta = t.schema.metadata or {}
         if not t.schema.equals(SCHEMA, check_metadata=False):
             for name, default in OPTIONAL_DEFAULTS.items():  # a file of schema 1

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from helpers import finish, pipeline_process, search_stage
+
+from nasfcos.search.state import loop_state
 
 pytest.importorskip("prefect_dask")
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def _exactly_once(run: Path) -> pd.DataFrame:
     assert len(df) == TOTAL and df.arch_id.is_unique
     committed = [line.split()[1] for line in (run / "evaluations.log").read_text().splitlines()]
     assert sorted(committed) == sorted(df.arch_id)  # one committed evaluation per arch
-    state = torch.load(run / "controller.pt", weights_only=True)
+    state = loop_state(run / "controller.pt")
     assert state["in_flight"] == state["finished"] == state["queued"] == []
     assert sum(s["samples_fed"] for s in state["stats"]) == state["issued"]  # every sample fed once
     assert not (run / "results.fenced").exists() and not list((run / "results.parts").glob("*.parquet"))
@@ -196,5 +197,5 @@ def test_a_worker_failing_every_task_is_drained(cluster, tmp_path):
         cluster.rules("", sick)
     df = _exactly_once(run)
     assert (df.status == "ok").all()
-    assert torch.load(run / "controller.pt", weights_only=True)["drained"] == [address]
+    assert loop_state(run / "controller.pt")["drained"] == [address]
     _until(lambda: cluster.procs[sick].poll() is not None, timeout=30)  # retired: the worker closed

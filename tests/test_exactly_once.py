@@ -12,13 +12,13 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import Pool, record, run_async, token_reward
 
 from nasfcos.errors import EvaluationLost
 from nasfcos.search.failures import SearchHalted
 from nasfcos.search.loop import SearchConfig
 from nasfcos.search.policies import RandomPolicy
+from nasfcos.search.state import loop_state
 from nasfcos.search.sync import run_search
 from storage.results import ResultsTable
 
@@ -98,7 +98,7 @@ def test_resume_after_a_finished_archs_row_was_quarantined(tmp_path):
     cfg = SearchConfig(total_archs=8, archs_per_step=4)
     with pytest.raises(KeyboardInterrupt):
         run_async(tmp_path, RandomPolicy(seed=2), Pool(tmp_path, 2, crash_after=4), cfg, slots=2)  # the 5th submit follows a draw saved with 3 finished
-    finished = torch.load(tmp_path / "c.pt", weights_only=True)["finished"]
+    finished = loop_state(tmp_path / "c.pt")["finished"]
     assert finished, "the crash must leave finished archs not yet fed to an update"
     from nasfcos.arch import Arch
 
@@ -157,7 +157,7 @@ def test_an_arch_lost_every_time_gets_a_failed_row_naming_each_attempt(tmp_path)
     assert row.status == "failed" and row.reward_used == -10.0 and pool.raised[bad] == 3
     assert row.error.startswith("lost 3 times: [1] w0: RuntimeError: CUDA error") and "[3] " in row.error
     # the checkpoint holds the attempts of archs still without a row (a resume counts on); none is left
-    assert torch.load(tmp_path / "c.pt", weights_only=True)["attempts"] == {}
+    assert loop_state(tmp_path / "c.pt")["attempts"] == {}
 
 
 def test_a_sick_worker_is_drained_and_another_workers_success_never_resets_its_count(tmp_path):
@@ -169,7 +169,7 @@ def test_a_sick_worker_is_drained_and_another_workers_success_never_resets_its_c
     _check_exactly_once(tmp_path, policy, summary, 10)
     assert pool.drained == ["w1"] and pool.ran_on["w1"] == 3  # drained after 3 in a row, never used again
     assert (ResultsTable(tmp_path).read().status == "ok").all()  # its archs finished on w0
-    assert torch.load(tmp_path / "c.pt", weights_only=True)["drained"] == ["w1"]
+    assert loop_state(tmp_path / "c.pt")["drained"] == ["w1"]
     with pytest.raises(SearchHalted, match=r"every worker is drained \(w0\); 2 evaluations in a row failed on w0"):  # no worker left: stop loudly
         run_search_async_drain(
             tmp_path / "all", CountingPolicy(seed=8), Lossy(tmp_path / "all", 2, sick="w0", workers=1), SearchConfig(total_archs=4, max_consecutive_failures=2), slots=1

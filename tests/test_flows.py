@@ -11,6 +11,8 @@ import pytest
 import torch
 from helpers import finish, pipeline_process, tiny, tiny_args
 
+from nasfcos.search.state import loop_state
+
 pytest.importorskip("prefect")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,13 +254,12 @@ def test_dask_local_cluster_evaluates_a_search_step(finished_run, tmp_path):
 
 def test_async_search_flow_evaluates_each_arch_once(finished_run, tmp_path):
     """search.mode async on the thread runner: 2 slots, a task submitted per freed slot."""
-    import torch
 
     copy, out = _search_on_copy(finished_run, tmp_path, "async", {"search.total_archs": 3, "search.mode": "async"})
     assert out["unique_archs"] == 3
     ids = [line.split()[1] for line in (copy / "evaluations.log").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 3 and sorted(ids) == sorted(pd.read_parquet(copy / "results.parquet").arch_id)
-    state = torch.load(copy / "controller.pt", weights_only=True)
+    state = loop_state(copy / "controller.pt")
     assert state["in_flight"] == state["finished"] == [] and len(state["stats"]) == 2  # K=2, then the last 1
 
 

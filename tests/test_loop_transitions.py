@@ -179,3 +179,16 @@ def test_async_refuses_a_pending_sync_step(tmp_path):
     s.draw()
     with pytest.raises(ValueError, match="sync-mode step is pending"):
         _search(tmp_path, Hand())
+
+
+def test_a_checkpoint_of_the_old_format_resumes(tmp_path):
+    """Checkpoints before 2026-12-04 pickled the loop state's fields beside the policy; the
+    loop state is one JSON text now (torch.save's per-element hook cost 10 ms per arch)."""
+    import dataclasses
+
+    import torch
+
+    _search(tmp_path, Hand()).submit_next()
+    new = _on_disk(tmp_path)
+    torch.save({"policy": RandomPolicy(seed=0).state_dict(), **dataclasses.asdict(new)}, tmp_path / "old.pt")
+    assert load_state(tmp_path / "old.pt", RandomPolicy(seed=0)) == new and new.queued
