@@ -106,7 +106,8 @@ def evaluate_decoder(
         fault_point(f"search:evaluate:{sample}")  # the kill matrix holds one sample here (finishing order)
         cfg, run = _opened(config)
         check(run.root, epoch, f"the evaluation of {arch_id}")
-        table = _TABLES.get((run.root, epoch)) or _TABLES.setdefault((run.root, epoch), ResultsTable(run.root, epoch=epoch))
+        if (table := _TABLES.get((run.root, epoch))) is None:  # not `or`: a table's truth is its length (a whole read)
+            table = _TABLES[(run.root, epoch)] = ResultsTable(run.root, epoch=epoch)
         if (row := _row_of(table, arch_id, rung)) is not None:
             run_logger().info("%s: already has its row (an earlier attempt or dispatch wrote it); not evaluated again", arch_id)
             return {**row, "worker": _worker_name(runner)}
