@@ -34,6 +34,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from flows import feature_cache
 from flows.placement import RESOURCE, drain_device, evaluation_slots, process_devices, run_logger, undrain_devices
@@ -154,13 +155,18 @@ def _on_worker(fn: Evaluate, kwargs: dict) -> dict:
 class DaskDispatch(Dispatch):
     """Evaluations as ``distributed`` futures on the flow's Dask cluster."""
 
-    def __init__(self, evaluate: Evaluate, payload: dict, *, client, ex, lost_after_s: float | None) -> None:
+    def __init__(self, evaluate: Evaluate, payload: dict, *, client, cfg, lost_after_s: float | None) -> None:
+        from flows import workers
+
         super().__init__(evaluate, payload, lost_after_s=lost_after_s)
-        self.client, self.ex = client, ex
-        self.gpu = process_devices(ex)[0].startswith("cuda")
-        self.slots = evaluation_slots(ex)
+        self.client, self.ex = client, cfg.execution
+        self.gpu = process_devices(self.ex)[0].startswith("cuda")
+        self.slots = evaluation_slots(self.ex)
+        found = workers.check(client, cfg, Path(cfg.runs_dir).resolve() / cfg.run_id)
         if self.gpu:
-            check_resources(client, ex)
+            found += resource_problems(client, self.ex)
+        if found:
+            raise InfrastructureError(f"{len(found)} problem{'s' * (len(found) > 1)} with the Dask workers: " + "; ".join(found))
 
     def _submit(self, job):
         resources = {RESOURCE: self.ex.slots_per_device if job.alone else 1} if self.gpu else None
@@ -189,18 +195,19 @@ class DaskDispatch(Dispatch):
             run_logger().warning("freeing the workers' cached features: %s", e)
 
 
-def check_resources(client, ex) -> None:
-    """One error when no worker can ever run an evaluation alone (it asks ``GPU=slots_per_device``
-    of one worker): Dask would leave it waiting for ever."""
+def resource_problems(client, ex) -> list[str]:
+    """The problem when no worker can ever run an evaluation alone (it asks
+    ``GPU=slots_per_device`` of one worker): Dask would leave it waiting for ever."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     need = ex.slots_per_device
     have = {w.get("name", a): w.get("resources", {}).get(RESOURCE, 0) for a, w in workers.items()}
-    if have and max(have.values()) < need:
-        shown = ", ".join(f"{n}: {RESOURCE}={v:g}" for n, v in sorted(have.items(), key=str)[:8])
-        raise InfrastructureError(
-            f"no Dask worker can run a whole-device task: it asks {RESOURCE}={need} (execution.slots_per_device) of one worker, "
-            f"the workers declare {shown}; start each worker with --resources {RESOURCE}={need} or set execution.slots_per_device to what they declare"
-        )
+    if not have or max(have.values()) >= need:
+        return []
+    shown = ", ".join(f"{n}: {RESOURCE}={v:g}" for n, v in sorted(have.items(), key=str)[:8])
+    return [
+        f"no Dask worker can run a whole-device task: it asks {RESOURCE}={need} (execution.slots_per_device) of one worker, "
+        f"the workers declare {shown}; start each worker with --resources {RESOURCE}={need} or set execution.slots_per_device to what they declare"
+    ]
 
 
 def make_dispatch(cfg, evaluate: Evaluate, payload: dict) -> Dispatch:
@@ -209,5 +216,5 @@ def make_dispatch(cfg, evaluate: Evaluate, payload: dict) -> Dispatch:
     if ex.task_runner == "dask":
         from prefect.context import FlowRunContext
 
-        return DaskDispatch(evaluate, payload, client=FlowRunContext.get().task_runner.client, ex=ex, lost_after_s=lost_after_s)
+        return DaskDispatch(evaluate, payload, client=FlowRunContext.get().task_runner.client, cfg=cfg, lost_after_s=lost_after_s)
     return ThreadDispatch(evaluate, payload, slots=evaluation_slots(ex), lost_after_s=lost_after_s)

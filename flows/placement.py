@@ -27,6 +27,7 @@ import os
 import queue
 import threading
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import ContextManager, Iterator, Sequence
 
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -49,7 +50,11 @@ def task_runner(cfg: PipelineConfig):
 
         if ex.dask_address:
             return DaskTaskRunner(address=ex.dask_address)
-        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"devices": list(ex.devices), "slots_per_device": ex.slots_per_device})
+        from flows.workers import feature_bytes, memory_limit
+
+        features = feature_bytes(Path(cfg.runs_dir).resolve() / cfg.run_id / "features.zarr")
+        limit = memory_limit(len(ex.devices), features)
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"devices": list(ex.devices), "slots_per_device": ex.slots_per_device, "memory_limit": limit})
     return ThreadPoolTaskRunner(max_workers=evaluation_slots(ex))
 
 
@@ -84,7 +89,7 @@ def cluster_slots(ex: ExecutionSection, timeout: float = 60.0) -> int:
     return max(slots, 1)
 
 
-def local_cluster(devices: Sequence[str], slots_per_device: int = 1, dashboard_address: str = ":8787"):
+def local_cluster(devices: Sequence[str], slots_per_device: int = 1, dashboard_address: str = ":8787", memory_limit: int | str = "auto"):
     """A Dask cluster on this machine: one worker process per device, pinned to it.
 
     Plain ``CUDA_VISIBLE_DEVICES`` per worker rather than dask-cuda's
@@ -93,13 +98,14 @@ def local_cluster(devices: Sequence[str], slots_per_device: int = 1, dashboard_a
     process before anything imports CUDA, so ``cuda:N`` is that worker's ``cuda:0``.
     ``cpu`` workers get no GPU resource and no ``CUDA_VISIBLE_DEVICES``. Everything
     listens on 127.0.0.1; the scheduler's dashboard on ``dashboard_address`` (``:0``: any
-    free port).
+    free port). ``memory_limit``: each worker's (``flows.workers.memory_limit``: sized for
+    the proxy features it keeps resident).
     """
     from distributed import Nanny, Scheduler, SpecCluster
 
     workers = {}
     for i, device in enumerate(devices):
-        options: dict = {"nthreads": slots_per_device, "host": "127.0.0.1"}
+        options: dict = {"nthreads": slots_per_device, "host": "127.0.0.1", "memory_limit": memory_limit}
         if device.startswith("cuda"):
             options["env"] = {"CUDA_VISIBLE_DEVICES": device.split(":")[1]}
             options["resources"] = {RESOURCE: slots_per_device}

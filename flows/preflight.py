@@ -67,7 +67,8 @@ def _warm_start(problems: list[str], value: str) -> None:
 
 def _devices(problems: list[str], cfg: PipelineConfig) -> None:
     ex = cfg.execution
-    if ex.dask_address:  # the workers' devices are theirs to check
+    if ex.dask_address:  # the devices are the workers'
+        _workers(problems, cfg)
         return
     import torch
 
@@ -78,6 +79,23 @@ def _devices(problems: list[str], cfg: PipelineConfig) -> None:
             problems.append(f"execution.devices: {d} does not exist (this machine has {have} CUDA device{'s' * (have != 1)})")
         elif not m and d != "cpu":
             problems.append(f"execution.devices: {d!r} is neither cpu nor cuda[:N]")
+
+
+def _workers(problems: list[str], cfg: PipelineConfig, timeout: float = 10.0) -> None:
+    """The workers connected to ``execution.dask_address`` now, checked (``flows.workers``);
+    none yet (a batch job still queued) is no problem: the search checks those it gets."""
+    from distributed import Client
+
+    from flows import workers
+
+    ex = cfg.execution
+    try:
+        client = Client(ex.dask_address, timeout=timeout)
+    except (OSError, TimeoutError) as e:
+        problems.append(f"execution.dask_address: no Dask scheduler answers at {ex.dask_address} ({type(e).__name__})")
+        return
+    with client:
+        problems.extend(workers.check(client, cfg, Path(cfg.runs_dir).resolve() / cfg.run_id))
 
 
 _SAMPLE = 20  # image files looked for per json: a wrong image dir shows at once, 100k stats do not run

@@ -330,3 +330,24 @@ def check_report(run: Path) -> ReportPage:
         for c in cols:
             assert all(same_cell(g, w) for g, w in zip(got[c], want[c], strict=True)), (title, c, list(got[c]), list(want[c]))
     return page
+
+
+def tiny_feature_store(run) -> None:
+    """A small random proxy feature store at the tiny preset's geometry (crop 64, 3 classes):
+    the search stage's input, without running finetune and materialise."""
+    import numpy as np
+
+    from storage.features import FeatureStore
+
+    levels = {"C2": (16, 16, 16), "C3": (32, 8, 8), "C4": (64, 4, 4), "C5": (128, 2, 2)}
+    splits = {"meta_train": 16, "meta_val": 8}
+    store = FeatureStore.create(run / "features.zarr", splits=splits, levels=levels, shard_size=8, attrs={"num_classes": 3, "crop": 64})
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for shard in range(store.num_shards(split)):
+            b = len(range(*store.shard_range(split, shard)))
+            store.write_shard(
+                split, shard, features={lv: rng.standard_normal((b, *chw)).astype(np.float16) for lv, chw in levels.items()},
+                image_id=np.arange(b), crop=np.tile([0, 0, 64, 64], (b, 1)), scale=np.ones((b, 2), np.float32),
+                boxes=[np.array([[8.0, 8.0, 40.0, 40.0]], np.float32) for _ in range(b)], labels=[np.array([i % 3]) for i in range(b)],
+            )  # fmt: skip

@@ -126,6 +126,44 @@ def _until(what, timeout=120.0, every=0.05):
     return out
 
 
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_resource_no_worker_has_is_one_error_within_seconds(cluster, tmp_path):
+    """Evaluations alone on a GPU ask GPU=slots_per_device of one worker; these workers
+    declare GPU=1 and have no CUDA device: the search stops at once naming both, instead of
+    waiting for ever for a worker that can run them."""
+    t0 = time.monotonic()
+    proc = _search(cluster, tmp_path, "mismatch", **{"execution.devices": ["cuda"], "execution.slots_per_device": 2})
+    assert finish(proc, 120) not in (0, None)
+    took = time.monotonic() - t0
+    log = next(tmp_path.glob("mismatch-*.log")).read_text()
+    assert "no Dask worker can run a whole-device task: it asks GPU=2" in log and "w0: GPU=1" in log
+    assert "Dask worker w0 on" in log and "no CUDA device cuda (it sees 0)" in log
+    assert not (tmp_path / "mismatch" / "starts.log").exists()  # nothing was dispatched
+    assert took < 60, took  # the flow's start-up included
+
+
+def test_a_stopped_search_stops_every_workers_evaluation(cluster, tmp_path):
+    """SIGTERM of the flow's process (what a Cancel in the UI does to a run's process, and
+    SLURM or Kubernetes on preemption) while every worker trains an arch: each worker's
+    evaluation stops at its next batch, within 30 s, freeing its slot."""
+    run = tmp_path / "cancel"
+    run.mkdir()
+    (run / "hold_s").write_text("300")
+    proc = _search(cluster, tmp_path, "cancel")
+    _until(lambda: len(_lines(run / "starts.log")) >= 3, timeout=120)  # one evaluation on each worker
+    t0 = time.time()
+    os.kill(proc.pid, signal.SIGTERM)
+    _until(lambda: len(_lines(run / "stops.log")) >= 3, timeout=30, every=0.1)
+    stopped = max(float(line.split()[0]) for line in _lines(run / "stops.log")) - t0
+    assert finish(proc, 60) != 0
+    print(f"search stopped: every worker's evaluation stopped {stopped:.2f} s after the SIGTERM")
+    assert {line.split()[1] for line in _lines(run / "stops.log")} == {line.split()[1] for line in _lines(run / "starts.log")}
+    _until(lambda: not any(cluster.client.processing().values()), timeout=30)  # the slots are free
+
+
 def test_a_second_flow_fences_the_first_flows_tasks(cluster, tmp_path):
     """The first flow's process dies while its tasks (trained, about to write) still run on
     the workers; a second flow takes the run (epoch 2) and dispatches their archs again. The

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pytest
-from helpers import record, tiny
+from helpers import record, tiny, tiny_feature_store
 
 pytest.importorskip("prefect")
 
@@ -158,27 +158,6 @@ def test_every_identity_field_has_a_wire():
         assert wire.value not in (default, getattr(getattr(preset, s), k)), f"{field}: {wire.value!r} is its default or the tiny preset's value"
 
 
-def _feature_store(run) -> None:
-    """A small random proxy feature store at the tiny preset's geometry (crop 64, 3 classes):
-    the search stage's input, without running finetune and materialise."""
-    import numpy as np
-
-    from storage.features import FeatureStore
-
-    levels = {"C2": (16, 16, 16), "C3": (32, 8, 8), "C4": (64, 4, 4), "C5": (128, 2, 2)}
-    splits = {"meta_train": 16, "meta_val": 8}
-    store = FeatureStore.create(run / "features.zarr", splits=splits, levels=levels, shard_size=8, attrs={"num_classes": 3, "crop": 64})
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for shard in range(store.num_shards(split)):
-            b = len(range(*store.shard_range(split, shard)))
-            store.write_shard(
-                split, shard, features={lv: rng.standard_normal((b, *chw)).astype(np.float16) for lv, chw in levels.items()},
-                image_id=np.arange(b), crop=np.tile([0, 0, 64, 64], (b, 1)), scale=np.ones((b, 2), np.float32),
-                boxes=[np.array([[8.0, 8.0, 40.0, 40.0]], np.float32) for _ in range(b)], labels=[np.array([i % 3]) for i in range(b)],
-            )  # fmt: skip
-
-
 def _evaluate_arch(arch, train, val, *, num_classes, cfg, **_):
     """The spy's stand-in for the proxy training (seconds per arch): a record as evaluate_arch's."""
     from nasfcos.arch import resolve
@@ -215,7 +194,7 @@ def test_search_and_proxy_fields_reach_their_consumers(prefect_server, tmp_path,
         wires = {f: w for f, w in WIRES.items() if w.run in ("", name)}
         settings = {**extra, **{f: list(w.value) if isinstance(w.value, tuple) else w.value for f, w in wires.items()}, "execution.report": False}
         cfg = load_config("tiny", tiny(name, runs, **settings))
-        _feature_store(runs / name)
+        tiny_feature_store(runs / name)
         seen: dict[str, list[dict]] = defaultdict(list)
         with monkeypatch.context() as m:
             _install(m, seen)
