@@ -53,7 +53,7 @@ def slurm_cluster(*, slots: int, memory: int, partition: str | None = None, acco
     return SLURMCluster(
         queue=partition, account=account, walltime=walltime, processes=1, cores=slots, job_cpu=cpus or max(2 * slots, 4),
         memory=f"{-(-memory // GIB)}GiB", job_extra_directives=["--gres=gpu:1"], job_script_prologue=list(prologue),
-        worker_extra_args=["--resources", f"GPU={slots}"], local_directory="$TMPDIR", name="nasfcos",
+        worker_extra_args=["--resources", f"GPU={slots}"], local_directory="${TMPDIR:-/tmp}", name="nasfcos",
         scheduler_options={"host": host} if host else None,
     )  # fmt: skip
 

@@ -37,11 +37,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flows import feature_cache
-from flows.placement import RESOURCE, drain_device, evaluation_slots, process_devices, run_logger, undrain_devices
+from flows.placement import drain_device, evaluation_slots, resource_request, run_logger, undrain_devices
 from nasfcos import cancel
 from nasfcos.errors import InfrastructureError
 
 Evaluate = Callable[..., dict]  # flows.search.evaluate_decoder
+CLOSE_WAIT_S = 30.0  # how long a closing thread dispatch waits for its evaluations to stop
 
 
 class Dispatch:
@@ -129,9 +130,18 @@ class ThreadDispatch(Dispatch):
             drain_device(worker)  # its slots' threads borrow the other devices from now on
 
     def close(self, *, cancel: bool) -> None:
-        if cancel:
-            self.stopped.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Evaluations still running are stopped at their next batch (at a normal end only
+        lost ones run: their archs were settled without them); one that never reaches a
+        batch (hung in the device) is named and left behind, never waited for."""
+        from concurrent.futures import wait
+
+        self.stopped.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            running = list(self.outstanding)
+        _, stuck = wait(running, timeout=CLOSE_WAIT_S)
+        if stuck:
+            run_logger().warning("%d evaluation(s) did not stop within %.0f s (hung in the device?); left running until this process ends", len(stuck), CLOSE_WAIT_S)
         feature_cache.free()
         undrain_devices()
 
@@ -160,16 +170,13 @@ class DaskDispatch(Dispatch):
 
         super().__init__(evaluate, payload, lost_after_s=lost_after_s)
         self.client, self.ex = client, cfg.execution
-        self.gpu = process_devices(self.ex)[0].startswith("cuda")
         self.slots = evaluation_slots(self.ex)
         found = workers.check(client, cfg, Path(cfg.runs_dir).resolve() / cfg.run_id)
-        if self.gpu:
-            found += resource_problems(client, self.ex)
         if found:
             raise InfrastructureError(f"{len(found)} problem{'s' * (len(found) > 1)} with the Dask workers: " + "; ".join(found))
 
     def _submit(self, job):
-        resources = {RESOURCE: self.ex.slots_per_device if job.alone else 1} if self.gpu else None
+        resources = resource_request(self.ex, shared=not job.alone)
         key = f"evaluate-{job.arch.arch_id}-{uuid.uuid4().hex[:8]}"
         return self.client.submit(_on_worker, self.fn, self.arguments(job), key=key, resources=resources, pure=False)
 
@@ -184,30 +191,14 @@ class DaskDispatch(Dispatch):
         threading.Thread(target=self.client.retire_workers, kwargs={"workers": [worker], "close_workers": True}, daemon=True).start()
 
     def close(self, *, cancel: bool) -> None:
-        if cancel:
-            with self._lock:
-                running = list(self.outstanding)
-            if running:
-                self.client.cancel(running, force=True)  # each worker sees its task released at its next batch
+        with self._lock:  # at a normal end only lost evaluations run: their archs were settled without them
+            running = list(self.outstanding)
+        if running:
+            self.client.cancel(running, force=True)  # each worker sees its task released at its next batch
         try:
             self.client.run(feature_cache.free)  # every worker: full training needs the memory next
         except Exception as e:  # noqa: BLE001 - a worker that left takes its cache with it
             run_logger().warning("freeing the workers' cached features: %s", e)
-
-
-def resource_problems(client, ex) -> list[str]:
-    """The problem when no worker can ever run an evaluation alone (it asks
-    ``GPU=slots_per_device`` of one worker): Dask would leave it waiting for ever."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    need = ex.slots_per_device
-    have = {w.get("name", a): w.get("resources", {}).get(RESOURCE, 0) for a, w in workers.items()}
-    if not have or max(have.values()) >= need:
-        return []
-    shown = ", ".join(f"{n}: {RESOURCE}={v:g}" for n, v in sorted(have.items(), key=str)[:8])
-    return [
-        f"no Dask worker can run a whole-device task: it asks {RESOURCE}={need} (execution.slots_per_device) of one worker, "
-        f"the workers declare {shown}; start each worker with --resources {RESOURCE}={need} or set execution.slots_per_device to what they declare"
-    ]
 
 
 def make_dispatch(cfg, evaluate: Evaluate, payload: dict) -> Dispatch:

@@ -146,11 +146,20 @@ def device_resources(ex: ExecutionSection, *, shared: bool = False) -> ContextMa
     An annotation because prefect-dask's runner takes no per-task resources; Dask's
     ``Client.submit`` reads ``dask.annotate`` in the submitting thread.
     """
-    if ex.task_runner != "dask" or not process_devices(ex)[0].startswith("cuda"):
+    request = resource_request(ex, shared=shared)
+    if request is None:
         return nullcontext()
     import dask
 
-    return dask.annotate(resources={RESOURCE: 1 if shared else ex.slots_per_device})
+    return dask.annotate(resources=request)
+
+
+def resource_request(ex: ExecutionSection, *, shared: bool) -> dict[str, int] | None:
+    """The Dask resources a task asks for: one slot of a GPU (``shared``) or all its slots;
+    None off Dask or without GPUs."""
+    if ex.task_runner != "dask" or not process_devices(ex)[0].startswith("cuda"):
+        return None
+    return {RESOURCE: 1 if shared else ex.slots_per_device}
 
 
 _SLOTS: dict[tuple, queue.Queue] = {}  # a pool of devices or of device groups -> its free ones
@@ -231,7 +240,7 @@ def _gate(device: str) -> _Gate:
 
 def drain_device(device: str) -> None:
     """Take one of this process's devices out of service: tasks borrow the others from now
-    on (the search's per-worker failure budget, ``nasfcos.search.loop.Failures``), until
+    on (the search's per-worker failure budget, ``nasfcos.search.failures.Failures``), until
     :func:`undrain_devices`."""
     with _SLOTS_LOCK:
         _DRAINED.add(device)

@@ -255,13 +255,13 @@ def search(cfg, run, config: dict) -> dict:
     s, results = cfg.search, ResultsTable(run.root, epoch=epoch)
     results.compact()  # the owner's takeover: rows of earlier owners merged, later ones of theirs left out
     progress = _Progress(cfg, run, config, results)
-    dispatch = make_dispatch(cfg, evaluate_decoder, {"config": config, "epoch": epoch})
     limited = s.max_decoder_params is not None or s.max_decoder_macs is not None
     loop = dict(
         policy=_policy(cfg, run), results=results, state_path=run.controller, on_step=progress.on_step,
-        cost=_cost(cfg, run) if limited else None, cfg=_loop_config(cfg), drain=dispatch.drain,
-        fence=lambda: check(run.root, epoch, "this search flow"),
+        cost=_cost(cfg, run) if limited else None, cfg=_loop_config(cfg), fence=lambda: check(run.root, epoch, "this search flow"),
     )  # fmt: skip
+    dispatch = make_dispatch(cfg, evaluate_decoder, {"config": config, "epoch": epoch})
+    loop["drain"] = dispatch.drain
     stopped = True
     try:
         if s.mode == "async":  # evaluate_decoder writes its row before it returns

@@ -6,10 +6,11 @@
   sized from the feature store (:func:`memory_limit`); a worker of an external cluster with
   less is named before the search starts.
 - **Checks** (:func:`problems`): each worker's package versions and code (the same
-  fingerprint as the flow's), its device (CUDA present, not the same GPU as another worker
-  of its host: one ``--nworkers 8`` job without ``CUDA_VISIBLE_DEVICES`` puts all eight on
-  GPU 0), its paths (the run directory writable, the feature store there), its ``GPU``
-  resource, its memory limit. Preflight runs them on the workers connected when the run
+  fingerprint as the flow's), its device (CUDA present; on an external cluster not the same
+  GPU as another worker of its host: one ``--nworkers 8`` job without
+  ``CUDA_VISIBLE_DEVICES`` puts all eight on GPU 0), its paths (the run directory writable,
+  the feature store there), its memory limit; and that some worker declares the ``GPU``
+  slots a whole-device task asks for (Dask would leave it waiting for ever). Preflight runs them on the workers connected when the run
   starts; the search stage again on those it dispatches to. Workers that join later are
   not checked (they run the same image in every recipe of ``deployments/``).
 """
@@ -112,10 +113,12 @@ def _access(path: Path, *, writable: bool) -> str:
     return "ok"
 
 
-def problems(seen: dict[str, dict], info: dict[str, dict], mine: dict, *, device: str, slots_per_device: int, need: int | None) -> list[str]:
+def problems(seen: dict[str, dict], info: dict[str, dict], mine: dict, *, device: str, slots_per_device: int, need: int | None, own_gpus: bool = True) -> list[str]:
     """One line per problem of the workers. ``seen``: worker name -> :func:`facts` there;
     ``info``: worker name -> the scheduler's record of it (``resources``, ``memory_limit``);
-    ``mine``: the flow's :func:`facts`; ``need``: bytes a worker needs (None: not known yet)."""
+    ``mine``: the flow's :func:`facts`; ``need``: bytes a worker needs (None: not known yet);
+    ``own_gpus``: each worker should have a GPU of its own (started by hand or by a batch
+    system; a local cluster pins its workers itself, and a GPU listed twice there is meant)."""
     out: list[str] = []
     gpu = device.startswith("cuda")
     by_gpu: dict[tuple[str, str], list[str]] = {}
@@ -135,16 +138,20 @@ def problems(seen: dict[str, dict], info: dict[str, dict], mine: dict, *, device
             out.append(f"Dask worker {name} on {f['host']}: no CUDA device {device} (it sees {f['cuda_devices']})")
         elif gpu:
             by_gpu.setdefault((f["host"], f["gpu"]), []).append(name)
-        w = info.get(name, {})
-        if gpu and w.get("resources", {}).get(RESOURCE, 0) < 1:
-            out.append(f"Dask worker {name}: declares no {RESOURCE} resource, so no evaluation ever runs there (start it with --resources {RESOURCE}={slots_per_device})")
-        limit = w.get("memory_limit") or 0
+        limit = info.get(name, {}).get("memory_limit") or 0
         if need is not None and 0 < limit < need:
             out.append(
                 f"Dask worker {name}: memory limit {limit / 1e9:.1f} GB, the proxy features need {need / 1e9:.1f} GB per worker "
                 f"(start it with --memory-limit {_gb(need)} or 0; below that Dask kills it on loading them, again and again)"
             )
-    for (host, uuid), names in sorted(by_gpu.items()):
+    have = {name: w.get("resources", {}).get(RESOURCE, 0) for name, w in sorted(info.items())}
+    if gpu and have and max(have.values()) < slots_per_device:  # Dask would leave whole-device tasks waiting for ever
+        shown = ", ".join(f"{n}: {RESOURCE}={v:g}" for n, v in list(have.items())[:8])
+        out.append(
+            f"no Dask worker can run a whole-device task: it asks {RESOURCE}={slots_per_device} (execution.slots_per_device) of one worker, "
+            f"the workers declare {shown}; start each worker with --resources {RESOURCE}={slots_per_device} or set execution.slots_per_device to what they declare"
+        )
+    for (host, uuid), names in sorted(by_gpu.items()) if own_gpus else ():
         if len(names) > 1:
             out.append(f"Dask workers {', '.join(names)} on {host} all use GPU {uuid}: one worker per GPU (CUDA_VISIBLE_DEVICES per worker; see docs/operations.md, 'A cluster')")
     return out
@@ -156,20 +163,24 @@ def _gb(n: int) -> str:
 
 def check(client, cfg, run_root: Path) -> list[str]:
     """:func:`problems` of the workers connected to ``client`` now (none: nothing to check)."""
+    from flows.placement import process_devices
+
     ex = cfg.execution
     workers = client.scheduler_info(n_workers=-1)["workers"]
     if not workers:
         return []
     features = run_root / "features.zarr"
-    paths = {"run": str(run_root), "features": str(features)}
+    # a fresh run's directory is made by its first stage: its parent then
+    paths = {"run": str(run_root if run_root.exists() else run_root.parent), "features": str(features)}
     info = {w.get("name", a): w for a, w in workers.items()}
     names = {a: w.get("name", a) for a, w in workers.items()}
+    device = process_devices(ex)[0]  # as a worker names its own device (a local cluster's: cuda:0)
     try:
-        seen = client.run(facts, paths, ex.devices[0], on_error="return", wait=True)
+        seen = client.run(facts, paths, device, on_error="return", wait=True)
     except (OSError, TimeoutError) as e:
         raise InfrastructureError(f"Dask cluster: the workers' checks did not come back ({e})") from e
     mine = facts(paths, "cpu")
     return problems(
         {names.get(a, a): f for a, f in seen.items()}, info, mine,
-        device=ex.devices[0], slots_per_device=ex.slots_per_device, need=memory_needed(feature_bytes(features)),
+        device=device, slots_per_device=ex.slots_per_device, need=memory_needed(feature_bytes(features)), own_gpus=bool(ex.dask_address),
     )  # fmt: skip

@@ -339,6 +339,7 @@ class ResultsTable:
         self._ok_cache: dict[tuple, dict[str, int]] = {}  # see _ok_ids
         self._read_cache: dict[tuple, pa.Table] = {}  # see _reader_files
         self._ids: dict[tuple, set[str]] = {}  # see get
+        self._reader_lock = threading.Lock()
         self._lock_key = str(self.lock_path.resolve())  # this process's lock for the run dir
         self._named: set[str] = set()  # files already named in a warning by this reader
         self._broke: int | None = None  # the epoch of a superseded holder whose compaction lock _lock() broke
@@ -474,14 +475,19 @@ class ResultsTable:
         evaluation's row checks (two per arch, on a worker that keeps this table) read only
         what is new since its last one. A part's name is unique (host, pid, random id) and
         never reused, so a part already read is not even looked at again."""
+        with self._reader_lock:  # one table serves every evaluation thread of a process
+            return self._reader_files_locked()
+
+    def _reader_files_locked(self) -> list[tuple[tuple, pa.Table]]:
         cache, self._read_cache = self._read_cache, {}
 
         def read(path: Path, *, part: bool = False) -> tuple[tuple, pa.Table] | None:
             if part and (key := (path.name,)) in cache:
                 t = cache[key]
             else:
-                try:
-                    st = path.stat()
+                try:  # opened, not stat'ed: on NFS an open revalidates the attributes a stat may serve from cache
+                    with open(path, "rb") as f:
+                        st = os.fstat(f.fileno())
                 except FileNotFoundError:  # a part compacted away meanwhile: its rows are in the table
                     return None
                 key = (path.name,) if part else (path.name, st.st_ino, st.st_mtime_ns, st.st_size)
@@ -519,9 +525,10 @@ class ResultsTable:
     def get(self, arch_id: str) -> dict[str, Any] | None:
         """The row of ``arch_id`` as a dict of Python values (lists, UTC datetimes), or None."""
         files, ids = self._reader_files(), {}
-        for key, t in files:  # each file's arch ids, kept as long as the file is: a lookup per file, not a filter
-            ids[key] = self._ids.get(key) or set(t.column("arch_id").to_pylist())
-        self._ids = ids
+        with self._reader_lock:
+            for key, t in files:  # each file's arch ids, kept as long as the file is: a lookup per file, not a filter
+                ids[key] = self._ids.get(key) or set(t.column("arch_id").to_pylist())
+            self._ids = ids
         hits = [t.filter(pc.equal(t.column("arch_id"), arch_id)) for key, t in files if arch_id in ids[key]]
         hit = _dedup(pa.concat_tables(hits)) if hits else None  # the dedup rule is per arch: its own rows suffice
         return hit.to_pylist()[0] if hit is not None else None

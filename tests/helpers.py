@@ -68,7 +68,7 @@ def token_reward(arch):
 
 class Pool:
     """Simulated evaluations on a thread pool: each sleeps a per-arch time, appends its own
-    row and an audit line (as the Prefect task does), and counts calls and concurrency."""
+    row and an audit line (as flows.search.evaluate_decoder does), and counts calls and concurrency."""
 
     def __init__(self, run_dir, slots, *, fail=(), crash_after=None, kill_after=None, together=None, seconds=0.03):
         self.results, self.audit = ResultsTable(run_dir), Path(run_dir) / "evaluations.log"

@@ -58,7 +58,7 @@ def test_the_ladder_promotes_from_the_top_third_highest_rung_first():
 class Rungs:
     """Simulated evaluations on a thread pool with rewards that depend on the arch and the
     rung (and failures of chosen (arch, rung) pairs). With ``writes_rows`` an evaluation
-    writes its own row (from the job alone, as the Prefect task does) and an audit line, and
+    writes its own row (from the job alone, as flows.search.evaluate_decoder does) and an audit line, and
     may SIGKILL the process; otherwise every promotion is checked as it is submitted: the
     arch must be in the top floor(n/eta) of the n archs its rung has finished."""
 

@@ -244,7 +244,7 @@ def test_sigkilled_async_search_resumes_without_evaluating_twice(tmp_path):
 
 
 def test_async_loop_appends_rows_unless_the_evaluator_wrote_them(tmp_path):
-    """The Prefect task writes its own row before returning (evaluator_writes_rows=True), so
+    """flows.search.evaluate_decoder writes its own row before returning (evaluator_writes_rows=True), so
     the loop then skips its append; by default the loop appends every record itself."""
     from concurrent.futures import Future as CFuture
 

@@ -61,11 +61,18 @@ def test_each_workers_problem_is_one_line_naming_it():
         "Dask worker nogpu on n4: no CUDA device cuda (it sees 0)",
         "Dask worker old: other package versions than the flow's: torch 2.10 (flow: 2.11)",
         "Dask worker stale: other nasfcos code than the flow's (fingerprint def, flow abc): install the same commit on every machine",
-        "Dask worker twin: declares no GPU resource, so no evaluation ever runs there (start it with --resources GPU=2)",
         "Dask worker twin: memory limit 1.0 GB, the proxy features need 5.0 GB per worker (start it with --memory-limit 5GB or 0; below that Dask kills it on loading them, again and again)",
         "Dask workers good, twin on n1 all use GPU GPU-1: one worker per GPU (CUDA_VISIBLE_DEVICES per worker; see docs/operations.md, 'A cluster')",
     ]
     assert workers.problems({"good": _facts()}, {"good": info["good"]}, mine, device="cuda", slots_per_device=2, need=5 * 10**9) == []
+    # a local cluster pins its workers itself: a GPU listed twice there is meant
+    assert workers.problems({"a": _facts(), "b": _facts()}, {"a": info["good"], "b": info["good"]}, mine, device="cuda", slots_per_device=2, need=None, own_gpus=False) == []
+    # workers of GPU=1 where a whole-device evaluation asks GPU=2: it would wait for ever
+    one = {name: {"resources": {"GPU": 1}} for name in ("a", "b")}
+    assert workers.problems({"a": _facts(), "b": _facts(gpu="GPU-2")}, one, mine, device="cuda", slots_per_device=2, need=None) == [
+        "no Dask worker can run a whole-device task: it asks GPU=2 (execution.slots_per_device) of one worker, the workers declare a: GPU=1, b: GPU=1; "
+        "start each worker with --resources GPU=2 or set execution.slots_per_device to what they declare"
+    ]
 
 
 def test_the_checks_run_on_every_worker_of_a_real_cluster(tmp_path):

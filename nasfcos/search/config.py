@@ -34,7 +34,7 @@ Evaluate = Callable[[list[Job]], Iterable[dict]]
 
 class Future(Protocol):
     """One submitted evaluation, as the async loop needs it: ``concurrent.futures.Future``
-    and Prefect's task futures both fit. ``result()`` is the evaluation record."""
+    and ``distributed`` futures both fit. ``result()`` is the evaluation record."""
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None: ...
     def result(self) -> Any: ...
@@ -72,7 +72,7 @@ class SearchConfig:
     long as lost (a call hung in the device) and resubmits its arch;
     ``max_decoder_params`` / ``max_decoder_macs``: the cost constraint (module
     docstring), None = no limit; ``rungs`` (proxy epochs, two or more) and ``eta``:
-    successive halving (module docstring; async mode only), ``()`` = one fidelity."""
+    successive halving (nasfcos.search.halving; async mode only), ``()`` = one fidelity."""
 
     total_archs: int = 2800
     archs_per_step: int = 8

@@ -22,7 +22,7 @@ class Failures:
 
     Per worker (a Dask worker's address, or the device name): evaluations that failed on it
     in a row, arch failures (a ``failed`` row) and infrastructure failures (an evaluation
-    that raised after its retries, or was lost) alike; only that worker's own success resets
+    that raised, or was lost) alike; only that worker's own success resets
     its count, never another's, so a sick GPU that fails fast is caught while the others
     succeed. ``limit`` in a row drain the worker (``drain(worker)``: the flow retires it, its
     archs go elsewhere; named in the log, the search summary and ``state.drained``, a history:
