@@ -15,7 +15,8 @@ On-disk layout of a run directory::
     results.parquet          the compacted table, one row per arch_id, sorted; its metadata
                              names the epoch that last compacted it (sealed)
     results.parts/*.parquet  one file per append() / write_part() not yet compacted, named
-                             e<epoch>-... by writers of an epoch
+                             e<epoch>-... by writers of an epoch, ...=<arch_id>.parquet when
+                             it holds one arch's rows (a row check reads only that arch's parts)
     results.compacting       O_EXCL lock file of append() and compact(), naming its holder
     results.fenced/          parts of a superseded owner's tasks, moved aside by the owner
     quarantine/              damaged files, moved aside by the owner's compaction
@@ -406,7 +407,9 @@ class ResultsTable:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
         epoch = "" if self.epoch is None else f"e{self.epoch:08d}-"
-        atomicio.write_bytes(self.parts_dir / f"{epoch}{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex}.parquet", _table_bytes(table))
+        ids = set(table.column("arch_id").to_pylist())
+        arch = f"={ids.pop()}" if len(ids) == 1 and _ARCH_ID.fullmatch(next(iter(ids), "")) else ""  # see _part_arch
+        atomicio.write_bytes(self.parts_dir / f"{epoch}{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex}{arch}.parquet", _table_bytes(table))
 
     def compact(self) -> int:
         """Merge all parts into ``results.parquet`` (deduplicated, sorted); return the row count.
@@ -478,8 +481,13 @@ class ResultsTable:
         with self._reader_lock:  # one table serves every evaluation thread of a process
             return self._reader_files_locked()
 
-    def _reader_files_locked(self) -> list[tuple[tuple, pa.Table]]:
+    def _reader_files_locked(self, arch_id: str | None = None) -> list[tuple[tuple, pa.Table]]:
+        """With ``arch_id``: only the files that may hold its rows (parts named for another
+        arch are not read: a worker's row check would otherwise read every part of every
+        worker, O(workers) reads per evaluation)."""
         cache, self._read_cache = self._read_cache, {}
+        if arch_id is not None:  # what a full read would keep stays cached for the next one
+            self._read_cache = {k: t for k, t in cache.items() if _part_arch(k[0]) not in (None, arch_id)}
 
         def read(path: Path, *, part: bool = False) -> tuple[tuple, pa.Table] | None:
             if part and (key := (path.name,)) in cache:
@@ -499,7 +507,8 @@ class ResultsTable:
 
         # Parts first, the compacted file last: a part that vanishes between
         # listing and reading was merged into the file before it was deleted.
-        parts = [(p, *kt) for p in self._part_paths() if (kt := read(p, part=True)) is not None]
+        paths = [p for p in self._part_paths() if arch_id is None or _part_arch(p.name) in (None, arch_id)]
+        parts = [(p, *kt) for p in paths if (kt := read(p, part=True)) is not None]
         main = read(self.path) if self.path.exists() else None
         sealed = int((main[1].schema.metadata or {}).get(SEALED_KEY, b"0")) if main is not None else 0
         files = [(k, t) for p, k, t in parts if not self._left_out(p, sealed)]
@@ -524,8 +533,8 @@ class ResultsTable:
 
     def get(self, arch_id: str) -> dict[str, Any] | None:
         """The row of ``arch_id`` as a dict of Python values (lists, UTC datetimes), or None."""
-        files, ids = self._reader_files(), {}
         with self._reader_lock:
+            files, ids = self._reader_files_locked(arch_id), {}
             for key, t in files:  # each file's arch ids, kept as long as the file is: a lookup per file, not a filter
                 ids[key] = self._ids.get(key) or set(t.column("arch_id").to_pylist())
             self._ids = ids
@@ -838,6 +847,16 @@ def _part_epoch(part: Path) -> int | None:
     """The epoch in a part's name (None: written without one, by a reader-side tool or before epochs)."""
     m = _PART_EPOCH.match(part.name)
     return None if m is None else int(m.group(1))
+
+
+_ARCH_ID = re.compile(r"[0-9A-Za-z_]{1,64}")
+
+
+def _part_arch(name: str) -> str | None:
+    """The arch whose rows are the only ones in a part named ``...=<arch_id>.parquet``
+    (``_write_part`` names it so); None for a part of several archs, or an older name."""
+    stem, eq, arch = name.removesuffix(".parquet").rpartition("=")
+    return arch if eq and stem and _ARCH_ID.fullmatch(arch) else None
 
 
 def _fenced(part: Path, sealed: int) -> bool:

@@ -650,6 +650,30 @@ def test_a_damaged_part_file_is_named_by_readers_and_quarantined_by_the_compacti
     assert len(list((tmp_path / "quarantine").iterdir())) == 2
 
 
+def test_a_row_check_reads_only_the_parts_that_may_hold_its_arch(tmp_path, monkeypatch):
+    """A worker's row check (two per evaluation) read every part of every worker: O(workers)
+    reads per arch, 55 % of a Dask worker's CPU at 128 slots (py-spy, issue #27). A part of
+    one arch is named for it; parts of several archs, of older names and the compacted file
+    are still read."""
+    a, b, c, d = _archs(4)
+    t = ResultsTable(tmp_path)
+    for x in (a, b):
+        t.write_part([make_row(x)])
+    t.write_part([make_row(c), make_row(d, sample=1)])  # two archs: named for neither
+    named = {R._part_arch(p.name) for p in t._part_paths()}
+    assert named == {a.arch_id, b.arch_id, None}
+    read: list[str] = []
+    real = ResultsTable._read_for_reader
+    monkeypatch.setattr(ResultsTable, "_read_for_reader", lambda self, path: (read.append(path.name), real(self, path))[1])
+    reader = ResultsTable(tmp_path)
+    assert reader.get(a.arch_id)["arch_id"] == a.arch_id and len(read) == 2  # a's part and the two-arch part
+    assert R._part_arch(read[0]) in (a.arch_id, None) and R._part_arch(read[1]) in (a.arch_id, None)
+    assert reader.get(d.arch_id)["sample"] == 1 and reader.get(b.arch_id) is not None and len(read) == 3  # b's part, once
+    assert len(reader) == 4 and len(read) == 3  # a full read finds every part cached
+    assert t.compact() == 4 and reader.get(c.arch_id) is not None and reader.get("0123456789ab") is None
+    assert read[-1] == "results.parquet" and len(read) == 4
+
+
 # ---------------------------------------------------------------- schema 2: fidelities, over_budget
 
 
