@@ -2,7 +2,7 @@
 
 Each worker owns one GPU (it sees it as ``cuda``), declares ``GPU=<slots>`` (the
 evaluations it runs at once: ``execution.slots_per_device``) and a memory limit that holds
-the proxy features (``flows.workers.memory_needed``). The search connects to it with
+the proxy features (``flows.placement.memory_needed``). The search connects to it with
 ``execution.task_runner: dask``, ``execution.dask_address: <the address printed>``,
 ``execution.devices: [cuda]``; the run directory must be on storage every worker mounts.
 
@@ -35,7 +35,7 @@ RUNS_MOUNT = "/runs"  # where the Kubernetes workers mount the shared runs volum
 
 def worker_memory(features: str | None, default_gb: float) -> int:
     """Bytes each worker needs: from the feature store when it exists, else ``default_gb``."""
-    from flows.workers import feature_bytes, memory_needed
+    from flows.placement import feature_bytes, memory_needed
 
     need = memory_needed(feature_bytes(features)) if features else None
     return need if need is not None else int(default_gb * GIB)

@@ -41,6 +41,47 @@ from nasfcos.errors import InfrastructureError
 # 1/3 + 1/3 + 1/3 drifts past 1.0 in floating point, leaving a slot unusable.
 RESOURCE = "GPU"
 
+# A worker process's memory (every one keeps both proxy splits resident, flows/feature_cache.py):
+FEATURE_COPIES = 2  # the store's read plus one staging copy (pinned host memory, or the transfer to the device)
+BASE_BYTES = 4 * 2**30  # torch and the CUDA context, a decoder's training, the splits' assigned targets
+
+
+def feature_bytes(store: str | Path) -> int | None:
+    """Bytes of both proxy splits as the evaluations hold them; None before the store exists."""
+    from nasfcos.engine.proxy import LEVELS
+    from storage.features import FeatureStore
+
+    if not Path(store).exists():
+        return None
+    fs = FeatureStore.open(store)
+    return sum(fs.nbytes(split, LEVELS) for split in ("meta_train", "meta_val"))
+
+
+def memory_needed(features: int | None) -> int | None:
+    """What one worker process needs for ``features`` bytes of proxy features (None: unknown yet)."""
+    return None if features is None else FEATURE_COPIES * features + BASE_BYTES
+
+
+def memory_limit(workers: int, features: int | None, total: int | None = None) -> int | str:
+    """A local cluster worker's memory limit: its share of this machine (Dask's own default),
+    raised to what the features need. When the machine cannot hold every worker's copy, a
+    warning says so and what to change (the limit is still raised: a worker killed at its
+    limit is resubmitted and killed again, for ever)."""
+    import psutil
+
+    need = memory_needed(features)
+    if need is None:
+        return "auto"
+    total = psutil.virtual_memory().total if total is None else total
+    share = total // max(workers, 1)
+    if need > share:
+        run_logger().warning(
+            "%d Dask workers x %.1f GB (%d x %.1f GB of proxy features + %.0f GB) exceed this machine's %.1f GB: "
+            "use fewer devices (execution.devices) or a smaller meta split (proxy.meta_train)",
+            workers, need / 1e9, FEATURE_COPIES, features / 1e9, BASE_BYTES / 1e9, total / 1e9,
+        )  # fmt: skip
+    return max(need, share)
+
 
 def task_runner(cfg: PipelineConfig):
     """Thread pool with one worker per device slot, or prefect-dask's DaskTaskRunner."""
@@ -50,8 +91,6 @@ def task_runner(cfg: PipelineConfig):
 
         if ex.dask_address:
             return DaskTaskRunner(address=ex.dask_address)
-        from flows.workers import feature_bytes, memory_limit
-
         features = feature_bytes(Path(cfg.runs_dir).resolve() / cfg.run_id / "features.zarr")
         limit = memory_limit(len(ex.devices), features)
         return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"devices": list(ex.devices), "slots_per_device": ex.slots_per_device, "memory_limit": limit})
@@ -98,7 +137,7 @@ def local_cluster(devices: Sequence[str], slots_per_device: int = 1, dashboard_a
     process before anything imports CUDA, so ``cuda:N`` is that worker's ``cuda:0``.
     ``cpu`` workers get no GPU resource and no ``CUDA_VISIBLE_DEVICES``. Everything
     listens on 127.0.0.1; the scheduler's dashboard on ``dashboard_address`` (``:0``: any
-    free port). ``memory_limit``: each worker's (``flows.workers.memory_limit``: sized for
+    free port). ``memory_limit``: each worker's (:func:`memory_limit`: sized for
     the proxy features it keeps resident).
     """
     from distributed import Nanny, Scheduler, SpecCluster

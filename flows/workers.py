@@ -3,7 +3,7 @@
 - **Memory**: every worker process keeps both proxy splits resident (``flows/feature_cache.py``),
   ~50 GB at the paper's size. Below that, Dask's nanny kills the worker, its evaluation is
   resubmitted elsewhere and killed again, in a loop. A local cluster's workers get a limit
-  sized from the feature store (:func:`memory_limit`); a worker of an external cluster with
+  sized from the feature store (``flows.placement.memory_limit``); a worker of an external cluster with
   less is named before the search starts.
 - **Checks** (:func:`problems`): each worker's package versions and code (the same
   fingerprint as the flow's), its device (CUDA present; on an external cluster not the same
@@ -23,51 +23,10 @@ import os
 import socket
 from pathlib import Path
 
-from flows.placement import RESOURCE
+from flows.placement import RESOURCE, feature_bytes, memory_needed
 from nasfcos.errors import InfrastructureError
 
-FEATURE_COPIES = 2  # the store's read plus one staging copy (pinned host memory, or the transfer to the device)
-BASE_BYTES = 4 * 2**30  # torch and the CUDA context, a decoder's training, the splits' assigned targets
 PACKAGES = ("nasfcos", "flows", "storage", "atomicio")  # the code a worker runs: fingerprinted
-
-
-def feature_bytes(store: str | Path) -> int | None:
-    """Bytes of both proxy splits as the evaluations hold them; None before the store exists."""
-    from nasfcos.engine.proxy import LEVELS
-    from storage.features import FeatureStore
-
-    if not Path(store).exists():
-        return None
-    fs = FeatureStore.open(store)
-    return sum(fs.nbytes(split, LEVELS) for split in ("meta_train", "meta_val"))
-
-
-def memory_needed(features: int | None) -> int | None:
-    """What one worker process needs for ``features`` bytes of proxy features (None: unknown yet)."""
-    return None if features is None else FEATURE_COPIES * features + BASE_BYTES
-
-
-def memory_limit(workers: int, features: int | None, total: int | None = None) -> int | str:
-    """A local cluster worker's memory limit: its share of this machine (Dask's own default),
-    raised to what the features need. When the machine cannot hold every worker's copy, a
-    warning says so and what to change (the limit is still raised: a worker killed at its
-    limit is resubmitted and killed again, for ever)."""
-    import psutil
-
-    from flows.placement import run_logger
-
-    need = memory_needed(features)
-    if need is None:
-        return "auto"
-    total = psutil.virtual_memory().total if total is None else total
-    share = total // max(workers, 1)
-    if need > share:
-        run_logger().warning(
-            "%d Dask workers x %.1f GB (%d x %.1f GB of proxy features + %.0f GB) exceed this machine's %.1f GB: "
-            "use fewer devices (execution.devices) or a smaller meta split (proxy.meta_train)",
-            workers, need / 1e9, FEATURE_COPIES, features / 1e9, BASE_BYTES / 1e9, total / 1e9,
-        )  # fmt: skip
-    return max(need, share)
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import tiny_feature_store
 
-from flows.workers import feature_bytes, memory_needed
+from flows.placement import feature_bytes, memory_needed
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("cluster_recipe", ROOT / "deployments" / "cluster.py")

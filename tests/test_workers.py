@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from helpers import tiny_feature_store
 
-from flows import workers
+from flows import placement, workers
 from flows.config import load_config
 
 pytest.importorskip("distributed")
@@ -20,20 +20,20 @@ def test_a_local_clusters_memory_limit_is_sized_from_the_features(tmp_path, capf
     run = tmp_path / "r"
     tiny_feature_store(run)
     store = FeatureStore.open(run / "features.zarr")
-    n = workers.feature_bytes(run / "features.zarr")
+    n = placement.feature_bytes(run / "features.zarr")
     assert n == store.nbytes("meta_train") + store.nbytes("meta_val") > 0
     cfg = load_config("tiny", {"runs_dir": str(tmp_path), "run_id": "r", "execution.task_runner": "dask", "execution.devices": ["cpu", "cpu"]})
-    assert task_runner(cfg).cluster_kwargs["memory_limit"] == workers.memory_limit(2, n) >= workers.memory_needed(n)
+    assert task_runner(cfg).cluster_kwargs["memory_limit"] == placement.memory_limit(2, n) >= placement.memory_needed(n)
     fresh = load_config("tiny", {"runs_dir": str(tmp_path), "run_id": "new", "execution.task_runner": "dask"})
     assert task_runner(fresh).cluster_kwargs["memory_limit"] == "auto"  # no features yet (materialise-features' runner)
     # the paper's size: 50 GB of features, 8 workers on a 256 GB machine: each worker's share
     # (32 GB) is raised to what it needs, and a warning says the machine cannot hold them all
     capfd.readouterr()
-    assert workers.memory_limit(8, 50 * 10**9, total=256 * 10**9) == 100 * 10**9 + workers.BASE_BYTES
+    assert placement.memory_limit(8, 50 * 10**9, total=256 * 10**9) == 100 * 10**9 + placement.BASE_BYTES
     assert (
         "8 Dask workers x 104.3 GB (2 x 50.0 GB of proxy features + 4 GB) exceed this machine's 256.0 GB" in capfd.readouterr().err + caplog.text
     )  # where Prefect's logging sends it
-    assert workers.memory_limit(8, 10**9, total=256 * 10**9) == 32 * 10**9  # the share suffices
+    assert placement.memory_limit(8, 10**9, total=256 * 10**9) == 32 * 10**9  # the share suffices
 
 
 def _facts(**over) -> dict:
@@ -85,5 +85,5 @@ def test_the_checks_run_on_every_worker_of_a_real_cluster(tmp_path):
     cfg = load_config("tiny", {"runs_dir": str(tmp_path), "run_id": "r", "execution.task_runner": "dask"})
     with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, memory_limit="100MB", dashboard_address=None) as cluster, Client(cluster) as client:
         found = workers.check(client, cfg, run)
-    need = workers.memory_needed(workers.feature_bytes(run / "features.zarr"))
+    need = placement.memory_needed(placement.feature_bytes(run / "features.zarr"))
     assert len(found) == 2 and all(f"memory limit 0.1 GB, the proxy features need {need / 1e9:.1f} GB" in p for p in found)
