@@ -257,6 +257,9 @@ class ExecutionSection(_Section):
     dask_address: str | None = tuning(None)  # a dask.distributed scheduler; None with "dask" = local cluster
     retries: int = tuning(1, ge=0)  # task retries for infrastructure failures (nasfcos/errors.py)
     retry_delay_s: float = tuning(5.0, ge=0)
+    # torchrun restarts of a data-parallel training group (finetune.devices, train_full.devices_per_arch > 1)
+    # that lost a rank: it resumes from its last checkpoint; then the task's retries
+    max_restarts: int = tuning(1, ge=0)
     # proxy features on the device, or in host memory with batches streamed to it;
     # auto: streamed when they take more than 70% of the device's free memory
     feature_residency: Literal["auto", "device", "host"] = tuning("auto")

@@ -31,6 +31,7 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
     or after top_k / num_archs changed, evaluates only what is new)."""
     from nasfcos.data import COCODetection, build_transforms
     from nasfcos.engine.checkpoint import detector_from_checkpoint
+    from nasfcos.engine.curves import add_scalars
     from nasfcos.evaluation.coco import coco_evaluate, predict_dataset, save_results
 
     cfg, run, _, _ = open_stage(config, STAGE)
@@ -56,6 +57,7 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
         save_results(dets, out_dir / "detections_val.json")
         metrics = coco_evaluate(val.coco_gt(), dets)
         atomicio.write_json(out_dir / "val_metrics.json", metrics)
+        add_scalars(out_dir, int(ckpt["iteration"]), {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})  # beside its loss curve
         row.update(metrics)
         testdev = coco_split(cfg, run, "testdev")
         if testdev is not None:

@@ -35,7 +35,7 @@ def train_backbone(config: dict) -> dict:
     spec = DetectorSpec(num_classes=len(dataset.classes), backbone=f.backbone, width=f.width)
     meta = {"classes": list(dataset.classes), "category_ids": list(dataset.category_ids)}
     devices = cfg.execution.devices[: f.devices]
-    result = train_on_devices(spec, dataset, tc, run.backbone, devices=devices, backbone_weights=f.weights, meta=meta)
+    result = train_on_devices(spec, dataset, tc, run.backbone, devices=devices, max_restarts=cfg.execution.max_restarts, backbone_weights=f.weights, meta=meta)
     return {"checkpoint": str(result.checkpoint), "iteration": result.iteration, "losses": result.last_losses, "classes": meta["classes"]}
 
 

@@ -4,6 +4,7 @@ skipping stages in a run directory, run names, artifact keys, portable task para
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config, role
+from nasfcos.errors import one_line
 from nasfcos.fault_injection import fault_point
 from storage.run_dir import RunDir, config_hash
 from storage.run_lock import run_lock
@@ -195,23 +197,36 @@ def task_options(cfg: PipelineConfig, stage: str) -> dict:
     }
 
 
-def results_with_progress(cfg: PipelineConfig, what: str, futures: list, *, done: int = 0, total: int | None = None, description: str) -> list:
+def results_with_progress(
+    cfg: PipelineConfig, what: str, futures: list, *, done: int = 0, total: int | None = None, description: str, refresh: Callable[[], None] | None = None, every_s: float = 60.0
+) -> list:
     """``f.result()`` of every future, in order, while a Prefect progress artifact
     (``<run_id>-<what>-progress``) follows them as they finish: a stage of hours or days
     shows in the UI how far it is, as the search does (and on a terminal a bar, in a log
-    a line every 30 s with the rate and ETA)."""
+    a line every 30 s with the rate and ETA). ``refresh`` (e.g. the loss curves of
+    train-full's summary) is called every ``every_s`` seconds meanwhile and never fails the stage."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.futures import as_completed
+    from prefect.futures import wait
 
     from nasfcos.progress import Progress
 
     total = max(total if total is not None else done + len(futures), 1)
     art = create_progress_artifact(progress=100.0 * done / total, key=artifact_key(cfg, f"{what}-progress"), description=description)
+    pending, refreshed = list(futures), time.monotonic()
     with Progress(total, what, unit="task", initial=done, logger=get_run_logger()) as bar:  # the terminal's (or log's) view
-        for _ in as_completed(futures):
-            done += 1
-            bar.update(1)
-            update_progress_artifact(art, 100.0 * min(done, total) / total)
+        while pending:
+            finished = wait(pending, timeout=2.0).done
+            if finished:
+                pending = [f for f in pending if f not in finished]
+                done += len(finished)
+                bar.update(len(finished))
+                update_progress_artifact(art, 100.0 * min(done, total) / total)
+            if refresh is not None and pending and time.monotonic() - refreshed >= every_s:
+                refreshed = time.monotonic()
+                try:
+                    refresh()
+                except Exception as e:  # noqa: BLE001 - a view: the stage's outputs are what count
+                    get_run_logger().warning("%s: progress view not refreshed: %s", what, one_line(e))
     return [f.result() for f in futures]
 
 

@@ -87,7 +87,18 @@ def train_arch(config: dict, arch: str, arch_id: str, kind: str = "searched") ->
     weights, init = initial_weights(cfg, run)
     try:
         with device_group(cfg.execution, t.devices_per_arch) as devices:
-            result = train_on_devices(spec, dataset, tc, run.full(arch_id), devices=devices, backbone_weights=weights, init_checkpoint=init, init_prefix="backbone.", meta=meta)
+            result = train_on_devices(
+                spec,
+                dataset,
+                tc,
+                run.full(arch_id),
+                devices=devices,
+                max_restarts=cfg.execution.max_restarts,
+                backbone_weights=weights,
+                init_checkpoint=init,
+                init_prefix="backbone.",
+                meta=meta,
+            )
     except (FloatingPointError, torch.OutOfMemoryError) as e:  # the arch's fault (alone on its devices): a failed row
         error = one_line(e)
         get_run_logger().error("%s: training failed, the other archs go on: %s", arch_id, error)
@@ -104,7 +115,18 @@ def train_full(cfg, run, config: dict) -> dict:
         futures = train_arch.with_options(**task_options(cfg, "train_full")).map(
             config=unmapped(config), arch=todo.arch.tolist(), arch_id=todo.arch_id.tolist(), kind=todo.kind.tolist()
         )
-    trained = results_with_progress(cfg, "train-full", futures, description=f"archs fully trained out of {len(todo)} (baselines included)")
+
+    seen = [0.0]
+
+    def curves() -> None:  # the summary artifact, its loss plot redrawn while the archs train (when a curve moved)
+        latest = max((p.stat().st_mtime for p in run.root.glob("full/*/tb/*")), default=0.0)
+        if latest > seen[0]:
+            seen[0] = latest
+            publish_summary(cfg, run, STAGE, "train-full", f"Training {len(todo)} archs (baselines included): in progress.", "full training (in progress)")
+
+    trained = results_with_progress(
+        cfg, "train-full", futures, description=f"archs fully trained out of {len(todo)} (baselines included)", refresh=curves if cfg.execution.report else None, every_s=300
+    )
     failed = [t for t in trained if t["status"] != "ok"]
     if failed and len(failed) == len(trained):
         raise RuntimeError(f"train-full: every arch failed, e.g. {failed[0]['arch_id']}: {failed[0]['error']}")

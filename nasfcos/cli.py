@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nasfcos.engine.distributed import rank_devices, train_on_devices
+    from nasfcos.engine.distributed import rank_devices, run_rank, train_on_devices, under_torchrun
     from nasfcos.engine.train import SCHEDULES, TrainConfig
     from nasfcos.model.detector import DetectorSpec
 
@@ -102,17 +103,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         "eval_min_size": max(cfg.min_size),
         "eval_max_size": cfg.max_size,
     }
+    kwargs = {"backbone_weights": args.weights, "init_checkpoint": args.init, "meta": meta}
+    if under_torchrun():  # torchrun ... -m nasfcos.cli train ...: this process is one rank (--device: cpu or cuda)
+        if args.nproc > 1 or ":" in (args.device or ""):
+            raise ValueError("under torchrun each process is one rank on cuda:<LOCAL_RANK> or the cpu: give --device cuda or cpu, no --nproc (torchrun's --nproc-per-node)")
+        result = run_rank(spec, dataset, cfg, Path(args.out), device=devices[0], **kwargs)
+        if int(os.environ["RANK"]) == 0:
+            print(f"checkpoint: {result.checkpoint} (iteration {result.iteration}, {result.seconds:.0f} s)")
+        return 0
     logging.info("training %s on %d images, %d iterations, batch %d on %s", spec, len(dataset), cfg.iterations, cfg.batch_size, devices)
-    result = train_on_devices(
-        spec,
-        dataset,
-        cfg,
-        args.out,
-        devices=devices,
-        backbone_weights=args.weights,
-        init_checkpoint=args.init,
-        meta=meta,
-    )
+    result = train_on_devices(spec, dataset, cfg, args.out, devices=devices, max_restarts=args.max_restarts, **kwargs)
     print(f"checkpoint: {result.checkpoint} (iteration {result.iteration}, {result.seconds:.0f} s)")
     return 0
 
@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one and must divide by N; a run resumes on any N that divides it (default: %(default)s)",
     )  # fmt: skip
     p.add_argument("--no-amp", action="store_true", help="train in fp32 on GPU (AMP is on by default on CUDA)")
+    p.add_argument("--max-restarts", type=int, default=0, help="with --nproc N > 1: restarts of a group that lost a rank (it resumes from the last checkpoint)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

@@ -4,10 +4,13 @@ The kill-matrix and lock tests need to stop a real pipeline process at a chosen
 place. ``NASFCOS_FAULT`` holds rules separated by ``;``:
 
     <point>=kill          SIGKILL this process the first time it reaches ``fault_point("<point>")``
+    <point>=kill:<path>   ... unless ``<path>`` exists, creating it first: once across restarts
+                          (torchrun restarts a killed rank, which reaches the point again)
     <point>#N=kill        ... the N-th time (1-based)
     <point>=wait:<path>   create ``<path>.reached``, then wait until ``<path>`` exists (10 min at most)
     <point>=touch:<path>  create ``<path>`` (with ``wait:`` on another point: one task waits for another)
     <point>=raise:<text>  raise ``RuntimeError(<text>)`` (a sick GPU: "CUDA error: ..." is the machine's)
+    <point>=oom:<text>    raise ``torch.OutOfMemoryError(<text>)`` (an arch too big for its devices)
 
 ``<point>`` may be a glob (``search:evaluate:*``); ``#*`` matches every time.
 ``NASFCOS_FAULT_FILE`` names a file holding the rules instead, read at every fault point,
@@ -50,6 +53,12 @@ def fault_point(name: str) -> None:
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif action.startswith("kill:"):
+            try:  # O_EXCL: of processes racing here, one kills itself
+                os.close(os.open(action[5:], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            os.kill(os.getpid(), signal.SIGKILL)
         elif action.startswith("wait:"):
             path = Path(action[5:])
             Path(f"{path}.reached").touch()
@@ -62,5 +71,9 @@ def fault_point(name: str) -> None:
             Path(action[6:]).touch()
         elif action.startswith("raise:"):
             raise RuntimeError(action[6:])
+        elif action.startswith("oom:"):
+            import torch
+
+            raise torch.OutOfMemoryError(action[4:])
         else:
             raise ValueError(f"NASFCOS_FAULT: unknown action {action!r} in rule {rule!r}")

@@ -12,6 +12,7 @@ import torch
 from helpers import finish, pipeline_process, tiny, tiny_args
 
 from nasfcos.search.state import loop_state
+from storage.curves import read_curves
 
 pytest.importorskip("prefect")
 
@@ -48,6 +49,8 @@ def test_pipeline_runs_all_six_stages(finished_run):
     assert sorted(board.kind) == ["baseline", "searched"] and {"AP", "AP50", "proxy_reward", "params", "macs"} <= set(board.columns)
     for arch_id in board.arch_id:
         assert (run / "full" / arch_id / "val_metrics.json").exists()
+        curves = read_curves(run / "full" / arch_id)  # its TensorBoard files: the loss as it trained, the AP once evaluated
+        assert curves["loss/total"][-1][0] == 2 and curves["val/AP"] == [(2, pytest.approx(board.set_index("arch_id").AP[arch_id], rel=1e-5, abs=1e-7))]
     # the baseline: trained with the same budget, scored on the proxy as the search scores an arch
     base = board[board.kind == "baseline"].iloc[0]
     assert base.arch_id == "fpn-fcos" and base.arch == "fpn=fcos;head=fcos;share=0" and np.isfinite(base.proxy_reward) and base.params > 0
@@ -344,6 +347,24 @@ def test_one_diverging_arch_gets_a_failed_leaderboard_row_and_the_others_finish(
     board = _searched(run)
     assert board.status.tolist() == ["ok", "failed"] and board.arch_id.iloc[0] == first
     assert board.AP.notna().tolist() == [True, False] and "FloatingPointError: non-finite loss" in board.error.iloc[1]
+
+
+def test_a_rank_out_of_memory_gives_a_failed_row_and_the_stage_completes(finished_run, tmp_path, monkeypatch):
+    """Today's failure: a rank's out-of-memory error came back as RuntimeError('rank 1 failed:
+    OutOfMemoryError...'), not the arch's, and failed train-full on every rerun. Each arch
+    trains on 2 gloo ranks through torchrun; rank 1 of the arch trained fresh runs out of
+    memory at its first iteration (the others resume finished checkpoints)."""
+    from flows.nas_search import nas_search
+
+    run, overrides = _copy_run(finished_run, tmp_path)
+    first = _searched(run).arch_id.iloc[0]
+    monkeypatch.setenv("NASFCOS_FAULT", "train:*:1:rank1=oom:CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+    grouped = {**overrides, "train_full.num_archs": 2, "execution.devices": ["cpu", "cpu"], "train_full.devices_per_arch": 2}
+    state = nas_search(config="tiny", overrides=grouped, return_state=True)
+    assert state.is_completed(), state.message
+    board = _searched(run)
+    assert board.status.tolist() == ["ok", "failed"] and board.arch_id.iloc[0] == first
+    assert board.error.iloc[1].startswith("OutOfMemoryError: rank 1 (") and "Tried to allocate 2.00 GiB (fake)" in board.error.iloc[1]
 
 
 def test_a_damaged_feature_chunk_is_named_and_the_next_materialise_repairs_it(finished_run, tmp_path):

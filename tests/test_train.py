@@ -5,9 +5,11 @@ import torch
 
 from nasfcos.data import COCODetection, build_transforms
 from nasfcos.engine.checkpoint import load_checkpoint
+from nasfcos.engine.curves import add_scalars
 from nasfcos.engine.sampling import PositionSampler
 from nasfcos.engine.train import SCHEDULES, TrainConfig, lr_factor, train
 from nasfcos.model.detector import DetectorSpec
+from storage.curves import read_curves
 
 SPEC = DetectorSpec(num_classes=3, backbone="tiny", width=32)
 
@@ -62,8 +64,15 @@ def test_killed_run_resumes_exactly(synthetic_small, tmp_path):
     straight = train(SPEC, ds, cfg, tmp_path / "a")
     killed = train(SPEC, ds, cfg, tmp_path / "b", stop_at=3)
     assert killed.iteration == 3 and load_checkpoint(killed.checkpoint)["iteration"] == 3
+    add_scalars(tmp_path / "b", 5, {"loss/total": 99.0})  # as if the killed attempt had logged past its checkpoint
     resumed = train(SPEC, ds, cfg, tmp_path / "b")
     assert resumed.iteration == 6
+    # the curves (TensorBoard files): one value per iteration, the resumed run's after its checkpoint
+    ca, cb = read_curves(tmp_path / "a"), read_curves(tmp_path / "b")
+    assert {"loss/total", "loss/cls", "loss/reg", "loss/ctr", "lr", "images_per_s"} <= ca.keys() == cb.keys()
+    steps, values = zip(*cb["loss/total"], strict=True)
+    assert steps == (1, 2, 3, 4, 5, 6) and values == pytest.approx([v for _, v in ca["loss/total"]])
+    assert [v for _, v in cb["lr"]] == pytest.approx([v for _, v in ca["lr"]]) and ca["lr"][0][1] < ca["lr"][2][1]  # warm-up
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
     assert a["iteration"] == b["iteration"] == 6
     for k, v in a["model"].items():

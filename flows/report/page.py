@@ -32,6 +32,7 @@ import pandas as pd
 
 import atomicio
 from flows.report import plots
+from storage.curves import read_curves
 from storage.results import ResultsTable
 from storage.run_dir import STAGES
 
@@ -45,6 +46,7 @@ PLOTS: dict[str, str] = {
     "complexity": "Proxy reward against decoder MACs and parameters at the proxy width; the Pareto front "
     "(no arch is both cheaper and better) in red, the selected top-k and the fully trained archs ringed.",
     "proxy_vs_ap": "Proxy reward against COCO AP after full training, with Kendall's tau: how well the proxy task ranks the archs it selected.",
+    "curves": "Training loss of every fully trained arch against iteration (from its TensorBoard files, full/<arch_id>/tb/), with its COCO val AP once evaluated.",
     "best_arch": "The decoder with the best proxy reward.",
     "best_ap_arch": "The fully trained decoder with the best AP (when another than the best by proxy reward).",
 }
@@ -52,8 +54,8 @@ PLOTS: dict[str, str] = {
 STAGE_PLOTS: dict[str, tuple[str, ...]] = {
     "search": ("reward", "choices", "complexity", "best_arch"),
     "select-top-k": ("complexity", "best_arch"),
-    "train-full": ("complexity",),
-    "evaluate": ("proxy_vs_ap", "best_ap_arch"),
+    "train-full": ("curves", "complexity"),
+    "evaluate": ("proxy_vs_ap", "curves", "best_ap_arch"),
 }
 _DPI = {"best_arch": 95, "best_ap_arch": 95}  # small text in the drawings
 CONFIG_FILE = "config.json"  # report/config.json: the config the stages last ran with
@@ -245,8 +247,12 @@ def draw(data: RunData, names: Sequence[str] | None = None) -> dict[str, bytes |
             return None  # drawn as best_arch already
         return plots.arch_drawing(str(best["arch"]), title=f"best AP {float(best['AP']):.4f}: {best['arch_id']}  {best['arch']}")
 
+    def curves():
+        full = data.root / "full"
+        return plots.loss_curves({p.name: read_curves(p) for p in full.iterdir() if p.is_dir()} if full.is_dir() else {})
+
     builders = {"reward": reward, "choices": lambda: plots.choice_frequencies(res), "complexity": complexity,
-                "proxy_vs_ap": proxy_vs_ap, "best_arch": best_arch, "best_ap_arch": best_ap_arch}  # fmt: skip
+                "proxy_vs_ap": proxy_vs_ap, "curves": curves, "best_arch": best_arch, "best_ap_arch": best_ap_arch}  # fmt: skip
     out: dict[str, bytes | None] = {}
     for name in PLOTS if names is None else names:
         fig = builders[name]()

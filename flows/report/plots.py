@@ -106,6 +106,29 @@ def reward_curve(runs: Mapping[str, pd.DataFrame], reward: str = "loss") -> Figu
     return fig
 
 
+def loss_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]) -> Figure | None:
+    """Total training loss against iteration of each training in ``curves`` (label ->
+    ``storage.curves.read_curves``), its COCO val AP in the legend once evaluated; None
+    before any training logged a loss."""
+    drawn = {k: c for k, c in curves.items() if c.get("loss/total")}
+    if not drawn:
+        return None
+    fig = Figure(figsize=(8, 4))
+    ax = fig.add_subplot()
+    for (label, c), colour in zip(sorted(drawn.items()), itertools.cycle(_COLOURS)):
+        steps, values = zip(*c["loss/total"], strict=True)
+        ap = f", AP {c['val/AP'][-1][1]:.3f}" if c.get("val/AP") else ""
+        ax.plot(steps, values, lw=1.2, color=colour, label=f"{label} (iteration {steps[-1]}{ap})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss (cls + reg + ctr)")
+    ax.set_yscale("log")
+    ax.set_title("Full training: loss of every arch (tensorboard --logdir for all curves)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
 # ------------------------------------------------------------- choice frequencies
 
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from nasfcos import rng
 from nasfcos.data.transforms import collate
 from nasfcos.engine.checkpoint import CHECKPOINT, load_checkpoint, remove_orphans, save_checkpoint
+from nasfcos.engine.curves import Curves
 from nasfcos.engine.sampling import PositionSampler, SeededSamples
 from nasfcos.fault_injection import fault_point
 from nasfcos.model.detector import Detector, DetectorSpec, build_detector
@@ -316,8 +317,12 @@ def train(
     it = start
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # sync_free: first non-finite iteration, 0 = none
     # a bar on a terminal; elsewhere the log lines below are the progress
-    with Progress(cfg.iterations, "train", initial=start, log_lines=False, terminal=None if is_main else False) as bar:
+    with (
+        Progress(cfg.iterations, "train", initial=start, log_lines=False, terminal=None if is_main else False) as bar,
+        Curves(out_dir, start=start, enabled=is_main) as curves,  # <out>/tb/: tensorboard --logdir
+    ):
         for it, (images, targets) in enumerate(loader, start=start + 1):
+            fault_point(f"train:{out_dir.name}:{it}:rank{rank}")  # tests: a rank killed or out of memory there
             images = images.to(device, non_blocking=True)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -355,9 +360,11 @@ def train(
                     " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
                     lr, per_it, fmt_eta(eta),
                 )  # fmt: skip
+                curves.add(it, {**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": sum(losses.values()), "lr": lr, "images_per_s": cfg.batch_size / per_it})
             bar.update(1, **({"loss": sum(losses.values())} if it % cfg.log_every == 0 and losses else {}))
             if it % cfg.checkpoint_every == 0 or it == end:
                 save(it, {k: v.item() for k, v in parts.items()})
+                curves.flush()  # the curve reaches at least the checkpoint a resume starts from
     if it == start and not ckpt_path.exists():  # nothing to train (iterations already done)
         save(it, losses)
     return TrainResult(checkpoint=ckpt_path, iteration=it, seconds=time.perf_counter() - t0, last_losses=losses)
