@@ -4,8 +4,8 @@ Prefect task per arch (issue #27).
 A Prefect task per arch cost the flow process 20-550 ms of CPU each (task-run creation and
 state reports; on Dask, prefect-dask serialising the whole settings context per task), so a
 2-core flow process dispatched ~9 archs/s at most on threads and ~3 on Dask, where 256 GPU
-slots of 15 s need 17/s; a plain future costs it well under a millisecond
-(benchmarks/search_scaling.py, RESULTS.md "Search dispatch"). Prefect keeps the stages, the
+slots of 15 s need 17/s; with plain futures the same 2 cores ran 256 slots of 15 s at 0.845
+utilisation, 14.7 archs/s (benchmarks/search_scaling.py, RESULTS.md "Search dispatch"). Prefect keeps the stages, the
 run and the UI: the search's log has a line per evaluation (the loop's), its progress
 artifact moves, and on Dask each evaluation is a task ``evaluate-<arch id>-…`` in the
 dashboard. Each evaluation still writes its own row before its future resolves

@@ -117,7 +117,8 @@ CLOCK_FIELDS = {"train_seconds", "eval_seconds", "peak_mem_mb", "started_at", "f
 ATTEMPT_FIELDS = {"shards_written", "stamp"}
 # Logs and the human report carry times by design; locks are empty markers; each process
 # that owned the run took an epoch (epochs/<n>.json: who and when).
-NOT_COMPARED = ("evaluations.log", "report/", ".lock", "events.jsonl", "epochs/")
+# tb/: TensorBoard event files, named by time, host and pid, one per attempt (their values: tests/test_train.py)
+NOT_COMPARED = ("evaluations.log", "report/", ".lock", "events.jsonl", "epochs/", "/tb/")
 
 
 def _exact(value, root: str):
