@@ -116,12 +116,13 @@ def train_full(cfg, run, config: dict) -> dict:
             config=unmapped(config), arch=todo.arch.tolist(), arch_id=todo.arch_id.tolist(), kind=todo.kind.tolist()
         )
 
-    seen = [0.0]
+    seen = 0.0
 
     def curves() -> None:  # the summary artifact, its loss plot redrawn while the archs train (when a curve moved)
+        nonlocal seen
         latest = max((p.stat().st_mtime for p in run.root.glob("full/*/tb/*")), default=0.0)
-        if latest > seen[0]:
-            seen[0] = latest
+        if latest > seen:
+            seen = latest
             publish_summary(cfg, run, STAGE, "train-full", f"Training {len(todo)} archs (baselines included): in progress.", "full training (in progress)")
 
     trained = results_with_progress(

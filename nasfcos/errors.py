@@ -20,6 +20,8 @@ import torch
 _DEVICE_ERRORS = (
     "CUDA error", "CUDA driver", "cuDNN error", "CUDNN_STATUS", "CUBLAS_STATUS", "NCCL", "illegal memory access",
     "device-side assert", "ECC error", "no CUDA-capable device", "CUDA-capable device(s) is/are busy",
+    # a data-parallel peer lost, as gloo reports it to the survivors
+    "Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport", "Timed out waiting",
 )  # fmt: skip
 
 

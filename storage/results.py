@@ -408,7 +408,8 @@ class ResultsTable:
         host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
         epoch = "" if self.epoch is None else f"e{self.epoch:08d}-"
         ids = set(table.column("arch_id").to_pylist())
-        arch = f"={ids.pop()}" if len(ids) == 1 and _ARCH_ID.fullmatch(next(iter(ids), "")) else ""  # see _part_arch
+        one = next(iter(ids)) if len(ids) == 1 else ""
+        arch = f"={one}" if _ARCH_ID.fullmatch(one) else ""  # a part of one arch is named for it: see _part_arch
         atomicio.write_bytes(self.parts_dir / f"{epoch}{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex}{arch}.parquet", _table_bytes(table))
 
     def compact(self) -> int:

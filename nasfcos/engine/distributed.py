@@ -76,6 +76,7 @@ LAUNCHER_PID = "NASFCOS_LAUNCHER_PID"  # set by train_on_devices: ranks end when
 _ARCH_ERRORS = {e.__name__: e for e in (torch.OutOfMemoryError, FloatingPointError)}
 # errors that mean bad input, re-raised as themselves (one line in the CLI)
 _USER_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError)}
+_RERAISED = {**_ARCH_ERRORS, **_USER_ERRORS}
 
 
 def rank_devices(device: str, nproc: int) -> list[str]:
@@ -221,7 +222,7 @@ def _failure(records: Path, rc: int) -> Exception:
             where = f"rank {r['rank']} ({r['host']})"
             if kind == "error":
                 return RuntimeError(f"{where} failed: {r['type']}: {r['message']}")
-            return {**_ARCH_ERRORS, **_USER_ERRORS}[r["type"]](f"{where}: {r['message']}")
+            return _RERAISED[r["type"]](f"{where}: {r['message']}")
     attempts = 1 + max((r["attempt"] for r in found), default=0)
     last = (
         f"; last: rank {found[-1]['rank']} ({found[-1]['host']}): {found[-1]['type']}: {found[-1]['message']}"
@@ -231,17 +232,13 @@ def _failure(records: Path, rc: int) -> Exception:
     return InfrastructureError(f"data-parallel training failed on the machine's side (torchrun exit {rc}, {attempts} attempt(s) recorded){last}")
 
 
-# a peer's death as gloo reports it to the survivors: a plain RuntimeError
-_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport", "Timed out waiting", "NCCL")
-
-
 def _kind(e: BaseException) -> str:
     """How the launcher classes a rank's error (see the module docstring)."""
     if type(e).__name__ in _ARCH_ERRORS:
         return "arch"
     if type(e).__name__ in _USER_ERRORS:
         return "input"
-    if isinstance(e, dist.DistError) or is_infrastructure(e) or any(m in str(e) for m in _LOST_PEER):
+    if isinstance(e, dist.DistError) or is_infrastructure(e):
         return "infrastructure"
     return "error"
 
@@ -284,8 +281,8 @@ def run_rank(spec: DetectorSpec, dataset: Dataset, cfg: TrainConfig, out_dir: Pa
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
         # the group's keys under this attempt's prefix: a restarted rank must not read the address a killed one left
         store, _, _ = next(dist.rendezvous("env://"))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.PrefixStore(f"nasfcos/attempt{attempt}", store), rank=rank, world_size=world)
+        prefix = f"nasfcos/attempt{_attempt()[1]}"
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.PrefixStore(prefix, store), rank=rank, world_size=world)
         result = training.train(spec, dataset, cfg, out_dir, device=dev, rank=rank, world_size=world, **kwargs)
     except BaseException as e:
         record(e)  # before any teardown: destroying a group whose peers wait in a collective may block
@@ -294,9 +291,13 @@ def run_rank(spec: DetectorSpec, dataset: Dataset, cfg: TrainConfig, out_dir: Pa
     return result
 
 
+def _attempt() -> tuple[str, int]:
+    """(torchrun's run id, how many times it restarted this group)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "none"), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
 def _recorder(records: Path, rank: int):
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    run, attempt = _attempt()
 
     def record(e: BaseException) -> None:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -321,13 +322,13 @@ def _stop_if_the_arch_failed(records: Path) -> None:
     """A group torchrun restarted after an arch failure (out of memory, non-finite loss,
     bad input) on some rank of an earlier attempt fails again at once, without training.
     Only this torchrun run's earlier attempts count: a new launch trains."""
-    run, attempt = os.environ.get("TORCHELASTIC_RUN_ID", "none"), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    run, attempt = _attempt()
     if not attempt or not records.is_dir():
         return
     for p in sorted(records.glob("*.json")):
         r = json.loads(p.read_text())
         if r["run"] == run and r["attempt"] < attempt and r["kind"] in ("arch", "input"):
-            raise {**_ARCH_ERRORS, **_USER_ERRORS}[r["type"]](f"rank {r['rank']} ({r['host']}) failed earlier: {r['message']}")
+            raise _RERAISED[r["type"]](f"rank {r['rank']} ({r['host']}) failed earlier: {r['message']}")
 
 
 def _watch_launcher() -> None:
