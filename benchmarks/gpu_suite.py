@@ -36,6 +36,12 @@ Sections (full size):
             post-processing alone: ours, the per-level loop it replaced, torchvision's.
 ``data``    the data pipeline's images/s (JPEG decode + resize to 800/1333 + flip + normalise +
             collate) with one DataLoader worker per CPU core.
+``ddp``     data-parallel training through torchrun (issue #28), CUDA only. With 2+ GPUs: a
+            searched FPN with 23 trainable BatchNorms (SyncBatchNorm on CUDA) trained 2
+            iterations on 2 ranks (NCCL) equals one GPU within 1e-4 (tests/test_distributed.py's
+            SyncBN test), and images/s of 2 ranks vs 1. With 1 GPU: the NCCL ``env://`` path
+            with one rank (torchrun ``--standalone``) equals the in-process run; SyncBN is
+            recorded as not run. On CPU the section records that it needs CUDA.
 
 The torchvision peer of the detector is ``fcos_resnet50_fpn`` as built for pretrained weights
 (FrozenBatchNorm2d, 3 trainable stages: the same configuration as ours; ``--tv-peer default``:
@@ -81,7 +87,7 @@ from nasfcos.model.detector import DetectorSpec, build_detector
 from nasfcos.model.fcos import FCOS, flatten_outputs, ltrb_to_boxes
 from nasfcos.model.ops import ModulatedDeformConv, set_deform_dtype
 
-SECTIONS = ("deform", "proxy", "train", "infer", "data")
+SECTIONS = ("deform", "proxy", "train", "infer", "data", "ddp")
 PAPER_EPOCHS = 15
 
 FULL = dict(
@@ -102,6 +108,7 @@ FULL = dict(
     train=dict(backbone="resnet50", size=(800, 1333), batch=16, classes=80, warmup=3, iters=10, widths={128: 128, 256: 256}, half_deform=True),
     infer=dict(backbone="resnet50", size=(800, 1088), classes=80, warmup=10, iters=50),
     data=dict(images=256, image_size=(480, 640), batch=16, min_size=800, max_size=1333, passes=3),
+    ddp=dict(images=16, size=128, iterations=2, throughput_backbone="resnet50", throughput_size=512, throughput_iters=12),
 )
 SMALL = dict(
     # widths >= 64: GroupNorm(32) needs 2 values per group on a 1x1 P7 at batch 1
@@ -114,6 +121,7 @@ SMALL = dict(
     train=dict(backbone="tiny", size=(64, 96), batch=2, classes=3, warmup=0, iters=1, widths={128: 64, 256: 128}, half_deform=False),
     infer=dict(backbone="tiny", size=(64, 96), classes=3, warmup=0, iters=2),
     data=dict(images=4, image_size=(48, 64), batch=2, min_size=64, max_size=96, passes=1),
+    ddp=dict(images=8, size=64, iterations=2, throughput_backbone="tiny", throughput_size=64, throughput_iters=3),
 )
 
 
@@ -856,6 +864,107 @@ def run_data(S: dict, device: torch.device, budget: Budget, args, out: dict, sav
     return res
 
 
+# ------------------------------------------------------------------------------ section: ddp
+# the released FPN with its deformable convs swapped for sep_conv_3x3: 23 trainable BatchNorm2d
+BN_ARCH = "fpn=[3,3,0,0,1][3,3,0,0,1][4,3,0,3,1][1,3,0,3,1][5,3,0,0,1][4,7,0,0,1][7,2,0,0,1];head=fcos;share=0"
+NO_TF32 = {"NVIDIA_TF32_OVERRIDE": "0"}  # the ranks' cuBLAS/cuDNN in fp32, as the in-process run's (flags below)
+
+
+def _torchrun_one_rank(spec, dataset, cfg, out: Path) -> float:
+    """The job through ``torchrun --standalone`` with one rank (NCCL over ``env://``): seconds."""
+    import subprocess
+
+    from nasfcos.engine.distributed import JOB, write_job
+
+    write_job(spec, dataset, cfg, out, device="cuda")
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "1", "-m", "nasfcos.engine.distributed", str(out / JOB)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **NO_TF32})
+    if proc.returncode:
+        raise RuntimeError(f"torchrun exit {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
+    return time.perf_counter() - t
+
+
+def run_ddp(S: dict, device: torch.device, budget: Budget, args, out: dict, save) -> dict:
+    from nasfcos.data.synthetic import SHAPES, make_synthetic
+    from nasfcos.data.transforms import build_transforms
+    from nasfcos.data.voc import VOCDetection
+    from nasfcos.engine.checkpoint import load_checkpoint
+    from nasfcos.engine.distributed import train_on_devices
+    from nasfcos.engine.train import train
+
+    D = S["ddp"]
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    res: dict = {"setting": dict(gpus=gpus, arch=BN_ARCH, images=D["images"], size=D["size"], iterations=D["iterations"]), "rows": []}
+    out["ddp"] = res
+    if gpus == 0:
+        res["note"] = "needs CUDA: SyncBatchNorm and NCCL are CUDA-only (the gloo path is tests/test_distributed.py's)"
+        print(f"  ddp: {res['note']}", flush=True)
+        return res
+
+    def max_diff(a: dict, b: dict) -> float:
+        keys = [k for k in a if a[k].is_floating_point() and "running" not in k]
+        return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = make_synthetic(tmp / "data", num_train=D["images"], num_val=0, image_size=(D["size"], D["size"]), seed=0)
+
+        def dataset(size: int):
+            tf = build_transforms(train=True, min_size=size, max_size=10**9, crop=size)
+            return VOCDetection(paths["voc_root"], image_set="train", classes=SHAPES, transforms=tf)
+
+        # accuracy: fp32 (no AMP, no TF32), 4 images per step, 2 per rank
+        spec = DetectorSpec(num_classes=len(SHAPES), backbone="tiny", decoder=BN_ARCH, width=32)
+        cfg = TrainConfig(iterations=D["iterations"], batch_size=4, base_lr=0.01, warmup_iters=1, checkpoint_every=D["iterations"], log_every=1, num_workers=0, amp=False)
+        ds = dataset(D["size"])
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            t = time.perf_counter()
+            one = load_checkpoint(train(spec, ds, cfg, tmp / "one", device="cuda:0").checkpoint)
+            one_s = time.perf_counter() - t
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        if gpus >= 2:
+            t = time.perf_counter()
+            saved = dict(os.environ)
+            os.environ.update(NO_TF32)  # the ranks inherit it
+            try:
+                two = load_checkpoint(train_on_devices(spec, ds, cfg, tmp / "two", devices=["cuda:0", "cuda:1"]).checkpoint)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            row = dict(check="SyncBatchNorm, 2 ranks (NCCL) vs 1 GPU", world=two["world_size"], max_abs_diff=max_diff(one["model"], two["model"]), tolerance=1e-4,
+                       seconds=time.perf_counter() - t, one_gpu_s=one_s)  # fmt: skip
+        else:
+            s = _torchrun_one_rank(spec, ds, cfg, tmp / "rank")
+            rank = load_checkpoint(tmp / "rank" / "checkpoint.pt")
+            row = dict(check="torchrun --standalone, 1 rank (NCCL env://) vs in-process", world=rank["world_size"], max_abs_diff=max_diff(one["model"], rank["model"]),
+                       tolerance=1e-4, seconds=s, one_gpu_s=one_s, note="SyncBatchNorm not run: 1 GPU")  # fmt: skip
+        row["ok"] = row["max_abs_diff"] <= row["tolerance"]
+        res["rows"].append(row)
+        print(f"  ddp: {row['check']}: max |diff| {row['max_abs_diff']:.2e} ({'ok' if row['ok'] else 'OVER'} {row['tolerance']})", flush=True)
+        save()
+
+        # throughput: images/s of 1 GPU vs 2 ranks at the same per-GPU batch (AMP, the default)
+        if gpus >= 2 and budget.left() > 60:
+            size = D["throughput_size"]
+            spec = DetectorSpec(num_classes=len(SHAPES), backbone=D["throughput_backbone"], decoder=BN_ARCH, width=128)
+            big = dataset(size)
+            for world in (1, 2):
+                cfg = TrainConfig(
+                    iterations=D["throughput_iters"], batch_size=4 * world, base_lr=0.001, warmup_iters=1, checkpoint_every=D["throughput_iters"], log_every=1, num_workers=2
+                )
+                t = time.perf_counter()
+                train_on_devices(spec, big, cfg, tmp / f"tp{world}", devices=[f"cuda:{i}" for i in range(world)])
+                wall = time.perf_counter() - t
+                res["rows"].append(dict(check=f"throughput {world} GPU(s), {D['throughput_backbone']} {size}x{size}, 4 images/GPU", world=world, seconds=wall,
+                                        images_per_s=cfg.iterations * cfg.batch_size / wall, note="wall incl. start-up"))  # fmt: skip
+                save()
+    return res
+
+
 # ------------------------------------------------------------------------------ report
 def fmt(v) -> str:
     if v is None:
@@ -912,6 +1021,10 @@ def markdown(res: dict) -> str:
     if "data" in res:
         d = res["data"]
         md += [f"\n## Data pipeline\n\nSetting: {d.get('setting')}\n\nimages/s: {fmt(d.get('images_per_s'))}\n"]
+    if "ddp" in res:
+        d = res["ddp"]
+        md += [f"\n## Data-parallel training (torchrun)\n\nSetting: {d.get('setting')}\n\n{d.get('note', '')}\n\n",
+               table(d.get("rows", []), ["check", "world", "max_abs_diff", "tolerance", "ok", "seconds", "one_gpu_s", "images_per_s", "note"])]  # fmt: skip
     if res.get("errors"):
         md += ["\n## Errors\n\n"] + [f"- {e}\n" for e in res["errors"]]
     return "".join(md)
@@ -980,6 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
         train=lambda: run_train(S, device, budget, args, res, save),
         infer=lambda: run_infer(S, device, budget, args, res, save),
         data=lambda: run_data(S, device, budget, args, res, save),
+        ddp=lambda: run_ddp(S, device, budget, args, res, save),
     )
     for name in SECTIONS:
         if name not in only:

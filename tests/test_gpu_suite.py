@@ -39,7 +39,8 @@ def test_gpu_suite_small_runs_on_cpu_and_writes_numbers(tmp_path):
     assert "FORBIDDEN []" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["errors"] == []
-    assert {"deform", "proxy", "train", "infer", "data"} <= res.keys()
+    assert {"deform", "proxy", "train", "infer", "data", "ddp"} <= res.keys()
+    assert res["ddp"]["rows"] == [] and "needs CUDA" in res["ddp"]["note"]  # NCCL / SyncBatchNorm: GPUs only
     # deform_conv2d fp32 and the plain conv: milliseconds
     fp32 = [r for r in res["deform"]["rows"] if r["dtype"] == "float32"]
     assert len(fp32) == 2 and all(_number(r["ms"]) and r["ms"] > 0 for r in fp32)
