@@ -1,6 +1,6 @@
 """`make ui-shots`: headless-chromium screenshots of the Prefect UI for the latest
 `nas-search` run on the local server (`make demo`): its run page, the artifacts page and
-one plot-bearing artifact, into runs/<run_id>/ui/. Not part of `make test`.
+the search and train-full artifacts (their plots), into runs/<run_id>/ui/. Not part of `make test`.
 
 Exit 2 with the install line when chromium is missing; exit 1 with one line when there is
 no server or no run to show."""
@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PLOT_STAGES = ("search", "train-full")  # the reward curve; every arch's loss curve (issue #28)
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -75,9 +76,9 @@ def main() -> int:
     out = args.runs_dir / run["run_id"] / "ui"
     out.mkdir(parents=True, exist_ok=True)
     shots = {"run.png": f"{ui}/runs/flow-run/{run['id']}", "artifacts.png": f"{ui}/artifacts"}
-    if plots:
-        pick = next((p for p in plots if p["key"].endswith("-search")), plots[0])
-        shots["plot-artifact.png"] = f"{ui}/artifacts/artifact/{pick['id']}"
+    for stage in PLOT_STAGES:  # each stage's latest plot artifact (read newest first)
+        if pick := next((p for p in plots if p["key"].endswith(f"-{stage}")), None):
+            shots[f"plot-{stage}.png"] = f"{ui}/artifacts/artifact/{pick['id']}"
     for name, url in shots.items():
         shoot(chrome, url, out / name, args.size)
         print(f"{out / name}  <- {url}")
