@@ -213,11 +213,22 @@ class TrainFullSection(_Section):
     min_size: tuple[int, ...] = identity((800,))
     max_size: int = identity(1333)
     clip_grad: float = identity(0.0)
-    checkpoint_every: int = tuning(2500, ge=1)
+    # 1.7% of the 90K iterations: a killed job or machine loses at most that much (issue #29)
+    checkpoint_every: int = tuning(1500, ge=1)
     num_workers: int = tuning(4)
     # data-parallel devices per arch (nasfcos/engine/distributed.py): execution.devices split into
     # disjoint groups of this size, one arch training on each group at once
     devices_per_arch: int = tuning(1, ge=1)
+    # each arch as its own flow run of this deployment on a work pool (flows/train_jobs.py),
+    # e.g. "train-arch/local" (a process pool: `make demo`) or a Kubernetes pool's; None:
+    # tasks inside the stage's process, on its devices
+    jobs: str | None = tuning(None)
+    # jobs at once; 0: one per group of devices_per_arch of execution.devices (a local pool's
+    # capacity); on a cluster pool, as many as the cluster should run at once
+    concurrency: int = tuning(0, ge=0)
+    # submissions of one arch's job (a crashed or lost job is submitted again, resuming
+    # from its checkpoint); an arch's own failure (OOM, divergence) is not retried
+    job_attempts: int = tuning(3, ge=1)
 
     @field_validator("baselines")
     @classmethod

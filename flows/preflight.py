@@ -194,10 +194,40 @@ def problems(cfg: PipelineConfig) -> list[str]:
         _warm_start(out, cfg.search.warm_start)
     if "train-full" in todo and not cfg.train_full.init_from_finetuned:
         _weights(out, "train_full.weights", cfg.train_full.weights)
+    if "train-full" in todo and cfg.train_full.jobs:
+        _jobs(out, cfg.train_full.jobs)
     if cfg.execution.stage_features:
         _writable(out, "execution.stage_features", cfg.execution.stage_features)
     _devices(out, cfg)
     return out
+
+
+def _jobs(problems: list[str], name: str) -> None:
+    """The ``train-arch`` deployment of ``train_full.jobs`` exists and a worker polls its pool
+    (else its jobs would wait, scheduled, for ever). Kubernetes/SLURM pools need theirs running too."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    fix = "deploy it (`prefect deploy --prefect-file deployments/prefect.yaml`) or set train_full.jobs: null to train inside the stage"
+    if not PREFECT_API_URL.value():  # a temporary server: no worker can reach it
+        problems.append("train_full.jobs: jobs run on a Prefect server's work pool and PREFECT_API_URL is not set; start one (`make demo`) or set train_full.jobs: null")
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(name)
+            pool = deployment.work_pool_name
+            online = [w for w in client.read_workers_for_work_pool(pool) if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"] if pool else []
+    except ObjectNotFound:
+        problems.append(f"train_full.jobs: no deployment {name!r} on the Prefect server; {fix}")
+        return
+    except Exception as e:  # noqa: BLE001 - no server, a bad name: one line
+        problems.append(f"train_full.jobs: cannot read deployment {name!r} ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+        return
+    if not pool:
+        problems.append(f"train_full.jobs: deployment {name!r} has no work pool")
+    elif not online:
+        problems.append(f"train_full.jobs: no worker polls work pool {pool!r} of {name!r}; start one (`prefect worker start --pool {pool}`)")
 
 
 def preflight(cfg: PipelineConfig) -> None:

@@ -1,17 +1,20 @@
 """Stage 5, ``train-full`` (paper §4.2): train the selected decoders with the backbone on COCO,
-one parallel task per group of ``train_full.devices_per_arch`` devices (data-parallel within
-a group), each resumable from ``full/<arch-id>/checkpoint.pt``."""
+each resumable from ``full/<arch-id>/checkpoint.pt`` and data-parallel over
+``train_full.devices_per_arch`` devices: one parallel task per group of devices in the
+stage's process, or (``train_full.jobs``) one flow run per arch on a work pool
+(``flows/train_jobs.py``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from prefect import get_run_logger, task, unmapped
+from prefect import task, unmapped
 
 from flows.config import PipelineConfig
 from flows.inputs import coco_split, train_config
-from flows.placement import device_group, device_resources
+from flows.placement import device_group, device_resources, run_logger
 from flows.stages import open_stage, publish_summary, results_with_progress, stage_flow, task_options
 from storage.run_dir import RunDir
 
@@ -64,11 +67,15 @@ def baseline_proxy(cfg: PipelineConfig, run: RunDir, arch: str, arch_id: str) ->
     return out
 
 
-@task(task_run_name="train {arch_id}", retries=1)
-def train_arch(config: dict, arch: str, arch_id: str, kind: str = "searched") -> dict:
-    """Train one arch (resumable); a diverging arch (non-finite loss) or one that does not
-    fit its devices gives a ``failed`` record, so the other archs finish. A baseline is
-    first scored on the proxy task."""
+def arch_info(cfg: PipelineConfig, run: RunDir, arch: str, arch_id: str, kind: str) -> dict:
+    """The leaderboard record's identity; a baseline is first scored on the proxy task."""
+    return {"arch_id": arch_id, "arch": arch, "kind": kind} | (baseline_proxy(cfg, run, arch, arch_id) if kind == "baseline" else {})
+
+
+def train_on(cfg: PipelineConfig, run: RunDir, info: dict, devices: Sequence[str], *, fence=None) -> dict:
+    """Train one arch on ``devices`` (resumable): the leaderboard record. A diverging arch
+    (non-finite loss) or one that does not fit its devices gives a ``failed`` record, so
+    the other archs finish; the same code in a stage task and in a ``train-arch`` job."""
     import torch
 
     from nasfcos.data import COCODetection, build_transforms
@@ -76,46 +83,48 @@ def train_arch(config: dict, arch: str, arch_id: str, kind: str = "searched") ->
     from nasfcos.errors import one_line
     from nasfcos.model.detector import DetectorSpec
 
-    cfg, run, _, _ = open_stage(config, STAGE)
-    t = cfg.train_full
-    info = {"arch_id": arch_id, "arch": arch, "kind": kind} | (baseline_proxy(cfg, run, arch, arch_id) if kind == "baseline" else {})
-    tc = train_config(cfg.train_full)
+    t, arch_id = cfg.train_full, info["arch_id"]
+    tc = train_config(t)
     ann, images = coco_split(cfg, run, "train")
     dataset = COCODetection(ann, images, transforms=build_transforms(train=True, min_size=tc.min_size, max_size=tc.max_size), remove_empty=True)
-    spec = DetectorSpec(num_classes=len(dataset.classes), backbone=cfg.finetune.backbone, decoder=arch, width=t.width, head_width=t.head_width)
+    spec = DetectorSpec(num_classes=len(dataset.classes), backbone=cfg.finetune.backbone, decoder=info["arch"], width=t.width, head_width=t.head_width)
     meta = {"classes": list(dataset.classes), "category_ids": list(dataset.category_ids), "eval_min_size": max(tc.min_size), "eval_max_size": tc.max_size}
     weights, init = initial_weights(cfg, run)
     try:
-        with device_group(cfg.execution, t.devices_per_arch) as devices:
-            result = train_on_devices(
-                spec,
-                dataset,
-                tc,
-                run.full(arch_id),
-                devices=devices,
-                max_restarts=cfg.execution.max_restarts,
-                backbone_weights=weights,
-                init_checkpoint=init,
-                init_prefix="backbone.",
-                meta=meta,
-            )
+        result = train_on_devices(
+            spec,
+            dataset,
+            tc,
+            run.full(arch_id),
+            devices=devices,
+            max_restarts=cfg.execution.max_restarts,
+            backbone_weights=weights,
+            init_checkpoint=init,
+            init_prefix="backbone.",
+            meta=meta,
+            **({"fence": fence} if fence is not None else {}),
+        )
     except (FloatingPointError, torch.OutOfMemoryError) as e:  # the arch's fault (alone on its devices): a failed row
         error = one_line(e)
-        get_run_logger().error("%s: training failed, the other archs go on: %s", arch_id, error)
+        run_logger().error("%s: training failed, the other archs go on: %s", arch_id, error)
         return info | {"checkpoint": "", "iteration": -1, "status": "failed", "error": error}
-    get_run_logger().info("%s: trained %d iterations, losses %s", arch_id, result.iteration, result.last_losses)
+    run_logger().info("%s: trained %d iterations, losses %s", arch_id, result.iteration, result.last_losses)
     return info | {"checkpoint": str(result.checkpoint), "iteration": result.iteration, "status": "ok", "error": ""}
+
+
+@task(task_run_name="train {arch_id}", retries=1)
+def train_arch(config: dict, arch: str, arch_id: str, kind: str = "searched") -> dict:
+    """Train one arch inside the stage's process (``train_full.jobs: null``) on a group of its devices."""
+    cfg, run, _, _ = open_stage(config, STAGE)
+    info = arch_info(cfg, run, arch, arch_id, kind)
+    with device_group(cfg.execution, cfg.train_full.devices_per_arch) as devices:
+        return train_on(cfg, run, info, devices)
 
 
 @stage_flow(STAGE)
 def train_full(cfg, run, config: dict) -> dict:
     """Train the top-k archs (and the baselines) in full, one task per arch, resumable."""
     todo = to_train(cfg, run)
-    with device_resources(cfg.execution):  # on Dask: a whole GPU each
-        futures = train_arch.with_options(**task_options(cfg, "train_full")).map(
-            config=unmapped(config), arch=todo.arch.tolist(), arch_id=todo.arch_id.tolist(), kind=todo.kind.tolist()
-        )
-
     seen = 0.0
 
     def curves() -> None:  # the summary artifact, its loss plot redrawn while the archs train (when a curve moved)
@@ -125,9 +134,18 @@ def train_full(cfg, run, config: dict) -> dict:
             seen = latest
             publish_summary(cfg, run, STAGE, "train-full", f"Training {len(todo)} archs (baselines included): in progress.", "full training (in progress)")
 
-    trained = results_with_progress(
-        cfg, "train-full", futures, description=f"archs fully trained out of {len(todo)} (baselines included)", refresh=curves if cfg.execution.report else None, every_s=300
-    )
+    refresh = curves if cfg.execution.report else None
+    description = f"archs fully trained out of {len(todo)} (baselines included)"
+    if cfg.train_full.jobs:  # a flow run per arch on a work pool
+        from flows.train_jobs import run_jobs
+
+        trained = run_jobs(cfg, run, todo, config, description=description, refresh=refresh)
+    else:
+        with device_resources(cfg.execution):  # on Dask: a whole GPU each
+            futures = train_arch.with_options(**task_options(cfg, "train_full")).map(
+                config=unmapped(config), arch=todo.arch.tolist(), arch_id=todo.arch_id.tolist(), kind=todo.kind.tolist()
+            )
+        trained = results_with_progress(cfg, "train-full", futures, description=description, refresh=refresh, every_s=300)
     failed = [t for t in trained if t["status"] != "ok"]
     if failed and len(failed) == len(trained):
         raise RuntimeError(f"train-full: every arch failed, e.g. {failed[0]['arch_id']}: {failed[0]['error']}")

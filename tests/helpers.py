@@ -227,6 +227,21 @@ def search_stage(overrides: dict) -> None:
     print(json.dumps(out), flush=True)
 
 
+def train_full_stage(overrides: dict) -> None:
+    """The train-full stage flow alone on the ``tiny`` preset with ``overrides``, owning its run
+    directory (as ``nas-search`` does)."""
+    from flows.config import load_config
+    from flows.stages import portable
+    from flows.train_full import train_full
+    from storage.run_dir import RunDir
+    from storage.run_lock import run_lock
+
+    cfg = load_config("tiny", overrides)
+    with run_lock(RunDir.at(cfg.runs_dir, cfg.run_id).root, "train_full_stage (tests)"):
+        out = train_full(portable(cfg))
+    print(json.dumps(out, default=str), flush=True)
+
+
 def _pipeline_main(args, env: dict[str, str], log: str, entry=None) -> None:
     """The forked process: the environment it was given (Prefect's settings re-read from
     it, as a new interpreter would), its output to ``log``, then the CLI's ``main``. What

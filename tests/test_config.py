@@ -19,6 +19,9 @@ def test_presets_carry_the_papers_numbers():
     assert demo.data.kind == "synthetic" and demo.execution.devices == ("cpu", "cpu")
     assert demo.search.total_archs >= 16 and demo.train_full.num_archs >= 1 and demo.train_full.baselines == ("fpn-fcos",)
     assert load_config("paper").finetune.devices == 1
+    # a killed full-training job loses at most one checkpoint interval: <= 2 % of the iterations
+    for c in (paper, demo):
+        assert c.train_full.checkpoint_every <= 0.02 * c.train_full.iterations and c.train_full.jobs == "train-arch/local"
     with pytest.raises(ValueError, match="finetune.devices 3 is more than the 2 execution.devices"):
         load_config("demo", {"finetune.devices": 3})
     with pytest.raises(ValueError, match="finetune.batch_size 15 is not divisible by finetune.devices 2"):
@@ -189,11 +192,11 @@ def test_preflight_lists_every_missing_path_and_device_in_one_line(tmp_path):
     with pytest.raises(PreflightError) as e:
         preflight(cfg)
     msg = str(e.value)
-    assert "\n" not in msg and "5 problems" in msg, msg
-    for part in ("data.voc_root", "VOC2012 is not a directory", "data.coco_train_json", "train.json does not exist",
+    assert "\n" not in msg and "6 problems" in msg, msg
+    for part in ("train_full.jobs: ", "data.voc_root", "VOC2012 is not a directory", "data.coco_train_json", "train.json does not exist",
                  "data.coco_val_json is required", "finetune.weights: ResNet50_Weights.NOPE", "execution.devices: cuda:7 does not exist"):  # fmt: skip
         assert part in msg, part
-    preflight(load_config("demo", {"runs_dir": str(tmp_path)}))  # the demo needs nothing outside
+    preflight(load_config("demo", {"runs_dir": str(tmp_path), "train_full.jobs": None}))  # nothing outside but its work pool
 
 
 def test_preflight_checks_the_evolution_warm_start_run(tmp_path):

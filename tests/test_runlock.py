@@ -216,10 +216,12 @@ def test_the_failed_run_automation_is_accepted_by_the_server(prefect_server, tmp
     from prefect.events.schemas.automations import AutomationCore
 
     block_id = CustomWebhookNotificationBlock(name="test", url="http://127.0.0.1:9/hook").save(f"nasfcos-{uuid.uuid4().hex[:8]}")
-    spec = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())["automations"][0]
-    spec["actions"][0]["block_document_id"] = str(block_id)
+    failed, lost = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())["automations"]
+    failed["actions"][0]["block_document_id"] = str(block_id)
     with get_client(sync_client=True) as client:
-        created = client.create_automation(AutomationCore.model_validate(spec))
-        got = client.read_automation(created)
+        got = client.read_automation(client.create_automation(AutomationCore.model_validate(failed)))
+        job = client.read_automation(client.create_automation(AutomationCore.model_validate(lost)))
     assert got.name == "nasfcos run failed" and got.enabled
     assert set(got.trigger.expect) == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    # a train-arch job without a heartbeat for 3 min is marked Crashed (train-full resubmits it)
+    assert job.trigger.posture == "Proactive" and job.trigger.within.total_seconds() == 180 and job.actions[0].state == "CRASHED"

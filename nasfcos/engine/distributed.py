@@ -8,6 +8,8 @@ Two ways in, one rank code (:func:`main`):
   --nproc N``): N devices of this machine. One device trains in this process; more write
   the job (``<out>/job.pkl``: spec, dataset, settings) and run ``torchrun --standalone
   --nproc-per-node N -m nasfcos.engine.distributed <out>/job.pkl``.
+- A ``train-arch`` job on several machines (``NASFCOS_NODES``: a Kubernetes Indexed Job,
+  a SLURM allocation; :func:`_launch`, ``deployments/torchrun-node.sh``).
 - By hand, on several machines sharing the output directory, the same job under
   torchrun's rendezvous (docs/user-guide.md, "Data-parallel full training")::
 
@@ -48,6 +50,7 @@ import json
 import logging
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import socket
@@ -72,6 +75,8 @@ from nasfcos.model.detector import DetectorSpec
 JOB = "job.pkl"
 RANKS = "ranks"  # the ranks' error records, under the output directory
 LAUNCHER_PID = "NASFCOS_LAUNCHER_PID"  # set by train_on_devices: ranks end when it is gone
+# set by a work pool's job (deployments/k8s, deployments/slurm): an arch trained on several machines
+NODES, RDZV_ENDPOINT, LAUNCHER = "NASFCOS_NODES", "NASFCOS_RDZV_ENDPOINT", "NASFCOS_LAUNCHER"
 # errors that are the arch's, re-raised as themselves (train-full: a failed row)
 _ARCH_ERRORS = {e.__name__: e for e in (torch.OutOfMemoryError, FloatingPointError)}
 # errors that mean bad input, re-raised as themselves (one line in the CLI)
@@ -148,19 +153,19 @@ def train_on_devices(
     ``stop_at``). The result is read back from rank 0's checkpoint.
     """
     devices = list(devices)
-    if len(devices) == 1:
+    nodes, launcher = int(os.environ.get(NODES, "1")), os.environ.get(LAUNCHER, "")
+    if len(devices) == 1 and nodes == 1 and not launcher:
         return training.train(spec, dataset, cfg, out_dir, device=devices[0], **kwargs)
     backend_for(devices)
-    if cfg.batch_size % len(devices):
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {len(devices)} devices (--nproc / train_full.devices_per_arch)")
+    if cfg.batch_size % (nodes * len(devices)):
+        raise ValueError(
+            f"batch size {cfg.batch_size} is not divisible by the {nodes * len(devices)} devices ({nodes} node(s) x {len(devices)}: --nproc / train_full.devices_per_arch)"
+        )
     out = Path(out_dir)
     job = write_job(spec, dataset, cfg, out, device=devices[0], **kwargs, log_level=logging.getLogger().getEffectiveLevel())
     shutil.rmtree(out / RANKS, ignore_errors=True)  # an earlier launch's records are not this one's
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", str(len(devices)),
-        "--max-restarts", str(max_restarts), "--monitor-interval", "0.5", "-m", "nasfcos.engine.distributed", str(job),
-    ]  # fmt: skip
-    env = {**os.environ, **_visible(devices), LAUNCHER_PID: str(os.getpid())}
+    cmd, env = _launch(job, len(devices), nodes, launcher, max_restarts)
+    env = {**os.environ, **env, **_visible(devices), LAUNCHER_PID: str(os.getpid())}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped with us (below)
     try:
@@ -180,6 +185,29 @@ def train_on_devices(
     ckpt_path = out / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path)
     return TrainResult(checkpoint=ckpt_path, iteration=int(ckpt["iteration"]), seconds=time.perf_counter() - t0, last_losses=ckpt["losses"])
+
+
+def _launch(job: Path, nproc: int, nodes: int, launcher: str, max_restarts: int) -> tuple[list[str], dict[str, str]]:
+    """The command that starts the job's ranks, and what it is told (``deployments/torchrun-node.sh``
+    reads it): torchrun ``--standalone`` on this machine; with ``NASFCOS_NODES`` > 1 this
+    machine as one node of a c10d rendezvous at ``NASFCOS_RDZV_ENDPOINT`` (a Kubernetes
+    Indexed Job's pod 0; the other pods run the node script); with ``NASFCOS_LAUNCHER``
+    that command, given the job file, starts every node (SLURM: ``sbatch --wait ...``)."""
+    told = {"NASFCOS_NPROC": str(nproc), "NASFCOS_MAX_RESTARTS": str(max_restarts), "NASFCOS_RDZV_ID": job.parent.name, "NASFCOS_JOB_FILE": str(job)}
+    if launcher:
+        return [*shlex.split(launcher), str(job)], told
+    if nodes > 1:
+        endpoint = os.environ.get(RDZV_ENDPOINT)
+        if not endpoint:
+            raise ValueError(f"{NODES}={nodes} needs {RDZV_ENDPOINT} (host:port of the first node, where the group meets)")
+        rdzv = ["--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", job.parent.name]
+    else:
+        rdzv = ["--standalone", "--nnodes", "1"]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc-per-node", str(nproc),
+        "--max-restarts", str(max_restarts), "--monitor-interval", "0.5", "-m", "nasfcos.engine.distributed", str(job),
+    ]  # fmt: skip
+    return cmd, told
 
 
 def _visible(devices: list[str]) -> dict[str, str]:

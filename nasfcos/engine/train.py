@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -208,6 +209,7 @@ def train(
     init_prefix: str = "",
     meta: dict | None = None,
     stop_at: int | None = None,
+    fence: Callable[[int], None] | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> TrainResult:
@@ -219,7 +221,9 @@ def train(
     class logits of a different dataset) are skipped and logged; with ``init_prefix``
     (e.g. ``"backbone."``) only the tensors whose names start with it. ``meta`` is
     stored in the checkpoint (classes, category ids, input sizes). ``stop_at``
-    ends the run early after that iteration, as if killed there (tests).
+    ends the run early after that iteration, as if killed there (tests). ``fence(it)``
+    is called by rank 0 before it starts and before each checkpoint: it raises to stop a
+    process that no longer owns ``out_dir`` (a job replaced by another) before it writes.
     ``backbone_weights`` is a local file or a torchvision weight name (see
     ``nasfcos.model.weights.load_backbone_weights``), read by a fresh run only: a
     resumed run takes every weight from its checkpoint.
@@ -281,6 +285,8 @@ def train(
     def save(it: int, losses: dict[str, float]) -> None:
         if not is_main:
             return
+        if fence is not None:
+            fence(it)
         save_checkpoint(
             {
                 "model": model.state_dict(),
@@ -299,6 +305,8 @@ def train(
         fault_point("train:checkpointed")
 
     if is_main:
+        if fence is not None:
+            fence(start)
         remove_orphans(ckpt_path)
     end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
     sampler = PositionSampler(len(dataset), batch_size=cfg.batch_size, start=start, end=end, seed=cfg.seed, rank=rank, world_size=world_size)
