@@ -82,14 +82,25 @@ _NEWER = {
     ("search", "ops"),
     ("search", "reward"),
     ("finetune", "devices"),
+    ("train_full", "jobs"),
+    ("train_full", "concurrency"),
+    ("train_full", "job_attempts"),
 }
+# Defaults changed since: a legacy key was computed with the old one (a config that leaves
+# the field at its default must still match the claim its run was made with).
+_OLD_DEFAULTS = {("train_full", "checkpoint_every"): (1500, 2500)}
 
 
 def legacy_conflict_key(cfg: PipelineConfig, stage: str) -> str:
     """The key run dirs made before fields had roles were claimed with (every field but
     ``search.total_archs`` and ``train_full.devices_per_arch``): such runs still resume."""
     skip = {("search", "total_archs"), ("train_full", "devices_per_arch")} | _NEWER
-    parts: dict[str, Any] = {s: {k: v for k, v in getattr(cfg, s).model_dump(mode="json").items() if (s, k) not in skip} for s in _STAGE_SECTIONS[stage]}
+
+    def value(s: str, k: str, v: Any) -> Any:
+        new, old = _OLD_DEFAULTS.get((s, k), (None, None))
+        return old if new is not None and v == new else v
+
+    parts: dict[str, Any] = {s: {k: value(s, k, v) for k, v in getattr(cfg, s).model_dump(mode="json").items() if (s, k) not in skip} for s in _STAGE_SECTIONS[stage]}
     if stage in _UPSTREAM:
         parts["upstream"] = legacy_conflict_key(cfg, _UPSTREAM[stage])
     return config_hash(parts)

@@ -115,10 +115,17 @@ def train_on(cfg: PipelineConfig, run: RunDir, info: dict, devices: Sequence[str
 @task(task_run_name="train {arch_id}", retries=1)
 def train_arch(config: dict, arch: str, arch_id: str, kind: str = "searched") -> dict:
     """Train one arch inside the stage's process (``train_full.jobs: null``) on a group of its devices."""
+    from storage.train_jobs import read_trained, write_trained
+
     cfg, run, _, _ = open_stage(config, STAGE)
+    done = read_trained(run.full(arch_id))
+    if done is not None and done.get("arch") == arch and done["status"] == "ok":  # a rerun: no training group to start
+        return {k: v for k, v in done.items() if k != "job"}
     info = arch_info(cfg, run, arch, arch_id, kind)
     with device_group(cfg.execution, cfg.train_full.devices_per_arch) as devices:
-        return train_on(cfg, run, info, devices)
+        record = train_on(cfg, run, info, devices)
+    write_trained(run.full(arch_id), record)
+    return record
 
 
 @stage_flow(STAGE)

@@ -112,7 +112,7 @@ def run_jobs(cfg: PipelineConfig, run: RunDir, todo: pd.DataFrame, config: dict,
                     if state is not None and not state.is_final():
                         continue
                     del active[arch_id]
-                    if (rec := _record(run, rows[arch_id])) is not None and rec["job"] == job["flow_run_id"]:
+                    if (rec := _record(run, rows[arch_id])) is not None and rec.get("job") == job["flow_run_id"]:
                         records[arch_id] = rec
                         bar.update(1)
                         update_progress_artifact(art, 100.0 * len(records) / max(len(rows), 1))
@@ -190,9 +190,10 @@ def _state(client, job: dict | None):
 
 
 def _record(run: RunDir, row) -> dict | None:
-    """The arch's record as a job left it (ok, or the arch's own failure; ``job``: which)."""
+    """The arch's record (ok, or the arch's own failure; ``job``: the job that wrote it, absent
+    when a stage task did)."""
     rec = read_trained(run.full(row.arch_id))
-    return rec if rec is not None and rec.get("arch") == row.arch and "job" in rec else None
+    return rec if rec is not None and rec.get("arch") == row.arch else None
 
 
 def _fields(job: dict) -> dict:

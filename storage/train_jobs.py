@@ -3,9 +3,11 @@
 ``job.json``      which flow run trains the arch now (its id, attempt, devices, the epoch of
                   the stage that submitted or adopted it): the stage finds a running job
                   here after its own restart, and a job trains only while it is named here;
-``trained.json``  the job's outcome (the leaderboard's record: ``ok`` or the arch's own
-                  ``failed``), written by the job at its end: the stage reads it from the
-                  run directory, not from Prefect's result storage.
+``trained.json``  the arch's outcome (the leaderboard's record: ``ok`` or the arch's own
+                  ``failed``), written at the end of its training by the job (``job``: its
+                  flow run) or the stage's task: the stage reads it from the run directory,
+                  not from Prefect's result storage, and a rerun does not start a training
+                  group for an arch recorded ``ok``.
 
 A job that is no longer the one named in ``job.json`` (the stage gave up on it and
 submitted another) stops at its next checkpoint instead of writing (:class:`JobFence`):

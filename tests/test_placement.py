@@ -287,6 +287,7 @@ def test_train_full_trains_one_arch_per_device_group_at_once(prefect_server, tmp
     cfg = load_config("demo", {
         "run_id": "groups", "runs_dir": str(tmp_path), "data.synthetic_num_train": 8, "data.synthetic_num_val": 4,
         "train_full.num_archs": 4, "train_full.devices_per_arch": 2, "execution.devices": [f"cuda:{i}" for i in range(4)],
+        "train_full.jobs": None,  # tasks in the stage's process (jobs on a pool: tests/test_train_jobs.py)
     })  # fmt: skip
     run = RunDir.at(cfg.runs_dir, cfg.run_id)
     ensure_data(cfg, run)

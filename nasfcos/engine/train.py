@@ -69,7 +69,7 @@ class TrainConfig:
     max_size: int = 1333
     crop: int = 0  # square random crop after resize; 0 = none
     flip: bool = True
-    checkpoint_every: int = 2500
+    checkpoint_every: int = 1500  # 1.7 % of the 90K iterations: what a kill loses at most
     log_every: int = 20
     seed: int = 0
     num_workers: int = 4
