@@ -34,7 +34,8 @@ RDZV_PORT = 29400
 # pod 0: the flow run (Prefect's command, "$@"); the others: a torchrun node. The numbers are
 # written into the script (string templating), not env values (an integer there is invalid).
 POD_SCRIPT = (
-    'export NASFCOS_NODES={{ nodes }} NASFCOS_NPROC={{ gpus_per_node }} NASFCOS_RDZV_ENDPOINT="$JOB_NAME-0.{{ service }}:{{ rdzv_port }}"; '
+    'export NASFCOS_NODES={{ nodes }} NASFCOS_NPROC={{ gpus_per_node }} NASFCOS_RDZV_ENDPOINT="$JOB_NAME-0.{{ service }}:{{ rdzv_port }}" '
+    'NASFCOS_RDZV_ID="$JOB_NAME"; '
     'if [ "$JOB_COMPLETION_INDEX" = 0 ]; then exec "$@"; else exec deployments/torchrun-node.sh; fi'
 )
 

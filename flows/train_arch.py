@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from flows.placement import run_logger
 from flows.stages import open_stage
 from flows.train_full import STAGE, arch_info, train_on
+from flows.train_jobs import job_file
 from storage.run_epoch import Fenced
 from storage.train_jobs import JobFence, read_job, write_trained
 
@@ -51,6 +52,9 @@ def train_arch(config: dict[str, Any] | str, arch: str, arch_id: str, kind: str 
     arch_dir, me = run.full(arch_id), str(flow_run.id)
     _wait_until_named(arch_dir, me, attempt)
     logging.getLogger("nasfcos").setLevel(logging.INFO)  # the training's lines (resume, iterations, ETA) in the job's log
+    for stale in arch_dir.glob("job-attempt*.pkl"):  # earlier attempts' job files (left by a lost group)
+        if stale.name != job_file(attempt):
+            stale.unlink(missing_ok=True)
     log = run_logger()
     log.info("%s: training on %s (job %s)", arch_id, ", ".join(devices), me)
     info = arch_info(cfg, run, arch, arch_id, kind)

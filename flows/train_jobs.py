@@ -35,7 +35,6 @@ from prefect.exceptions import ObjectNotFound
 from flows.config import PipelineConfig
 from flows.placement import run_logger
 from flows.stages import artifact_key, stage_hash
-from nasfcos.engine.distributed import JOB as JOB_FILE
 from storage.run_dir import RunDir
 from storage.run_lock import held_epoch
 from storage.train_jobs import read_job, read_trained, write_job
@@ -60,6 +59,12 @@ def job_env(cfg: PipelineConfig) -> dict[str, str]:
     if cpus <= 1 or os.environ.get("OMP_NUM_THREADS"):
         return {}
     return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // cpus))}
+
+
+def job_file(attempt: int) -> str:
+    """The training job's file of an attempt (``nasfcos.engine.distributed``): its own name, so
+    that the nodes of a multi-node job never start from an earlier attempt's."""
+    return f"job-attempt{attempt}.pkl"
 
 
 def key(cfg: PipelineConfig, arch_id: str, attempt: int) -> str:
@@ -159,7 +164,7 @@ def _submit(cfg, run: RunDir, row, config: dict, groups, active: dict, env: dict
             idempotency_key=k,
             tags=[f"run:{cfg.run_id}", f"arch:{row.arch_id}"],
             # the job file's path: the other nodes of a multi-node job wait for it (deployments/torchrun-node.sh)
-            job_variables={"env": {**env, "NASFCOS_JOB_FILE": str(arch_dir / JOB_FILE)}},
+            job_variables={"env": {**env, "NASFCOS_JOB_FILE": str(arch_dir / job_file(attempt))}},
             flow_run_name=f"{cfg.run_id} · train {row.arch_id}",
         )
     except ObjectNotFound:  # deleted since the stage started

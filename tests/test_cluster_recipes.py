@@ -87,6 +87,7 @@ def test_the_train_arch_pool_renders_an_indexed_job_of_gpu_pods_meeting_at_pod_0
     sh, dash_c, script, name = c["command"]
     assert (sh, dash_c, name) == ("/bin/sh", "-c", "sh")
     assert 'NASFCOS_NODES=2 NASFCOS_NPROC=8 NASFCOS_RDZV_ENDPOINT="$JOB_NAME-0.nasfcos-train:29400"' in script
+    assert 'NASFCOS_RDZV_ID="$JOB_NAME"' in script  # every node's torchrun names one group
     assert 'if [ "$JOB_COMPLETION_INDEX" = 0 ]; then exec "$@"; else exec deployments/torchrun-node.sh; fi' in script
     assert c["args"][:3] == ["prefect", "flow-run", "execute"]  # pod 0's "$@": the flow run
     env = {e["name"]: e for e in c["env"]}

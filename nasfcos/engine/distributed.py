@@ -77,6 +77,7 @@ RANKS = "ranks"  # the ranks' error records, under the output directory
 LAUNCHER_PID = "NASFCOS_LAUNCHER_PID"  # set by train_on_devices: ranks end when it is gone
 # set by a work pool's job (deployments/k8s, deployments/slurm): an arch trained on several machines
 NODES, RDZV_ENDPOINT, LAUNCHER = "NASFCOS_NODES", "NASFCOS_RDZV_ENDPOINT", "NASFCOS_LAUNCHER"
+RDZV_ID, JOB_FILE = "NASFCOS_RDZV_ID", "NASFCOS_JOB_FILE"
 # errors that are the arch's, re-raised as themselves (train-full: a failed row)
 _ARCH_ERRORS = {e.__name__: e for e in (torch.OutOfMemoryError, FloatingPointError)}
 # errors that mean bad input, re-raised as themselves (one line in the CLI)
@@ -110,15 +111,15 @@ def backend_for(devices: Sequence[str]) -> str:
     raise ValueError(f"devices {list(devices)}: all cpu or all cuda:N")
 
 
-def write_job(spec: DetectorSpec, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, *, device: str, **kwargs: Any) -> Path:
+def write_job(spec: DetectorSpec, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, *, device: str, name: str = JOB, **kwargs: Any) -> Path:
     """``<out_dir>/job.pkl``: what every rank trains (``device``: ``cpu`` or ``cuda``;
     ``kwargs``: ``train``'s). A pickle: the dataset object goes whole, as it would to a
     spawned rank; read it only from an output directory you wrote."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     job = {"version": 1, "spec": spec, "dataset": dataset, "cfg": cfg, "device": torch.device(device).type, "kwargs": kwargs}
-    atomicio.write_bytes(out / JOB, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
-    return out / JOB
+    atomicio.write_bytes(out / name, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+    return out / name
 
 
 def read_job(path: str | Path) -> dict:
@@ -162,7 +163,10 @@ def train_on_devices(
             f"batch size {cfg.batch_size} is not divisible by the {nodes * len(devices)} devices ({nodes} node(s) x {len(devices)}: --nproc / train_full.devices_per_arch)"
         )
     out = Path(out_dir)
-    job = write_job(spec, dataset, cfg, out, device=devices[0], **kwargs, log_level=logging.getLogger().getEffectiveLevel())
+    # a pool's job names its file (NASFCOS_JOB_FILE, one per attempt): another node never reads an earlier attempt's
+    named = os.environ.get(JOB_FILE)
+    name = Path(named).name if named and Path(named).parent.resolve() == out.resolve() else JOB
+    job = write_job(spec, dataset, cfg, out, device=devices[0], name=name, **kwargs, log_level=logging.getLogger().getEffectiveLevel())
     shutil.rmtree(out / RANKS, ignore_errors=True)  # an earlier launch's records are not this one's
     cmd, env = _launch(job, len(devices), nodes, launcher, max_restarts)
     env = {**os.environ, **env, **_visible(devices), LAUNCHER_PID: str(os.getpid())}
@@ -193,14 +197,15 @@ def _launch(job: Path, nproc: int, nodes: int, launcher: str, max_restarts: int)
     machine as one node of a c10d rendezvous at ``NASFCOS_RDZV_ENDPOINT`` (a Kubernetes
     Indexed Job's pod 0; the other pods run the node script); with ``NASFCOS_LAUNCHER``
     that command, given the job file, starts every node (SLURM: ``sbatch --wait ...``)."""
-    told = {"NASFCOS_NPROC": str(nproc), "NASFCOS_MAX_RESTARTS": str(max_restarts), "NASFCOS_RDZV_ID": job.parent.name, "NASFCOS_JOB_FILE": str(job)}
+    rdzv_id = os.environ.get(RDZV_ID) or job.parent.name  # every node's torchrun must name the same group
+    told = {"NASFCOS_NPROC": str(nproc), "NASFCOS_MAX_RESTARTS": str(max_restarts), RDZV_ID: rdzv_id, JOB_FILE: str(job)}
     if launcher:
         return [*shlex.split(launcher), str(job)], told
     if nodes > 1:
         endpoint = os.environ.get(RDZV_ENDPOINT)
         if not endpoint:
             raise ValueError(f"{NODES}={nodes} needs {RDZV_ENDPOINT} (host:port of the first node, where the group meets)")
-        rdzv = ["--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", job.parent.name]
+        rdzv = ["--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id]
     else:
         rdzv = ["--standalone", "--nnodes", "1"]
     cmd = [
