@@ -11,7 +11,9 @@ for the stage.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow
@@ -24,6 +26,7 @@ from flows.train_jobs import job_file
 from storage.run_epoch import Fenced
 from storage.train_jobs import JobFence, read_job, write_trained
 
+PROGRESS_EVERY_S = 30.0  # the job's progress artifact, from its TensorBoard curves
 NAMED_WITHIN_S = 120.0  # the stage writes job.json right after creating the run; a worker takes seconds to start it
 
 
@@ -58,7 +61,8 @@ def train_arch(config: dict[str, Any] | str, arch: str, arch_id: str, kind: str 
     log = run_logger()
     log.info("%s: training on %s (job %s)", arch_id, ", ".join(devices), me)
     info = arch_info(cfg, run, arch, arch_id, kind)
-    record = train_on(cfg, run, info, devices, fence=JobFence(str(arch_dir), me))
+    with _progress(cfg, arch_dir, arch_id):
+        record = train_on(cfg, run, info, devices, fence=JobFence(str(arch_dir), me))
     JobFence(str(arch_dir), me)(record["iteration"])  # replaced while finishing: the newer job writes the record
     write_trained(arch_dir, record | {"job": me})
     return record
@@ -74,3 +78,38 @@ def _wait_until_named(arch_dir, me: str, attempt: int) -> None:
             named = f"flow run {job['flow_run_id']} (attempt {job['attempt']})" if job else "no job"
             raise Fenced(f"{arch_dir}: {named} is this arch's job, not {me} (attempt {attempt}); stopping without training")
         time.sleep(1.0)
+
+
+@contextmanager
+def _progress(cfg, arch_dir, arch_id: str, every_s: float = PROGRESS_EVERY_S):
+    """The job's progress artifact (``<run_id>-train-<arch_id>-progress``, the iterations its
+    curves reached), updated every ``every_s`` from a thread while the block trains."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from flows.stages import artifact_key
+    from storage.curves import read_curves
+
+    total = cfg.train_full.iterations
+
+    def reached() -> float:
+        steps = read_curves(arch_dir).get("loss/total") or [(0, 0.0)]
+        return 100.0 * min(steps[-1][0], total) / total
+
+    art = create_progress_artifact(progress=reached(), key=artifact_key(cfg, f"train-{arch_id}-progress"), description=f"{arch_id}: iterations trained out of {total}")
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            try:
+                update_progress_artifact(art, reached())
+            except Exception as e:  # noqa: BLE001 - a view: the training is what counts
+                run_logger().warning("%s: progress not updated: %s", arch_id, e)
+
+    thread = threading.Thread(target=watch, name=f"progress-{arch_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        update_progress_artifact(art, reached())

@@ -139,7 +139,8 @@ def train_full(cfg, run, config: dict) -> dict:
         latest = max((p.stat().st_mtime for p in run.root.glob("full/*/tb/*")), default=0.0)
         if latest > seen:
             seen = latest
-            publish_summary(cfg, run, STAGE, "train-full", f"Training {len(todo)} archs (baselines included): in progress.", "full training (in progress)")
+            text = f"Training {len(todo)} archs (baselines included): in progress.\n\n" + "\n".join(_line(run, a) for a in todo.arch_id)
+            publish_summary(cfg, run, STAGE, "train-full", text, "full training (in progress)")
 
     refresh = curves if cfg.execution.report else None
     description = f"archs fully trained out of {len(todo)} (baselines included)"
@@ -156,6 +157,18 @@ def train_full(cfg, run, config: dict) -> dict:
     failed = [t for t in trained if t["status"] != "ok"]
     if failed and len(failed) == len(trained):
         raise RuntimeError(f"train-full: every arch failed, e.g. {failed[0]['arch_id']}: {failed[0]['error']}")
-    lines = [f"- `{t['arch_id']}`: {t['iteration']} iterations, `{t['checkpoint']}`" if t["status"] == "ok" else f"- `{t['arch_id']}`: **failed**: {t['error']}" for t in trained]
-    publish_summary(cfg, run, STAGE, "train-full", "\n".join(lines), "full training")
+    publish_summary(cfg, run, STAGE, "train-full", "\n".join(_line(run, t["arch_id"], t) for t in trained), "full training")
     return {"trained": trained}
+
+
+def _line(run: RunDir, arch_id: str, record: dict | None = None) -> str:
+    """An arch in train-full's summary: trained, failed, or still training (its record, or
+    ``full/<arch_id>/trained.json`` as its task or job left it)."""
+    from storage.train_jobs import read_trained
+
+    t = record or read_trained(run.full(arch_id))
+    if t is None:
+        return f"- `{arch_id}`: training"
+    if t["status"] != "ok":
+        return f"- `{arch_id}`: **failed**: {t['error']}"
+    return f"- `{arch_id}`: {t['iteration']} iterations, `{t['checkpoint']}`"

@@ -121,6 +121,7 @@ def run_jobs(cfg: PipelineConfig, run: RunDir, todo: pd.DataFrame, config: dict,
                         records[arch_id] = rec
                         bar.update(1)
                         update_progress_artifact(art, 100.0 * len(records) / max(len(rows), 1))
+                        refreshed = -1e9  # the summary lists it now, not in 5 minutes
                         continue
                     why = f"job {job['flow_run_id']} (attempt {job['attempt']}) ended {state.name if state else 'missing from the server'}" + (
                         f": {state.message}" if state is not None and state.message else ""

@@ -150,6 +150,16 @@ def test_two_jobs_side_by_side_and_a_killed_job_resumes_from_its_checkpoint(pool
     run = tmp_path / "jobs-kill"
     assert load_checkpoint(run / "full" / ids[BN] / "checkpoint.pt")["iteration"] == 8
     assert {r.parameters["devices"][0] for r in (fpn[0], bn[0])} == {"cpu"}  # a group each ("cpu" twice)
+    assert _latest_progress(f"jobs-kill-train-{ids[FPN]}-progress") == 100.0  # each job's own progress in the UI
+
+
+def _latest_progress(key: str) -> float:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        (art,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return float(art.data)
 
 
 def test_a_restarted_stage_finds_its_job_again_and_waits_for_it(pool, tmp_path):
