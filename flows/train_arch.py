@@ -23,11 +23,12 @@ from flows.placement import run_logger
 from flows.stages import open_stage
 from flows.train_full import STAGE, arch_info, train_on
 from flows.train_jobs import job_file
+from nasfcos.engine.distributed import launch_from_env
 from storage.run_epoch import Fenced
 from storage.train_jobs import JobFence, read_job, write_trained
 
 PROGRESS_EVERY_S = 30.0  # the job's progress artifact, from its TensorBoard curves
-NAMED_WITHIN_S = 120.0  # the stage writes job.json right after creating the run; a worker takes seconds to start it
+NAMED_WITHIN_S = 300.0  # the stage writes job.json right after creating the run; a worker takes seconds to start it
 
 
 def _name() -> str:
@@ -62,7 +63,7 @@ def train_arch(config: dict[str, Any] | str, arch: str, arch_id: str, kind: str 
     log.info("%s: training on %s (job %s)", arch_id, ", ".join(devices), me)
     info = arch_info(cfg, run, arch, arch_id, kind)
     with _progress(cfg, arch_dir, arch_id):
-        record = train_on(cfg, run, info, devices, fence=JobFence(str(arch_dir), me))
+        record = train_on(cfg, run, info, devices, fence=JobFence(str(arch_dir), me), launch=launch_from_env())
     JobFence(str(arch_dir), me)(record["iteration"])  # replaced while finishing: the newer job writes the record
     write_trained(arch_dir, record | {"job": me})
     return record

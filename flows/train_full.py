@@ -72,7 +72,7 @@ def arch_info(cfg: PipelineConfig, run: RunDir, arch: str, arch_id: str, kind: s
     return {"arch_id": arch_id, "arch": arch, "kind": kind} | (baseline_proxy(cfg, run, arch, arch_id) if kind == "baseline" else {})
 
 
-def train_on(cfg: PipelineConfig, run: RunDir, info: dict, devices: Sequence[str], *, fence=None) -> dict:
+def train_on(cfg: PipelineConfig, run: RunDir, info: dict, devices: Sequence[str], *, fence=None, launch: dict | None = None) -> dict:
     """Train one arch on ``devices`` (resumable): the leaderboard record. A diverging arch
     (non-finite loss) or one that does not fit its devices gives a ``failed`` record, so
     the other archs finish; the same code in a stage task and in a ``train-arch`` job."""
@@ -103,6 +103,7 @@ def train_on(cfg: PipelineConfig, run: RunDir, info: dict, devices: Sequence[str
             init_prefix="backbone.",
             meta=meta,
             **({"fence": fence} if fence is not None else {}),
+            **(launch or {}),  # a job's nodes / launcher
         )
     except (FloatingPointError, torch.OutOfMemoryError) as e:  # the arch's fault (alone on its devices): a failed row
         error = one_line(e)

@@ -37,7 +37,7 @@ from flows.placement import run_logger
 from flows.stages import artifact_key, stage_hash
 from storage.run_dir import RunDir
 from storage.run_lock import held_epoch
-from storage.train_jobs import read_job, read_trained, write_job
+from storage.train_jobs import jobs_uid, read_job, read_trained, write_job
 
 POLL_S = 2.0
 
@@ -53,12 +53,13 @@ def device_groups(cfg: PipelineConfig) -> list[tuple[str, ...]]:
 
 
 def job_env(cfg: PipelineConfig) -> dict[str, str]:
-    """Environment of every job: on CPU devices, an equal share of this machine's cores per
-    job (as the in-process tasks get, ``flows.placement.share_cpu_threads``)."""
+    """Environment of every job: torchrun's restarts; on CPU devices, an equal share of this
+    machine's cores per job (as the in-process tasks get, ``flows.placement.share_cpu_threads``)."""
+    env = {"NASFCOS_MAX_RESTARTS": str(cfg.execution.max_restarts)}  # every node's torchrun, not only the job's own
     cpus = sum(d == "cpu" for d in cfg.execution.devices)
-    if cpus <= 1 or os.environ.get("OMP_NUM_THREADS"):
-        return {}
-    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // cpus))}
+    if cpus > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // cpus))
+    return env
 
 
 def job_file(attempt: int) -> str:
@@ -67,8 +68,10 @@ def job_file(attempt: int) -> str:
     return f"job-attempt{attempt}.pkl"
 
 
-def key(cfg: PipelineConfig, arch_id: str, attempt: int) -> str:
-    return f"{cfg.run_id}/{arch_id}/{stage_hash(cfg, 'train-full')}/attempt{attempt}"
+def key(cfg: PipelineConfig, run: RunDir, arch_id: str, attempt: int) -> str:
+    """Unique on the Prefect server per run directory (``jobs_uid``: a run dir deleted and made
+    again, or another runs_dir with the same run_id, gets other keys), arch, config and attempt."""
+    return f"{cfg.run_id}/{jobs_uid(run.root / 'full')}/{arch_id}/{stage_hash(cfg, 'train-full')}/attempt{attempt}"
 
 
 def run_jobs(cfg: PipelineConfig, run: RunDir, todo: pd.DataFrame, config: dict, *, description: str, refresh: Callable[[], None] | None = None) -> list[dict]:
@@ -156,7 +159,7 @@ def _submit(cfg, run: RunDir, row, config: dict, groups, active: dict, env: dict
         return None
     busy = {tuple(j["devices"]) for j in active.values()}
     devices = next((g for g in groups if g not in busy), groups[len(active) % len(groups)])
-    k = key(cfg, row.arch_id, attempt)
+    k = key(cfg, run, row.arch_id, attempt)
     try:
         fr = run_deployment(
             cfg.train_full.jobs,
@@ -170,8 +173,10 @@ def _submit(cfg, run: RunDir, row, config: dict, groups, active: dict, env: dict
         )
     except ObjectNotFound:  # deleted since the stage started
         raise ValueError(f"train_full.jobs: deployment {cfg.train_full.jobs!r} is gone from the Prefect server") from None
+    # a key made before (a stage that died before naming its job) returns that run, with the devices it was given then
+    devices = list((fr.parameters or {}).get("devices") or devices)
     run_logger().info("%s: job %s submitted (attempt %d, %s)", row.arch_id, fr.id, attempt, ", ".join(devices))
-    return write_job(arch_dir, flow_run_id=str(fr.id), attempt=attempt, key=k, devices=list(devices), epoch=epoch)
+    return write_job(arch_dir, flow_run_id=str(fr.id), attempt=attempt, key=k, devices=devices, epoch=epoch)
 
 
 def _deployment_env(client, name: str) -> dict:

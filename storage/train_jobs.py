@@ -10,13 +10,15 @@
                   group for an arch recorded ``ok``.
 
 A job that is no longer the one named in ``job.json`` (the stage gave up on it and
-submitted another) stops at its next checkpoint instead of writing (:class:`JobFence`):
-two processes never train one arch into one directory.
+submitted another: its machine stopped answering, but it may still run) stops at its
+next log line or checkpoint instead of writing (:class:`JobFence`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,9 +30,27 @@ JOB = "job.json"
 TRAINED = "trained.json"
 
 
+def jobs_uid(full_dir: str | Path) -> str:
+    """A random id of this run directory's jobs (``full/jobs.uid``, made once, O_EXCL): part of
+    every job's idempotency key, so a run directory deleted and made again (``make demo``
+    twice on one Prefect server) never gets an old run's job back."""
+    path = Path(full_dir) / "jobs.uid"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(uuid.uuid4().hex[:12] + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path.read_text().strip()
+
+
 def read_job(arch_dir: str | Path) -> dict | None:
-    """The arch's current job (None: never submitted). A damaged file is None: the stage
-    then submits again under the same idempotency key (Prefect answers with the same run)."""
+    """The arch's current job (None: never submitted, or a damaged file: the stage then
+    submits attempt 0 again, whose key Prefect answers with that attempt's run, which is
+    final: one attempt spent, then a new one)."""
     try:
         job = json.loads((Path(arch_dir) / JOB).read_text())
     except (FileNotFoundError, ValueError):
@@ -39,6 +59,11 @@ def read_job(arch_dir: str | Path) -> dict | None:
 
 
 def write_job(arch_dir: str | Path, *, flow_run_id: str, attempt: int, key: str, devices: list[str], epoch: int | None) -> dict:
+    """Name the arch's current job; :class:`Fenced` when a stage of a newer run epoch already
+    named one (this stage's process is a zombie: its successor owns the arch)."""
+    held = read_job(arch_dir)
+    if held is not None and epoch is not None and (held.get("epoch") or 0) > epoch:
+        raise Fenced(f"{arch_dir}: its job was named by run epoch {held['epoch']}, newer than this stage's {epoch}; not renaming it")
     job = {
         "flow_run_id": str(flow_run_id),
         "attempt": attempt,

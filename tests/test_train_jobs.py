@@ -173,6 +173,7 @@ def test_a_restarted_stage_finds_its_job_again_and_waits_for_it(pool, tmp_path):
     from flows.stages import portable
     from flows.train_jobs import key
     from nasfcos.arch import resolve
+    from storage.run_dir import RunDir
     from storage.run_epoch import current
     from storage.train_jobs import read_job
 
@@ -185,7 +186,7 @@ def test_a_restarted_stage_finds_its_job_again_and_waits_for_it(pool, tmp_path):
     first = run_deployment(  # what a stage that died right after creating its job left
         DEPLOYMENT,
         parameters={"config": portable(cfg), "arch": str(resolve(FPN)), "arch_id": ids[FPN], "kind": "searched", "devices": ["cpu"], "attempt": 0},
-        timeout=0, idempotency_key=key(cfg, ids[FPN], 0), tags=["run:jobs-attach", f"arch:{ids[FPN]}"], as_subflow=False,
+        timeout=0, idempotency_key=key(cfg, RunDir.at(cfg.runs_dir, cfg.run_id), ids[FPN], 0), tags=["run:jobs-attach", f"arch:{ids[FPN]}"], as_subflow=False,
     )  # fmt: skip
     env = {**pool["env"], "NASFCOS_FAULT_FILE": str(pool["faults"])}
     try:

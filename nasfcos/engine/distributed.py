@@ -144,6 +144,8 @@ def train_on_devices(
     *,
     devices: Sequence[str],
     max_restarts: int = 0,
+    nodes: int = 1,
+    launcher: str = "",
     **kwargs: Any,
 ) -> TrainResult:
     """``nasfcos.engine.train.train`` on ``devices`` of this machine, one rank each (one
@@ -151,10 +153,12 @@ def train_on_devices(
     to ``max_restarts`` times and resumes from the last checkpoint.
 
     ``kwargs`` are ``train``'s (``backbone_weights``, ``init_checkpoint``, ``meta``,
-    ``stop_at``). The result is read back from rank 0's checkpoint.
+    ``stop_at``, ``fence``). The result is read back from rank 0's checkpoint. ``nodes`` > 1:
+    this machine is one of several meeting at ``NASFCOS_RDZV_ENDPOINT``; ``launcher``: a
+    command that, given the job file, starts every node (both set by a ``train-arch`` job
+    from its pool's environment, :func:`launch_from_env`).
     """
     devices = list(devices)
-    nodes, launcher = int(os.environ.get(NODES, "1")), os.environ.get(LAUNCHER, "")
     if len(devices) == 1 and nodes == 1 and not launcher:
         return training.train(spec, dataset, cfg, out_dir, device=devices[0], **kwargs)
     backend_for(devices)
@@ -169,7 +173,8 @@ def train_on_devices(
     job = write_job(spec, dataset, cfg, out, device=devices[0], name=name, **kwargs, log_level=logging.getLogger().getEffectiveLevel())
     shutil.rmtree(out / RANKS, ignore_errors=True)  # an earlier launch's records are not this one's
     cmd, env = _launch(job, len(devices), nodes, launcher, max_restarts)
-    env = {**os.environ, **env, **_visible(devices), LAUNCHER_PID: str(os.getpid())}
+    # ranks on this machine end when this process is gone; a launcher's (sbatch) run elsewhere, where this pid means nothing
+    env = {**os.environ, **env, **_visible(devices), **({} if launcher else {LAUNCHER_PID: str(os.getpid())})}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped with us (below)
     try:
@@ -189,6 +194,13 @@ def train_on_devices(
     ckpt_path = out / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path)
     return TrainResult(checkpoint=ckpt_path, iteration=int(ckpt["iteration"]), seconds=time.perf_counter() - t0, last_losses=ckpt["losses"])
+
+
+def launch_from_env() -> dict[str, Any]:
+    """``nodes`` and ``launcher`` of :func:`train_on_devices` as a work pool's job sets them
+    (``NASFCOS_NODES``, ``NASFCOS_LAUNCHER``); read by the ``train-arch`` job only, so that a
+    variable left in a machine's environment never turns other trainings multi-node."""
+    return {"nodes": int(os.environ.get(NODES) or 1), "launcher": os.environ.get(LAUNCHER, "")}
 
 
 def _launch(job: Path, nproc: int, nodes: int, launcher: str, max_restarts: int) -> tuple[list[str], dict[str, str]]:

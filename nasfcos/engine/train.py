@@ -222,8 +222,8 @@ def train(
     (e.g. ``"backbone."``) only the tensors whose names start with it. ``meta`` is
     stored in the checkpoint (classes, category ids, input sizes). ``stop_at``
     ends the run early after that iteration, as if killed there (tests). ``fence(it)``
-    is called by rank 0 before it starts and before each checkpoint: it raises to stop a
-    process that no longer owns ``out_dir`` (a job replaced by another) before it writes.
+    is called by rank 0 before it starts, at each log line and before each checkpoint: it
+    raises to stop a process that no longer owns ``out_dir`` (a job replaced by another).
     ``backbone_weights`` is a local file or a torchvision weight name (see
     ``nasfcos.model.weights.load_backbone_weights``), read by a fresh run only: a
     resumed run takes every weight from its checkpoint.
@@ -357,6 +357,8 @@ def train(
             scheduler.step()
 
             if it % cfg.log_every == 0 or it == end:
+                if fence is not None and is_main:  # a replaced job stops within log_every iterations, not a checkpoint interval
+                    fence(it)
                 losses = {k: v.item() for k, v in parts.items()}
                 now = time.perf_counter()
                 per_it = (now - tick) / min(cfg.log_every, it - start)
