@@ -208,3 +208,32 @@ def test_a_restarted_stage_finds_its_job_again_and_waits_for_it(pool, tmp_path):
     assert "re-attached to its running job" in (tmp_path / "stage2.log").read_text()
     board = pd.read_json(tmp_path / "jobs-attach" / "full" / ids[FPN] / "trained.json", typ="series")
     assert board["status"] == "ok" and board["iteration"] == 8 and board["job"] == str(first.id)
+
+
+def test_a_replaced_job_stops_at_its_next_log_line_and_an_older_stage_cannot_rename_it(synthetic_small, tmp_path):
+    """JobFence in training: the job named in job.json trains; once job.json names another,
+    it raises Fenced at its next log line, before the checkpoint after it. write_job refuses a
+    stage of an older run epoch. The run directory's jobs id is made once."""
+    from nasfcos.data import COCODetection, build_transforms
+    from nasfcos.engine.train import TrainConfig, train
+    from nasfcos.model.detector import DetectorSpec
+    from storage.run_epoch import Fenced
+    from storage.train_jobs import JobFence, jobs_uid, write_job
+
+    arch_dir = tmp_path / "full" / "a"
+    write_job(arch_dir, flow_run_id="old", attempt=0, key="k0", devices=["cpu"], epoch=1)
+    fence = JobFence(str(arch_dir), "old")
+
+    def replaced_at_3(it: int) -> None:
+        if it >= 3:  # the stage submitted attempt 1 while this job still ran
+            write_job(arch_dir, flow_run_id="new", attempt=1, key="k1", devices=["cpu"], epoch=2)
+        fence(it)
+
+    ds = COCODetection(synthetic_small["train_json"], synthetic_small["image_root"], transforms=build_transforms(train=True, min_size=64, max_size=96, crop=64))
+    cfg = TrainConfig(iterations=8, batch_size=2, base_lr=0.01, warmup_iters=1, steps=(6,), checkpoint_every=4, log_every=1, num_workers=0)
+    with pytest.raises(Fenced, match="flow run new \\(attempt 1\\) trains this arch now; job old stops at iteration 3"):
+        train(DetectorSpec(num_classes=3, backbone="tiny", width=32), ds, cfg, arch_dir, fence=replaced_at_3)
+    assert not (arch_dir / "checkpoint.pt").exists()  # stopped before its first checkpoint (iteration 4)
+    with pytest.raises(Fenced, match="newer than this stage's 1"):
+        write_job(arch_dir, flow_run_id="zombie", attempt=2, key="k2", devices=["cpu"], epoch=1)
+    assert jobs_uid(tmp_path / "full") == jobs_uid(tmp_path / "full") and len(jobs_uid(tmp_path / "full")) == 12
