@@ -10,3 +10,11 @@ helpers every package may use: ``errors``, ``progress``, ``fault_injection``;
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """A trained detector to call on images: ``nasfcos.load("runs/<id>/full/<arch_id>")(images)``
+    (``nasfcos.predictor``; imported here on first use, so ``import nasfcos`` stays light)."""
+    from nasfcos.predictor import load as _load
+
+    return _load(path, **kwargs)

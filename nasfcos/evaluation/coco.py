@@ -73,6 +73,16 @@ def to_coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, la
     ]
 
 
+def to_original(boxes: torch.Tensor, scale: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Boxes of a resized image back in the original image's pixels (``scale``: [sy, sx] of the
+    resize, ``hw``: the original height and width), clipped to it."""
+    sy, sx = float(scale[0]), float(scale[1])
+    boxes = boxes.cpu() / torch.tensor([sx, sy, sx, sy])
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, hw[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, hw[0])
+    return boxes
+
+
 @torch.no_grad()
 def predict_dataset(
     model: nn.Module,
@@ -101,12 +111,7 @@ def predict_dataset(
             sizes = [tuple(int(v) for v in t["size"]) for t in targets]
             dets = model.predict(images.to(device), sizes)
             for det, t in zip(dets, targets, strict=True):
-                scale = t.get("scale", torch.ones(2))
-                sy, sx = float(scale[0]), float(scale[1])
-                boxes = det["boxes"].cpu() / torch.tensor([sx, sy, sx, sy])
-                H, W = (int(v) for v in t["orig_size"])
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+                boxes = to_original(det["boxes"], t.get("scale", torch.ones(2)), tuple(int(v) for v in t["orig_size"]))
                 results += to_coco_results(int(t["image_id"]), boxes, det["scores"].cpu(), det["labels"].cpu(), category_ids)
             bar.update(len(targets))
     return results

@@ -1,0 +1,95 @@
+"""A trained detector you call on your own images (issue #30): ``nasfcos.load(path)``.
+
+    import nasfcos
+    from PIL import Image
+
+    detect = nasfcos.load("runs/demo/full/4783218e29f8/checkpoint.pt")
+    (found,) = detect([Image.open("street.jpg")])
+    print(found["names"][:5], found["scores"][:5], found["boxes"][:5])
+
+The predictor resizes and normalises as evaluation does (the checkpoint's ``eval_min_size``
+/ ``eval_max_size``; ImageNet mean and std), batches, runs ``Detector.predict`` and maps
+the boxes back to each image's own pixels, as torchvision's detection models take images
+of any size. It wraps the detector and leaves ``Detector.predict`` as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nasfcos.data.transforms import build_transforms, collate
+from nasfcos.engine.checkpoint import CHECKPOINT, detector_from_checkpoint
+from nasfcos.evaluation.coco import to_original
+from nasfcos.model.detector import Detector
+
+DEFAULT_BATCH = 8  # the evaluate stage's: the head's GroupNorm sees the batch's padding
+
+
+class Predictor:
+    """Images in, detections out: ``predictor(images) -> [{boxes, scores, labels, names}]``."""
+
+    def __init__(
+        self, model: Detector, *, classes: Sequence[str], min_size: int = 800, max_size: int | None = 1333, device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.classes = list(classes)
+        self.batch_size = batch_size
+        self.transforms = build_transforms(train=False, min_size=min_size, max_size=max_size)
+
+    @torch.no_grad()
+    def __call__(self, images: Any) -> list[dict[str, Any]]:
+        """Detections of each image: ``boxes`` (D, 4) x1y1x2y2 in the image's pixels, ``scores``
+        (D,), ``labels`` (D,) indices into ``classes``, ``names`` (D class names). ``images``: one
+        or a list of PIL images, uint8 tensors (3, H, W) or float tensors (3, H, W) in [0, 1]."""
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(batch), self.batch_size):
+            chunk = [as_tensor(im) for im in batch[i : i + self.batch_size]]
+            tensor, targets = collate([self.transforms(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}) for im in chunk])
+            sizes = [tuple(int(v) for v in t["size"]) for t in targets]
+            for det, t, im in zip(self.model.predict(tensor.to(self.device), sizes), targets, chunk, strict=True):
+                boxes = to_original(det["boxes"], t["scale"], (int(im.shape[-2]), int(im.shape[-1])))
+                labels = det["labels"].cpu()
+                out.append({"boxes": boxes, "scores": det["scores"].cpu(), "labels": labels, "names": [self.classes[int(k)] for k in labels]})
+        return out
+
+
+def as_tensor(image: Any) -> Tensor:
+    """A (3, H, W) tensor from a PIL image or a tensor (uint8, or float in [0, 1]); one line naming what is wrong otherwise."""
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"an image tensor must be (3, H, W), got shape {tuple(image.shape)}")
+        if image.dtype != torch.uint8 and not image.is_floating_point():
+            raise ValueError(f"an image tensor must be uint8 or float in [0, 1], got {image.dtype}")
+        return image
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        from torchvision.transforms.functional import pil_to_tensor
+
+        return pil_to_tensor(image.convert("RGB"))
+    raise TypeError(f"an image must be a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH) -> Predictor:
+    """A :class:`Predictor` from a nasfcos checkpoint (``checkpoint.pt``, or the training's
+    folder holding it, e.g. ``runs/<id>/full/<arch_id>``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no nasfcos checkpoint there (train-full writes runs/<id>/full/<arch_id>/{CHECKPOINT})")
+    model, ckpt = detector_from_checkpoint(path)
+    meta = ckpt.get("meta") or {}
+    classes = meta.get("classes") or [str(k) for k in range(model.fcos.num_classes)]
+    return Predictor(model, classes=classes, min_size=meta.get("eval_min_size", 800), max_size=meta.get("eval_max_size", 1333), device=device, batch_size=batch_size)

@@ -1,0 +1,59 @@
+"""``nasfcos.load``: a trained checkpoint called on images of any size (issue #30, item 2)
+gives the detections the evaluate path (``predict_dataset``) gives, in the image's pixels."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import nasfcos
+from nasfcos.data import COCODetection, build_transforms, read_image
+from nasfcos.engine.checkpoint import detector_from_checkpoint
+from nasfcos.engine.train import TrainConfig, train
+from nasfcos.evaluation.coco import predict_dataset, to_coco_results
+from nasfcos.model.detector import DetectorSpec
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_small, tmp_path_factory):
+    """A tiny FPN-FCOS trained 20 iterations (random weights tie scores across NMS); width 64:
+    GroupNorm(32) needs 2 values per group on a 1x1 P7 of one image."""
+    train_ds = COCODetection(synthetic_small["train_json"], synthetic_small["image_root"], transforms=build_transforms(train=True, min_size=64, max_size=96))
+    meta = {"classes": list(train_ds.classes), "category_ids": list(train_ds.category_ids), "eval_min_size": 64, "eval_max_size": 96}
+    cfg = TrainConfig(iterations=20, batch_size=4, base_lr=0.01, warmup_iters=2, steps=(15,), checkpoint_every=20, log_every=10, num_workers=0)
+    out = tmp_path_factory.mktemp("predictor")
+    train(DetectorSpec(num_classes=len(train_ds.classes), backbone="tiny", width=64), train_ds, cfg, out, meta=meta)
+    return out, meta
+
+
+def test_load_gives_the_evaluate_paths_detections_in_image_pixels(synthetic_small, trained):
+    out, meta = trained
+    val = COCODetection(synthetic_small["val_json"], synthetic_small["image_root"], transforms=build_transforms(train=False, min_size=64, max_size=96))
+    model, _ = detector_from_checkpoint(out / "checkpoint.pt")
+    expected = predict_dataset(model, val, category_ids=meta["category_ids"], batch_size=8)
+    detect = nasfcos.load(out)  # the training's folder: its checkpoint.pt
+    images = json.loads(open(synthetic_small["val_json"]).read())["images"]
+    found = detect([read_image(f"{synthetic_small['image_root']}/{im['file_name']}") for im in images])
+    got = [r for im, det in zip(images, found, strict=True) for r in to_coco_results(im["id"], det["boxes"], det["scores"], det["labels"], meta["category_ids"])]
+    assert got == expected and len(got) > 0
+    for im, det in zip(images, found, strict=True):
+        assert det["names"] == [meta["classes"][int(k)] for k in det["labels"]]
+        assert (det["boxes"][:, 2] <= im["width"]).all() and (det["boxes"][:, 3] <= im["height"]).all()
+    # PIL images and float tensors are taken too, one image or a list
+    pil = Image.open(f"{synthetic_small['image_root']}/{images[0]['file_name']}")
+    (one,) = detect(pil)
+    assert one["boxes"].shape[1] == 4 and len(one["scores"]) == len(one["names"])
+    (flt,) = detect(read_image(f"{synthetic_small['image_root']}/{images[0]['file_name']}").float() / 255)
+    assert flt["boxes"].shape[1] == 4
+
+
+def test_bad_images_and_paths_are_one_line_errors(trained, tmp_path):
+    out, _ = trained
+    detect = nasfcos.load(out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"an image tensor must be \(3, H, W\), got shape \(64, 64\)"):
+        detect(torch.zeros(64, 64, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="an image must be a PIL image or a \\(3, H, W\\) tensor, got str"):
+        detect("street.jpg")
+    with pytest.raises(FileNotFoundError, match="no nasfcos checkpoint there"):
+        nasfcos.load(tmp_path)
