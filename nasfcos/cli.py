@@ -1,4 +1,4 @@
-"""The ``nasfcos`` command line: make the synthetic dataset, train, evaluate.
+"""The ``nasfcos`` command line: make the synthetic dataset, train, evaluate, predict.
 
 Errors in user input (files, fields, options) print one line and exit 2.
 """
@@ -171,6 +171,82 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _image_list(specs: list[str], image_root: Path | None) -> tuple[list[tuple[int, Path]], bool]:
+    """(image id, path) of every image ``--images`` names (files, folders, globs, or one COCO
+    json whose images, relative to ``--image-root`` (default: the json's folder), keep their ids);
+    whether they came from a json."""
+    import glob
+
+    if len(specs) == 1 and specs[0].endswith(".json"):
+        path = Path(specs[0])
+        try:
+            images = json.loads(path.read_text())["images"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a COCO json with an 'images' list ({one_line(e, with_type=False)})") from None
+        root = image_root or path.parent
+        return [(int(im["id"]), root / im["file_name"]) for im in images], True
+    paths: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(c in spec for c in "*?["):
+            paths += sorted(Path(q) for q in glob.glob(spec, recursive=True) if Path(q).suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(p)
+    return list(enumerate(paths)), False
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Detections of a trained arch on your images: a COCO results json (the checkpoint's own
+    category ids), and with ``--draw`` the images with their boxes drawn."""
+    from torchvision.io import write_png
+    from torchvision.utils import draw_bounding_boxes
+
+    from nasfcos.data import read_image
+    from nasfcos.evaluation.coco import save_results, to_coco_results
+    from nasfcos.predictor import load
+    from nasfcos.progress import Progress
+
+    detect = load(args.checkpoint, device=_device(args.device), batch_size=args.batch_size)
+    meta_ids = detect.category_ids
+    todo, from_json = _image_list(args.images, args.image_root)
+    if not todo:
+        raise ValueError(f"--images {' '.join(args.images)}: no image files there ({', '.join(IMAGE_SUFFIXES)})")
+    if args.draw:
+        args.draw.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    read = 0
+    with Progress(len(todo), "predict", unit="img") as bar:
+        for i in range(0, len(todo), args.batch_size):
+            chunk = []
+            for image_id, path in todo[i : i + args.batch_size]:
+                try:
+                    chunk.append((image_id, path, read_image(path)))
+                except ValueError as e:  # a bad image: named, skipped; the others go on
+                    print(f"nasfcos predict: skipped {one_line(e, with_type=False)}", file=sys.stderr)
+            for (image_id, path, image), det in zip(chunk, detect([im for _, _, im in chunk]) if chunk else [], strict=True):
+                keep = det["scores"] >= args.score_thresh
+                boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
+                rows = to_coco_results(image_id, boxes, scores, labels, meta_ids)
+                results += rows if from_json else [r | {"file_name": str(path)} for r in rows]
+                if args.draw:  # the confident ones: at 0.05 a detector draws a hundred boxes an image
+                    shown = scores >= args.draw_thresh
+                    names = [f"{detect.classes[int(k)]} {float(s):.2f}" for k, s in zip(labels[shown], scores[shown], strict=True)]
+                    drawn = draw_bounding_boxes(image, boxes[shown], labels=names, width=1) if shown.any() else image
+                    write_png(drawn, str(args.draw / f"{path.stem}.png"))
+            read += len(chunk)
+            bar.update(len(todo[i : i + args.batch_size]))
+    if read == 0:
+        raise ValueError(f"none of the {len(todo)} images could be read")
+    save_results(results, args.out)
+    print(f"{len(results)} detections on {read} images: {args.out}" + (f"; drawn into {args.draw}" if args.draw else ""))
+    return 0
+
+
 def cmd_complexity(args: argparse.Namespace) -> int:
     from nasfcos.model.complexity import complexity
 
@@ -273,6 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="data loader processes (default: %(default)s)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "predict",
+        help="detections of a trained arch on your images (COCO results json; --draw: the images with boxes)",
+        description="Run a trained checkpoint on image files, folders, globs or a COCO json's images; write the "
+        "detections as a COCO results json (the dataset's own category ids; a json's image ids) and, with "
+        "--draw, each image with its boxes, class names and scores. A bad image is one line naming it and "
+        "is skipped; exit 2 when none could be read.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="nasfcos checkpoint.pt, or the folder holding it (runs/<id>/full/<arch_id>)")
+    p.add_argument("--images", nargs="+", required=True, help="image files, folders, globs ('photos/*.jpg'), or one COCO json")
+    p.add_argument("--image-root", type=Path, help="with a COCO json: the folder its file_name entries are relative to (default: the json's folder)")
+    p.add_argument("--out", type=Path, default=Path("predictions.json"), help="results json (default: %(default)s)")
+    p.add_argument("--draw", type=Path, help="folder for the images with their detections drawn (PNG)")
+    p.add_argument("--score-thresh", type=float, default=0.05, help="keep detections scoring at least this (default: %(default)s, as evaluation)")
+    p.add_argument("--draw-thresh", type=float, default=0.3, help="with --draw, draw the detections scoring at least this (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s, as the evaluate stage: GroupNorm sees the padding)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
         "complexity",

@@ -34,13 +34,22 @@ class Predictor:
     """Images in, detections out: ``predictor(images) -> [{boxes, scores, labels, names}]``."""
 
     def __init__(
-        self, model: Detector, *, classes: Sequence[str], min_size: int = 800, max_size: int | None = 1333, device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH
+        self,
+        model: Detector,
+        *,
+        classes: Sequence[str],
+        category_ids: Sequence[int] | None = None,
+        min_size: int = 800,
+        max_size: int | None = 1333,
+        device: str | torch.device = "cpu",
+        batch_size: int = DEFAULT_BATCH,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.classes = list(classes)
+        self.category_ids = list(category_ids) if category_ids is not None else list(range(len(self.classes)))  # the dataset's own ids
         self.batch_size = batch_size
         self.transforms = build_transforms(train=False, min_size=min_size, max_size=max_size)
 
@@ -92,4 +101,12 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: in
     model, ckpt = detector_from_checkpoint(path)
     meta = ckpt.get("meta") or {}
     classes = meta.get("classes") or [str(k) for k in range(model.fcos.num_classes)]
-    return Predictor(model, classes=classes, min_size=meta.get("eval_min_size", 800), max_size=meta.get("eval_max_size", 1333), device=device, batch_size=batch_size)
+    return Predictor(
+        model,
+        classes=classes,
+        category_ids=meta.get("category_ids"),
+        min_size=meta.get("eval_min_size", 800),
+        max_size=meta.get("eval_max_size", 1333),
+        device=device,
+        batch_size=batch_size,
+    )

@@ -2,6 +2,7 @@
 gives the detections the evaluate path (``predict_dataset``) gives, in the image's pixels."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +58,40 @@ def test_bad_images_and_paths_are_one_line_errors(trained, tmp_path):
         detect("street.jpg")
     with pytest.raises(FileNotFoundError, match="no nasfcos checkpoint there"):
         nasfcos.load(tmp_path)
+
+
+def test_nasfcos_predict_writes_the_evaluate_paths_results_and_drawn_images(synthetic_small, trained, tmp_path, capsys):
+    """`nasfcos predict --images <val json>`: the results json is predict_dataset's (same ids,
+    boxes, scores: the same pycocotools AP), one PNG drawn per image."""
+    from nasfcos.cli import main
+    from nasfcos.evaluation.coco import coco_evaluate
+
+    out, meta = trained
+    val = COCODetection(synthetic_small["val_json"], synthetic_small["image_root"], transforms=build_transforms(train=False, min_size=64, max_size=96))
+    model, _ = detector_from_checkpoint(out / "checkpoint.pt")
+    expected = predict_dataset(model, val, category_ids=meta["category_ids"], batch_size=8)
+    args = ["predict", "--checkpoint", str(out / "checkpoint.pt"), "--images", str(synthetic_small["val_json"]), "--image-root", str(synthetic_small["image_root"])]
+    assert main([*args, "--out", str(tmp_path / "p.json"), "--draw", str(tmp_path / "drawn")]) == 0
+    got = json.loads((tmp_path / "p.json").read_text())
+    assert got == expected
+    gt = val.coco_gt()
+    assert coco_evaluate(gt, got) == coco_evaluate(gt, expected)
+    assert len(list((tmp_path / "drawn").glob("*.png"))) == len(val)
+
+
+def test_nasfcos_predict_skips_a_bad_image_and_fails_when_none_can_be_read(synthetic_small, trained, tmp_path, capsys):
+    from nasfcos.cli import main
+
+    out, _ = trained
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good = sorted(Path(synthetic_small["image_root"]).glob("*.jpg"))[0]
+    (photos / "a.jpg").write_bytes(good.read_bytes())
+    (photos / "b.jpg").write_bytes(b"not a jpeg")
+    assert main(["predict", "--checkpoint", str(out), "--images", str(photos), "--out", str(tmp_path / "p.json")]) == 0
+    err = capsys.readouterr().err
+    assert f"nasfcos predict: skipped {photos / 'b.jpg'}: cannot decode image" in err and "a.jpg" not in err
+    assert {r["file_name"] for r in json.loads((tmp_path / "p.json").read_text())} <= {str(photos / "a.jpg")}
+    (photos / "a.jpg").unlink()
+    assert main(["predict", "--checkpoint", str(out), "--images", str(photos / "*.jpg"), "--out", str(tmp_path / "q.json")]) == 2
+    assert "nasfcos predict: error: none of the 1 images could be read" in capsys.readouterr().err
