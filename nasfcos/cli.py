@@ -247,6 +247,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from nasfcos.export import export
+
+    out = export(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} to {out} (model.safetensors, config.json): nasfcos.load('{out}') or nasfcos predict --checkpoint {out}")
+    return 0
+
+
 def cmd_complexity(args: argparse.Namespace) -> int:
     from nasfcos.model.complexity import complexity
 
@@ -358,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--draw, each image with its boxes, class names and scores. A bad image is one line naming it and "
         "is skipped; exit 2 when none could be read.",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="nasfcos checkpoint.pt, or the folder holding it (runs/<id>/full/<arch_id>)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="nasfcos checkpoint.pt, the folder holding it (runs/<id>/full/<arch_id>), or an exported folder")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders, globs ('photos/*.jpg'), or one COCO json")
     p.add_argument("--image-root", type=Path, help="with a COCO json: the folder its file_name entries are relative to (default: the json's folder)")
     p.add_argument("--out", type=Path, default=Path("predictions.json"), help="results json (default: %(default)s)")
@@ -368,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s, as the evaluate stage: GroupNorm sees the padding)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="a trained detector as a self-contained folder (model.safetensors + config.json)",
+        description="Write the weights (safetensors, no pickle) and config.json (format_version, spec with the "
+        "decoder's arch string, classes and their dataset ids, input size, post-processing) of a checkpoint "
+        "into a folder that nasfcos.load and `nasfcos predict --checkpoint FOLDER` read without the run directory.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="nasfcos checkpoint.pt, or the folder holding it")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "complexity",

@@ -92,12 +92,20 @@ def as_tensor(image: Any) -> Tensor:
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH) -> Predictor:
     """A :class:`Predictor` from a nasfcos checkpoint (``checkpoint.pt``, or the training's
-    folder holding it, e.g. ``runs/<id>/full/<arch_id>``)."""
+    folder holding it, e.g. ``runs/<id>/full/<arch_id>``) or a folder ``nasfcos export`` wrote."""
+    from nasfcos.export import CONFIG, load_exported
+
     path = Path(path)
+    if (path / CONFIG).is_file():  # an exported folder
+        model, config = load_exported(path)
+        size = config["input"]
+        return Predictor(
+            model, classes=config["classes"], category_ids=config["category_ids"], min_size=size["min_size"], max_size=size["max_size"], device=device, batch_size=batch_size
+        )
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no nasfcos checkpoint there (train-full writes runs/<id>/full/<arch_id>/{CHECKPOINT})")
+        raise FileNotFoundError(f"{path}: no nasfcos checkpoint there (train-full writes runs/<id>/full/<arch_id>/{CHECKPOINT}; `nasfcos export` a folder with {CONFIG})")
     model, ckpt = detector_from_checkpoint(path)
     meta = ckpt.get("meta") or {}
     classes = meta.get("classes") or [str(k) for k in range(model.fcos.num_classes)]

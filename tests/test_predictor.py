@@ -95,3 +95,43 @@ def test_nasfcos_predict_skips_a_bad_image_and_fails_when_none_can_be_read(synth
     (photos / "a.jpg").unlink()
     assert main(["predict", "--checkpoint", str(out), "--images", str(photos / "*.jpg"), "--out", str(tmp_path / "q.json")]) == 2
     assert "nasfcos predict: error: none of the 1 images could be read" in capsys.readouterr().err
+
+
+def test_an_exported_folder_predicts_what_its_checkpoint_does(trained, tmp_path):
+    """`nasfcos export`: weights (safetensors) and config.json; nasfcos.load of the folder gives
+    the checkpoint's raw outputs exactly and its detections."""
+    from nasfcos.cli import main
+    from nasfcos.export import load_exported
+
+    out, meta = trained
+    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "exported")]) == 0
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["format_version"] == 1 and config["classes"] == meta["classes"] and config["category_ids"] == meta["category_ids"]
+    assert config["spec"]["decoder"] == "fpn-fcos" and config["input"] == {"min_size": 64, "max_size": 96, "mean": "imagenet", "std": "imagenet"}
+    a, _ = detector_from_checkpoint(out / "checkpoint.pt")
+    b, _ = load_exported(tmp_path / "exported")
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for la, lb in zip(a.eval()(x), b.eval()(x), strict=True):
+            assert all(torch.equal(ta, tb) for ta, tb in zip(la, lb, strict=True))
+    images = [torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    for da, db in zip(nasfcos.load(out)(images), nasfcos.load(tmp_path / "exported")(images), strict=True):
+        assert torch.equal(da["boxes"], db["boxes"]) and torch.equal(da["scores"], db["scores"]) and da["names"] == db["names"]
+
+
+COMMITTED = Path(__file__).parent / "data" / "export-v1"
+
+
+def test_a_committed_export_of_format_1_still_loads_and_predicts():
+    """tests/data/export-v1: written by `nasfcos export` on 2026-12-04 (a tiny FPN-FCOS, 20
+    iterations on the synthetic set); its detections on a fixed image are in expected.json.
+    A change that stops old folders loading, or changes what they predict, fails here."""
+    detect = nasfcos.load(COMMITTED)
+    # two images: torch's GroupNorm refuses one 1x1 P7 of width 32 alone (1 value per group)
+    images = [torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    found, _ = detect(images)
+    expected = json.loads((COMMITTED / "expected.json").read_text())
+    assert found["names"][:5] == expected["names"]
+    assert torch.allclose(found["scores"][:5], torch.tensor(expected["scores"]), atol=1e-4)
+    assert torch.allclose(found["boxes"][:5], torch.tensor(expected["boxes"]), atol=1e-3)
