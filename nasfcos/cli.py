@@ -366,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--draw, each image with its boxes, class names and scores. A bad image is one line naming it and "
         "is skipped; exit 2 when none could be read.",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="nasfcos checkpoint.pt, the folder holding it (runs/<id>/full/<arch_id>), or an exported folder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", type=Path, help="nasfcos checkpoint.pt, or the folder holding it (runs/<id>/full/<arch_id>)")
+    which.add_argument("--model", type=Path, dest="checkpoint", help="a folder `nasfcos export` wrote")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders, globs ('photos/*.jpg'), or one COCO json")
     p.add_argument("--image-root", type=Path, help="with a COCO json: the folder its file_name entries are relative to (default: the json's folder)")
     p.add_argument("--out", type=Path, default=Path("predictions.json"), help="results json (default: %(default)s)")

@@ -118,6 +118,14 @@ def test_an_exported_folder_predicts_what_its_checkpoint_does(trained, tmp_path)
     images = [torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     for da, db in zip(nasfcos.load(out)(images), nasfcos.load(tmp_path / "exported")(images), strict=True):
         assert torch.equal(da["boxes"], db["boxes"]) and torch.equal(da["scores"], db["scores"]) and da["names"] == db["names"]
+    # `nasfcos predict --model FOLDER` writes what `--checkpoint` does
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(photos / f"{k}.png")
+    assert main(["predict", "--checkpoint", str(out), "--images", str(photos), "--out", str(tmp_path / "a.json")]) == 0
+    assert main(["predict", "--model", str(tmp_path / "exported"), "--images", str(photos), "--out", str(tmp_path / "b.json")]) == 0
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
 
 
 COMMITTED = Path(__file__).parent / "data" / "export-v1"
