@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import atomicio
-from nasfcos.engine.checkpoint import CHECKPOINT, detector_from_checkpoint
+from nasfcos.engine.checkpoint import checkpoint_path, detector_from_checkpoint
 from nasfcos.model.detector import Detector, DetectorSpec, build_detector
 from nasfcos.rng import local_generator
 
@@ -30,11 +30,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write ``out_dir/{model.safetensors, config.json}`` from a nasfcos checkpoint (or the folder holding it)."""
     from safetensors.torch import save_file
 
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / CHECKPOINT
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no nasfcos checkpoint there")
+    checkpoint = checkpoint_path(checkpoint)
     model, ckpt = detector_from_checkpoint(checkpoint)
     meta = ckpt.get("meta") or {}
     fcos = model.fcos

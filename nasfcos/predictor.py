@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from nasfcos.data.transforms import build_transforms, collate
-from nasfcos.engine.checkpoint import CHECKPOINT, detector_from_checkpoint
+from nasfcos.engine.checkpoint import checkpoint_path, detector_from_checkpoint
 from nasfcos.evaluation.coco import to_original
 from nasfcos.model.detector import Detector
 
@@ -102,11 +102,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: in
         return Predictor(
             model, classes=config["classes"], category_ids=config["category_ids"], min_size=size["min_size"], max_size=size["max_size"], device=device, batch_size=batch_size
         )
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no nasfcos checkpoint there (train-full writes runs/<id>/full/<arch_id>/{CHECKPOINT}; `nasfcos export` a folder with {CONFIG})")
-    model, ckpt = detector_from_checkpoint(path)
+    model, ckpt = detector_from_checkpoint(checkpoint_path(path))
     meta = ckpt.get("meta") or {}
     classes = meta.get("classes") or [str(k) for k in range(model.fcos.num_classes)]
     return Predictor(

@@ -53,6 +53,16 @@ def weights_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file given as itself or as the training folder holding it (``runs/<id>/full/<arch_id>``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no nasfcos checkpoint there (train-full writes runs/<id>/full/<arch_id>/{CHECKPOINT})")
+    return path
+
+
 def detector_from_checkpoint(path: str | Path) -> tuple[Detector, dict]:
     """Rebuild the detector stored in a checkpoint and load its weights."""
     ckpt = load_checkpoint(path)
