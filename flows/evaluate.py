@@ -93,6 +93,7 @@ def evaluate(cfg, run, config: dict) -> dict:
     # a failed arch keeps its row (status, error; no AP), after the evaluated ones
     board = info.merge(metrics, on="arch_id").sort_values("AP", ascending=False, na_position="last")
     write_parquet(board, run.leaderboard)
+    _model_cards(cfg, run, board, config, {t["arch_id"]: t for t in trained})
     create_table_artifact(
         key=artifact_key(cfg, "leaderboard"),
         table=board[["arch_id", "kind", "AP", "AP50", "AP75", "proxy_reward", "params", "status"]].round(4).to_dict("records"),
@@ -102,3 +103,20 @@ def evaluate(cfg, run, config: dict) -> dict:
     text = f"{len(board)} fully trained architectures evaluated with pycocotools; {best}. Leaderboard: `{run.leaderboard}`."
     publish_summary(cfg, run, STAGE, "evaluate", text, "evaluation summary")
     return {"leaderboard": str(run.leaderboard), "best_AP": float(board.AP.max()) if len(board) else float("nan")}
+
+
+def _model_cards(cfg, run, board: pd.DataFrame, config: dict, trained: dict) -> None:
+    """``full/<arch_id>/MODEL.md`` of every arch that trained (flows/report/model_card.py)."""
+    from flows.placement import run_logger
+    from flows.report.model_card import model_card, write_model_card
+    from nasfcos.engine.checkpoint import load_checkpoint
+    from nasfcos.errors import one_line
+
+    results = pd.read_parquet(run.root / "results.parquet") if (run.root / "results.parquet").exists() else None
+    for row in board[board.status == "ok"].itertuples():
+        try:
+            ckpt = load_checkpoint(trained[row.arch_id]["checkpoint"])
+            text = model_card(pd.Series(row._asdict()), board, config, results, meta=ckpt.get("meta", {}), iteration=int(ckpt["iteration"]))
+            write_model_card(run.full(row.arch_id) / "MODEL.md", text)
+        except Exception as e:  # noqa: BLE001 - a card is a view: the leaderboard is what counts
+            run_logger().warning("%s: MODEL.md not written: %s", row.arch_id, one_line(e))
