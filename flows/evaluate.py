@@ -109,14 +109,21 @@ def _model_cards(cfg, run, board: pd.DataFrame, config: dict, trained: dict) -> 
     """``full/<arch_id>/MODEL.md`` of every arch that trained (flows/report/model_card.py)."""
     from flows.placement import run_logger
     from flows.report.model_card import model_card, write_model_card
+    from nasfcos.arch import resolve
     from nasfcos.engine.checkpoint import load_checkpoint
     from nasfcos.errors import one_line
+    from nasfcos.model.complexity import complexity
+
+    def resolve_arch(arch: str) -> str:
+        return str(resolve(arch))
 
     results = pd.read_parquet(run.root / "results.parquet") if (run.root / "results.parquet").exists() else None
     for row in board[board.status == "ok"].itertuples():
         try:
             ckpt = load_checkpoint(trained[row.arch_id]["checkpoint"])
-            text = model_card(pd.Series(row._asdict()), board, config, results, meta=ckpt.get("meta", {}), iteration=int(ckpt["iteration"]))
+            spec = ckpt["spec"]
+            full = complexity(resolve_arch(row.arch), backbone=spec["backbone"], width=spec["width"], head_width=spec["head_width"], num_classes=spec["num_classes"])
+            text = model_card(pd.Series(row._asdict()), board, config, results, meta=ckpt.get("meta", {}), iteration=int(ckpt["iteration"]), full=full)
             write_model_card(run.full(row.arch_id) / "MODEL.md", text)
         except Exception as e:  # noqa: BLE001 - a card is a view: the leaderboard is what counts
             run_logger().warning("%s: MODEL.md not written: %s", row.arch_id, one_line(e))

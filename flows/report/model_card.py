@@ -18,16 +18,15 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and v != v) else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
-def model_card(row: pd.Series, board: pd.DataFrame, config: dict, results: pd.DataFrame | None, *, meta: dict, iteration: int) -> str:
+def model_card(row: pd.Series, board: pd.DataFrame, config: dict, results: pd.DataFrame | None, *, meta: dict, iteration: int, full: dict) -> str:
     """The card's markdown for ``row`` of the leaderboard ``board`` (``results``: the search's
-    rows, for the proxy rank; ``meta``: the checkpoint's classes and input size)."""
+    rows, for the proxy rank; ``meta``: the checkpoint's classes and input size; ``full``:
+    ``nasfcos.model.complexity`` of the detector at 800x1088)."""
     from nasfcos.arch import resolve
-    from nasfcos.model.complexity import complexity
 
     t, f, d = config["train_full"], config["finetune"], config["data"]
     arch = str(resolve(row.arch))
     classes = list(meta.get("classes", []))
-    full = complexity(arch, backbone=f["backbone"], width=t["width"], head_width=t["head_width"], num_classes=max(len(classes), 1), input_size=(800, 1088))
     if t["init_from_finetuned"]:
         weights = f"the backbone finetuned by this run (`backbone/checkpoint.pt`, from `{f['weights'] or 'random init'}`)"
     else:
@@ -35,7 +34,7 @@ def model_card(row: pd.Series, board: pd.DataFrame, config: dict, results: pd.Da
     lines = [
         f"# `{row.arch_id}` ({row.kind}): an FCOS detector with a NAS-FCOS decoder",
         "",
-        f"Run `{config['run_id']}`. Decoder: `{arch}`.",
+        f"Decoder: `{arch}`.",
         "",
         "## What it is",
         "",
@@ -67,8 +66,7 @@ def model_card(row: pd.Series, board: pd.DataFrame, config: dict, results: pd.Da
         "",
         "```python",
         "import nasfcos",
-        # relative to the runs folder's parent (the repository root for runs/): a card stays true when a run is moved
-        f'detect = nasfcos.load("{Path(Path(config["runs_dir"]).name) / config["run_id"] / "full" / row.arch_id}")',
+        'detect = nasfcos.load("path/to/this/folder")  # runs/<run_id>/full/<arch_id>: the card names no path, a run may move',
         "found = detect(images)  # PIL images or (3, H, W) tensors of any size",
         "```",
         "",
