@@ -193,6 +193,8 @@ def test_deformable_conv_in_half_is_close_to_fp32_and_returns_the_input_dtype():
     assert conv.compute_dtype is None
     with pytest.raises(ValueError, match="deformable conv dtype"):
         set_deform_dtype(conv, "int8")
+    with pytest.raises(ValueError, match="no bfloat16 kernel"):  # CPU and CUDA (H200 run, 2026-12-04)
+        set_deform_dtype(conv, "bfloat16")
 
 
 def test_fused_frozen_batch_norm_equals_torchvision():

@@ -85,7 +85,7 @@ class ProxyConfig:
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
     # Speed switches (issue #15; off by default until a GPU run says they keep the ranking):
-    deform_dtype: str = "float32"  # deformable convs in float16/bfloat16 (nasfcos.model.ops.set_deform_dtype)
+    deform_dtype: str = "float32"  # deformable convs in float16 (nasfcos.model.ops.set_deform_dtype)
     sync_free: bool = False  # no host sync per step: dense box losses, EMA counted on the host
     compile: str = ""  # torch.compile backend of the training forward ("inductor"); "" = eager
 

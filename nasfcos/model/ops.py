@@ -113,15 +113,17 @@ class ModulatedDeformConv(nn.Module):
         return out.to(x.dtype)
 
 
-DEFORM_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# no bfloat16: torchvision's deform_conv2d has no bfloat16 kernel on CPU or CUDA
+# ("deformable_im2col" not implemented for 'BFloat16'; H200, torchvision 0.26, 2026-12-04)
+DEFORM_DTYPES = {"float32": None, "float16": torch.float16}
 
 
 def set_deform_dtype(module: nn.Module, dtype: str) -> int:
     """Run every deformable conv in ``module`` in ``dtype`` (a key of :data:`DEFORM_DTYPES`;
-    ``float32`` = the input's dtype, the default). torchvision's CPU kernel (0.29) takes
-    float16 but not bfloat16. Returns how many convs were set."""
+    ``float32`` = the input's dtype, the default). Returns how many convs were set."""
     if dtype not in DEFORM_DTYPES:
-        raise ValueError(f"deformable conv dtype must be one of {', '.join(DEFORM_DTYPES)}, got {dtype!r}")
+        why = " (torchvision's deform_conv2d has no bfloat16 kernel)" if dtype == "bfloat16" else ""
+        raise ValueError(f"deformable conv dtype must be one of {', '.join(DEFORM_DTYPES)}, got {dtype!r}{why}")
     convs = [m for m in module.modules() if isinstance(m, ModulatedDeformConv)]
     for m in convs:
         m.compute_dtype = DEFORM_DTYPES[dtype]
