@@ -22,7 +22,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check 'pip==26.3'
-	$(BIN)/python -m pip install -q --no-compile --disable-pip-version-check -e '.[dev,dask,cluster]'
+	$(BIN)/python -m pip install -q --no-compile --disable-pip-version-check -e '.[dev,dask,cluster,export]'
 	$(BIN)/python -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics' "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -176,8 +176,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def _image_list(specs: list[str], image_root: Path | None) -> tuple[list[tuple[int, Path]], bool]:
     """(image id, path) of every image ``--images`` names (files, folders, globs, or one COCO
-    json whose images, relative to ``--image-root`` (default: the json's folder), keep their ids);
-    whether they came from a json."""
+    json whose images, relative to ``--image-root`` (default: :func:`_json_image_root`), keep
+    their ids); whether they came from a json."""
     import glob
 
     if len(specs) == 1 and specs[0].endswith(".json"):
@@ -186,7 +186,7 @@ def _image_list(specs: list[str], image_root: Path | None) -> tuple[list[tuple[i
             images = json.loads(path.read_text())["images"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a COCO json with an 'images' list ({one_line(e, with_type=False)})") from None
-        root = image_root or path.parent
+        root = image_root or (_json_image_root(path, images[0]["file_name"]) if images else path.parent)
         return [(int(im["id"]), root / im["file_name"]) for im in images], True
     paths: list[Path] = []
     for spec in specs:
@@ -200,6 +200,20 @@ def _image_list(specs: list[str], image_root: Path | None) -> tuple[list[tuple[i
     return list(enumerate(paths)), False
 
 
+def _json_image_root(path: Path, first: str) -> Path:
+    """Where a COCO json's images are when ``--image-root`` is not given: the first of its own
+    folder, COCO's layout (``annotations/instances_val2017.json`` -> ``val2017/``, or
+    ``images/``) and a VOC tree beside it (``VOCdevkit/VOC*/JPEGImages``, as the pipeline's
+    ``runs/<id>/data``) that holds its first image."""
+    top = path.parent.parent if path.parent.name == "annotations" else path.parent
+    split = path.stem.split("_", 1)[-1]
+    candidates = [path.parent, top / split, top / "images", *sorted(top.glob("VOCdevkit/VOC*/JPEGImages"))]
+    for root in candidates:
+        if (root / first).is_file():
+            return root
+    raise ValueError(f"{path}: its first image {first} is in none of {', '.join(str(c) for c in candidates)}; give --image-root")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Detections of a trained arch on your images: a COCO results json (the checkpoint's own
     category ids), and with ``--draw`` the images with their boxes drawn."""
@@ -211,7 +225,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from nasfcos.predictor import load
     from nasfcos.progress import Progress
 
-    detect = load(args.checkpoint, device=_device(args.device), batch_size=args.batch_size)
+    detect = load(args.checkpoint, device=_device(args.device), batch_size=args.batch_size, runtime=args.runtime)
     meta_ids = detect.category_ids
     todo, from_json = _image_list(args.images, args.image_root)
     if not todo:
@@ -250,8 +264,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from nasfcos.export import export
 
-    out = export(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} to {out} (model.safetensors, config.json): nasfcos.load('{out}') or nasfcos predict --checkpoint {out}")
+    out = export(args.checkpoint, args.out, onnx=args.onnx)
+    files = "model.safetensors, config.json, MODEL.md" + (", model.onnx" if args.onnx else "")
+    print(f"exported {args.checkpoint} to {out} ({files}): nasfcos.load('{out}') or nasfcos predict --model {out}")
     return 0
 
 
@@ -370,24 +385,34 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--checkpoint", type=Path, help="nasfcos checkpoint.pt, or the folder holding it (runs/<id>/full/<arch_id>)")
     which.add_argument("--model", type=Path, dest="checkpoint", help="a folder `nasfcos export` wrote")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders, globs ('photos/*.jpg'), or one COCO json")
-    p.add_argument("--image-root", type=Path, help="with a COCO json: the folder its file_name entries are relative to (default: the json's folder)")
+    p.add_argument(
+        "--image-root",
+        type=Path,
+        help="with a COCO json: the folder its file_name entries are relative to (default: the json's folder, "
+        "COCO's <split>/ or images/ beside annotations/, or a VOCdevkit/VOC*/JPEGImages there: the first that holds its first image)",
+    )
     p.add_argument("--out", type=Path, default=Path("predictions.json"), help="results json (default: %(default)s)")
     p.add_argument("--draw", type=Path, help="folder for the images with their detections drawn (PNG)")
     p.add_argument("--score-thresh", type=float, default=0.05, help="keep detections scoring at least this (default: %(default)s, as evaluation)")
     p.add_argument("--draw-thresh", type=float, default=0.3, help="with --draw, draw the detections scoring at least this (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s, as the evaluate stage: GroupNorm sees the padding)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="with --model: run its model.onnx in onnxruntime (default: %(default)s)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
         "export",
-        help="a trained detector as a self-contained folder (model.safetensors + config.json)",
-        description="Write the weights (safetensors, no pickle) and config.json (format_version, spec with the "
-        "decoder's arch string, classes and their dataset ids, input size, post-processing) of a checkpoint "
-        "into a folder that nasfcos.load and `nasfcos predict --checkpoint FOLDER` read without the run directory.",
+        help="a trained detector as a self-contained folder (model.safetensors + config.json + MODEL.md [+ model.onnx])",
+        description="Write the weights (safetensors, no pickle), config.json (format_version, spec with the "
+        "decoder's arch string, classes and their dataset ids, input size, post-processing) and MODEL.md of a checkpoint "
+        "into a folder that nasfcos.load and `nasfcos predict --model FOLDER` read without the run directory.",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="nasfcos checkpoint.pt, or the folder holding it")
     p.add_argument("--out", type=Path, required=True, help="the folder to write")
+    p.add_argument(
+        "--onnx", action="store_true",
+        help="also model.onnx: the network (dynamic batch and size, opset 21, NMS not in the graph), checked in onnxruntime; needs the export extra",
+    )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -418,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nasfcos {args.command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        if type(e).__name__ == "OnnxExportError":  # the arch or the runtime refused ONNX: the folder's safetensors still works
+            print(f"nasfcos {args.command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
+            return 2
         if "Original Traceback" in str(e) or "DataLoader worker" in str(e):
             print(f"nasfcos {args.command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
             return 2

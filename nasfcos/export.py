@@ -1,13 +1,16 @@
 """A trained detector as a self-contained folder (issue #30, item 3): what a user takes away
 from a run, loadable without the run directory or pickle.
 
-    nasfcos export --checkpoint runs/demo/full/4783218e29f8 --out exported/
-    nasfcos.load("exported/")  ·  nasfcos predict --checkpoint exported/ --images photos/
+    nasfcos export --checkpoint runs/demo/full/4783218e29f8 --out exported/ [--onnx]
+    nasfcos.load("exported/")  ·  nasfcos predict --model exported/ --images photos/
 
-The folder holds ``model.safetensors`` (the weights) and ``config.json``: ``format_version``,
-the detector's spec (backbone, decoder arch string, widths), the classes with their
-dataset ids, the test-time input size and the post-processing settings (score threshold,
-NMS). A folder of an older ``format_version`` keeps loading (a committed one is tested).
+The folder holds ``model.safetensors`` (the weights), ``config.json`` (``format_version``, the
+detector's spec: backbone, decoder arch string, widths; the classes with their dataset ids,
+the test-time input size, the post-processing settings: score threshold, NMS; with
+``--onnx`` the graph's opset, exporter and outputs), ``MODEL.md`` (the evaluate stage's card
+of the arch when the checkpoint's folder has one, else one made from the checkpoint) and,
+with ``--onnx``, ``model.onnx`` (``nasfcos/onnx_export.py``). A folder of an older
+``format_version`` keeps loading (a committed one is tested).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from nasfcos.model.detector import Detector, DetectorSpec, build_detector
 from nasfcos.rng import local_generator
 
 FORMAT_VERSION = 1
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "MODEL.md"
 
 
-def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write ``out_dir/{model.safetensors, config.json}`` from a nasfcos checkpoint (or the folder holding it)."""
+def export(checkpoint: str | Path, out_dir: str | Path, *, onnx: bool = False) -> Path:
+    """Write ``out_dir/{model.safetensors, config.json, MODEL.md}`` (and ``model.onnx`` with
+    ``onnx``) from a nasfcos checkpoint (or the folder holding it)."""
     from safetensors.torch import save_file
 
     checkpoint = checkpoint_path(checkpoint)
@@ -51,8 +55,59 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
     tmp.chmod(0o644)  # readable by the team, as every other file of a run
     tmp.replace(out / WEIGHTS)
+    (out / "model.onnx").unlink(missing_ok=True)  # a graph of an earlier export would not match these weights
+    refused = None
+    if onnx:
+        from nasfcos.onnx_export import ONNX_FILE, OnnxExportError, export_onnx
+
+        try:
+            config["onnx"] = export_onnx(model.eval(), out / ONNX_FILE, arch=config["spec"]["decoder"])
+        except OnnxExportError as e:  # the rest of the folder is written and usable; then the one line
+            refused = e
     atomicio.write_json(out / CONFIG, config)
+    atomicio.write_text(out / CARD, _card(checkpoint, config))
+    if refused is not None:
+        raise refused
     return out
+
+
+def _card(checkpoint: Path, config: dict) -> str:
+    """The evaluate stage's MODEL.md of this arch (``full/<arch_id>/MODEL.md``) when there is one,
+    else the facts the checkpoint holds; then what this folder holds and how to run it."""
+    source = checkpoint.parent / CARD
+    if source.is_file():
+        text = source.read_text().rstrip() + "\n"
+    else:
+        spec = config["spec"]
+        widths = f"width {spec['width']}" + (f", head width {spec['head_width']}" if spec.get("head_width") else "")
+        text = "\n".join(
+            [
+                f"# An FCOS detector with a NAS-FCOS decoder ({spec['decoder']})",
+                "",
+                f"- Decoder: `{spec['decoder']}`; backbone `{spec['backbone']}`; {widths}",
+                f"- Classes ({len(config['classes'])}): {', '.join(config['classes'])}",
+                f"- Trained {config['trained']['iteration']} iterations; last losses {config['trained']['losses']}",
+                "",
+            ]
+        )
+    size, post = config["input"], config["postprocess"]
+    lines = [
+        "",
+        "## This folder (`nasfcos export`)",
+        "",
+        f"- `{WEIGHTS}` (weights), `{CONFIG}` (format_version {config['format_version']}, nasfcos {config['nasfcos_version']})",
+        f"- Input: short side {size['min_size']}, long side <= {size['max_size']}, ImageNet mean/std; score >= {post['score_thresh']}, "
+        f"top {post['pre_nms_top_n']} per level, class-wise NMS at IoU {post['nms_thresh']}, {post['max_detections']} detections an image",
+    ]
+    if "onnx" in config:
+        o = config["onnx"]
+        lines.append(
+            f"- `{o['file']}`: the network (images to each level's raw outputs), opset {o['opset']}, {o['exporter']}; NMS is not in the graph "
+            f'(`nasfcos.load(folder, runtime="onnx")` runs it in onnxruntime with nasfcos\'s post-processing); checked in onnxruntime '
+            f"{o['checked']['onnxruntime']}: max |diff| {o['checked']['max_abs_diff']:.2g} from PyTorch"
+        )
+    lines += ["", "```python", "import nasfcos", 'detect = nasfcos.load("path/to/this/folder")', "found = detect(images)  # PIL images or (3, H, W) tensors of any size", "```", ""]
+    return text + "\n".join(lines)
 
 
 def load_exported(folder: str | Path) -> tuple[Detector, dict]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from nasfcos.engine.checkpoint import checkpoint_path, detector_from_checkpoint
 from nasfcos.evaluation.coco import to_original
 from nasfcos.model.detector import Detector
 
+if TYPE_CHECKING:
+    from nasfcos.onnx_export import OnnxDetector
+
 DEFAULT_BATCH = 8  # the evaluate stage's: the head's GroupNorm sees the batch's padding
 
 
@@ -35,7 +38,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: Detector,
+        model: Detector | OnnxDetector,
         *,
         classes: Sequence[str],
         category_ids: Sequence[int] | None = None,
@@ -90,18 +93,33 @@ def as_tensor(image: Any) -> Tensor:
     raise TypeError(f"an image must be a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH) -> Predictor:
+RUNTIMES = ("torch", "onnx")
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH, runtime: str = "torch") -> Predictor:
     """A :class:`Predictor` from a nasfcos checkpoint (``checkpoint.pt``, or the training's
-    folder holding it, e.g. ``runs/<id>/full/<arch_id>``) or a folder ``nasfcos export`` wrote."""
+    folder holding it, e.g. ``runs/<id>/full/<arch_id>``) or a folder ``nasfcos export`` wrote.
+    ``runtime="onnx"``: an exported folder's ``model.onnx`` in ONNX Runtime (``nasfcos export
+    --onnx``), with the same post-processing."""
     from nasfcos.export import CONFIG, load_exported
 
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     path = Path(path)
     if (path / CONFIG).is_file():  # an exported folder
         model, config = load_exported(path)
+        if runtime == "onnx":
+            from nasfcos.onnx_export import OnnxDetector
+
+            if "onnx" not in config:
+                raise FileNotFoundError(f"{path}: no model.onnx in config.json (export with `nasfcos export --onnx`)")
+            model = OnnxDetector(path / config["onnx"]["file"], model.fcos, device=device)
         size = config["input"]
         return Predictor(
             model, classes=config["classes"], category_ids=config["category_ids"], min_size=size["min_size"], max_size=size["max_size"], device=device, batch_size=batch_size
         )
+    if runtime == "onnx":
+        raise ValueError(f"{path}: runtime onnx reads a folder `nasfcos export --onnx` wrote, not a checkpoint")
     model, ckpt = detector_from_checkpoint(checkpoint_path(path))
     meta = ckpt.get("meta") or {}
     classes = meta.get("classes") or [str(k) for k in range(model.fcos.num_classes)]

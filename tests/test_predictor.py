@@ -70,13 +70,26 @@ def test_nasfcos_predict_writes_the_evaluate_paths_results_and_drawn_images(synt
     val = COCODetection(synthetic_small["val_json"], synthetic_small["image_root"], transforms=build_transforms(train=False, min_size=64, max_size=96))
     model, _ = detector_from_checkpoint(out / "checkpoint.pt")
     expected = predict_dataset(model, val, category_ids=meta["category_ids"], batch_size=8)
-    args = ["predict", "--checkpoint", str(out / "checkpoint.pt"), "--images", str(synthetic_small["val_json"]), "--image-root", str(synthetic_small["image_root"])]
+    # no --image-root: the json's images are found in the VOC tree beside annotations/ (the pipeline's runs/<id>/data)
+    args = ["predict", "--checkpoint", str(out / "checkpoint.pt"), "--images", str(synthetic_small["val_json"])]
     assert main([*args, "--out", str(tmp_path / "p.json"), "--draw", str(tmp_path / "drawn")]) == 0
     got = json.loads((tmp_path / "p.json").read_text())
     assert got == expected
     gt = val.coco_gt()
     assert coco_evaluate(gt, got) == coco_evaluate(gt, expected)
     assert len(list((tmp_path / "drawn").glob("*.png"))) == len(val)
+
+
+def test_a_coco_jsons_images_are_found_in_cocos_layout_or_named_when_not(tmp_path):
+    from nasfcos.cli import _json_image_root
+
+    ann = tmp_path / "coco" / "annotations"
+    ann.mkdir(parents=True)
+    (tmp_path / "coco" / "val2017").mkdir()
+    (tmp_path / "coco" / "val2017" / "000000000139.jpg").write_bytes(b"")
+    assert _json_image_root(ann / "instances_val2017.json", "000000000139.jpg") == tmp_path / "coco" / "val2017"
+    with pytest.raises(ValueError, match=r"instances_val2017.json: its first image 1.jpg is in none of .*; give --image-root"):
+        _json_image_root(ann / "instances_val2017.json", "1.jpg")
 
 
 def test_nasfcos_predict_skips_a_bad_image_and_fails_when_none_can_be_read(synthetic_small, trained, tmp_path, capsys):
@@ -105,7 +118,9 @@ def test_an_exported_folder_predicts_what_its_checkpoint_does(trained, tmp_path)
 
     out, meta = trained
     assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "exported")]) == 0
-    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["MODEL.md", "config.json", "model.safetensors"]
+    card = (tmp_path / "exported" / "MODEL.md").read_text()  # no evaluate-stage card beside this checkpoint: the checkpoint's facts
+    assert "Decoder: `fpn-fcos`; backbone `tiny`; width 64" in card and "circle, square, triangle" in card and "model.onnx" not in card
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["format_version"] == 1 and config["classes"] == meta["classes"] and config["category_ids"] == meta["category_ids"]
     assert config["spec"]["decoder"] == "fpn-fcos" and config["input"] == {"min_size": 64, "max_size": 96, "mean": "imagenet", "std": "imagenet"}
