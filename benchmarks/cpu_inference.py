@@ -21,14 +21,27 @@ as ``train`` runs it, fp32 on CPU). Both have ``--classes`` classes (80). No pre
 (oneDNN then skips its per-conv layout reorders). ``--before`` also times our detector as it was before issue #15 (torchvision's
 FrozenBatchNorm2d, no folding, the per-level post-processing loop), interleaved with the others, with
 the same weights: its detections must equal the current ones.
+
+ONNX Runtime column (on when onnx, onnxruntime and onnxscript import; ``--no-onnx`` skips it): our
+detector, with the same weights, exported by ``nasfcos.onnx_export.export_onnx`` to a temporary
+file (the export's seconds are printed once, outside the timed loop) and run by ``OnnxDetector``
+(network in ONNX Runtime's CPUExecutionProvider, post-processing in torch), on the same
+normalised image, timed interleaved with the others. Its session has ``intra_op_num_threads =
+--threads``, ``inter_op_num_threads = 1`` and no spin-waiting (ORT's idle threads would otherwise
+spin and steal CPU from the next callable). Before timing, its detections are checked against
+``Detector.predict``'s (same count and labels, scores within 1e-4; random weights may give none,
+so the raw level outputs are compared too).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +83,8 @@ def random_targets(h: int, w: int, num_classes: int, seed: int = 0) -> dict[str,
 
 
 class Bench:
-    """The four measured callables, sharing one image and one target."""
+    """The measured callables (ours, torchvision, optionally ours before #15 and ours in ONNX
+    Runtime), sharing one image and one target."""
 
     def __init__(self, h: int, w: int, num_classes: int, peer: str, before: bool = False, channels_last: bool = False) -> None:
         torch.manual_seed(0)
@@ -87,6 +101,11 @@ class Bench:
         self.ours_opt = torch.optim.SGD(param_groups(self.ours, cfg), lr=cfg.base_lr, momentum=cfg.momentum)
         self.tv_opt = torch.optim.SGD([p for p in self.tv.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
         self.before = _before_issue_15(self.ours) if before else None
+        self.onnx = None  # an OnnxDetector of ours' weights, set by attach_onnx
+
+    def onnx_infer(self):
+        with torch.inference_mode():
+            return self.onnx.predict(self._input(channels_last=False), [tuple(self.image.shape[-2:])])
 
     def before_infer(self):
         from gpu_suite import reference_postprocess
@@ -105,9 +124,10 @@ class Bench:
         with torch.inference_mode():
             return self.tv([self.image])
 
-    def _input(self) -> torch.Tensor:
+    def _input(self, channels_last: bool | None = None) -> torch.Tensor:
         x = self.normalize(self.image, {})[0][None]  # (1, 3, H, W)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        channels_last = self.channels_last if channels_last is None else channels_last
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def ours_train(self):
         self.ours.train()
@@ -151,6 +171,63 @@ def check_before(bench: Bench) -> str:
     return f"detections of ours vs ours before #15: {len(a['scores'])} each, labels equal, max |d box| {box:.2e} px, max |d score| {score:.2e}"
 
 
+ONNX_SCORE_TOLERANCE = 1e-4
+
+
+def onnx_missing() -> str | None:
+    """Why the ONNX Runtime column cannot run here, or None."""
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed (pip install 'nasfcos[export]')" if missing else None
+
+
+def attach_onnx(bench: Bench, threads: int) -> str:
+    """Export ours (its current weights) to a temporary file, load it as ``bench.onnx`` with a
+    session of ``threads`` intra-op threads; return the line to print (export seconds, versions)."""
+    import onnxruntime as ort
+
+    from nasfcos.onnx_export import OnnxDetector, export_onnx
+
+    bench.ours.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # keep any exporter chatter out of the results
+            info = export_onnx(bench.ours, path, arch="FPN-FCOS R-50")
+        seconds = time.perf_counter() - t
+        detector = OnnxDetector(path, bench.ours.fcos)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # the calling thread + threads - 1 pool threads, like torch's
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-wait between calls
+        detector.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    bench.onnx = detector
+    return (
+        f"# onnx: exported in {seconds:.1f} s (opset {info['opset']}, its check max |d| {info['checked']['max_abs_diff']:.1e}), "
+        f"onnxruntime {ort.__version__} CPUExecutionProvider, intra_op_num_threads={threads}, inter_op_num_threads=1, no spinning"
+    )
+
+
+def check_onnx(bench: Bench) -> str:
+    """Detections of ours in PyTorch and in ONNX Runtime on the same weights (run before any
+    train step moves ours' weights): same count and labels, scores within 1e-4; and the raw
+    level outputs, since random weights may leave no detection to compare."""
+    (a,), (b,) = bench.ours_infer(), bench.onnx_infer()
+    with torch.inference_mode():
+        x = bench._input(channels_last=False)
+        raw_ours = bench.ours.decoder(bench.ours._folded_backbone()(x))
+        raw_onnx = bench.onnx(x)
+    raw = max((p - q).abs().max().item() for lp, lq in zip(raw_ours, raw_onnx, strict=True) for p, q in zip(lp, lq, strict=True))
+    n = len(a["scores"])
+    if n != len(b["scores"]) or not torch.equal(a["labels"], b["labels"]):
+        return f"ONNX CHECK FAILED: detections of ours PyTorch vs ONNX Runtime differ: {n} vs {len(b['scores'])} (labels equal: {torch.equal(a['labels'], b['labels'])}), max |d raw output| {raw:.2e}"
+    if n == 0:
+        return f"detections of ours PyTorch vs ONNX Runtime: 0 each (random weights: nothing over the score threshold), max |d raw output| {raw:.2e}"
+    box = (a["boxes"] - b["boxes"]).abs().max().item()
+    score = (a["scores"] - b["scores"]).abs().max().item()
+    verdict = "" if score <= ONNX_SCORE_TOLERANCE else f"ONNX CHECK FAILED (scores differ by more than {ONNX_SCORE_TOLERANCE:g}): "
+    return f"{verdict}detections of ours PyTorch vs ONNX Runtime: {n} each, labels equal, max |d box| {box:.2e} px, max |d score| {score:.2e}, max |d raw output| {raw:.2e}"
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -158,8 +235,11 @@ def timed(fn) -> float:
 
 
 def measure(bench: Bench, *, repeats: int, warmup: int, train: bool) -> dict[str, list[float]]:
-    """Seconds per call, interleaved; every other repeat runs torchvision first."""
-    pairs = [("infer", [("ours", bench.ours_infer), ("torchvision", bench.tv_infer)] + ([("before", bench.before_infer)] if bench.before else []))]
+    """Seconds per call, interleaved; every other repeat runs them in reverse order."""
+    infer = [("ours", bench.ours_infer), ("torchvision", bench.tv_infer)]
+    infer += [("before", bench.before_infer)] if bench.before else []
+    infer += [("onnx", bench.onnx_infer)] if bench.onnx else []
+    pairs = [("infer", infer)]
     if train:
         pairs.append(("train", [("ours", bench.ours_train), ("torchvision", bench.tv_train)]))
     times: dict[str, list[float]] = {f"{who} {what}": [] for what, fns in pairs for who, _ in fns}
@@ -197,7 +277,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of one inference of each")
     ap.add_argument("--channels-last", action="store_true", help="both models and images in channels_last")
     ap.add_argument("--before", action="store_true", help="also time our inference as before issue #15 (and check its detections are the same)")
+    ap.add_argument(
+        "--onnx",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time our detector exported to ONNX and run in ONNX Runtime (default: on when onnxruntime is installed)",
+    )
     args = ap.parse_args(argv)
+    missing = onnx_missing() if args.onnx is not False else None
+    if missing and args.onnx:
+        ap.error(f"--onnx: {missing}")
     torch.set_num_threads(args.threads)
     h, w = args.size
     bench = Bench(h, w, args.classes, args.peer, before=args.before, channels_last=args.channels_last)
@@ -206,6 +295,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{args.classes} classes, peer={args.peer}{', channels_last' if args.channels_last else ''}, torch {torch.__version__}, median of {args.repeats} (interleaved)",
         flush=True,
     )
+    onnx_check = None
+    if missing:
+        print(f"# onnx: ONNX Runtime column skipped: {missing}", flush=True)
+    elif args.onnx is not False:
+        from nasfcos.onnx_export import OnnxExportError
+
+        try:
+            print(attach_onnx(bench, args.threads), flush=True)
+        except OnnxExportError as e:
+            print(f"# onnx: ONNX Runtime column skipped: {e}", flush=True)
+        else:
+            onnx_check = check_onnx(bench)  # now, while ours has the exported weights (train steps move them)
     times = measure(bench, repeats=args.repeats, warmup=args.warmup, train=not args.no_train)
     med = {k: statistics.median(v) for k, v in times.items()}
     print("| measure | ours ms | torchvision ms | ours/torchvision |")
@@ -222,8 +323,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             b = med["before infer"]
             ratios["before"] = b / t
             print(f"| inference, ours before #15 (torchvision FrozenBN, per-level loop) | {b * 1e3:.0f} | {t * 1e3:.0f} | {b / t:.3f} |", flush=True)
+        if what == "infer" and "onnx infer" in med:
+            x = med["onnx infer"]
+            print(f"| inference, ours in ONNX Runtime (network in ORT, post-processing in torch) | {x * 1e3:.0f} | {t * 1e3:.0f} | {x / t:.3f} |", flush=True)
     if bench.before:
         print(check_before(bench))
+    if "onnx infer" in med:
+        x, o, t = med["onnx infer"], med["ours infer"], med["torchvision infer"]
+        print(f"ours ONNX Runtime inference {x * 1e3:.0f} ms: {x / t:.3f} x torchvision, {x / o:.3f} x ours PyTorch")
+    if onnx_check:
+        print(onnx_check)
     if args.profile:
         profile(bench, rows=25)
     return ratios

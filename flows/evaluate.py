@@ -17,6 +17,8 @@ from flows.stages import artifact_key, open_stage, publish_summary, stage_flow, 
 from nasfcos.fault_injection import fault_point
 
 STAGE = "evaluate"
+DETECTIONS_PNG = "detections.png"  # full/<arch_id>/: a few val images with the arch's detections
+DRAWN_IMAGES = 4
 
 
 def _stamp(checkpoint: str) -> dict:
@@ -57,6 +59,7 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
         save_results(dets, out_dir / "detections_val.json")
         metrics = coco_evaluate(val.coco_gt(), dets)
         atomicio.write_json(out_dir / "val_metrics.json", metrics)
+        _draw_detections(val, dets, dict(zip(category_ids, meta.get("classes", val.classes), strict=False)), out_dir / DETECTIONS_PNG)
         add_scalars(out_dir, int(ckpt["iteration"]), {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})  # beside its loss curve
         row.update(metrics)
         testdev = coco_split(cfg, run, "testdev")
@@ -67,6 +70,20 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
     atomicio.write_json(marker, {"stamp": _stamp(checkpoint), "row": row})
     fault_point("evaluate:arch")
     return row
+
+
+def _draw_detections(val, dets: list[dict], names: dict[int, str], path: Path) -> None:
+    """The first val images with their detections (score >= 0.3) drawn, in one row: shown by
+    the arch's MODEL.md and, for the best arch, the report."""
+    from torchvision.io import encode_png
+
+    from nasfcos.data import read_image
+    from nasfcos.evaluation.drawing import detections_grid
+
+    records = val.records[:DRAWN_IMAGES]
+    items = [(read_image(r.path), [d for d in dets if d["image_id"] == r.image_id]) for r in records]
+    if items:
+        atomicio.write_bytes(path, encode_png(detections_grid(items, names)).numpy().tobytes())
 
 
 @stage_flow(STAGE)
@@ -123,7 +140,8 @@ def _model_cards(cfg, run, board: pd.DataFrame, config: dict, trained: dict) -> 
             ckpt = load_checkpoint(trained[row.arch_id]["checkpoint"])
             spec = ckpt["spec"]
             full = complexity(resolve_arch(row.arch), backbone=spec["backbone"], width=spec["width"], head_width=spec["head_width"], num_classes=spec["num_classes"])
-            text = model_card(pd.Series(row._asdict()), board, config, results, meta=ckpt.get("meta", {}), iteration=int(ckpt["iteration"]), full=full)
+            drawn = DETECTIONS_PNG if (run.full(row.arch_id) / DETECTIONS_PNG).exists() else None
+            text = model_card(pd.Series(row._asdict()), board, config, results, meta=ckpt.get("meta", {}), iteration=int(ckpt["iteration"]), full=full, detections=drawn)
             write_model_card(run.full(row.arch_id) / "MODEL.md", text)
         except Exception as e:  # noqa: BLE001 - a card is a view: the leaderboard is what counts
             run_logger().warning("%s: MODEL.md not written: %s", row.arch_id, one_line(e))

@@ -18,6 +18,7 @@ from nasfcos.arch import PRESETS
 from nasfcos.data import COCODetection, VOCDetection, make_synthetic
 from nasfcos.data.transforms import build_transforms
 from nasfcos.errors import one_line
+from nasfcos.evaluation.drawing import DRAW_THRESH
 from nasfcos.model.backbones import BACKBONE_NAMES as BACKBONES
 from nasfcos.model.fcos import VARIANTS
 
@@ -218,10 +219,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Detections of a trained arch on your images: a COCO results json (the checkpoint's own
     category ids), and with ``--draw`` the images with their boxes drawn."""
     from torchvision.io import write_png
-    from torchvision.utils import draw_bounding_boxes
 
     from nasfcos.data import read_image
     from nasfcos.evaluation.coco import save_results, to_coco_results
+    from nasfcos.evaluation.drawing import draw_detections
     from nasfcos.predictor import load
     from nasfcos.progress import Progress
 
@@ -250,8 +251,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 if args.draw:  # the confident ones: at 0.05 a detector draws a hundred boxes an image
                     shown = scores >= args.draw_thresh
                     names = [f"{detect.classes[int(k)]} {float(s):.2f}" for k, s in zip(labels[shown], scores[shown], strict=True)]
-                    drawn = draw_bounding_boxes(image, boxes[shown], labels=names, width=1) if shown.any() else image
-                    write_png(drawn, str(args.draw / f"{path.stem}.png"))
+                    write_png(draw_detections(image, boxes[shown], names), str(args.draw / f"{path.stem}.png"))
             read += len(chunk)
             bar.update(len(todo[i : i + args.batch_size]))
     if read == 0:
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("predictions.json"), help="results json (default: %(default)s)")
     p.add_argument("--draw", type=Path, help="folder for the images with their detections drawn (PNG)")
     p.add_argument("--score-thresh", type=float, default=0.05, help="keep detections scoring at least this (default: %(default)s, as evaluation)")
-    p.add_argument("--draw-thresh", type=float, default=0.3, help="with --draw, draw the detections scoring at least this (default: %(default)s)")
+    p.add_argument("--draw-thresh", type=float, default=DRAW_THRESH, help="with --draw, draw the detections scoring at least this (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s, as the evaluate stage: GroupNorm sees the padding)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="with --model: run its model.onnx in onnxruntime (default: %(default)s)")

@@ -327,16 +327,20 @@ def check_report(run: Path) -> ReportPage:
     out = run / "report"
     page = ReportPage()
     page.feed((out / "report.html").read_text())
-    files = {p.stem for p in out.glob("*.png")}
-    assert files and files <= set(PLOTS) and set(page.images) == files, (files, set(page.images))
+    files = {p.stem: p for p in out.glob("*.png")}
     md = (out / "report.md").read_text()
+    if "detections" in page.images:  # the best arch's val detections, drawn by evaluate beside its checkpoint
+        drawn = [p for p in run.glob("full/*/detections.png") if f"![detections](../full/{p.parent.name}/detections.png)" in md]
+        assert len(drawn) == 1, drawn
+        files["detections"] = drawn[0]
+    assert files and set(files) <= set(PLOTS) | {"detections"} and set(page.images) == set(files), (files, set(page.images))
     for name, src in page.images.items():
         assert src.startswith("data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1])
-        assert data == (out / f"{name}.png").read_bytes()
+        assert data == files[name].read_bytes()
         assert len(data) < 80_000, (name, len(data))  # small: artifacts live in Prefect's database
         assert png_array(data).var() > 0, name  # not blank
-        assert f"![{name}]({name}.png)" in md
+        assert name == "detections" or f"![{name}]({name}.png)" in md
     for title, path, cols in (("Top", run / "top_k.parquet", ["rank", "arch_id", "reward", "params", "macs"]),
                               ("Leaderboard", run / "leaderboard.parquet", ["arch_id", "proxy_reward", "AP", "AP50", "AP75", "params"])):  # fmt: skip
         if not path.exists():

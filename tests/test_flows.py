@@ -53,6 +53,10 @@ def test_pipeline_runs_all_six_stages(finished_run):
         assert curves["loss/total"][-1][0] == 2 and curves["val/AP"] == [(2, pytest.approx(board.set_index("arch_id").AP[arch_id], rel=1e-5, abs=1e-7))]
         card = (run / "full" / arch_id / "MODEL.md").read_text()  # the model card of every trained arch
         assert card.startswith(f"# `{arch_id}`") and "| `fpn-fcos` | baseline |" in card and "nasfcos.load(" in card and "GMACs" in card
+        assert "](detections.png)" in card and (run / "full" / arch_id / "detections.png").stat().st_size > 0  # a few val images drawn
+    # the report leads with the result: the leaderboard, then the best arch and its detections
+    page = (run / "report" / "report.html").read_text()
+    assert page.index("Leaderboard") < page.index('id="detections"') < page.index("<h2>Search</h2>") < page.index("<details><summary>Config")
     # the baseline: trained with the same budget, scored on the proxy as the search scores an arch
     base = board[board.kind == "baseline"].iloc[0]
     assert base.arch_id == "fpn-fcos" and base.arch == "fpn=fcos;head=fcos;share=0" and np.isfinite(base.proxy_reward) and base.params > 0

@@ -68,6 +68,8 @@ def finished_run(root: Path) -> Path:
             "AP": 0.35, "AP50": 0.58, "AP75": 0.33, "APs": 0.12, "APm": 0.36, "APl": 0.41, "status": "ok", "error": ""}  # fmt: skip
     board = pd.concat([board, pd.DataFrame([base])], ignore_index=True).sort_values("AP", ascending=False)
     board.to_parquet(run.leaderboard)
+    best = board[board.kind == "searched"].iloc[0].arch_id  # AP 0.42: its val detections, as evaluate draws them
+    atomicio.write_bytes(run.full(best) / "detections.png", plots.png(plots.arch_drawing("fpn-fcos")))
     run.finish("evaluate", "h", {"leaderboard": str(run.leaderboard)})
     return run.root
 
@@ -79,7 +81,22 @@ def test_report_of_a_finished_run_embeds_every_plot_and_the_parquet_numbers(tmp_
     main([str(run)])
     assert "report.html" in capsys.readouterr().out
     page = check_report(run)
-    assert set(page.images) == set(PLOTS)  # every plot has its data here (best AP != best reward)
+    assert set(page.images) == set(PLOTS) | {"detections"}  # every plot has its data here (best AP != best reward)
+    html = (run / "report" / "report.html").read_text()
+    # the result first (leaderboard, best arch by AP and its detections, reward curve), the config last and folded
+    order = [
+        "Leaderboard",
+        'id="best_ap_arch"',
+        'id="reward"',
+        'id="detections"',
+        "<h2>Search</h2>",
+        "Top 4 by proxy reward",
+        "<h2>Plots</h2>",
+        "<h2>Stages</h2>",
+        "<details><summary>Config",
+    ]
+    assert [html.index(k) for k in order] == sorted(html.index(k) for k in order)
+    assert html.rstrip().endswith("</table>\n</details>\n</body></html>")
     board = report_table(page, "Leaderboard")
     base = board[board.kind == "baseline"].iloc[0]
     assert base.proxy_reward == "–" and base.AP == "0.3500"

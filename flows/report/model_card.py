@@ -18,10 +18,11 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and v != v) else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
-def model_card(row: pd.Series, board: pd.DataFrame, config: dict, results: pd.DataFrame | None, *, meta: dict, iteration: int, full: dict) -> str:
+def model_card(row: pd.Series, board: pd.DataFrame, config: dict, results: pd.DataFrame | None, *, meta: dict, iteration: int, full: dict, detections: str | None = None) -> str:
     """The card's markdown for ``row`` of the leaderboard ``board`` (``results``: the search's
     rows, for the proxy rank; ``meta``: the checkpoint's classes and input size; ``full``:
-    ``nasfcos.model.complexity`` of the detector at 800x1088)."""
+    ``nasfcos.model.complexity`` of the detector at 800x1088; ``detections``: the PNG beside
+    the card with a few val images drawn)."""
     from nasfcos.arch import resolve
 
     t, f, d = config["train_full"], config["finetune"], config["data"]
@@ -60,6 +61,8 @@ def model_card(row: pd.Series, board: pd.DataFrame, config: dict, results: pd.Da
     lines += ["", "## How well it does (COCO-style AP on the val split)", "", "| arch | kind | " + " | ".join(METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
     for r in board[(board.arch_id == row.arch_id) | (board.kind == "baseline")].itertuples():
         lines.append(f"| `{r.arch_id}` | {r.kind} | " + " | ".join(_fmt(getattr(r, m, None)) for m in METRICS) + " |")
+    if detections:
+        lines += ["", f"![a few val images with its detections (score >= 0.3)]({detections})"]
     lines += [
         "",
         "## How to load it",

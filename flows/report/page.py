@@ -3,9 +3,11 @@
     python -m flows.report runs/demo        # or: nasfcos-report runs/demo
 
 ``report.html`` is self-contained (tables, plots embedded as base64 PNGs); ``report.md``
-links the PNG files beside it. Both hold the run summary (config, stages and their
-timings), search statistics (archs/hour, ETA), the top-k, the leaderboard with the
-baseline, and every plot whose data exists (``flows/report/plots.py``). Works on a finished
+links the PNG files beside it. Both lead with the result: the leaderboard against the
+baseline (the best archs while there is none), the best arch drawn with a few of its val
+detections (the evaluate stage's ``full/<arch_id>/detections.png``) and the reward curve;
+then search statistics (archs/hour, ETA), the top-k, the other plots whose data exists
+(``flows/report/plots.py``), the stages and their timings, and the config (folded in HTML). Works on a finished
 run and on one still searching: every file but the results table may be missing.
 
 The stages redraw the report when they end (the search also every ``search.plot_every``
@@ -355,25 +357,45 @@ def config_table(data: RunData) -> Table:
     return Table("Config", ["field", "value"], rows, "As the stages last ran it (report/config.json).")
 
 
-def tables(data: RunData) -> list[Table]:
+def tables(data: RunData) -> dict[str, Table]:
+    """The report's tables by role: ``result`` (the leaderboard against the baseline, or the
+    best archs while there is none), ``top_k``, ``failed``, ``stages``, ``config``."""
     res = data.results
-    out = [config_table(data), stage_table(data)]
-    if data.top_k is not None:
-        out.append(Table.of(f"Top {len(data.top_k)} by proxy reward (top_k.parquet)", data.top_k, ["rank", "arch_id", "reward", "params", "macs", "n_deform_fpn", "arch"]))
-    elif len(res):
-        ok = res[res["status"] == "ok"].sort_values(["reward", "arch_id"], ascending=[False, True]).head(10)
-        out.append(Table.of("Best 10 so far (results, not yet selected)", ok, ["arch_id", "step", "reward", "params", "macs", "n_deform_fpn", "arch"]))
+    out: dict[str, Table] = {}
     if data.board is not None:
         board = data.board.assign(kind=plots.board_kind(data.board))
         cols = ["kind", "arch_id", "proxy_reward", "AP", "AP50", "AP75", "APs", "APm", "APl", "params", "macs", "status", "error", "arch"]
         note = "COCO AP on val after full training; the baseline is trained with the same budget. -1: no objects of that size."
         if (d := plots.reward_vs_ap(data.board)) is not None:
             note += f" Kendall's tau of proxy reward against AP: {_cell(d[1])} over {d[2]} archs."
-        out.append(Table.of("Leaderboard (leaderboard.parquet)", board, cols, note))
+        out["result"] = Table.of("Leaderboard (leaderboard.parquet)", board, cols, note)
+    if data.top_k is not None:
+        out["top_k"] = Table.of(f"Top {len(data.top_k)} by proxy reward (top_k.parquet)", data.top_k, ["rank", "arch_id", "reward", "params", "macs", "n_deform_fpn", "arch"])
+    elif len(res):
+        ok = res[res["status"] == "ok"].sort_values(["reward", "arch_id"], ascending=[False, True]).head(10)
+        out["top_k"] = Table.of("Best 10 so far (results, not yet selected)", ok, ["arch_id", "step", "reward", "params", "macs", "n_deform_fpn", "arch"])
+    if "result" not in out and "top_k" in out:  # no leaderboard yet: the best archs lead
+        out["result"] = out.pop("top_k")
     failed = res[res["status"] != "ok"] if len(res) else res
     if len(failed):
-        out.append(Table.of(f"Archs not ok ({len(failed)}; last 10)", failed.tail(10), ["arch_id", "step", "status", "error"]))
+        out["failed"] = Table.of(f"Archs not ok ({len(failed)}; last 10)", failed.tail(10), ["arch_id", "step", "status", "error"])
+    out["stages"] = stage_table(data)
+    out["config"] = config_table(data)
     return out
+
+
+def best_detections(data: RunData) -> tuple[str, bytes] | None:
+    """(arch id, PNG) of a few val images with the detections of the searched arch with the best
+    AP, drawn by the evaluate stage (``full/<arch_id>/detections.png``); None before that."""
+    board = data.board
+    if board is None or not len(board) or "AP" not in board.columns:
+        return None
+    ok = board[pd.to_numeric(board["AP"], errors="coerce").notna() & (plots.board_kind(board) == "searched")]
+    if ok.empty:
+        return None
+    arch_id = str(ok.sort_values("AP", ascending=False).iloc[0]["arch_id"])
+    path = data.root / "full" / arch_id / "detections.png"
+    return (arch_id, path.read_bytes()) if path.is_file() else None
 
 
 # --------------------------------------------------------------------- writing
@@ -420,15 +442,34 @@ def write_report(
     # a search manifest from before search.total_archs was raised does not make it finished
     search = search_lines(stats, finished="search" in data.manifests and (total is None or stats["archs"] >= total))
     tabs = tables(data)
-    md = [f"# {title}", "", made, "", "## Search", "", *search, ""] + [t.markdown() + "\n" for t in tabs]
-    md += ["## Plots", ""] + [f"![{n}]({n}.png)\n\n{PLOTS[n]}\n" for n in pngs]
+    # what a reader came for first (the result, the best arch and its detections, the reward
+    # curve), then the search's numbers, the other plots, and the stages and config last
+    lead = [n for n in ("best_ap_arch" if "best_ap_arch" in pngs else "best_arch", "reward") if n in pngs]
+    rest = [n for n in pngs if n not in lead]
+    shown = best_detections(data)
+    caption = {**PLOTS}
+    if shown:
+        caption["detections"] = f"A few val images with the detections (score >= 0.3) of {shown[0]}, the searched arch with the best AP (full/{shown[0]}/detections.png)."
+    first = [tabs.pop("result")] if "result" in tabs else []
+    stages, config = tabs.pop("stages"), tabs.pop("config")
+    md = [f"# {title}", "", made, ""] + [t.markdown() + "\n" for t in first]
+    md += [f"![{n}]({n}.png)\n\n{PLOTS[n]}\n" for n in lead]
+    if shown:
+        md += [f"![detections](../full/{shown[0]}/detections.png)\n\n{caption['detections']}\n"]
+    md += ["## Search", "", *search, ""] + [t.markdown() + "\n" for t in tabs.values()]
+    md += ["## Plots", ""] + [f"![{n}]({n}.png)\n\n{PLOTS[n]}\n" for n in rest] + [stages.markdown() + "\n", config.markdown() + "\n"]
     atomicio.write_text(out / "report.md", "\n".join(md))
     e = _text
-    body = [f"<h1>{e(title)}</h1>", f"<p class=meta>{e(made)}</p>", "<h2>Search</h2>", "<ul>"]
-    body += [f"<li>{e(line[2:]).replace('`', '')}</li>" for line in search] + ["</ul>"]
-    body += [t.html() for t in tabs]
-    body.append("<h2>Plots</h2>")
-    body += [f'<figure id="{n}"><img alt="{n}" src="{data_uri(pngs[n])}"><figcaption>{e(PLOTS[n])}</figcaption></figure>' for n in pngs]
+
+    def figure(name: str, png: bytes) -> str:
+        return f'<figure id="{name}"><img alt="{name}" src="{data_uri(png)}"><figcaption>{e(caption[name])}</figcaption></figure>'
+
+    body = [f"<h1>{e(title)}</h1>", f"<p class=meta>{e(made)}</p>"] + [t.html() for t in first]
+    body += [figure(n, pngs[n]) for n in lead] + ([figure("detections", shown[1])] if shown else [])
+    body += ["<h2>Search</h2>", "<ul>"] + [f"<li>{e(line[2:]).replace('`', '')}</li>" for line in search] + ["</ul>"]
+    body += [t.html() for t in tabs.values()]
+    body += ["<h2>Plots</h2>"] + [figure(n, pngs[n]) for n in rest] + [stages.html()]
+    body += [f"<details><summary>Config ({len(config.rows)} fields, as the stages last ran it)</summary>", config.html(), "</details>"]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;max-width:600px;overflow-wrap:anywhere}"
              "th{background:#eee}img{max-width:100%}figcaption{color:#555;font-size:13px}.meta{color:#777}")  # fmt: skip

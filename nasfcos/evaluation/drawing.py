@@ -1,0 +1,34 @@
+"""Detections drawn on their images: ``nasfcos predict --draw`` and the evaluate stage's
+``full/<arch_id>/detections.png`` (a few val images of a trained arch, shown by its model card
+and the run's report). torchvision's ``draw_bounding_boxes`` does the drawing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+DRAW_THRESH = 0.3  # at evaluation's 0.05 a detector draws a hundred boxes an image
+
+
+def draw_detections(image: Tensor, boxes: Tensor, captions: Sequence[str]) -> Tensor:
+    """``image`` (3, H, W) uint8 with ``boxes`` (D, 4) x1y1x2y2 in its pixels drawn, one caption each."""
+    return draw_bounding_boxes(image, boxes, labels=list(captions), width=1) if len(boxes) else image
+
+
+def detections_grid(items: Sequence[tuple[Tensor, Sequence[dict]]], names: dict[int, str], *, thresh: float = DRAW_THRESH, height: int = 240) -> Tensor:
+    """One row of images, each with its COCO results rows (``bbox`` x, y, w, h; ``category_id``;
+    ``score``) of score >= ``thresh`` drawn, scaled to ``height`` px: (3, height + 4, W) uint8."""
+    drawn = []
+    for image, rows in items:
+        rows = [r for r in rows if r["score"] >= thresh]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)], dtype=torch.float32).reshape(-1, 4)
+        pic = draw_detections(image, boxes, [f"{names.get(r['category_id'], r['category_id'])} {r['score']:.2f}" for r in rows])
+        width = max(1, round(pic.shape[-1] * height / pic.shape[-2]))
+        drawn.append(F.interpolate(pic[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8))
+    widest = max(p.shape[-1] for p in drawn)
+    padded = [F.pad(p, (0, widest - p.shape[-1])) for p in drawn]
+    return make_grid(padded, nrow=len(padded), padding=2, pad_value=255)
