@@ -67,7 +67,9 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
             td = COCODetection(testdev[0], testdev[1], transforms=tf)
             path = save_results(predict_dataset(model, td, category_ids=category_ids, device=device, batch_size=cfg.evaluate.batch_size), out_dir / "detections_test-dev.json")
             row["testdev_results"] = str(path)
-    atomicio.write_json(marker, {"stamp": _stamp(checkpoint), "row": row})
+    # what the model card needs of the checkpoint, so that the card does not load it again
+    facts = {"spec": ckpt["spec"], "meta": meta, "iteration": int(ckpt["iteration"])}
+    atomicio.write_json(marker, {"stamp": _stamp(checkpoint), "row": row, "checkpoint": facts})
     fault_point("evaluate:arch")
     return row
 
@@ -131,17 +133,17 @@ def _model_cards(cfg, run, board: pd.DataFrame, config: dict, trained: dict) -> 
     from nasfcos.errors import one_line
     from nasfcos.model.complexity import complexity
 
-    def resolve_arch(arch: str) -> str:
-        return str(resolve(arch))
-
     results = pd.read_parquet(run.root / "results.parquet") if (run.root / "results.parquet").exists() else None
     for row in board[board.status == "ok"].itertuples():
         try:
-            ckpt = load_checkpoint(trained[row.arch_id]["checkpoint"])
-            spec = ckpt["spec"]
-            full = complexity(resolve_arch(row.arch), backbone=spec["backbone"], width=spec["width"], head_width=spec["head_width"], num_classes=spec["num_classes"])
+            facts = json.loads((run.full(row.arch_id) / "evaluated.json").read_text()).get("checkpoint")
+            if facts is None:  # evaluated before the marker kept them
+                ckpt = load_checkpoint(trained[row.arch_id]["checkpoint"])
+                facts = {"spec": ckpt["spec"], "meta": ckpt.get("meta", {}), "iteration": int(ckpt["iteration"])}
+            spec = facts["spec"]
+            full = complexity(str(resolve(row.arch)), backbone=spec["backbone"], width=spec["width"], head_width=spec["head_width"], num_classes=spec["num_classes"])
             drawn = DETECTIONS_PNG if (run.full(row.arch_id) / DETECTIONS_PNG).exists() else None
-            text = model_card(pd.Series(row._asdict()), board, config, results, meta=ckpt.get("meta", {}), iteration=int(ckpt["iteration"]), full=full, detections=drawn)
+            text = model_card(pd.Series(row._asdict()), board, config, results, meta=facts["meta"], iteration=facts["iteration"], full=full, detections=drawn)
             write_model_card(run.full(row.arch_id) / "MODEL.md", text)
         except Exception as e:  # noqa: BLE001 - a card is a view: the leaderboard is what counts
             run_logger().warning("%s: MODEL.md not written: %s", row.arch_id, one_line(e))

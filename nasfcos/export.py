@@ -66,6 +66,11 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, onnx: bool = False) -
             refused = e
     atomicio.write_json(out / CONFIG, config)
     atomicio.write_text(out / CARD, _card(checkpoint, config))
+    drawn = checkpoint.parent / "detections.png"  # the evaluate stage's picture, which its card shows
+    if (checkpoint.parent / CARD).is_file() and drawn.is_file():
+        atomicio.write_bytes(out / drawn.name, drawn.read_bytes())
+    else:  # an earlier export's into this folder
+        (out / drawn.name).unlink(missing_ok=True)
     if refused is not None:
         raise refused
     return out
@@ -106,8 +111,9 @@ def _card(checkpoint: Path, config: dict) -> str:
             f'(`nasfcos.load(folder, runtime="onnx")` runs it in onnxruntime with nasfcos\'s post-processing); checked in onnxruntime '
             f"{o['checked']['onnxruntime']}: max |diff| {o['checked']['max_abs_diff']:.2g} from PyTorch"
         )
-    lines += ["", "```python", "import nasfcos", 'detect = nasfcos.load("path/to/this/folder")', "found = detect(images)  # PIL images or (3, H, W) tensors of any size", "```", ""]
-    return text + "\n".join(lines)
+    if not source.is_file():  # the stage's card says how to load it already
+        lines += ["", "```python", "import nasfcos", 'detect = nasfcos.load("path/to/this/folder")', "found = detect(images)  # PIL images or (3, H, W) tensors of any size", "```"]
+    return text + "\n".join(lines) + "\n"
 
 
 def load_exported(folder: str | Path) -> tuple[Detector, dict]:

@@ -16,6 +16,9 @@ differs from ``torchvision.ops.batched_nms`` in tie order and box form). Exporte
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,6 +47,20 @@ def _needs_extra() -> None:
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise OnnxExportError(f"ONNX needs the export extra ({e.name} is missing): pip install 'nasfcos[export]'") from None
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's optimiser logs every pass at INFO (hundreds of lines an arch): warnings only."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 class _Network(nn.Module):
@@ -77,10 +94,10 @@ def export_onnx(model: Detector, path: str | Path, *, arch: str = "") -> dict:
     what = f"ONNX export of {arch or 'the detector'}"
     instead = "the folder's model.safetensors runs in PyTorch (nasfcos.load / nasfcos predict --model)"
     try:
-        # torch.export, then onnxscript's translation; the warnings and progress lines it prints go to the log
-        torch.onnx.export(
-            net, (example,), str(tmp), dynamo=True, opset_version=OPSET, input_names=["images"], output_names=names, dynamic_shapes=dims, external_data=False, verbose=False
-        )
+        with _quiet_exporter():  # torch.export, then onnxscript's translation and optimiser
+            torch.onnx.export(
+                net, (example,), str(tmp), dynamo=True, opset_version=OPSET, input_names=["images"], output_names=names, dynamic_shapes=dims, external_data=False, verbose=False
+            )
     except Exception as e:  # noqa: BLE001 - any exporter failure is the same message: this arch, this reason, the format to use
         tmp.unlink(missing_ok=True)
         raise OnnxExportError(f"{what} failed ({one_line(e)}); {instead}") from None

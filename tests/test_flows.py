@@ -65,6 +65,21 @@ def test_pipeline_runs_all_six_stages(finished_run):
         assert (run / "manifests" / f"{stage}.json").exists(), stage
 
 
+def test_an_export_of_a_trained_arch_carries_its_card_and_detections(finished_run, tmp_path):
+    """`nasfcos export` of a leaderboard row: the evaluate stage's MODEL.md (and the picture it
+    shows) plus what the folder holds; the folder predicts without the run."""
+    import nasfcos
+    from nasfcos.export import export
+
+    _, run, _ = finished_run
+    arch_id = pd.read_parquet(run / "leaderboard.parquet").arch_id.iloc[0]
+    out = export(run / "full" / arch_id, tmp_path / "exported")
+    card = (out / "MODEL.md").read_text()
+    assert card.startswith((run / "full" / arch_id / "MODEL.md").read_text().rstrip()) and "## This folder (`nasfcos export`)" in card
+    assert (out / "detections.png").read_bytes() == (run / "full" / arch_id / "detections.png").read_bytes()
+    assert len(nasfcos.load(out)([torch.zeros(3, 64, 80, dtype=torch.uint8)] * 2)) == 2
+
+
 def test_every_file_of_a_run_is_readable_by_the_team(finished_run):
     """Under umask 022 every file the pipeline wrote (atomic writes included, whose temp
     files are created 0600) is readable by group and others."""
