@@ -194,12 +194,11 @@ def attach_onnx(bench: Bench, threads: int) -> str:
         with contextlib.redirect_stdout(sys.stderr):  # keep any exporter chatter out of the results
             info = export_onnx(bench.ours, path, arch="FPN-FCOS R-50")
         seconds = time.perf_counter() - t
-        detector = OnnxDetector(path, bench.ours.fcos)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # the calling thread + threads - 1 pool threads, like torch's
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-wait between calls
-        detector.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        detector = OnnxDetector(path, bench.ours.fcos, session_options=opts)
     bench.onnx = detector
     return (
         f"# onnx: exported in {seconds:.1f} s (opset {info['opset']}, its check max |d| {info['checked']['max_abs_diff']:.1e}), "

@@ -75,17 +75,23 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
 
 
 def _draw_detections(val, dets: list[dict], names: dict[int, str], path: Path) -> None:
-    """The first val images with their detections (score >= 0.3) drawn, in one row: shown by
-    the arch's MODEL.md and, for the best arch, the report."""
+    """The first val images with their confident detections drawn, in one row: shown by the
+    arch's MODEL.md and, for the best arch, the report. A picture is a view: one that cannot
+    be drawn is a warning, not a failed arch."""
     from torchvision.io import encode_png
 
+    from flows.placement import run_logger
     from nasfcos.data import read_image
+    from nasfcos.errors import one_line
     from nasfcos.evaluation.drawing import detections_grid
 
-    records = val.records[:DRAWN_IMAGES]
-    items = [(read_image(r.path), [d for d in dets if d["image_id"] == r.image_id]) for r in records]
-    if items:
-        atomicio.write_bytes(path, encode_png(detections_grid(items, names)).numpy().tobytes())
+    path.unlink(missing_ok=True)  # an earlier evaluation's
+    try:
+        items = [(read_image(r.path), [d for d in dets if d["image_id"] == r.image_id]) for r in val.records[:DRAWN_IMAGES]]
+        if items:
+            atomicio.write_bytes(path, encode_png(detections_grid(items, names)).numpy().tobytes())
+    except Exception as e:  # noqa: BLE001 - see above
+        run_logger().warning("%s not drawn: %s", path, one_line(e))
 
 
 @stage_flow(STAGE)

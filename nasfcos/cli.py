@@ -184,11 +184,11 @@ def _image_list(specs: list[str], image_root: Path | None) -> tuple[list[tuple[i
     if len(specs) == 1 and specs[0].endswith(".json"):
         path = Path(specs[0])
         try:
-            images = json.loads(path.read_text())["images"]
+            images = [(int(im["id"]), str(im["file_name"])) for im in json.loads(path.read_text())["images"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a COCO json with an 'images' list ({one_line(e, with_type=False)})") from None
-        root = image_root or (_json_image_root(path, images[0]["file_name"]) if images else path.parent)
-        return [(int(im["id"]), root / im["file_name"]) for im in images], True
+            raise ValueError(f"{path}: not a COCO json with an 'images' list of id and file_name ({one_line(e, with_type=False)})") from None
+        root = image_root or (_json_image_root(path, [name for _, name in images[:PROBED]]) if images else path.parent)
+        return [(image_id, root / name) for image_id, name in images], True
     paths: list[Path] = []
     for spec in specs:
         p = Path(spec)
@@ -201,18 +201,21 @@ def _image_list(specs: list[str], image_root: Path | None) -> tuple[list[tuple[i
     return list(enumerate(paths)), False
 
 
-def _json_image_root(path: Path, first: str) -> Path:
+PROBED = 10  # images of a json looked for when guessing its image folder
+
+
+def _json_image_root(path: Path, names: list[str]) -> Path:
     """Where a COCO json's images are when ``--image-root`` is not given: the first of its own
     folder, COCO's layout (``annotations/instances_val2017.json`` -> ``val2017/``, or
     ``images/``) and a VOC tree beside it (``VOCdevkit/VOC*/JPEGImages``, as the pipeline's
-    ``runs/<id>/data``) that holds its first image."""
+    ``runs/<id>/data``) that holds one of its first images (``names``)."""
     top = path.parent.parent if path.parent.name == "annotations" else path.parent
     split = path.stem.split("_", 1)[-1]
     candidates = [path.parent, top / split, top / "images", *sorted(top.glob("VOCdevkit/VOC*/JPEGImages"))]
     for root in candidates:
-        if (root / first).is_file():
+        if any((root / name).is_file() for name in names):
             return root
-    raise ValueError(f"{path}: its first image {first} is in none of {', '.join(str(c) for c in candidates)}; give --image-root")
+    raise ValueError(f"{path}: none of its first images ({names[0]}, ...) is in {', '.join(str(c) for c in candidates)}; give --image-root")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -443,10 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nasfcos {args.command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if type(e).__name__ == "OnnxExportError":  # the arch or the runtime refused ONNX: the folder's safetensors still works
-            print(f"nasfcos {args.command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
-            return 2
-        if "Original Traceback" in str(e) or "DataLoader worker" in str(e):
+        from nasfcos.onnx_export import OnnxExportError
+
+        # no ONNX for this arch (the folder's safetensors still works), or a data loader worker's error
+        if isinstance(e, OnnxExportError) or "Original Traceback" in str(e) or "DataLoader worker" in str(e):
             print(f"nasfcos {args.command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
             return 2
         raise

@@ -49,7 +49,12 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, onnx: bool = False) -
         "trained": {"iteration": int(ckpt.get("iteration", -1)), "losses": ckpt.get("losses", {}), "from": str(checkpoint)},
     }
     out = Path(out_dir)
+    if out.resolve() == checkpoint.parent.resolve() or (out / "checkpoint.pt").exists():
+        raise ValueError(f"--out {out}: a training folder (it holds checkpoint.pt); export into a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
+    # config.json goes first and comes back last: a folder whose export was cut short has none,
+    # and load says so, instead of an earlier export's spec beside these weights
+    (out / CONFIG).unlink(missing_ok=True)
     # clones: safetensors refuses tensors that share storage (a decoder's shared head layers)
     tmp = out / f".{WEIGHTS}.tmp"
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
@@ -77,11 +82,12 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, onnx: bool = False) -
 
 
 def _card(checkpoint: Path, config: dict) -> str:
-    """The evaluate stage's MODEL.md of this arch (``full/<arch_id>/MODEL.md``) when there is one,
-    else the facts the checkpoint holds; then what this folder holds and how to run it."""
+    """The evaluate stage's MODEL.md of this arch (``full/<arch_id>/MODEL.md``, but its "How to
+    load it") when there is one, else the facts the checkpoint holds; then what this folder
+    holds and how to run it."""
     source = checkpoint.parent / CARD
-    if source.is_file():
-        text = source.read_text().rstrip() + "\n"
+    if source.is_file():  # its "How to load it" names the run's folder: this folder's follows
+        text = source.read_text().split("\n## How to load it", 1)[0].rstrip() + "\n"
     else:
         spec = config["spec"]
         widths = f"width {spec['width']}" + (f", head width {spec['head_width']}" if spec.get("head_width") else "")
@@ -111,8 +117,8 @@ def _card(checkpoint: Path, config: dict) -> str:
             f'(`nasfcos.load(folder, runtime="onnx")` runs it in onnxruntime with nasfcos\'s post-processing); checked in onnxruntime '
             f"{o['checked']['onnxruntime']}: max |diff| {o['checked']['max_abs_diff']:.2g} from PyTorch"
         )
-    if not source.is_file():  # the stage's card says how to load it already
-        lines += ["", "```python", "import nasfcos", 'detect = nasfcos.load("path/to/this/folder")', "found = detect(images)  # PIL images or (3, H, W) tensors of any size", "```"]
+    lines += ["", "```python", "import nasfcos", 'detect = nasfcos.load("path/to/this/folder")', "found = detect(images)  # PIL images or (3, H, W) tensors of any size", "```"]
+    lines += ["", "`nasfcos predict --model <this folder> --images <files, folder or COCO json> --draw drawn/`"]
     return text + "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +38,8 @@ CHECK_TOLERANCE = 1e-3  # the export's own check on its example (the tests ask 1
 
 
 class OnnxExportError(RuntimeError):
-    """The exporter or onnxruntime refused this arch: the message names it and the format to use."""
+    """No ONNX file for this arch (the export extra missing, or the exporter or onnxruntime
+    refused it): the message says why and which format to use."""
 
 
 def _needs_extra() -> None:
@@ -126,17 +128,16 @@ def export_onnx(model: Detector, path: str | Path, *, arch: str = "") -> dict:
 
 class OnnxDetector:
     """``Detector.predict`` with the network run by ONNX Runtime and the post-processing (decode,
-    top-k, NMS) by ``FCOS.postprocess``: what :class:`nasfcos.predictor.Predictor` calls."""
+    top-k, NMS) by ``FCOS.postprocess``: what :class:`nasfcos.predictor.Predictor` calls. CPU
+    only: the pinned onnxruntime wheel has no CUDA provider (use the PyTorch runtime on a GPU).
+    ``session_options``: onnxruntime's (threads, e.g.; its defaults otherwise)."""
 
-    def __init__(self, path: str | Path, fcos: FCOS, *, device: str | torch.device = "cpu") -> None:
+    def __init__(self, path: str | Path, fcos: FCOS, *, session_options: Any = None) -> None:
         _needs_extra()
         import onnxruntime as ort
 
-        providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign file: one line naming it
             raise ValueError(f"{path}: onnxruntime {ort.__version__} cannot load it ({one_line(e)})") from None
         self.fcos = fcos.eval()
@@ -151,7 +152,7 @@ class OnnxDetector:
         with torch.no_grad():
             return self.fcos.postprocess(self(images), image_sizes)
 
-    def to(self, device: str | torch.device) -> OnnxDetector:  # the session chose its device at load
+    def to(self, device: str | torch.device) -> OnnxDetector:  # CPU, always (load refuses another device)
         return self
 
     def eval(self) -> OnnxDetector:

@@ -99,13 +99,17 @@ RUNTIMES = ("torch", "onnx")
 def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH, runtime: str = "torch") -> Predictor:
     """A :class:`Predictor` from a nasfcos checkpoint (``checkpoint.pt``, or the training's
     folder holding it, e.g. ``runs/<id>/full/<arch_id>``) or a folder ``nasfcos export`` wrote.
-    ``runtime="onnx"``: an exported folder's ``model.onnx`` in ONNX Runtime (``nasfcos export
-    --onnx``), with the same post-processing."""
-    from nasfcos.export import CONFIG, load_exported
+    ``runtime="onnx"``: an exported folder's ``model.onnx`` in ONNX Runtime on the CPU
+    (``nasfcos export --onnx``), with the same post-processing."""
+    from nasfcos.export import CONFIG, WEIGHTS, load_exported
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "onnx" and torch.device(device).type != "cpu":
+        raise ValueError(f"runtime onnx runs on the CPU (the pinned onnxruntime has no CUDA provider), not {device}: use runtime torch there")
     path = Path(path)
+    if (path / WEIGHTS).is_file() and not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path}: {WEIGHTS} without {CONFIG} (an export cut short?): run nasfcos export again")
     if (path / CONFIG).is_file():  # an exported folder
         model, config = load_exported(path)
         if runtime == "onnx":
@@ -113,7 +117,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: in
 
             if "onnx" not in config:
                 raise FileNotFoundError(f"{path}: no model.onnx in config.json (export with `nasfcos export --onnx`)")
-            model = OnnxDetector(path / config["onnx"]["file"], model.fcos, device=device)
+            model = OnnxDetector(path / config["onnx"]["file"], model.fcos)
         size = config["input"]
         return Predictor(
             model, classes=config["classes"], category_ids=config["category_ids"], min_size=size["min_size"], max_size=size["max_size"], device=device, batch_size=batch_size

@@ -75,7 +75,11 @@ def test_an_export_of_a_trained_arch_carries_its_card_and_detections(finished_ru
     arch_id = pd.read_parquet(run / "leaderboard.parquet").arch_id.iloc[0]
     out = export(run / "full" / arch_id, tmp_path / "exported")
     card = (out / "MODEL.md").read_text()
-    assert card.startswith((run / "full" / arch_id / "MODEL.md").read_text().rstrip()) and "## This folder (`nasfcos export`)" in card
+    stage_card = (run / "full" / arch_id / "MODEL.md").read_text()
+    assert card.startswith(stage_card.split("## How to load it")[0].rstrip()) and "## This folder (`nasfcos export`)" in card
+    assert "--checkpoint <this folder>" in stage_card and "--checkpoint <this folder>" not in card  # the folder's how-to, not the run's
+    with pytest.raises(ValueError, match="a training folder .* export into a folder of its own"):
+        export(run / "full" / arch_id, run / "full" / arch_id)
     assert (out / "detections.png").read_bytes() == (run / "full" / arch_id / "detections.png").read_bytes()
     assert len(nasfcos.load(out)([torch.zeros(3, 64, 80, dtype=torch.uint8)] * 2)) == 2
 

@@ -15,7 +15,8 @@ from nasfcos.engine.checkpoint import detector_from_checkpoint
 from nasfcos.engine.train import TrainConfig, train
 from nasfcos.model.detector import DetectorSpec
 
-pytest.importorskip("onnxruntime", reason="the export extra (make test installs it)")
+for extra in ("onnx", "onnxscript", "onnxruntime"):
+    pytest.importorskip(extra, reason="the export extra (make test installs it)")
 
 
 @pytest.fixture(scope="module", params=["fpn-fcos", "nas-fcos"])
@@ -52,7 +53,7 @@ def test_onnx_runtime_equals_the_detector(exported, synthetic_small):
         ops = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
         assert "DeformConv" in ops and "NonMaxSuppression" not in ops
     pics = _val_images(synthetic_small)
-    for size, n in ((64, 4), (112, 2)):  # dynamic batch and size
+    for size, n in ((64, 4), (112, 2), (96, 1)):  # dynamic batch and size; one image (traced with two)
         tf = build_transforms(train=False, min_size=size, max_size=int(size * 1.5))
         x, _ = collate([tf(p, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}) for p in pics[:n]])
         with torch.no_grad():
@@ -113,3 +114,33 @@ def test_a_refused_export_is_one_line_and_leaves_a_usable_folder(exported, tmp_p
     assert len(nasfcos.load(tmp_path / "x")([torch.zeros(3, 64, 64, dtype=torch.uint8)] * 2)) == 2
     with pytest.raises(FileNotFoundError, match="no model.onnx"):
         nasfcos.load(tmp_path / "x", runtime="onnx")
+    with pytest.raises(ValueError, match="runtime onnx runs on the CPU"):
+        nasfcos.load(tmp_path / "x", runtime="onnx", device="cuda")
+    monkeypatch.undo()
+
+
+def test_onnxruntime_refusing_the_graph_is_one_line_and_a_reexport_drops_a_stale_graph(exported, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import onnxruntime
+
+    from nasfcos.cli import main
+
+    ckpt, folder, arch = exported
+    if arch != "fpn-fcos":
+        pytest.skip("one arch is enough")
+    again = tmp_path / "again"
+    shutil.copytree(folder, again)
+    assert (again / "model.onnx").exists()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(again)]) == 0  # without --onnx: the old graph would not match
+    assert not (again / "model.onnx").exists() and "onnx" not in json.loads((again / "config.json").read_text())
+
+    class Refusing:
+        def __init__(self, *a, **k):
+            raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for DeformConv(19)")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Refusing)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y"), "--onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"onnxruntime {onnxruntime.__version__} cannot run the ONNX export of fpn-fcos" in err and "NOT_IMPLEMENTED" in err
+    assert not (tmp_path / "y" / "model.onnx").exists() and not list((tmp_path / "y").glob(".*tmp"))

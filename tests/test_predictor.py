@@ -87,9 +87,10 @@ def test_a_coco_jsons_images_are_found_in_cocos_layout_or_named_when_not(tmp_pat
     ann.mkdir(parents=True)
     (tmp_path / "coco" / "val2017").mkdir()
     (tmp_path / "coco" / "val2017" / "000000000139.jpg").write_bytes(b"")
-    assert _json_image_root(ann / "instances_val2017.json", "000000000139.jpg") == tmp_path / "coco" / "val2017"
-    with pytest.raises(ValueError, match=r"instances_val2017.json: its first image 1.jpg is in none of .*; give --image-root"):
-        _json_image_root(ann / "instances_val2017.json", "1.jpg")
+    # the first image missing, the second there: found by the second
+    assert _json_image_root(ann / "instances_val2017.json", ["gone.jpg", "000000000139.jpg"]) == tmp_path / "coco" / "val2017"
+    with pytest.raises(ValueError, match=r"instances_val2017.json: none of its first images \(1.jpg, ...\) is in .*; give --image-root"):
+        _json_image_root(ann / "instances_val2017.json", ["1.jpg"])
 
 
 def test_nasfcos_predict_skips_a_bad_image_and_fails_when_none_can_be_read(synthetic_small, trained, tmp_path, capsys):

@@ -87,8 +87,8 @@ def test_report_of_a_finished_run_embeds_every_plot_and_the_parquet_numbers(tmp_
     order = [
         "Leaderboard",
         'id="best_ap_arch"',
-        'id="reward"',
         'id="detections"',
+        'id="reward"',
         "<h2>Search</h2>",
         "Top 4 by proxy reward",
         "<h2>Plots</h2>",

@@ -238,13 +238,9 @@ def draw(data: RunData, names: Sequence[str] | None = None) -> dict[str, bytes |
         return None if drawn is None else drawn[0]
 
     def best_ap_arch():
-        board = data.board
-        if board is None or not len(board) or "arch" not in board.columns:
+        best = best_searched(data.board)
+        if best is None or "arch" not in best:
             return None
-        ok = board[pd.to_numeric(board["AP"], errors="coerce").notna() & (plots.board_kind(board) == "searched")]
-        if ok.empty:
-            return None
-        best = ok.sort_values("AP", ascending=False).iloc[0]
         if str(best["arch_id"]) == stats.get("best_arch_id"):
             return None  # drawn as best_arch already
         return plots.arch_drawing(str(best["arch"]), title=f"best AP {float(best['AP']):.4f}: {best['arch_id']}  {best['arch']}")
@@ -384,18 +380,20 @@ def tables(data: RunData) -> dict[str, Table]:
     return out
 
 
-def best_detections(data: RunData) -> tuple[str, bytes] | None:
-    """(arch id, PNG) of a few val images with the detections of the searched arch with the best
-    AP, drawn by the evaluate stage (``full/<arch_id>/detections.png``); None before that."""
-    board = data.board
+def best_searched(board: pd.DataFrame | None) -> pd.Series | None:
+    """The leaderboard row of the searched arch with the best AP; None while there is none."""
     if board is None or not len(board) or "AP" not in board.columns:
         return None
     ok = board[pd.to_numeric(board["AP"], errors="coerce").notna() & (plots.board_kind(board) == "searched")]
-    if ok.empty:
-        return None
-    arch_id = str(ok.sort_values("AP", ascending=False).iloc[0]["arch_id"])
-    path = data.root / "full" / arch_id / "detections.png"
-    return (arch_id, path.read_bytes()) if path.is_file() else None
+    return None if ok.empty else ok.sort_values("AP", ascending=False).iloc[0]
+
+
+def best_detections(data: RunData) -> tuple[str, bytes] | None:
+    """(arch id, PNG) of a few val images with the detections of the searched arch with the best
+    AP, drawn by the evaluate stage (``full/<arch_id>/detections.png``); None before that."""
+    best = best_searched(data.board)
+    path = None if best is None else data.root / "full" / str(best["arch_id"]) / "detections.png"
+    return (str(best["arch_id"]), path.read_bytes()) if path is not None and path.is_file() else None
 
 
 # --------------------------------------------------------------------- writing
@@ -444,18 +442,22 @@ def write_report(
     tabs = tables(data)
     # what a reader came for first (the result, the best arch and its detections, the reward
     # curve), then the search's numbers, the other plots, and the stages and config last
-    lead = [n for n in ("best_ap_arch" if "best_ap_arch" in pngs else "best_arch", "reward") if n in pngs]
-    rest = [n for n in pngs if n not in lead]
-    shown = best_detections(data)
     caption = {**PLOTS}
-    if shown:
-        caption["detections"] = f"A few val images with the detections (score >= 0.3) of {shown[0]}, the searched arch with the best AP (full/{shown[0]}/detections.png)."
+    shown = best_detections(data)
+    if shown:  # a copy beside the report: report.md links its PNGs there, and the folder travels alone
+        atomicio.write_bytes(out / "detections.png", shown[1])
+        pngs, paths["detections"] = {**pngs, "detections": shown[1]}, out / "detections.png"
+        caption["detections"] = (
+            f"A few val images with the confident detections of {shown[0]}, the searched arch with the best AP, as the evaluate stage drew them (full/{shown[0]}/detections.png)."
+        )
+    else:
+        (out / "detections.png").unlink(missing_ok=True)
+    lead = [n for n in ("best_ap_arch" if "best_ap_arch" in pngs else "best_arch", "detections", "reward") if n in pngs]
+    rest = [n for n in pngs if n not in lead]
     first = [tabs.pop("result")] if "result" in tabs else []
     stages, config = tabs.pop("stages"), tabs.pop("config")
     md = [f"# {title}", "", made, ""] + [t.markdown() + "\n" for t in first]
-    md += [f"![{n}]({n}.png)\n\n{PLOTS[n]}\n" for n in lead]
-    if shown:
-        md += [f"![detections](../full/{shown[0]}/detections.png)\n\n{caption['detections']}\n"]
+    md += [f"![{n}]({n}.png)\n\n{caption[n]}\n" for n in lead]
     md += ["## Search", "", *search, ""] + [t.markdown() + "\n" for t in tabs.values()]
     md += ["## Plots", ""] + [f"![{n}]({n}.png)\n\n{PLOTS[n]}\n" for n in rest] + [stages.markdown() + "\n", config.markdown() + "\n"]
     atomicio.write_text(out / "report.md", "\n".join(md))
@@ -465,7 +467,7 @@ def write_report(
         return f'<figure id="{name}"><img alt="{name}" src="{data_uri(png)}"><figcaption>{e(caption[name])}</figcaption></figure>'
 
     body = [f"<h1>{e(title)}</h1>", f"<p class=meta>{e(made)}</p>"] + [t.html() for t in first]
-    body += [figure(n, pngs[n]) for n in lead] + ([figure("detections", shown[1])] if shown else [])
+    body += [figure(n, pngs[n]) for n in lead]
     body += ["<h2>Search</h2>", "<ul>"] + [f"<li>{e(line[2:]).replace('`', '')}</li>" for line in search] + ["</ul>"]
     body += [t.html() for t in tabs.values()]
     body += ["<h2>Plots</h2>"] + [figure(n, pngs[n]) for n in rest] + [stages.html()]

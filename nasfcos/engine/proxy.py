@@ -58,7 +58,7 @@ from nasfcos.model.backbones import LEVELS
 from nasfcos.model.complexity import count_call_macs
 from nasfcos.model.decoder import build_decoder
 from nasfcos.model.fcos import FCOS, Assigned, LevelOutputs, Points, flatten_outputs, scaled_size_ranges
-from nasfcos.model.ops import DEFORM_DTYPES, set_deform_dtype
+from nasfcos.model.ops import deform_dtype_error, set_deform_dtype
 from nasfcos.rng import local_generator
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,8 @@ class ProxyConfig:
             raise ValueError(f"proxy config: ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.reward not in REWARDS:
             raise ValueError(f"proxy config: reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
-        if self.deform_dtype not in DEFORM_DTYPES:
-            raise ValueError(f"proxy config: deform_dtype must be one of {', '.join(DEFORM_DTYPES)}, got {self.deform_dtype!r}")
+        if (why := deform_dtype_error(self.deform_dtype)) is not None:
+            raise ValueError(f"proxy config: deform_dtype {why}")
 
 
 @dataclass

@@ -25,10 +25,12 @@ def detections_grid(items: Sequence[tuple[Tensor, Sequence[dict]]], names: dict[
     drawn = []
     for image, rows in items:
         rows = [r for r in rows if r["score"] >= thresh]
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)], dtype=torch.float32).reshape(-1, 4)
-        pic = draw_detections(image, boxes, [f"{names.get(r['category_id'], r['category_id'])} {r['score']:.2f}" for r in rows])
-        width = max(1, round(pic.shape[-1] * height / pic.shape[-2]))
-        drawn.append(F.interpolate(pic[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8))
+        # scaled first, then drawn: lines and captions keep their pixel size on a large photo
+        scale = height / image.shape[-2]
+        width = max(1, round(image.shape[-1] * scale))
+        small = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)], dtype=torch.float32).reshape(-1, 4) * scale
+        drawn.append(draw_detections(small, boxes, [f"{names.get(r['category_id'], r['category_id'])} {r['score']:.2f}" for r in rows]))
     widest = max(p.shape[-1] for p in drawn)
     padded = [F.pad(p, (0, widest - p.shape[-1])) for p in drawn]
     return make_grid(padded, nrow=len(padded), padding=2, pad_value=255)

@@ -118,12 +118,19 @@ class ModulatedDeformConv(nn.Module):
 DEFORM_DTYPES = {"float32": None, "float16": torch.float16}
 
 
+def deform_dtype_error(dtype: str) -> str | None:
+    """Why ``dtype`` is not a deformable conv dtype ("must be one of ..."), or None."""
+    if dtype in DEFORM_DTYPES:
+        return None
+    why = " (torchvision's deform_conv2d has no bfloat16 kernel)" if dtype == "bfloat16" else ""
+    return f"must be one of {', '.join(DEFORM_DTYPES)}, got {dtype!r}{why}"
+
+
 def set_deform_dtype(module: nn.Module, dtype: str) -> int:
     """Run every deformable conv in ``module`` in ``dtype`` (a key of :data:`DEFORM_DTYPES`;
     ``float32`` = the input's dtype, the default). Returns how many convs were set."""
-    if dtype not in DEFORM_DTYPES:
-        why = " (torchvision's deform_conv2d has no bfloat16 kernel)" if dtype == "bfloat16" else ""
-        raise ValueError(f"deformable conv dtype must be one of {', '.join(DEFORM_DTYPES)}, got {dtype!r}{why}")
+    if (why := deform_dtype_error(dtype)) is not None:
+        raise ValueError(f"deformable conv dtype {why}")
     convs = [m for m in module.modules() if isinstance(m, ModulatedDeformConv)]
     for m in convs:
         m.compute_dtype = DEFORM_DTYPES[dtype]
