@@ -17,7 +17,7 @@ from flows.stages import artifact_key, open_stage, publish_summary, stage_flow, 
 from nasfcos.fault_injection import fault_point
 
 STAGE = "evaluate"
-DETECTIONS_PNG = "detections.png"  # full/<arch_id>/: a few val images with the arch's detections
+DETECTIONS_JPG = "detections.jpg"  # full/<arch_id>/: a few val images with the arch's detections
 DRAWN_IMAGES = 4
 
 
@@ -59,7 +59,7 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
         save_results(dets, out_dir / "detections_val.json")
         metrics = coco_evaluate(val.coco_gt(), dets)
         atomicio.write_json(out_dir / "val_metrics.json", metrics)
-        _draw_detections(val, dets, dict(zip(category_ids, meta.get("classes", val.classes), strict=False)), out_dir / DETECTIONS_PNG)
+        _draw_detections(val, dets, dict(zip(category_ids, meta.get("classes", val.classes), strict=False)), out_dir / DETECTIONS_JPG)
         add_scalars(out_dir, int(ckpt["iteration"]), {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})  # beside its loss curve
         row.update(metrics)
         testdev = coco_split(cfg, run, "testdev")
@@ -78,7 +78,7 @@ def _draw_detections(val, dets: list[dict], names: dict[int, str], path: Path) -
     """The first val images with their confident detections drawn, in one row: shown by the
     arch's MODEL.md and, for the best arch, the report. A picture is a view: one that cannot
     be drawn is a warning, not a failed arch."""
-    from torchvision.io import encode_png
+    from torchvision.io import encode_jpeg
 
     from flows.placement import run_logger
     from nasfcos.data import read_image
@@ -89,7 +89,8 @@ def _draw_detections(val, dets: list[dict], names: dict[int, str], path: Path) -
     try:
         items = [(read_image(r.path), [d for d in dets if d["image_id"] == r.image_id]) for r in val.records[:DRAWN_IMAGES]]
         if items:
-            atomicio.write_bytes(path, encode_png(detections_grid(items, names)).numpy().tobytes())
+            # JPEG: photos with boxes; a PNG of four is 5x larger in the self-contained report.html
+            atomicio.write_bytes(path, encode_jpeg(detections_grid(items, names), quality=90).numpy().tobytes())
     except Exception as e:  # noqa: BLE001 - see above
         run_logger().warning("%s not drawn: %s", path, one_line(e))
 
@@ -148,7 +149,7 @@ def _model_cards(cfg, run, board: pd.DataFrame, config: dict, trained: dict) -> 
                 facts = {"spec": ckpt["spec"], "meta": ckpt.get("meta", {}), "iteration": int(ckpt["iteration"])}
             spec = facts["spec"]
             full = complexity(str(resolve(row.arch)), backbone=spec["backbone"], width=spec["width"], head_width=spec["head_width"], num_classes=spec["num_classes"])
-            drawn = DETECTIONS_PNG if (run.full(row.arch_id) / DETECTIONS_PNG).exists() else None
+            drawn = DETECTIONS_JPG if (run.full(row.arch_id) / DETECTIONS_JPG).exists() else None
             text = model_card(pd.Series(row._asdict()), board, config, results, meta=facts["meta"], iteration=facts["iteration"], full=full, detections=drawn)
             write_model_card(run.full(row.arch_id) / "MODEL.md", text)
         except Exception as e:  # noqa: BLE001 - a card is a view: the leaderboard is what counts

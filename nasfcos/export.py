@@ -71,7 +71,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, onnx: bool = False) -
             refused = e
     atomicio.write_json(out / CONFIG, config)
     atomicio.write_text(out / CARD, _card(checkpoint, config))
-    drawn = checkpoint.parent / "detections.png"  # the evaluate stage's picture, which its card shows
+    drawn = checkpoint.parent / "detections.jpg"  # the evaluate stage's picture, which its card shows
     if (checkpoint.parent / CARD).is_file() and drawn.is_file():
         atomicio.write_bytes(out / drawn.name, drawn.read_bytes())
     else:  # an earlier export's into this folder

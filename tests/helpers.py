@@ -327,17 +327,17 @@ def check_report(run: Path) -> ReportPage:
     out = run / "report"
     page = ReportPage()
     page.feed((out / "report.html").read_text())
-    files = {p.stem: p for p in out.glob("*.png")}
+    files = {p.stem: p for p in [*out.glob("*.png"), *out.glob("detections.jpg")]}
     md = (out / "report.md").read_text()
     # detections: the best arch's val images as the evaluate stage drew them, copied beside
     assert files and set(files) <= set(PLOTS) | {"detections"} and set(page.images) == set(files), (files, set(page.images))
     for name, src in page.images.items():
-        assert src.startswith("data:image/png;base64,")
+        assert src.startswith("data:image/jpeg;base64," if name == "detections" else "data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1])
         assert data == files[name].read_bytes()
         assert len(data) < 80_000, (name, len(data))  # small: artifacts live in Prefect's database
         assert png_array(data).var() > 0, name  # not blank
-        assert f"![{name}]({name}.png)" in md
+        assert f"![{name}]({files[name].name})" in md
     for title, path, cols in (("Top", run / "top_k.parquet", ["rank", "arch_id", "reward", "params", "macs"]),
                               ("Leaderboard", run / "leaderboard.parquet", ["arch_id", "proxy_reward", "AP", "AP50", "AP75", "params"])):  # fmt: skip
         if not path.exists():

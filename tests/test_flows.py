@@ -53,7 +53,7 @@ def test_pipeline_runs_all_six_stages(finished_run):
         assert curves["loss/total"][-1][0] == 2 and curves["val/AP"] == [(2, pytest.approx(board.set_index("arch_id").AP[arch_id], rel=1e-5, abs=1e-7))]
         card = (run / "full" / arch_id / "MODEL.md").read_text()  # the model card of every trained arch
         assert card.startswith(f"# `{arch_id}`") and "| `fpn-fcos` | baseline |" in card and "nasfcos.load(" in card and "GMACs" in card
-        assert "](detections.png)" in card and (run / "full" / arch_id / "detections.png").stat().st_size > 0  # a few val images drawn
+        assert "](detections.jpg)" in card and (run / "full" / arch_id / "detections.jpg").stat().st_size > 0  # a few val images drawn
     # the report leads with the result: the leaderboard, then the best arch and its detections
     page = (run / "report" / "report.html").read_text()
     assert page.index("Leaderboard") < page.index('id="detections"') < page.index("<h2>Search</h2>") < page.index("<details><summary>Config")
@@ -80,7 +80,7 @@ def test_an_export_of_a_trained_arch_carries_its_card_and_detections(finished_ru
     assert "--checkpoint <this folder>" in stage_card and "--checkpoint <this folder>" not in card  # the folder's how-to, not the run's
     with pytest.raises(ValueError, match="a training folder .* export into a folder of its own"):
         export(run / "full" / arch_id, run / "full" / arch_id)
-    assert (out / "detections.png").read_bytes() == (run / "full" / arch_id / "detections.png").read_bytes()
+    assert (out / "detections.jpg").read_bytes() == (run / "full" / arch_id / "detections.jpg").read_bytes()
     assert len(nasfcos.load(out)([torch.zeros(3, 64, 80, dtype=torch.uint8)] * 2)) == 2
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers import check_report, png_array, report_table
+from torchvision.io import encode_jpeg
 
 import atomicio
 from flows.report import plots
@@ -69,7 +71,8 @@ def finished_run(root: Path) -> Path:
     board = pd.concat([board, pd.DataFrame([base])], ignore_index=True).sort_values("AP", ascending=False)
     board.to_parquet(run.leaderboard)
     best = board[board.kind == "searched"].iloc[0].arch_id  # AP 0.42: its val detections, as evaluate draws them
-    atomicio.write_bytes(run.full(best) / "detections.png", plots.png(plots.arch_drawing("fpn-fcos")))
+    drawing = torch.from_numpy(png_array(plots.png(plots.arch_drawing("fpn-fcos"))).astype("uint8")).permute(2, 0, 1).contiguous()
+    atomicio.write_bytes(run.full(best) / "detections.jpg", encode_jpeg(drawing).numpy().tobytes())
     run.finish("evaluate", "h", {"leaderboard": str(run.leaderboard)})
     return run.root
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 
 import atomicio
-from nasfcos.evaluation.drawing import DRAW_THRESH
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -63,7 +62,7 @@ def model_card(row: pd.Series, board: pd.DataFrame, config: dict, results: pd.Da
     for r in board[(board.arch_id == row.arch_id) | (board.kind == "baseline")].itertuples():
         lines.append(f"| `{r.arch_id}` | {r.kind} | " + " | ".join(_fmt(getattr(r, m, None)) for m in METRICS) + " |")
     if detections:
-        lines += ["", f"![a few val images with its detections (score >= {DRAW_THRESH})]({detections})"]
+        lines += ["", f"![a few val images with its confident detections, as the evaluate stage drew them]({detections})"]
     lines += [
         "",
         "## How to load it",

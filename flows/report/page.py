@@ -5,7 +5,7 @@
 ``report.html`` is self-contained (tables, plots embedded as base64 PNGs); ``report.md``
 links the PNG files beside it. Both lead with the result: the leaderboard against the
 baseline (the best archs while there is none), the best arch drawn with a few of its val
-detections (the evaluate stage's ``full/<arch_id>/detections.png``) and the reward curve;
+detections (the evaluate stage's ``full/<arch_id>/detections.jpg``) and the reward curve;
 then search statistics (archs/hour, ETA), the top-k, the other plots whose data exists
 (``flows/report/plots.py``), the stages and their timings, and the config (folded in HTML). Works on a finished
 run and on one still searching: every file but the results table may be missing.
@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
-import json
 import logging
-import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,9 +31,9 @@ import pandas as pd
 
 import atomicio
 from flows.report import plots
+from flows.report.run_data import CONFIG_FILE, ReportError, RunData, check_run_dir, load_run, policy_of, search_setting
+from flows.report.tables import best_searched, fmt_duration, html_text, tables
 from storage.curves import read_curves
-from storage.results import ResultsTable
-from storage.run_dir import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -60,87 +57,6 @@ STAGE_PLOTS: dict[str, tuple[str, ...]] = {
     "evaluate": ("proxy_vs_ap", "curves", "best_ap_arch"),
 }
 _DPI = {"best_arch": 95, "best_ap_arch": 95}  # small text in the drawings
-CONFIG_FILE = "config.json"  # report/config.json: the config the stages last ran with
-
-
-class ReportError(ValueError):
-    """A path that is not a run directory; one line naming it."""
-
-
-@dataclass
-class RunData:
-    """What the report reads from a run directory (missing files: empty or None)."""
-
-    root: Path
-    results: pd.DataFrame
-    top_k: pd.DataFrame | None = None
-    board: pd.DataFrame | None = None
-    manifests: dict[str, dict] = field(default_factory=dict)  # finished stages
-    started: dict[str, datetime] = field(default_factory=dict)  # stage -> when it was first claimed
-    config: dict | None = None
-    trained: list[str] = field(default_factory=list)  # arch ids with full/<id>/checkpoint.pt
-    compare: dict[str, pd.DataFrame] = field(default_factory=dict)  # other runs' results, by label
-
-
-def check_run_dir(path: str | Path) -> Path:
-    """``path`` resolved, or :class:`ReportError` when it is not a run directory."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ReportError(f"{path}: no such run directory")
-    if not any((root / n).exists() for n in ("results.parquet", "results.parts", "manifests")):
-        raise ReportError(f"{path}: not a run directory (no results.parquet, results.parts/ or manifests/)")
-    return root.resolve()
-
-
-def _parquet(path: Path) -> pd.DataFrame | None:
-    try:
-        return pd.read_parquet(path)
-    except FileNotFoundError:
-        return None
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        out = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return out if isinstance(out, dict) else None
-
-
-def search_setting(config: dict | None, key: str, fallback=None):
-    """``search.<key>`` of a run's config (None: not recorded yet), else ``fallback``."""
-    return ((config or {}).get("search") or {}).get(key) or fallback
-
-
-def policy_of(config: dict | None, fallback: str = "search") -> str:
-    return str(search_setting(config, "policy", fallback))
-
-
-def load_run(path: str | Path, *, compare: Sequence[str | Path] = ()) -> RunData:
-    """Read everything the report shows; ``compare``: other run dirs whose reward curves
-    are drawn beside this one's (e.g. a random-search run beside a PPO run)."""
-    root = check_run_dir(path)
-    data = RunData(root=root, results=ResultsTable(root).read())
-    data.top_k = _parquet(root / "top_k.parquet")
-    data.board = _parquet(root / "leaderboard.parquet")
-    data.config = _json(root / "report" / CONFIG_FILE)
-    for stage in STAGES:
-        if (m := _json(root / "manifests" / f"{stage}.json")) is not None:
-            data.manifests[stage] = m
-        claim = root / "manifests" / f"{stage}.claim.json"
-        if (m or {}).get("started_at"):
-            data.started[stage] = pd.Timestamp(m["started_at"]).to_pydatetime()
-        elif claim.exists():
-            data.started[stage] = datetime.fromtimestamp(claim.stat().st_mtime, timezone.utc)
-    if len(data.results) and not (data.manifests.get("search") or {}).get("started_at"):
-        data.started["search"] = data.results["started_at"].min().to_pydatetime()  # the first evaluation: sharper than the claim
-    full = root / "full"
-    data.trained = sorted(p.name for p in full.iterdir() if (p / "checkpoint.pt").exists()) if full.is_dir() else []
-    for other in compare:
-        o = check_run_dir(other)
-        label = f"{policy_of(_json(o / 'report' / CONFIG_FILE), 'run')} ({o.name})"
-        data.compare[label] = ResultsTable(o).read()
-    return data
 
 
 # ------------------------------------------------------------------ statistics
@@ -179,17 +95,6 @@ def search_stats(results: pd.DataFrame, total_archs: int | None = None, *, windo
     return out
 
 
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min {s % 60:02d} s"
-    if s < 172800:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s / 86400:.1f} days"
-
-
 def search_lines(stats: dict[str, Any], *, finished: bool = False) -> list[str]:
     """The search statistics as markdown list items (report and search artifact)."""
     n, total = stats["archs"], stats.get("total_archs")
@@ -205,7 +110,7 @@ def search_lines(stats: dict[str, Any], *, finished: bool = False) -> list[str]:
     if finished or (total and n >= total):
         lines.append("search finished")
     elif stats.get("eta_seconds") is not None:
-        lines.append(f"ETA {_duration(stats['eta_seconds'])} ({stats['eta_at']:%Y-%m-%d %H:%M} UTC) for the {total - n} archs left")
+        lines.append(f"ETA {fmt_duration(stats['eta_seconds'])} ({stats['eta_at']:%Y-%m-%d %H:%M} UTC) for the {total - n} archs left")
     elif total is None:
         lines.append("ETA unknown: the search budget (search.total_archs) is not recorded in this run directory yet")
     return [f"- {line}" for line in lines]
@@ -258,8 +163,9 @@ def draw(data: RunData, names: Sequence[str] | None = None) -> dict[str, bytes |
     return out
 
 
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+def data_uri(image: bytes) -> str:
+    mime = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"  # the evaluate stage's detections are JPEG
+    return f"data:{mime};base64," + base64.b64encode(image).decode()
 
 
 def markdown_images(pngs: dict[str, bytes], names: Sequence[str]) -> str:
@@ -267,132 +173,11 @@ def markdown_images(pngs: dict[str, bytes], names: Sequence[str]) -> str:
     return "\n\n".join(f"![{n}]({data_uri(pngs[n])})" for n in names if n in pngs)
 
 
-# --------------------------------------------------------------------- tables
-
-
-def _cell(v: Any) -> str:
-    """One table cell; the same text in report.md and report.html."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.4f}"
-    if isinstance(v, (pd.Timestamp, datetime)):
-        return f"{v:%Y-%m-%d %H:%M:%S}"
-    return str(v)
-
-
-@dataclass
-class Table:
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    note: str = ""
-
-    @classmethod
-    def of(cls, title: str, df: pd.DataFrame, columns: Sequence[str], note: str = "") -> "Table":
-        cols = [c for c in columns if c in df.columns]
-        return cls(title, cols, [[_cell(v) for v in r] for r in df[cols].itertuples(index=False)], note)
-
-    def markdown(self) -> str:
-        esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-        lines = [f"## {self.title}", ""] + ([self.note, ""] if self.note else [])
-        if not self.rows:
-            return "\n".join(lines if self.note else lines + ["(none yet)"])
-        lines += ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
-        lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in self.rows]
-        return "\n".join(lines)
-
-    def html(self) -> str:
-        e = _text
-        out = [f"<h2>{e(self.title)}</h2>"] + ([f"<p>{e(self.note)}</p>"] if self.note else [])
-        if not self.rows:
-            return "\n".join(out if self.note else out + ["<p>(none yet)</p>"])
-        out.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in self.columns) + "</tr>")
-        out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in self.rows]
-        return "\n".join(out + ["</table>"])
-
-
-def _text(s: str) -> str:
-    """HTML text (not attribute) content: quotes stay as they are."""
-    return html.escape(s, quote=False)
-
-
-def _short(v: Any, n: int = 70) -> str:
-    s = json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v)
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-def stage_table(data: RunData) -> Table:
-    rows = []
-    for stage in STAGES:
-        m, started = data.manifests.get(stage), data.started.get(stage)
-        finished = pd.Timestamp(m["finished_at"]).to_pydatetime() if m and m.get("finished_at") else None
-        if started and finished and started > finished:  # a copied run dir: the claim's mtime is the copy's
-            started = None
-        state = "finished" if m else ("started, not finished" if started else "not started")
-        span = _duration((finished - started).total_seconds()) if finished and started and finished >= started else "–"
-        outputs = "; ".join(f"{k}: {len(v)} entries" if isinstance(v, (list, dict)) else f"{k}: {_short(v, 40)}" for k, v in (m or {}).get("outputs", {}).items())
-        rows.append([stage, state, _cell(started), _cell(finished), span, outputs or "–"])
-    note = ("started = when the stage first claimed the run directory (its manifests/<stage>.claim.json); "
-            "span = finished - started, resumes and extensions included; times UTC.")  # fmt: skip
-    return Table("Stages", ["stage", "state", "started", "finished", "span", "outputs"], rows, note)
-
-
-def config_table(data: RunData) -> Table:
-    c = data.config
-    if not c:
-        return Table("Config", ["field", "value"], [], "No report/config.json yet: the stages write it when they redraw the report.")
-    rows = [["run_id", str(c.get("run_id"))], ["runs_dir", str(c.get("runs_dir"))]]
-    for section, values in c.items():
-        if isinstance(values, dict):
-            rows += [[f"{section}.{k}", _short(v)] for k, v in values.items() if not isinstance(v, dict)]
-    return Table("Config", ["field", "value"], rows, "As the stages last ran it (report/config.json).")
-
-
-def tables(data: RunData) -> dict[str, Table]:
-    """The report's tables by role: ``result`` (the leaderboard against the baseline, or the
-    best archs while there is none), ``top_k``, ``failed``, ``stages``, ``config``."""
-    res = data.results
-    out: dict[str, Table] = {}
-    if data.board is not None:
-        board = data.board.assign(kind=plots.board_kind(data.board))
-        cols = ["kind", "arch_id", "proxy_reward", "AP", "AP50", "AP75", "APs", "APm", "APl", "params", "macs", "status", "error", "arch"]
-        note = "COCO AP on val after full training; the baseline is trained with the same budget. -1: no objects of that size."
-        if (d := plots.reward_vs_ap(data.board)) is not None:
-            note += f" Kendall's tau of proxy reward against AP: {_cell(d[1])} over {d[2]} archs."
-        out["result"] = Table.of("Leaderboard (leaderboard.parquet)", board, cols, note)
-    if data.top_k is not None:
-        out["top_k"] = Table.of(f"Top {len(data.top_k)} by proxy reward (top_k.parquet)", data.top_k, ["rank", "arch_id", "reward", "params", "macs", "n_deform_fpn", "arch"])
-    elif len(res):
-        ok = res[res["status"] == "ok"].sort_values(["reward", "arch_id"], ascending=[False, True]).head(10)
-        out["top_k"] = Table.of("Best 10 so far (results, not yet selected)", ok, ["arch_id", "step", "reward", "params", "macs", "n_deform_fpn", "arch"])
-    if "result" not in out and "top_k" in out:  # no leaderboard yet: the best archs lead
-        out["result"] = out.pop("top_k")
-    failed = res[res["status"] != "ok"] if len(res) else res
-    if len(failed):
-        out["failed"] = Table.of(f"Archs not ok ({len(failed)}; last 10)", failed.tail(10), ["arch_id", "step", "status", "error"])
-    out["stages"] = stage_table(data)
-    out["config"] = config_table(data)
-    return out
-
-
-def best_searched(board: pd.DataFrame | None) -> pd.Series | None:
-    """The leaderboard row of the searched arch with the best AP; None while there is none."""
-    if board is None or not len(board) or "AP" not in board.columns:
-        return None
-    ok = board[pd.to_numeric(board["AP"], errors="coerce").notna() & (plots.board_kind(board) == "searched")]
-    return None if ok.empty else ok.sort_values("AP", ascending=False).iloc[0]
-
-
 def best_detections(data: RunData) -> tuple[str, bytes] | None:
     """(arch id, PNG) of a few val images with the detections of the searched arch with the best
-    AP, drawn by the evaluate stage (``full/<arch_id>/detections.png``); None before that."""
+    AP, drawn by the evaluate stage (``full/<arch_id>/detections.jpg``); None before that."""
     best = best_searched(data.board)
-    path = None if best is None else data.root / "full" / str(best["arch_id"]) / "detections.png"
+    path = None if best is None else data.root / "full" / str(best["arch_id"]) / "detections.jpg"
     return (str(best["arch_id"]), path.read_bytes()) if path is not None and path.is_file() else None
 
 
@@ -445,23 +230,23 @@ def write_report(
     caption = {**PLOTS}
     shown = best_detections(data)
     if shown:  # a copy beside the report: report.md links its PNGs there, and the folder travels alone
-        atomicio.write_bytes(out / "detections.png", shown[1])
-        pngs, paths["detections"] = {**pngs, "detections": shown[1]}, out / "detections.png"
+        atomicio.write_bytes(out / "detections.jpg", shown[1])
+        pngs, paths["detections"] = {**pngs, "detections": shown[1]}, out / "detections.jpg"
         caption["detections"] = (
-            f"A few val images with the confident detections of {shown[0]}, the searched arch with the best AP, as the evaluate stage drew them (full/{shown[0]}/detections.png)."
+            f"A few val images with the confident detections of {shown[0]}, the searched arch with the best AP, as the evaluate stage drew them (full/{shown[0]}/detections.jpg)."
         )
     else:
-        (out / "detections.png").unlink(missing_ok=True)
+        (out / "detections.jpg").unlink(missing_ok=True)
     lead = [n for n in ("best_ap_arch" if "best_ap_arch" in pngs else "best_arch", "detections", "reward") if n in pngs]
     rest = [n for n in pngs if n not in lead]
     first = [tabs.pop("result")] if "result" in tabs else []
     stages, config = tabs.pop("stages"), tabs.pop("config")
     md = [f"# {title}", "", made, ""] + [t.markdown() + "\n" for t in first]
-    md += [f"![{n}]({n}.png)\n\n{caption[n]}\n" for n in lead]
+    md += [f"![{n}]({paths[n].name})\n\n{caption[n]}\n" for n in lead]
     md += ["## Search", "", *search, ""] + [t.markdown() + "\n" for t in tabs.values()]
     md += ["## Plots", ""] + [f"![{n}]({n}.png)\n\n{PLOTS[n]}\n" for n in rest] + [stages.markdown() + "\n", config.markdown() + "\n"]
     atomicio.write_text(out / "report.md", "\n".join(md))
-    e = _text
+    e = html_text
 
     def figure(name: str, png: bytes) -> str:
         return f'<figure id="{name}"><img alt="{name}" src="{data_uri(png)}"><figcaption>{e(caption[name])}</figcaption></figure>'

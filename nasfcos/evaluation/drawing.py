@@ -1,5 +1,5 @@
 """Detections drawn on their images: ``nasfcos predict --draw`` and the evaluate stage's
-``full/<arch_id>/detections.png`` (a few val images of a trained arch, shown by its model card
+``full/<arch_id>/detections.jpg`` (a few val images of a trained arch, shown by its model card
 and the run's report). torchvision's ``draw_bounding_boxes`` does the drawing."""
 
 from __future__ import annotations
