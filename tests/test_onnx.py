@@ -75,13 +75,12 @@ def test_onnx_runtime_equals_the_detector(exported, synthetic_small):
         assert torch.allclose(a["scores"], b["scores"], atol=1e-5) and torch.allclose(a["boxes"], b["boxes"], atol=1e-3)
 
 
+@pytest.mark.parametrize("exported", ["fpn-fcos"], indirect=True)  # one arch is enough here
 def test_predict_runtime_onnx_writes_the_same_results(exported, synthetic_small, tmp_path):
     from nasfcos.cli import main
     from nasfcos.evaluation.coco import coco_evaluate
 
     ckpt, folder, arch = exported
-    if arch != "fpn-fcos":
-        pytest.skip("one arch is enough for the command line")
     args = ["--images", str(synthetic_small["val_json"]), "--image-root", str(synthetic_small["image_root"])]
     assert main(["predict", "--checkpoint", str(ckpt), *args, "--out", str(tmp_path / "t.json")]) == 0
     assert main(["predict", "--model", str(folder), "--runtime", "onnx", *args, "--out", str(tmp_path / "o.json")]) == 0
@@ -94,14 +93,13 @@ def test_predict_runtime_onnx_writes_the_same_results(exported, synthetic_small,
     assert "`model.onnx`: the network" in card and "NMS is not in the graph" in card
 
 
+@pytest.mark.parametrize("exported", ["fpn-fcos"], indirect=True)  # one arch is enough here
 def test_a_refused_export_is_one_line_and_leaves_a_usable_folder(exported, tmp_path, monkeypatch, capsys):
     """An exporter that refuses the arch: `nasfcos export --onnx` exits 2 with one line naming
     the arch and the format to use; the folder's safetensors still loads, no model.onnx."""
     from nasfcos.cli import main
 
     ckpt, _, arch = exported
-    if arch != "fpn-fcos":
-        pytest.skip("one arch is enough")
 
     def refuse(*a, **k):
         raise RuntimeError("Unsupported: torchvision::deform_conv2d\nwith a long trace")
@@ -119,6 +117,7 @@ def test_a_refused_export_is_one_line_and_leaves_a_usable_folder(exported, tmp_p
     monkeypatch.undo()
 
 
+@pytest.mark.parametrize("exported", ["fpn-fcos"], indirect=True)  # one arch is enough here
 def test_onnxruntime_refusing_the_graph_is_one_line_and_a_reexport_drops_a_stale_graph(exported, tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -127,8 +126,6 @@ def test_onnxruntime_refusing_the_graph_is_one_line_and_a_reexport_drops_a_stale
     from nasfcos.cli import main
 
     ckpt, folder, arch = exported
-    if arch != "fpn-fcos":
-        pytest.skip("one arch is enough")
     again = tmp_path / "again"
     shutil.copytree(folder, again)
     assert (again / "model.onnx").exists()
