@@ -208,36 +208,70 @@ def task_options(cfg: PipelineConfig, stage: str) -> dict:
     }
 
 
+class StageProgress:
+    """How far a long stage is, where its user looks: a Prefect progress artifact
+    (``<run_id>-<what>-progress``), a bar on a terminal (in a log, a line every 30 s with the
+    rate and ETA), and ``refresh`` (a view, e.g. train-full's summary with its loss curves)
+    called every ``every_s`` seconds while work is pending, never failing the stage."""
+
+    def __init__(self, cfg: PipelineConfig, what: str, total: int, *, done: int = 0, description: str, unit: str = "task",
+                 refresh: Callable[[], None] | None = None, every_s: float = 60.0, logger: Any = None) -> None:  # fmt: skip
+        self.cfg, self.what, self.total, self.done, self.description, self.unit = cfg, what, max(total, 1), done, description, unit
+        self.refresh, self.every_s, self.log = refresh, every_s, logger or get_run_logger()
+        self._refreshed = time.monotonic()
+
+    def __enter__(self) -> StageProgress:
+        from prefect.artifacts import create_progress_artifact
+
+        from nasfcos.progress import Progress
+
+        self._artifact = create_progress_artifact(progress=self._percent(), key=artifact_key(self.cfg, f"{self.what}-progress"), description=self.description)
+        self._bar = Progress(self.total, self.what, unit=self.unit, initial=self.done, logger=self.log).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.__exit__(*exc)
+
+    def _percent(self) -> float:
+        return 100.0 * min(self.done, self.total) / self.total
+
+    def advance(self, n: int = 1, *, refresh_soon: bool = False) -> None:
+        """``n`` more done; ``refresh_soon``: the view shows them at the next :meth:`tick`, not ``every_s`` later."""
+        from prefect.artifacts import update_progress_artifact
+
+        self.done += n
+        self._bar.update(n)
+        update_progress_artifact(self._artifact, self._percent())
+        if refresh_soon:
+            self._refreshed = -float("inf")
+
+    def tick(self) -> None:
+        """Call while work is pending: ``refresh`` when it is due."""
+        if self.refresh is None or time.monotonic() - self._refreshed < self.every_s:
+            return
+        self._refreshed = time.monotonic()
+        try:
+            self.refresh()
+        except Exception as e:  # noqa: BLE001 - a view: the stage's outputs are what count
+            self.log.warning("%s: progress view not refreshed: %s", self.what, one_line(e))
+
+
 def results_with_progress(
     cfg: PipelineConfig, what: str, futures: list, *, done: int = 0, total: int | None = None, description: str, refresh: Callable[[], None] | None = None, every_s: float = 60.0
 ) -> list:
-    """``f.result()`` of every future, in order, while a Prefect progress artifact
-    (``<run_id>-<what>-progress``) follows them as they finish: a stage of hours or days
-    shows in the UI how far it is, as the search does (and on a terminal a bar, in a log
-    a line every 30 s with the rate and ETA). ``refresh`` (e.g. the loss curves of
-    train-full's summary) is called every ``every_s`` seconds meanwhile and never fails the stage."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    """``f.result()`` of every future, in order, while :class:`StageProgress` follows them as
+    they finish: a stage of hours or days shows in the UI how far it is, as the search does."""
     from prefect.futures import wait
 
-    from nasfcos.progress import Progress
-
-    total = max(total if total is not None else done + len(futures), 1)
-    art = create_progress_artifact(progress=100.0 * done / total, key=artifact_key(cfg, f"{what}-progress"), description=description)
-    pending, refreshed = list(futures), time.monotonic()
-    with Progress(total, what, unit="task", initial=done, logger=get_run_logger()) as bar:  # the terminal's (or log's) view
+    pending = list(futures)
+    with StageProgress(cfg, what, total if total is not None else done + len(futures), done=done, description=description, refresh=refresh, every_s=every_s) as progress:
         while pending:
             finished = wait(pending, timeout=2.0).done
             if finished:
                 pending = [f for f in pending if f not in finished]
-                done += len(finished)
-                bar.update(len(finished))
-                update_progress_artifact(art, 100.0 * min(done, total) / total)
-            if refresh is not None and pending and time.monotonic() - refreshed >= every_s:
-                refreshed = time.monotonic()
-                try:
-                    refresh()
-                except Exception as e:  # noqa: BLE001 - a view: the stage's outputs are what count
-                    get_run_logger().warning("%s: progress view not refreshed: %s", what, one_line(e))
+                progress.advance(len(finished))
+            if pending:
+                progress.tick()
     return [f.result() for f in futures]
 
 

@@ -34,7 +34,7 @@ from prefect.exceptions import ObjectNotFound
 
 from flows.config import PipelineConfig
 from flows.placement import run_logger
-from flows.stages import artifact_key, stage_hash
+from flows.stages import StageProgress, stage_hash
 from storage.run_dir import RunDir
 from storage.run_lock import held_epoch
 from storage.train_jobs import jobs_uid, read_job, read_trained, write_job
@@ -76,10 +76,6 @@ def key(cfg: PipelineConfig, run: RunDir, arch_id: str, attempt: int) -> str:
 
 def run_jobs(cfg: PipelineConfig, run: RunDir, todo: pd.DataFrame, config: dict, *, description: str, refresh: Callable[[], None] | None = None) -> list[dict]:
     """Train ``todo``'s archs as jobs; their records in ``todo``'s order."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-    from nasfcos.progress import Progress
-
     t, log = cfg.train_full, run_logger()
     groups = device_groups(cfg)
     limit = t.concurrency or len(groups)
@@ -103,10 +99,7 @@ def run_jobs(cfg: PipelineConfig, run: RunDir, todo: pd.DataFrame, config: dict,
                 log.info("%s: re-attached to its running job %s (attempt %d, %s)", arch_id, job["flow_run_id"], job["attempt"], state.name)
             else:
                 queue.append(arch_id)
-        done = len(records)
-        art = create_progress_artifact(progress=100.0 * done / max(len(rows), 1), key=artifact_key(cfg, "train-full-progress"), description=description)
-        refreshed = time.monotonic()
-        with Progress(len(rows), "train-full", unit="arch", initial=done, logger=log) as bar:
+        with StageProgress(cfg, "train-full", len(rows), done=len(records), description=description, unit="arch", refresh=refresh, every_s=300, logger=log) as progress:
             while queue or active:
                 while queue and len(active) < limit:
                     arch_id = queue.pop(0)
@@ -122,9 +115,7 @@ def run_jobs(cfg: PipelineConfig, run: RunDir, todo: pd.DataFrame, config: dict,
                     del active[arch_id]
                     if (rec := _record(run, rows[arch_id])) is not None and rec.get("job") == job["flow_run_id"]:
                         records[arch_id] = rec
-                        bar.update(1)
-                        update_progress_artifact(art, 100.0 * len(records) / max(len(rows), 1))
-                        refreshed = -1e9  # the summary lists it now, not in 5 minutes
+                        progress.advance(1, refresh_soon=True)  # the summary lists it now, not in 5 minutes
                         continue
                     why = f"job {job['flow_run_id']} (attempt {job['attempt']}) ended {state.name if state else 'missing from the server'}" + (
                         f": {state.message}" if state is not None and state.message else ""
@@ -135,12 +126,8 @@ def run_jobs(cfg: PipelineConfig, run: RunDir, todo: pd.DataFrame, config: dict,
                         continue
                     log.warning("%s: %s without a record; submitting it again", arch_id, why)
                     queue.insert(0, arch_id)
-                if refresh is not None and active and time.monotonic() - refreshed >= 300:
-                    refreshed = time.monotonic()
-                    try:
-                        refresh()
-                    except Exception as e:  # noqa: BLE001 - a view: the stage's outputs are what count
-                        log.warning("train-full: progress view not refreshed: %s", e)
+                if active:
+                    progress.tick()
     lost = {a: failed[a] for a in rows if a not in records}
     if lost:
         raise JobsFailed(f"train-full: {len(lost)} arch(s) without a record (attempts per stage run: {t.job_attempts}): " + "; ".join(f"{a}: {w}" for a, w in lost.items()))

@@ -32,5 +32,5 @@ def detections_grid(items: Sequence[tuple[Tensor, Sequence[dict]]], names: dict[
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)], dtype=torch.float32).reshape(-1, 4) * scale
         drawn.append(draw_detections(small, boxes, [f"{names.get(r['category_id'], r['category_id'])} {r['score']:.2f}" for r in rows]))
     widest = max(p.shape[-1] for p in drawn)
-    padded = [F.pad(p, (0, widest - p.shape[-1])) for p in drawn]
+    padded = [F.pad(p, (0, widest - p.shape[-1]), value=255) for p in drawn]  # white, as the grid's own padding
     return make_grid(padded, nrow=len(padded), padding=2, pad_value=255)
