@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["ORPHAN_AGE_S", "TMP_PREFIX", "remove_orphans", "write_bytes", "write_json", "write_text", "write_with"]
+__all__ = ["ORPHAN_AGE_S", "TMP_PREFIX", "remove_orphans", "write_bytes", "write_json", "write_text", "write_via_path", "write_with"]
 
 TMP_PREFIX = ".tmp-"
 ORPHAN_AGE_S = 3600.0  # a temp file this old has no writer left
@@ -47,6 +47,32 @@ def write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Pa
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_via_path(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """:func:`write_with` for writers that take a file name, not a file (``safetensors``'
+    ``save_file``, ``torch.onnx.export``): ``write(tmp)`` fills the temp file ``tmp`` (same
+    folder and suffix as ``path``), which is then fsynced and renamed. On any error the
+    target is left as it was and the temp file removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.fsync(fd)  # on disk before the rename makes it the file
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

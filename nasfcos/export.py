@@ -56,10 +56,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, onnx: bool = False) -
     # and load says so, instead of an earlier export's spec beside these weights
     (out / CONFIG).unlink(missing_ok=True)
     # clones: safetensors refuses tensors that share storage (a decoder's shared head layers)
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-    tmp.chmod(0o644)  # readable by the team, as every other file of a run
-    tmp.replace(out / WEIGHTS)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    atomicio.write_via_path(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)}))
     (out / "model.onnx").unlink(missing_ok=True)  # a graph of an earlier export would not match these weights
     refused = None
     if onnx:

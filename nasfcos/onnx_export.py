@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import atomicio
 from nasfcos.errors import one_line
 from nasfcos.model.detector import Detector
 from nasfcos.model.fcos import FCOS, LevelOutputs
@@ -92,29 +93,28 @@ def export_onnx(model: Detector, path: str | Path, *, arch: str = "") -> dict:
     names = [f"{k}_{lvl}" for lvl in range(levels) for k in KINDS]
     dynamic = torch.export.Dim.DYNAMIC  # N, H, W symbolic; what the trace assumes of them is not a refusal
     dims = {"images": {0: dynamic, 2: dynamic, 3: dynamic}}
-    tmp = path.with_name(f".{path.name}.tmp")
     what = f"ONNX export of {arch or 'the detector'}"
     instead = "the folder's model.safetensors runs in PyTorch (nasfcos.load / nasfcos predict --model)"
-    try:
-        with _quiet_exporter():  # torch.export, then onnxscript's translation and optimiser
-            torch.onnx.export(
-                net, (example,), str(tmp), dynamo=True, opset_version=OPSET, input_names=["images"], output_names=names, dynamic_shapes=dims, external_data=False, verbose=False
-            )
-    except Exception as e:  # noqa: BLE001 - any exporter failure is the same message: this arch, this reason, the format to use
-        tmp.unlink(missing_ok=True)
-        raise OnnxExportError(f"{what} failed ({one_line(e)}); {instead}") from None
-    try:
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"images": example.numpy()})
-    except Exception as e:  # noqa: BLE001 - e.g. an op this onnxruntime does not implement
-        tmp.unlink(missing_ok=True)
-        raise OnnxExportError(f"onnxruntime {ort.__version__} cannot run the {what} ({one_line(e)}); {instead}") from None
-    diff = max(float((torch.from_numpy(g) - e).abs().max()) for g, e in zip(got, expected, strict=True))
-    if not diff <= CHECK_TOLERANCE:
-        tmp.unlink(missing_ok=True)
-        raise OnnxExportError(f"{what}: onnxruntime's outputs differ from torch's by {diff:.3g} (> {CHECK_TOLERANCE}); {instead}")
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    checked: dict = {}
+
+    def export_and_check(tmp: Path) -> None:
+        try:
+            with _quiet_exporter():  # torch.export, then onnxscript's translation and optimiser
+                torch.onnx.export(
+                    net, (example,), str(tmp), dynamo=True, opset_version=OPSET, input_names=["images"], output_names=names, dynamic_shapes=dims, external_data=False, verbose=False
+                )
+        except Exception as e:  # noqa: BLE001 - any exporter failure is the same message: this arch, this reason, the format to use
+            raise OnnxExportError(f"{what} failed ({one_line(e)}); {instead}") from None
+        try:
+            got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"images": example.numpy()})
+        except Exception as e:  # noqa: BLE001 - e.g. an op this onnxruntime does not implement
+            raise OnnxExportError(f"onnxruntime {ort.__version__} cannot run the {what} ({one_line(e)}); {instead}") from None
+        diff = max(float((torch.from_numpy(g) - e).abs().max()) for g, e in zip(got, expected, strict=True))
+        if not diff <= CHECK_TOLERANCE:
+            raise OnnxExportError(f"{what}: onnxruntime's outputs differ from torch's by {diff:.3g} (> {CHECK_TOLERANCE}); {instead}")
+        checked.update(onnxruntime=ort.__version__, example_shape=list(EXAMPLE_SHAPE), max_abs_diff=diff)
+
+    atomicio.write_via_path(path, export_and_check)  # a refused or failed export leaves no file
     return {
         "file": path.name,
         "opset": OPSET,
@@ -122,7 +122,7 @@ def export_onnx(model: Detector, path: str | Path, *, arch: str = "") -> dict:
         "nms_in_graph": False,
         "input": "images: (N, 3, H, W) float32, normalised (ImageNet mean/std), zero-padded to a multiple of 32; N, H, W dynamic",
         "outputs": names,
-        "checked": {"onnxruntime": ort.__version__, "example_shape": list(EXAMPLE_SHAPE), "max_abs_diff": diff},
+        "checked": checked,
     }
 
 

@@ -50,6 +50,29 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["c.pt"]
 
 
+def test_a_writer_that_takes_a_file_name_gets_the_same_atomic_write(tmp_path, umask_022):
+    """write_via_path: for safetensors' save_file and torch.onnx.export, which want a path."""
+    path = tmp_path / "model.onnx"
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        tmp.write_bytes(b"graph")
+
+    atomicio.write_via_path(path, write)
+    assert path.read_bytes() == b"graph" and os.listdir(tmp_path) == ["model.onnx"]
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".tmp-model.onnx.") and seen[0].suffix == ".onnx"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+    def refused(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("DeformConv refused")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        atomicio.write_via_path(path, refused)
+    assert path.read_bytes() == b"graph" and os.listdir(tmp_path) == ["model.onnx"]
+
+
 def test_orphans_are_removed_by_age_or_all_of_one_file(tmp_path):
     old = time.time() - atomicio.ORPHAN_AGE_S - 60
     for name in (".tmp-a.pt.1", ".tmp-a.pt.2", ".tmp-b.pt.1", ".tmp-a.pt2.1", "a.pt", "a.ptx1y2.tmp"):

@@ -140,4 +140,4 @@ def test_onnxruntime_refusing_the_graph_is_one_line_and_a_reexport_drops_a_stale
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y"), "--onnx"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"onnxruntime {onnxruntime.__version__} cannot run the ONNX export of fpn-fcos" in err and "NOT_IMPLEMENTED" in err
-    assert not (tmp_path / "y" / "model.onnx").exists() and not list((tmp_path / "y").glob(".*tmp"))
+    assert not (tmp_path / "y" / "model.onnx").exists() and not list((tmp_path / "y").glob(".tmp-*"))
