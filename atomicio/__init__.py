@@ -38,29 +38,20 @@ _UMASK_LOCK = threading.Lock()
 def write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Atomically create or replace ``path`` with what ``write(f)`` writes to the binary file ``f``
     (e.g. ``lambda f: torch.save(obj, f)``). On any error the target is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+
+    return write_via_path(path, fill)
 
 
 def write_via_path(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """:func:`write_with` for writers that take a file name, not a file (``safetensors``'
-    ``save_file``, ``torch.onnx.export``): ``write(tmp)`` fills the temp file ``tmp`` (same
-    folder and suffix as ``path``), which is then fsynced and renamed. On any error the
-    target is left as it was and the temp file removed."""
+    """The one atomic write, for writers that take a file name (``safetensors``' ``save_file``,
+    ``torch.onnx.export``; :func:`write_with` for those that take a file): ``write(tmp)``
+    fills the temp file ``tmp`` (same folder and suffix as ``path``), which is then given
+    ``open()``'s permissions, fsynced and renamed. On any error the target is left as it
+    was and the temp file removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=path.suffix, dir=path.parent)

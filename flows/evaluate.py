@@ -68,10 +68,14 @@ def evaluate_arch_full(config: dict, arch_id: str, checkpoint: str) -> dict:
             path = save_results(predict_dataset(model, td, category_ids=category_ids, device=device, batch_size=cfg.evaluate.batch_size), out_dir / "detections_test-dev.json")
             row["testdev_results"] = str(path)
     # what the model card needs of the checkpoint, so that the card does not load it again
-    facts = {"spec": ckpt["spec"], "meta": meta, "iteration": int(ckpt["iteration"])}
-    atomicio.write_json(marker, {"stamp": _stamp(checkpoint), "row": row, "checkpoint": facts})
+    atomicio.write_json(marker, {"stamp": _stamp(checkpoint), "row": row, "checkpoint": _card_facts(ckpt)})
     fault_point("evaluate:arch")
     return row
+
+
+def _card_facts(ckpt: dict) -> dict:
+    """What an arch's MODEL.md needs of its checkpoint."""
+    return {"spec": ckpt["spec"], "meta": ckpt.get("meta", {}), "iteration": int(ckpt["iteration"])}
 
 
 def _draw_detections(val, dets: list[dict], names: dict[int, str], path: Path) -> None:
@@ -145,8 +149,7 @@ def _model_cards(cfg, run, board: pd.DataFrame, config: dict, trained: dict) -> 
         try:
             facts = json.loads((run.full(row.arch_id) / "evaluated.json").read_text()).get("checkpoint")
             if facts is None:  # evaluated before the marker kept them
-                ckpt = load_checkpoint(trained[row.arch_id]["checkpoint"])
-                facts = {"spec": ckpt["spec"], "meta": ckpt.get("meta", {}), "iteration": int(ckpt["iteration"])}
+                facts = _card_facts(load_checkpoint(trained[row.arch_id]["checkpoint"]))
             spec = facts["spec"]
             full = complexity(str(resolve(row.arch)), backbone=spec["backbone"], width=spec["width"], head_width=spec["head_width"], num_classes=spec["num_classes"])
             drawn = DETECTIONS_JPG if (run.full(row.arch_id) / DETECTIONS_JPG).exists() else None

@@ -253,8 +253,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 results += rows if from_json else [r | {"file_name": str(path)} for r in rows]
                 if args.draw:  # the confident ones: at 0.05 a detector draws a hundred boxes an image
                     shown = scores >= args.draw_thresh
-                    names = [f"{detect.classes[int(k)]} {float(s):.2f}" for k, s in zip(labels[shown], scores[shown], strict=True)]
-                    write_png(draw_detections(image, boxes[shown], names), str(args.draw / f"{path.stem}.png"))
+                    names = [detect.classes[int(k)] for k in labels[shown]]
+                    write_png(draw_detections(image, boxes[shown], names, scores[shown].tolist()), str(args.draw / f"{path.stem}.png"))
             read += len(chunk)
             bar.update(len(todo[i : i + args.batch_size]))
     if read == 0:
@@ -295,6 +295,8 @@ def cmd_complexity(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nasfcos.predictor import DEFAULT_BATCH, RUNTIMES
+
     parser = argparse.ArgumentParser(
         prog="nasfcos",
         description="NAS-FCOS (Wang et al., CVPR 2020) detectors: synthetic data, training, COCO evaluation.",
@@ -398,9 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", type=Path, help="folder for the images with their detections drawn (PNG)")
     p.add_argument("--score-thresh", type=float, default=0.05, help="keep detections scoring at least this (default: %(default)s, as evaluation)")
     p.add_argument("--draw-thresh", type=float, default=DRAW_THRESH, help="with --draw, draw the detections scoring at least this (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s, as the evaluate stage: GroupNorm sees the padding)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per forward pass (default: %(default)s, as the evaluate stage: GroupNorm sees the padding)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="with --model: run its model.onnx in onnxruntime (default: %(default)s)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch", help="with --model: run its model.onnx in onnxruntime (default: %(default)s)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

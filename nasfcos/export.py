@@ -23,6 +23,7 @@ import torch
 import atomicio
 from nasfcos.engine.checkpoint import checkpoint_path, detector_from_checkpoint
 from nasfcos.model.detector import Detector, DetectorSpec, build_detector
+from nasfcos.onnx_export import ONNX_FILE, OnnxExportError, export_onnx
 from nasfcos.rng import local_generator
 
 FORMAT_VERSION = 1
@@ -36,16 +37,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, onnx: bool = False) -
 
     checkpoint = checkpoint_path(checkpoint)
     model, ckpt = detector_from_checkpoint(checkpoint)
-    meta = ckpt.get("meta") or {}
-    fcos = model.fcos
     config = {
         "format_version": FORMAT_VERSION,
         "nasfcos_version": _version(),
-        "spec": ckpt["spec"],
-        "classes": list(meta.get("classes") or [str(k) for k in range(fcos.num_classes)]),
-        "category_ids": list(meta.get("category_ids") or range(fcos.num_classes)),
-        "input": {"min_size": meta.get("eval_min_size", 800), "max_size": meta.get("eval_max_size", 1333), "mean": "imagenet", "std": "imagenet"},
-        "postprocess": {"score_thresh": fcos.score_thresh, "pre_nms_top_n": fcos.pre_nms_top_n, "nms_thresh": fcos.nms_thresh, "max_detections": fcos.max_detections},
+        **detector_config(model, ckpt),
         "trained": {"iteration": int(ckpt.get("iteration", -1)), "losses": ckpt.get("losses", {}), "from": str(checkpoint)},
     }
     out = Path(out_dir)
@@ -58,11 +53,9 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, onnx: bool = False) -
     # clones: safetensors refuses tensors that share storage (a decoder's shared head layers)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     atomicio.write_via_path(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)}))
-    (out / "model.onnx").unlink(missing_ok=True)  # a graph of an earlier export would not match these weights
+    (out / ONNX_FILE).unlink(missing_ok=True)  # a graph of an earlier export would not match these weights
     refused = None
     if onnx:
-        from nasfcos.onnx_export import ONNX_FILE, OnnxExportError, export_onnx
-
         try:
             config["onnx"] = export_onnx(model.eval(), out / ONNX_FILE, arch=config["spec"]["decoder"])
         except OnnxExportError as e:  # the rest of the folder is written and usable; then the one line
@@ -77,6 +70,21 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, onnx: bool = False) -
     if refused is not None:
         raise refused
     return out
+
+
+def detector_config(model: Detector, ckpt: dict) -> dict:
+    """What a checkpoint's detector needs beside its weights to run on images (``config.json``'s
+    fields, and what ``nasfcos.load`` reads of a checkpoint): its spec, the classes with their
+    dataset ids, the test-time input size, the post-processing settings."""
+    meta = ckpt.get("meta") or {}
+    fcos = model.fcos
+    return {
+        "spec": ckpt["spec"],
+        "classes": list(meta.get("classes") or [str(k) for k in range(fcos.num_classes)]),
+        "category_ids": list(meta.get("category_ids") or range(fcos.num_classes)),
+        "input": {"min_size": meta.get("eval_min_size", 800), "max_size": meta.get("eval_max_size", 1333), "mean": "imagenet", "std": "imagenet"},
+        "postprocess": {"score_thresh": fcos.score_thresh, "pre_nms_top_n": fcos.pre_nms_top_n, "nms_thresh": fcos.nms_thresh, "max_detections": fcos.max_detections},
+    }
 
 
 def _card(checkpoint: Path, config: dict) -> str:

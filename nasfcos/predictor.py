@@ -101,7 +101,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: in
     folder holding it, e.g. ``runs/<id>/full/<arch_id>``) or a folder ``nasfcos export`` wrote.
     ``runtime="onnx"``: an exported folder's ``model.onnx`` in ONNX Runtime on the CPU
     (``nasfcos export --onnx``), with the same post-processing."""
-    from nasfcos.export import CONFIG, WEIGHTS, load_exported
+    from nasfcos.export import CONFIG, WEIGHTS, detector_config, load_exported
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -118,21 +118,12 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", batch_size: in
             if "onnx" not in config:
                 raise FileNotFoundError(f"{path}: no model.onnx in config.json (export with `nasfcos export --onnx`)")
             model = OnnxDetector(path / config["onnx"]["file"], model.fcos)
-        size = config["input"]
-        return Predictor(
-            model, classes=config["classes"], category_ids=config["category_ids"], min_size=size["min_size"], max_size=size["max_size"], device=device, batch_size=batch_size
-        )
-    if runtime == "onnx":
+    elif runtime == "onnx":
         raise ValueError(f"{path}: runtime onnx reads a folder `nasfcos export --onnx` wrote, not a checkpoint")
-    model, ckpt = detector_from_checkpoint(checkpoint_path(path))
-    meta = ckpt.get("meta") or {}
-    classes = meta.get("classes") or [str(k) for k in range(model.fcos.num_classes)]
+    else:  # a checkpoint: the same fields an export would write
+        model, ckpt = detector_from_checkpoint(checkpoint_path(path))
+        config = detector_config(model, ckpt)
+    size = config["input"]
     return Predictor(
-        model,
-        classes=classes,
-        category_ids=meta.get("category_ids"),
-        min_size=meta.get("eval_min_size", 800),
-        max_size=meta.get("eval_max_size", 1333),
-        device=device,
-        batch_size=batch_size,
+        model, classes=config["classes"], category_ids=config["category_ids"], min_size=size["min_size"], max_size=size["max_size"], device=device, batch_size=batch_size
     )
